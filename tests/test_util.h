@@ -11,7 +11,7 @@
 namespace sdserve::test {
 
 inline std::string fixture(const std::string& rel) { return std::string(SDSERVE_FIXTURES) + "/" + rel; }
-inline std::string model_dir() { return fixture("tiny-sd15"); }
+inline std::string model_dir() { return std::string(SDSERVE_MODELS) + "/tiny-sd15"; }
 inline std::string single_file() { return fixture("tiny-sd15.safetensors"); }
 
 // The 118 diffusers reference tensors, loaded once per test binary.
