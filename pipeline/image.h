@@ -1,0 +1,31 @@
+// Images as the rest of the program sees them (8-bit RGB, no torch), and their encoders.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sdserve::pipeline {
+
+struct RgbImage {
+  int width = 0;
+  int height = 0;
+  std::vector<uint8_t> pixels;  // row-major RGB, width * height * 3 bytes
+};
+
+// PNG with optional tEXt chunks (A1111 stores the generation settings under "parameters").
+std::vector<uint8_t> encode_png(const RgbImage& image,
+                                const std::vector<std::pair<std::string, std::string>>& text = {});
+
+// Decodes a PNG to RGB (tests, round trips); `text` receives its text chunks when non-null.
+RgbImage decode_png(const std::vector<uint8_t>& bytes,
+                    std::vector<std::pair<std::string, std::string>>* text = nullptr);
+
+// Baseline JPEG (previews), quality 1..100.
+std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality = 80);
+
+// Box-filter downscale so that neither side exceeds max_side (no-op when already small enough).
+RgbImage shrink_to(const RgbImage& image, int max_side);
+
+}  // namespace sdserve::pipeline

@@ -1,0 +1,135 @@
+// The Stable Diffusion pipeline as the rest of the program sees it: torch-free.
+//
+// Two ways in:
+//  - Model::generate(): a whole request, for the command line and tests.
+//  - The step-level API the batching engine uses: encode_text() once per prompt, begin() one
+//    Trajectory per image, then step() any set of trajectories together (different requests,
+//    samplers, step counts and guidance scales share one UNet call), decode() the finished ones.
+// Image k of a request draws from its own CPU generator seeded seed + k, so an image's pixels do
+// not depend on what else shares its batch.
+//
+// Thread safety: a Model may be used from one thread at a time for step()/decode()/encode_text()
+// (the engine's GPU worker); info(), tokenize() and validate() are safe from any thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pipeline/image.h"
+
+namespace sdserve::pipeline {
+
+enum class Precision { kFloat32, kFloat16, kBFloat16 };
+std::string precision_name(Precision p);
+Precision parse_precision(const std::string& name);  // "fp32"|"float32"|"fp16"|"float16"|"bf16"|...
+
+struct LoadOptions {
+  std::string device = "auto";  // "auto" (first CUDA GPU, else CPU), "cpu", "cuda", "cuda:N"
+  // Compute dtype; "auto" picks fp16 on CUDA and fp32 on the CPU.
+  std::string precision = "auto";
+  // Tokenizer used for single-file checkpoints (which carry none); empty = the bundled SD 1.x one.
+  std::string default_tokenizer_dir;
+};
+
+struct ModelInfo {
+  std::string name;    // folder or file name without extension
+  std::string path;
+  std::string layout;  // "diffusers" | "single-file"
+  std::string family;  // "sd1"
+  std::string device;  // "cpu", "cuda:0"
+  std::string precision;
+  int native_size = 512;    // the resolution the model was trained at (unet sample_size * 8)
+  int text_layers = 12;     // clip_skip may be 1..text_layers
+  int latent_channels = 4;
+  double load_seconds = 0;
+};
+
+// One image's settings. Sizes are pixels (multiples of 8).
+struct ImageSpec {
+  int width = 512;
+  int height = 512;
+  int steps = 30;
+  double guidance_scale = 7.5;  // <= 1 skips the unconditional pass
+  std::string sampler = "euler";
+  std::string scheduler = "normal";  // "normal" | "karras"
+  uint64_t seed = 0;
+};
+
+struct GenerateRequest {
+  std::string prompt;
+  std::string negative_prompt;
+  int clip_skip = 1;  // A1111's convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip=1)
+  int num_images = 1;
+  ImageSpec image;  // image k uses seed image.seed + k
+};
+
+class Embedding;  // a prompt's text-encoder output, resident on the model's device
+using EmbeddingPtr = std::shared_ptr<const Embedding>;
+
+// One image being denoised: its latent, its sampler state and its random generator.
+class Trajectory {
+ public:
+  ~Trajectory();
+  const ImageSpec& spec() const;
+  int evals_done() const;   // UNet evaluations done so far
+  int evals_total() const;  // = steps, except heun (2 * steps - 1)
+  bool done() const { return evals_done() >= evals_total(); }
+
+  struct State;  // defined in pipeline/trajectory_state.h (torch)
+  State& state() { return *state_; }
+  const State& state() const { return *state_; }
+  explicit Trajectory(std::unique_ptr<State> state);
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+class Model {
+ public:
+  using Progress = std::function<void(int done, int total)>;
+
+  // Loads a diffusers folder or a single .safetensors file; throws ModelError with a message
+  // saying what is wrong and what to do.
+  static std::shared_ptr<Model> load(const std::string& path, const LoadOptions& options = {});
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelInfo& info() const;
+
+  // Throws RequestError naming the field when the spec cannot run on this model.
+  void validate(const ImageSpec& spec) const;
+  // BPE token ids without BOS/EOS/padding (to warn about prompts past 75 tokens).
+  std::vector<int32_t> tokenize(const std::string& text) const;
+
+  EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1) const;
+  // `uncond` may be null when spec.guidance_scale <= 1.
+  std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
+                                    EmbeddingPtr uncond) const;
+  // One model evaluation for each trajectory (none may be done), in a single UNet batch.
+  void step(const std::vector<Trajectory*>& batch) const;
+  // Decodes finished trajectories to 8-bit RGB.
+  std::vector<RgbImage> decode(const std::vector<Trajectory*>& batch) const;
+  // A cheap preview: the predicted clean latent projected to RGB (no VAE), at most max_side px.
+  RgbImage preview(const Trajectory& trajectory, int max_side = 256) const;
+  // The same through the VAE decoder (slower, exact colours).
+  RgbImage preview_vae(const Trajectory& trajectory, int max_side = 256) const;
+
+  // Whole request: its images run together as one batch.
+  std::vector<RgbImage> generate(const GenerateRequest& request, const Progress& progress = {}) const;
+
+  struct Impl;
+  Impl& impl() const { return *impl_; }
+
+ private:
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A1111's "parameters" text for a PNG (prompt, negative prompt, then "Steps: ..., Sampler: ...").
+std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, const ModelInfo& model);
+
+}  // namespace sdserve::pipeline
