@@ -1,0 +1,108 @@
+// The job engine: a bounded priority queue feeding one GPU worker per device (the CPU when there
+// is none), each running step-level continuous batching over the images of many jobs.
+//
+// Thread safety: every public member is safe to call from any thread (the network threads call
+// it). Event callbacks run on engine threads and must not block: post to your own executor.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "engine/job.h"
+
+namespace sdserve::pipeline {
+class Model;
+}
+
+namespace sdserve::cache {
+class EmbeddingCache;
+}
+
+namespace sdserve::engine {
+
+struct EngineOptions {
+  int max_queue = 64;                          // queued jobs; more -> QueueFull (HTTP 429)
+  int max_batch = 8;                           // images denoised together per worker
+  std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};  // UNet batch sizes are padded up to one
+  double default_timeout_s = 600;              // a job still queued after this ends `expired`
+  double max_timeout_s = 3600;
+  double result_ttl_s = 3600;                  // finished images are kept this long
+  uint64_t result_max_bytes = 1ull << 30;      // ... and within this many PNG bytes (oldest go first)
+};
+
+class QueueFull : public std::runtime_error {
+ public:
+  QueueFull(const std::string& what, double retry_after_s)
+      : std::runtime_error(what), retry_after_s(retry_after_s) {}
+  double retry_after_s;
+};
+
+class ShuttingDown : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kExpired };
+
+struct ImageResult {
+  ImageLookup status = ImageLookup::kUnknownJob;
+  std::shared_ptr<const std::vector<uint8_t>> png;
+};
+
+struct EngineStats {
+  int queued = 0;
+  int running_jobs = 0;
+  int active_images = 0;
+  uint64_t jobs_submitted = 0, jobs_succeeded = 0, jobs_failed = 0, jobs_cancelled = 0,
+           jobs_expired = 0;
+  uint64_t unet_steps = 0;     // UNet calls
+  uint64_t images_done = 0;
+  uint64_t result_bytes = 0;
+};
+
+using EventCallback = std::function<void(const JobEvent&)>;
+
+class Engine {
+ public:
+  // One worker per model (each model lives on its own device). Starts the worker threads.
+  static std::unique_ptr<Engine> create(const EngineOptions& options,
+                                        std::vector<std::shared_ptr<pipeline::Model>> models,
+                                        std::shared_ptr<cache::EmbeddingCache> cache);
+  ~Engine();  // cancels what is left and joins the workers
+
+  // Queues a validated request. Throws QueueFull, ShuttingDown, or std::invalid_argument for a
+  // request the model cannot run (message names the field).
+  JobSnapshot submit(JobRequest request);
+  std::optional<JobSnapshot> get(const std::string& id) const;
+  // Cancels a queued or running job (a running one stops at its next step). False when the job
+  // is unknown or already final.
+  bool cancel(const std::string& id);
+  ImageResult image(const std::string& id, int index) const;
+
+  // Calls `callback` with the job's current state as an event first (a late client catches up),
+  // then with every later event. Returns 0 for an unknown job, else a token for unsubscribe.
+  uint64_t subscribe(const std::string& id, EventCallback callback);
+  // A job that asked cancel_on_disconnect is cancelled when its last subscriber leaves.
+  void unsubscribe(const std::string& id, uint64_t token);
+
+  EngineStats stats() const;
+  bool ready() const;  // workers started and warmed up
+
+  // Graceful shutdown: refuse new jobs (ShuttingDown), let queued and running jobs finish until
+  // `deadline`, then cancel the rest. Returns when every worker is idle.
+  void shutdown(std::chrono::steady_clock::time_point deadline);
+
+  struct Impl;
+
+ private:
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sdserve::engine
