@@ -214,42 +214,54 @@ BenchReport run_bench(const BenchOptions& o,
   r.png_encode_ms = median(png);
   r.batch1_seconds_per_image = median(e2e) / 1000.0;
 
+  // One request of b images through the step API (no num_images cap): encode both prompts,
+  // denoise, decode. Returns {total ms, median UNet-step ms (profiled runs only), decode ms}.
+  auto run_request = [&](int b, bool profile) {
+    std::vector<double> unet_ms;
+    double decode_ms = 0;
+    const double total = time_ms(*model, [&] {
+      auto emb = model->encode_texts({req.prompt, req.negative_prompt});
+      std::vector<std::unique_ptr<Trajectory>> owned;
+      std::vector<Trajectory*> batch;
+      for (int k = 0; k < b; ++k) {
+        ImageSpec spec = req.image;
+        spec.seed = req.image.seed + k;
+        owned.push_back(model->begin(spec, emb[0], emb[1]));
+        batch.push_back(owned.back().get());
+      }
+      model->set_profiling(profile);
+      while (!batch[0]->done()) {
+        model->step(batch);
+        if (profile) unet_ms.push_back(model->last_step_profile().unet_ms);
+      }
+      model->set_profiling(false);
+      decode_ms = time_ms(*model, [&] { model->decode(batch); });
+    });
+    return std::make_tuple(total, median(unet_ms), decode_ms);
+  };
+
   for (int b : o.batches) {
     say("batch " + std::to_string(b));
-    GenerateRequest rb = req;
-    rb.num_images = b;
     BenchBatch bb;
     bb.batch = b;
     try {
-      model->generate(rb);  // warm-up: graph capture, autotuning for this batch
+      run_request(b, false);  // warm-up: graph capture, autotuning for this batch
       model->memory(/*reset_peak=*/true);
-      std::vector<double> runs;
-      for (int rep = 0; rep < std::max(1, o.repeats); ++rep)
-        runs.push_back(time_ms(*model, [&] { model->generate(rb); }));
+      std::vector<double> runs, decodes;
+      for (int rep = 0; rep < std::max(1, o.repeats); ++rep) {
+        const auto [total, unused, decode] = run_request(b, false);
+        (void)unused;
+        runs.push_back(total);
+        decodes.push_back(decode);
+      }
       const auto mem = model->memory();
       bb.peak_allocated = mem.peak_allocated;
       bb.peak_reserved = mem.peak_reserved;
       bb.seconds = median(runs) / 1000.0;
       bb.images_per_s = b / bb.seconds;
-      // Profiled pass for the split between UNet and VAE.
-      auto cond = model->encode_text(rb.prompt);
-      auto uncond = model->encode_text(rb.negative_prompt);
-      std::vector<std::unique_ptr<Trajectory>> owned;
-      std::vector<Trajectory*> batch;
-      for (int k = 0; k < b; ++k) {
-        owned.push_back(model->begin(rb.image, cond, uncond));
-        batch.push_back(owned.back().get());
-      }
-      model->set_profiling(true);
-      std::vector<double> steps;
-      while (!batch[0]->done()) {
-        model->step(batch);
-        steps.push_back(model->last_step_profile().unet_ms);
-      }
-      model->set_profiling(false);
-      bb.unet_step_ms = median(steps);
-      bb.vae_decode_ms = time_ms(*model, [&] { model->decode(batch); });
+      bb.vae_decode_ms = median(decodes);
       bb.it_per_s = o.steps / (bb.seconds - bb.vae_decode_ms / 1000.0);
+      bb.unet_step_ms = std::get<1>(run_request(b, true));
     } catch (const std::exception& e) {
       say("batch " + std::to_string(b) + " failed: " + e.what());
       break;

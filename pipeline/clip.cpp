@@ -151,12 +151,15 @@ torch::Tensor ClipTextModelImpl::forward(const torch::Tensor& input_ids, int ski
                        std::to_string(input_ids.dim()) + "-d input of length " +
                        std::to_string(input_ids.dim() == 2 ? input_ids.size(1) : -1));
   }
-  const auto ids = input_ids.to(torch::kLong);
-  if (ids.numel() > 0 &&
+  auto ids = input_ids.to(torch::kLong);
+  // Checked where it is free: on the CPU before the copy (a check of device ids would cost a
+  // synchronization per call). An out-of-range id on the device would be a device-side assert.
+  if (!ids.is_cuda() && ids.numel() > 0 &&
       (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= config_.vocab_size)) {
     throw RequestError("text encoder input has token ids outside [0, " +
                        std::to_string(config_.vocab_size) + ")");
   }
+  ids = ids.to(final_layer_norm_->weight.device());
   auto h = embeddings_->forward(ids);
   h = encoder_->forward(h, config_.num_hidden_layers - skip_layers);
   return final_layer_norm_->forward(h);

@@ -228,17 +228,25 @@ std::vector<int32_t> Model::tokenize(const std::string& text) const {
 }
 
 EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip) const {
+  return encode_texts({prompt}, clip_skip).front();
+}
+
+std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts, int clip_skip) const {
   if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
-    throw RequestError("clip_skip must be between 1 and " +
-                       std::to_string(impl_->info.text_layers) + ", got " +
-                       std::to_string(clip_skip));
+    throw RequestError("clip_skip must be between 1 and " + std::to_string(impl_->info.text_layers) +
+                       ", got " + std::to_string(clip_skip));
+  if (prompts.empty()) return {};
   torch::NoGradGuard no_grad;
-  const auto ids = impl_->tokenizer->encode(prompt);
-  auto input = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()), torch::kInt64)
-                   .unsqueeze(0)
-                   .to(impl_->device);
-  auto hidden = impl_->text_encoder->forward(input, clip_skip - 1);
-  return std::make_shared<Embedding>(hidden.to(impl_->dtype));
+  std::vector<int64_t> ids;
+  for (const auto& p : prompts) {
+    const auto one = impl_->tokenizer->encode(p);
+    ids.insert(ids.end(), one.begin(), one.end());
+  }
+  auto input = torch::tensor(ids, torch::kInt64).view({static_cast<int64_t>(prompts.size()), -1});
+  auto hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
+  std::vector<EmbeddingPtr> out;
+  for (int64_t i = 0; i < hidden.size(0); ++i) out.push_back(std::make_shared<Embedding>(hidden.narrow(0, i, 1)));
+  return out;
 }
 
 std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr cond,

@@ -127,6 +127,8 @@ class Model {
   std::vector<int32_t> tokenize(const std::string& text) const;
 
   EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1) const;
+  // Several prompts in one text-encoder call.
+  std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts, int clip_skip = 1) const;
   // `uncond` may be null when spec.guidance_scale <= 1.
   std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
                                     EmbeddingPtr uncond) const;

@@ -62,7 +62,8 @@ std::pair<double, double> run_case(const Model& model, const nlohmann::json& c,
 std::vector<std::pair<std::string, nlohmann::json>> image_cases() {
   std::ifstream in(test::fixture("tiny-sd15-cases.json"));
   std::vector<std::pair<std::string, nlohmann::json>> out;
-  for (const auto& c : nlohmann::json::parse(in)["cases"])
+  const auto all = nlohmann::json::parse(in);
+  for (const auto& c : all["cases"])
     if (c["kind"] == "pipeline_image") {
       std::string n = c["name"];
       out.emplace_back(n.substr(0, n.size() - 6), c);
@@ -73,6 +74,7 @@ std::vector<std::pair<std::string, nlohmann::json>> image_cases() {
 TEST(CudaParity, Fp32MatchesReferenceOnAllRuns) {
   SKIP_WITHOUT_CUDA();
   auto model = cuda_model("fp32");
+  ASSERT_EQ(image_cases().size(), 27u);
   for (const auto& [name, c] : image_cases()) {
     const auto [latents, image] = run_case(*model, c, name);
     std::cout << "[ cuda fp32 ] " << name << ": latents " << latents << ", image " << image << "\n";
@@ -101,47 +103,65 @@ TEST(CudaParity, Fp16WithinMeasuredTolerance) {
   EXPECT_LE(worst_image, kFp16Tolerance);
 }
 
+// Final latents of images with `seeds`, all in one batch.
+torch::Tensor final_latents(const Model& model, const std::vector<uint64_t>& seeds) {
+  ImageSpec spec;
+  spec.width = spec.height = 64;
+  spec.steps = 10;
+  auto cond = model.encode_text("a photo of a cat");
+  auto uncond = model.encode_text("");
+  std::vector<std::unique_ptr<Trajectory>> owned;
+  std::vector<Trajectory*> batch;
+  for (auto seed : seeds) {
+    spec.seed = seed;
+    owned.push_back(model.begin(spec, cond, uncond));
+    batch.push_back(owned.back().get());
+  }
+  while (!batch[0]->done()) model.step(batch);
+  std::vector<torch::Tensor> out;
+  for (auto* t : batch) out.push_back(t->state().latent.cpu());
+  return torch::cat(out);
+}
+
+// Graph replay, padding and batch composition change which fp16 kernels run and so their
+// rounding, not the function: results must agree to fp16 accuracy. 1e-2 relative is ~20 fp16
+// ulps after 10 steps; the measured differences are printed.
+constexpr double kFp16Agreement = 1e-2;
+
 TEST(CudaGraphs, ReplayMatchesEager) {
   SKIP_WITHOUT_CUDA();
   auto graphed = cuda_model("fp16", true);
   auto eager = cuda_model("fp16", false);
-  GenerateRequest r;
-  r.prompt = "a photo of a cat";
-  r.image.width = r.image.height = 64;
-  r.image.steps = 8;
-  r.image.seed = 5;
-  r.num_images = 3;  // 6 UNet rows, padded to a bucket of 8
-  const auto a = graphed->generate(r);
-  const auto b = eager->generate(r);
-  ASSERT_EQ(a.size(), b.size());
-  int worst = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    for (size_t p = 0; p < a[i].pixels.size(); ++p)
-      worst = std::max(worst, std::abs(int(a[i].pixels[p]) - int(b[i].pixels[p])));
-  std::cout << "[ cuda graphs ] worst pixel difference vs eager: " << worst << "\n";
-  EXPECT_LE(worst, 2);
+  const std::vector<uint64_t> seeds = {5, 6, 7};  // 6 UNet rows, padded to a bucket of 8
+  const double err = test::rel_diff(final_latents(*graphed, seeds), final_latents(*eager, seeds));
+  std::cout << "[ cuda graphs ] graph vs eager, relative: " << err << "\n";
+  EXPECT_LE(err, kFp16Agreement);
   EXPECT_GE(graphed->impl().unet_runner->graphs_captured(), 1u);
 }
 
 TEST(CudaBatching, ImageAloneAndInABatchAgree) {
   SKIP_WITHOUT_CUDA();
   auto model = cuda_model("fp16");
-  GenerateRequest r;
-  r.prompt = "a photo of a cat";
-  r.image.width = r.image.height = 64;
-  r.image.steps = 10;
-  r.image.seed = 11;
-  const auto alone = model->generate(r);
-  r.num_images = 5;
-  r.image.seed = 7;  // image 4 of this request uses seed 11
-  const auto batched = model->generate(r);
-  int worst = 0;
-  for (size_t p = 0; p < alone[0].pixels.size(); ++p)
-    worst = std::max(worst, std::abs(int(alone[0].pixels[p]) - int(batched[4].pixels[p])));
-  // On the GPU, different batch sizes may pick different GEMM/conv kernels, whose fp16 rounding
-  // differs; the CPU path is bit-exact (Engine.SamePixelsAloneAndBatched).
-  std::cout << "[ cuda batching ] worst pixel difference alone vs in batch: " << worst << "\n";
-  EXPECT_LE(worst, 2);
+  const auto alone = final_latents(*model, {11});
+  const auto batched = final_latents(*model, {7, 8, 9, 10, 11});
+  const double err = test::rel_diff(batched.narrow(0, 4, 1), alone);
+  std::cout << "[ cuda batching ] alone vs in a batch of 5, relative: " << err << "\n";
+  EXPECT_LE(err, kFp16Agreement);
+}
+
+TEST(CudaParity, Fp32GraphsMatchReferenceUnet) {
+  SKIP_WITHOUT_CUDA();
+  // One UNet call through the runner (graph capture path) against diffusers' output.
+  auto model = cuda_model("fp32");
+  auto& runner = *model->impl().unet_runner;
+  for (int t : {1, 500, 999}) {
+    const std::string n = "unet_t" + std::to_string(t);
+    auto x = test::ref(n + "_in").cuda();
+    auto ctx = test::ref(n + "_emb").cuda();
+    auto ts = torch::full({x.size(0)}, static_cast<float>(t), x.options());
+    const double err = test::max_abs_diff(runner.forward(x, ts, ctx), test::ref(n + "_out"));
+    EXPECT_LE(err, 1e-4) << n;
+  }
 }
 
 }  // namespace

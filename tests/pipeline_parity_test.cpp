@@ -101,14 +101,19 @@ TEST_P(PipelineParity, StepLatentsAndImageMatchDiffusers) {
             << "\n";
 }
 
+TEST(PipelineParityRuns, AllTwentySevenAreInstantiated) { EXPECT_EQ(fixture_runs().size(), 27u); }
+
 INSTANTIATE_TEST_SUITE_P(AllRuns, PipelineParity, ::testing::ValuesIn(fixture_runs()),
                          [](const auto& info) { return info.param.name; });
 
 TEST(PipelineParityTimesteps, EverySchedulerMatches) {
   std::ifstream in(test::fixture("tiny-sd15-cases.json"));
   const auto& model = shared_tiny();
-  for (const auto& c : nlohmann::json::parse(in)["cases"]) {
+  const auto all = nlohmann::json::parse(in);
+  int checked = 0;
+  for (const auto& c : all["cases"]) {
     if (c["kind"] != "scheduler_timesteps") continue;
+    ++checked;
     const auto choice = choice_for(c["scheduler"]);
     ImageSpec spec;
     spec.width = spec.height = 64;
@@ -123,6 +128,7 @@ TEST(PipelineParityTimesteps, EverySchedulerMatches) {
     for (size_t i = 0; i < got.size(); ++i)
       EXPECT_NEAR(got[i], want[i].item<double>(), 1e-4) << c["name"] << " [" << i << "]";
   }
+  EXPECT_EQ(checked, 27);
 }
 
 TEST(PipelineLoad, SingleFileAndFolderGiveTheSameImage) {
