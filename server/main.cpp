@@ -1,0 +1,55 @@
+// sdserve: Stable Diffusion as a service. `sdserve serve` runs the HTTP/WebSocket service,
+// `sdserve generate` makes images from the command line.
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "pipeline/errors.h"
+#include "server/cli.h"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: sdserve <command> [options]
+
+commands:
+  serve      run the HTTP/WebSocket generation service (sdserve serve --help)
+  generate   generate images to PNG files (sdserve generate --help)
+  --version  print the version
+)";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    std::cout << kUsage;
+    return args.empty() ? 2 : 0;
+  }
+  if (args[0] == "--version") {
+    std::cout << "sdserve " << SDSERVE_VERSION << "\n";
+    return 0;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  try {
+    if (command == "generate") return sdserve::run_generate(args);
+    if (command == "serve") return sdserve::run_serve(args);
+    std::cerr << "sdserve: unknown command '" << command << "'\n" << kUsage;
+    return 2;
+  } catch (const sdserve::UsageError& e) {
+    std::cerr << "sdserve " << command << ": " << e.what() << "\n(see: sdserve " << command
+              << " --help)\n";
+    return 2;
+  } catch (const sdserve::pipeline::RequestError& e) {
+    std::cerr << "sdserve " << command << ": " << e.what() << "\n";
+    return 2;
+  } catch (const sdserve::pipeline::ModelError& e) {
+    std::cerr << "sdserve " << command << ": model error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "sdserve " << command << ": error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,1 @@
+int integration_placeholder;
