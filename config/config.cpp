@@ -27,22 +27,23 @@ struct Key {
   double lo = 0, hi = 0;             // numeric range (ints, numbers, list elements)
   bool lo_exclusive = false;         // "> lo" instead of ">= lo"
   std::vector<std::string> choices;  // allowed strings; empty: any
-  std::function<json(const Config&)> get;
-  std::function<void(Config&, const json&)> set;
+  std::function<json(const ServiceConfig&)> get;
+  std::function<void(ServiceConfig&, const json&)> set;
 };
 
 template <typename T>
-std::function<json(const Config&)> getter(T Config::*m) {
-  return [m](const Config& c) { return json(c.*m); };
+std::function<json(const ServiceConfig&)> getter(T ServiceConfig::*m) {
+  return [m](const ServiceConfig& c) { return json(c.*m); };
 }
 template <typename T>
-std::function<void(Config&, const json&)> setter(T Config::*m) {
-  return [m](Config& c, const json& v) { c.*m = v.get<T>(); };
+std::function<void(ServiceConfig&, const json&)> setter(T ServiceConfig::*m) {
+  return [m](ServiceConfig& c, const json& v) { c.*m = v.get<T>(); };
 }
 
 Key key(std::string name, Type type, std::string help, double lo, double hi,
-        std::function<json(const Config&)> get, std::function<void(Config&, const json&)> set,
-        std::vector<std::string> choices = {}, bool lo_exclusive = false) {
+        std::function<json(const ServiceConfig&)> get,
+        std::function<void(ServiceConfig&, const json&)> set, std::vector<std::string> choices = {},
+        bool lo_exclusive = false) {
   Key k;
   k.name = std::move(name);
   k.type = type;
@@ -56,7 +57,7 @@ Key key(std::string name, Type type, std::string help, double lo, double hi,
   return k;
 }
 
-#define SDSERVE_MEMBER(m) getter(&Config::m), setter(&Config::m)
+#define SDSERVE_MEMBER(m) getter(&ServiceConfig::m), setter(&ServiceConfig::m)
 
 const std::vector<Key>& table() {
   constexpr double kBig = 1e7;  // ~115 days: the largest duration we accept
@@ -188,7 +189,7 @@ void check_int(const Key& k, const json& v, const std::string& source, const jso
 }
 
 // Checks `v` against the key's type and range, then stores it.
-void check_and_set(Config& c, const Key& k, const json& v, const std::string& source) {
+void check_and_set(ServiceConfig& c, const Key& k, const json& v, const std::string& source) {
   switch (k.type) {
     case Type::kString:
       if (!v.is_string()) fail(source, k, "must be a string", v);
@@ -311,7 +312,7 @@ std::string read_file(const std::string& path) {
 const std::vector<KeyInfo>& keys() {
   static const std::vector<KeyInfo> infos = [] {
     std::vector<KeyInfo> out;
-    const Config defaults;
+    const ServiceConfig defaults;
     for (const auto& k : table()) {
       const json v = k.get(defaults);
       // 600 rather than 600.0
@@ -335,7 +336,7 @@ std::string flag_name(const std::string& key) {
   return out;
 }
 
-void apply_json(Config& config, const std::string& json_text, const std::string& source) {
+void apply_json(ServiceConfig& config, const std::string& json_text, const std::string& source) {
   json doc;
   try {
     doc = json::parse(json_text);
@@ -351,14 +352,14 @@ void apply_json(Config& config, const std::string& json_text, const std::string&
   }
 }
 
-void apply_value(Config& config, const std::string& key, const std::string& value,
+void apply_value(ServiceConfig& config, const std::string& key, const std::string& value,
                  const std::string& source) {
   const Key* k = find_key(key);
   if (!k) throw ConfigError(source + ": unknown key '" + key + "' (known: " + known_keys() + ")");
   check_and_set(config, *k, from_text(*k, value), source);
 }
 
-void validate(const Config& c) {
+void validate(const ServiceConfig& c) {
   if (c.host.empty()) throw ConfigError("host must not be empty");
   for (size_t i = 1; i < c.batch_buckets.size(); ++i)
     if (c.batch_buckets[i] <= c.batch_buckets[i - 1])
@@ -469,7 +470,7 @@ std::map<std::string, std::string> process_environment() {
   return out;
 }
 
-std::string to_json(const Config& c) {
+std::string to_json(const ServiceConfig& c) {
   json out = json::object();
   for (const auto& k : table()) out[k.name] = k.get(c);
   json masked = json::array();

@@ -23,7 +23,7 @@ class ConfigError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-struct Config {
+struct ServiceConfig {
   // Network
   std::string host = "127.0.0.1";
   int port = 8080;  // 0: any free port (the bound one is logged)
@@ -66,7 +66,7 @@ std::string flag_name(const std::string& key);  // "max_queue" -> "--max-queue"
 
 // The result of reading the command line.
 struct Loaded {
-  Config config;
+  ServiceConfig config;
   std::string config_file;  // empty when none was given
   bool help = false;        // --help / -h: print help_text() and exit 0
   // Where each key's final value came from: "default", "file", "env", "flag".
@@ -80,14 +80,14 @@ Loaded load(const std::vector<std::string>& args, const std::map<std::string, st
 std::map<std::string, std::string> process_environment();
 
 // Single layers, for tests: apply a JSON object (as from a file) or one textual value.
-void apply_json(Config& config, const std::string& json_text, const std::string& source);
-void apply_value(Config& config, const std::string& key, const std::string& value,
+void apply_json(ServiceConfig& config, const std::string& json_text, const std::string& source);
+void apply_value(ServiceConfig& config, const std::string& key, const std::string& value,
                  const std::string& source);
 // Cross-key checks (default_timeout_s <= max_timeout_s, ...). Throws ConfigError.
-void validate(const Config& config);
+void validate(const ServiceConfig& config);
 
 // The effective configuration as a JSON object (api_keys masked), for the start-up log.
-std::string to_json(const Config& config);
+std::string to_json(const ServiceConfig& config);
 
 // `sdserve serve --help`: usage plus every key with its type, default and meaning.
 std::string help_text();

@@ -20,7 +20,7 @@ std::string bundled_model() {
   return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
 }
 
-engine::EngineOptions engine_options(const config::Config& c) {
+engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   engine::EngineOptions o;
   o.max_queue = c.max_queue;
   o.max_batch = c.max_batch;
@@ -45,7 +45,7 @@ int run_serve(const std::vector<std::string>& args) {
     std::cout << config::help_text();
     return 0;
   }
-  const config::Config& cfg = loaded.config;
+  const config::ServiceConfig& cfg = loaded.config;
   setup_logging(cfg.log_level, cfg.log_format);
   spdlog::info("sdserve {} starting", SDSERVE_VERSION);
   if (!loaded.config_file.empty()) spdlog::info("config file: {}", loaded.config_file);

@@ -22,9 +22,9 @@ class WsSession;
 
 class Context {
  public:
-  explicit Context(config::Config config) : config_(std::move(config)) {}
+  explicit Context(config::ServiceConfig config) : config_(std::move(config)) {}
 
-  const config::Config& config() const { return config_; }
+  const config::ServiceConfig& config() const { return config_; }
   Metrics& metrics() { return metrics_; }
 
   void set_backend(std::shared_ptr<engine::Engine> engine, std::shared_ptr<pipeline::Model> model);
@@ -51,7 +51,7 @@ class Context {
   std::atomic<int> requests_in_flight{0};
 
  private:
-  const config::Config config_;
+  const config::ServiceConfig config_;
   Metrics metrics_;
   std::atomic<bool> shutting_down_{false};
   mutable std::mutex mutex_;

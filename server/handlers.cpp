@@ -299,7 +299,10 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       }
       const auto job = engine->get(route.job_id);
       if (!job) throw not_found_job(route.job_id);
-      return json_response(http::status::ok, job_json(*job), req);
+      Json body = job_json(*job);
+      // A running job stops at its next step: the snapshot may still say "running".
+      if (req.method() == http::verb::delete_) body["cancel_requested"] = true;
+      return json_response(http::status::ok, body, req);
     }
     case Route::kJobImage:
       job_id = route.job_id;

@@ -267,6 +267,9 @@ Response HttpSession::generate_response(const Request& req) {
     case engine::JobStatus::kFailed:
       throw ApiError(500, "job_failed", "job '" + id + "' failed: " + job->error);
     case engine::JobStatus::kCancelled:
+      if (ctx_->shutting_down())
+        throw ApiError(503, "shutting_down",
+                       "job '" + id + "' was cancelled because the server is shutting down");
       throw ApiError(409, "cancelled", "job '" + id + "' was cancelled");
     case engine::JobStatus::kExpired: {
       ApiError err(503, "expired",

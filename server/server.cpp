@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -29,7 +30,7 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
 struct Server::Impl {
-  explicit Impl(const config::Config& config)
+  explicit Impl(const config::ServiceConfig& config)
       : ioc(config.http_threads),
         acceptor(ioc),
         retry_timer(ioc),
@@ -82,6 +83,7 @@ struct Server::Impl {
     signals.async_wait([this](boost::system::error_code ec, int signo) {
       if (ec) return;
       if (!stop_requested()) {
+        ctx->begin_shutdown();  // new jobs get 503 from now on, before the log line says so
         spdlog::info("received {}: shutting down", signo == SIGTERM ? "SIGTERM" : "SIGINT");
         request_stop();
         wait_signal();
@@ -129,7 +131,7 @@ struct Server::Impl {
   bool shut_down = false;
 };
 
-Server::Server(const config::Config& config) : impl_(std::make_unique<Impl>(config)) {
+Server::Server(const config::ServiceConfig& config) : impl_(std::make_unique<Impl>(config)) {
   impl_->listen();
 }
 
@@ -193,9 +195,19 @@ void Server::shutdown() {
     impl_->acceptor.close(ec);
     impl_->signals.cancel(ec);
   });
+  // Every job is final now, but its last events may still be on their way to the sockets: let
+  // the per-job sockets send them and close normally, briefly, before closing what is left.
+  auto now = std::chrono::steady_clock::now;
+  for (const auto until = now() + std::chrono::seconds(2); now() < until;) {
+    const auto open = ctx.websockets();
+    if (std::none_of(open.begin(), open.end(),
+                     [](const auto& ws) { return ws->mode() == WsSession::Mode::kJob; }))
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   for (const auto& ws : ctx.websockets()) ws->close_for_shutdown();
   // Let close handshakes and responses still being written finish, briefly.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  const auto deadline = now() + std::chrono::seconds(3);
   while (std::chrono::steady_clock::now() < deadline &&
          (!ctx.websockets().empty() || ctx.requests_in_flight.load() > 0))
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

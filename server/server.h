@@ -28,7 +28,7 @@ namespace sdserve::server {
 class Server {
  public:
   // Throws std::runtime_error when the address cannot be bound.
-  explicit Server(const config::Config& config);
+  explicit Server(const config::ServiceConfig& config);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;

@@ -71,13 +71,15 @@ void WsSession::subscribe(const std::string& job_id) {
   auto callback = [weak, limit, executor](const engine::JobEvent& e) {
     auto self = weak.lock();
     if (!self) return;
-    if (e.droppable && self->backlog_.load(std::memory_order_relaxed) >= limit) {
+    if (e.droppable && self->posted_.load(std::memory_order_relaxed) +
+                               self->queued_.load(std::memory_order_relaxed) >=
+                           limit) {
       self->dropped_.fetch_add(1, std::memory_order_relaxed);
       return;
     }
-    self->backlog_.fetch_add(1, std::memory_order_relaxed);
+    self->posted_.fetch_add(1, std::memory_order_relaxed);
     asio::post(executor, [self, e] {
-      self->backlog_.fetch_sub(1, std::memory_order_relaxed);
+      self->posted_.fetch_sub(1, std::memory_order_relaxed);
       self->on_event(e);
     });
   };
@@ -123,26 +125,32 @@ void WsSession::push(Outgoing out) {
       return;
     }
     // Make room by dropping the oldest droppable event that is not being written.
-    for (auto it = queue_.begin() + (writing_ ? 1 : 0); it != queue_.end(); ++it) {
+    auto it = queue_.begin();
+    if (writing_ && it != queue_.end()) ++it;  // the front is on the wire
+    for (; it != queue_.end(); ++it) {
       if (it->droppable) {
         queue_.erase(it);
+        queued_.store(queue_.size(), std::memory_order_relaxed);
         dropped_.fetch_add(1, std::memory_order_relaxed);
         break;
       }
     }
   }
   queue_.push_back(std::move(out));
+  queued_.store(queue_.size(), std::memory_order_relaxed);
   if (!writing_) do_write();
 }
 
 void WsSession::send_control(const std::string& type, const std::string& job_id,
                              const std::string& error_type, const std::string& message) {
+  if (torn_down_ || closing_) return;
   json j = {{"type", type}, {"job_id", job_id}};
   if (!error_type.empty()) j["error"] = {{"type", error_type}, {"message", message}};
   Outgoing out;
   out.text = j.dump();
   out.job_id = job_id;
   queue_.push_back(std::move(out));
+  queued_.store(queue_.size(), std::memory_order_relaxed);
   if (!writing_) do_write();
 }
 
@@ -183,11 +191,13 @@ void WsSession::on_write(beast::error_code ec, size_t) {
   binary_stage_ = false;
   const bool final = front.final;
   queue_.pop_front();
+  queued_.store(queue_.size(), std::memory_order_relaxed);
   ++sent_;
-  if (final && mode_ == Mode::kJob && !close_requested_) {
+  if (final && mode_ == Mode::kJob) {
     queue_.clear();  // nothing follows a final event; close once it is out
+    queued_.store(queue_.size(), std::memory_order_relaxed);
     close_requested_ = true;
-    close_code_ = websocket::close_code::normal;
+    close_code_ = websocket::close_code::normal;  // even when shutdown asked for going_away
   }
   do_write();
 }
@@ -248,6 +258,7 @@ void WsSession::teardown(const std::string& why) {
   for (const auto& [job, token] : subscriptions_) ctx_->unsubscribe(job, token);
   subscriptions_.clear();
   queue_.clear();
+  queued_.store(queue_.size(), std::memory_order_relaxed);
   ctx_->remove_websocket(this);
   const uint64_t dropped = dropped_.load();
   if (dropped) ctx_->metrics().events_dropped(dropped);

@@ -33,6 +33,7 @@ class WsSession : public std::enable_shared_from_this<WsSession> {
   void run(boost::beast::http::request<boost::beast::http::string_body> req);
   // From any thread: send what is queued, then a close frame with `going_away`.
   void close_for_shutdown();
+  Mode mode() const { return mode_; }
 
  private:
   struct Outgoing {
@@ -74,9 +75,10 @@ class WsSession : public std::enable_shared_from_this<WsSession> {
   bool torn_down_ = false;
   bool accepted_ = false;
   std::map<std::string, uint64_t> subscriptions_;  // job id -> token
-  // Events posted to the strand but not yet queued or dropped, plus the queue: lets the engine
-  // thread drop a droppable event without posting when the reader is far behind.
-  std::atomic<size_t> backlog_{0};
+  // Events posted to the strand but not yet handled, and a copy of queue_.size(): together they
+  // let the engine thread drop a droppable event without posting when the reader is far behind.
+  std::atomic<size_t> posted_{0};
+  std::atomic<size_t> queued_{0};
   std::atomic<uint64_t> dropped_{0};
   uint64_t sent_ = 0;
 };

@@ -97,7 +97,8 @@ TEST(ConfigTest, FlagSpellings) {
   EXPECT_TRUE(l.config.metrics_auth);
   EXPECT_EQ(l.config.batch_buckets, (std::vector<int>{1, 3}));
   EXPECT_FALSE(load({"--metrics-auth", "false"}, {}).config.metrics_auth);
-  EXPECT_EQ(load({}, {{"SDSERVE_BATCH_BUCKETS", "1,2,4"}}).config.batch_buckets,
+  EXPECT_EQ(load({}, {{"SDSERVE_BATCH_BUCKETS", "1,2,4"}, {"SDSERVE_MAX_BATCH", "4"}})
+                .config.batch_buckets,
             (std::vector<int>{1, 2, 4}));
   EXPECT_TRUE(load({}, {{"SDSERVE_API_KEYS", ""}}).config.api_keys.empty());
 }
@@ -178,7 +179,7 @@ TEST(ConfigTest, ConfigFileErrors) {
 }
 
 TEST(ConfigTest, EffectiveConfigMasksKeys) {
-  Config c;
+  ServiceConfig c;
   c.api_keys = {"secret"};
   const std::string j = to_json(c);
   EXPECT_EQ(j.find("secret"), std::string::npos);

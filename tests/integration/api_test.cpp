@@ -83,6 +83,8 @@ TEST_F(ApiTest, SubmitEventsThenPng) {
   body["sampler"] = "DPM++ 2M Karras";  // A1111's name, schedule included
   const json job = submit(port(), body);
   const std::string id = job["id"];
+  EXPECT_TRUE(server_->wait_log("POST /v1/jobs 202")) << "one log line per request";
+  EXPECT_TRUE(server_->wait_log("job=" + id));
   EXPECT_EQ(job["status"], "queued");
   EXPECT_EQ(job["seed"], 1234);
   EXPECT_TRUE(job["queue_position"].is_number());

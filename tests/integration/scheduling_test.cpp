@@ -53,6 +53,7 @@ TEST(SchedulingTest, QueueFullIs429AndCancelWorksQueuedAndRunning) {
   const auto del_b = http(port, verb::delete_, "/v1/jobs/" + id_of(b));
   ASSERT_EQ(del_b.status, 200) << del_b.body;
   EXPECT_EQ(del_b.body_json()["id"], id_of(b));
+  EXPECT_EQ(del_b.body_json()["cancel_requested"], true);
   EXPECT_EQ(wait_final(port, id_of(b)), "cancelled");
   EXPECT_EQ(get(port, "/v1/jobs/" + id_of(b)).body_json()["status"], "cancelled");
   EXPECT_EQ(get(port, "/v1/jobs/" + id_of(b) + "/images/0").status, 409);

@@ -1,6 +1,10 @@
 // Every way a request can be refused: 400 naming the field (table-driven over all fields), bad
 // JSON, 413 for an oversized body, 401 without an API key, start-up errors of the configuration.
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <sstream>
 
 #include "harness.h"
 
@@ -134,6 +138,14 @@ TEST_F(ValidationTest, OversizedBodyIs413) {
   EXPECT_EQ(get(port(), "/healthz").status, 200);
 }
 
+TEST_F(ValidationTest, OversizedHeadersAre431) {
+  Headers padding;
+  for (int i = 0; i < 8; ++i) padding["X-Padding-" + std::to_string(i)] = std::string(4000, 'x');
+  const auto r = get(port(), "/healthz", padding);
+  EXPECT_EQ(r.status, 431) << r.error;
+  EXPECT_EQ(get(port(), "/healthz").status, 200);
+}
+
 TEST(AuthTest, ApiKeysAreRequiredWhenConfigured) {
   ServerProcess server({"--api-keys", "k1,k2"});
   const int port = server.port();
@@ -180,10 +192,40 @@ TEST(StartupTest, BadConfigurationStopsWithExit2) {
     EXPECT_EQ(status, 2) << out;
     EXPECT_NE(out.find(c.named), std::string::npos) << out;
   }
+  // A config file is read, and a flag beats it.
+  char path[] = "/tmp/sdserve_itest_XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  const std::string text = R"({"max_queue": 0})";
+  ASSERT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  close(fd);
+  const auto [bad_status, bad_out] = run_to_exit({"--config", path});
+  EXPECT_EQ(bad_status, 2);
+  EXPECT_NE(bad_out.find("max_queue"), std::string::npos) << bad_out;
+  EXPECT_NE(bad_out.find(path), std::string::npos) << bad_out;
+  unlink(path);
+
   const auto [status, help] = run_to_exit({"--help"});
   EXPECT_EQ(status, 0);
   for (const char* key : {"--max-queue", "SDSERVE_MAX_QUEUE", "--ws-queue-limit", "--api-keys"})
     EXPECT_NE(help.find(key), std::string::npos) << key;
+}
+
+TEST(StartupTest, JsonLogLines) {
+  ServerProcess server({"--log-format", "json"});
+  ASSERT_EQ(get(server.port(), "/healthz").status, 200);
+  ASSERT_TRUE(server.wait_log("GET /healthz 200"));
+  std::istringstream lines(server.log());
+  std::string line;
+  int parsed = 0;
+  while (std::getline(lines, line)) {
+    if (line.rfind("{\"time\"", 0) != 0) continue;  // not ours (a library's own output)
+    const json j = json::parse(line);
+    EXPECT_TRUE(j.contains("level"));
+    EXPECT_TRUE(j["msg"].is_string());
+    ++parsed;
+  }
+  EXPECT_GE(parsed, 3);
 }
 
 }  // namespace
