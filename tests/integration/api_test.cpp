@@ -74,8 +74,12 @@ TEST_F(ApiTest, UnknownPathsAndMethods) {
   EXPECT_EQ(put.header("allow"), "POST");
   EXPECT_EQ(get(port(), "/v1/generate").status, 405);
   EXPECT_EQ(http(port(), verb::post, "/healthz", "{}").status, 405);
-  // The events endpoints are WebSockets only.
+  // The events endpoints are WebSockets only, and an unknown job is refused before upgrading.
   EXPECT_EQ(get(port(), "/v1/events").status, 426);
+  int status = 0;
+  WsClient ws;
+  EXPECT_FALSE(ws.connect(port(), "/v1/jobs/no-such-job/events", {}, true, 0, &status));
+  EXPECT_EQ(status, 404);
 }
 
 TEST_F(ApiTest, SubmitEventsThenPng) {
