@@ -27,13 +27,13 @@ class EmbeddingCache;
 namespace sdserve::engine {
 
 struct EngineOptions {
-  int max_queue = 64;                          // queued jobs; more -> QueueFull (HTTP 429)
-  int max_batch = 8;                           // images denoised together per worker
+  int max_queue = 64;  // queued jobs; more -> QueueFull (HTTP 429)
+  int max_batch = 8;   // images denoised together per worker
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};  // UNet batch sizes are padded up to one
-  double default_timeout_s = 600;              // a job still queued after this ends `expired`
+  double default_timeout_s = 600;  // a job still queued after this ends `expired`
   double max_timeout_s = 3600;
-  double result_ttl_s = 3600;                  // finished images are kept this long
-  uint64_t result_max_bytes = 1ull << 30;      // ... and within this many PNG bytes (oldest go first)
+  double result_ttl_s = 3600;              // finished images are kept this long
+  uint64_t result_max_bytes = 1ull << 30;  // ... and within this many PNG bytes (oldest go first)
 };
 
 class QueueFull : public std::runtime_error {
@@ -61,7 +61,7 @@ struct EngineStats {
   int active_images = 0;
   uint64_t jobs_submitted = 0, jobs_succeeded = 0, jobs_failed = 0, jobs_cancelled = 0,
            jobs_expired = 0;
-  uint64_t unet_steps = 0;     // UNet calls
+  uint64_t unet_steps = 0;  // UNet calls
   uint64_t images_done = 0;
   uint64_t result_bytes = 0;
 };

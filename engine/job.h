@@ -18,10 +18,10 @@ std::string to_string(Priority p);   // "high", "normal", "low"
 bool is_final(JobStatus s);
 
 struct PreviewOptions {
-  int every = 1;                        // a preview every N steps
-  std::string format = "jpeg";          // "jpeg" | "png"
-  int max_size = 256;                   // longest side in pixels
-  std::string method = "latent2rgb";    // "latent2rgb" (cheap) | "vae" (full decode)
+  int every = 1;                      // a preview every N steps
+  std::string format = "jpeg";        // "jpeg" | "png"
+  int max_size = 256;                 // longest side in pixels
+  std::string method = "latent2rgb";  // "latent2rgb" (cheap) | "vae" (full decode)
 };
 
 // A request after validation (the server validates fields and names them in its errors).
@@ -39,7 +39,7 @@ struct JobRequest {
   int clip_skip = 1;
   std::optional<PreviewOptions> preview;
   Priority priority = Priority::kNormal;
-  std::optional<double> timeout_s;   // absent: the configured default
+  std::optional<double> timeout_s;  // absent: the configured default
   bool cancel_on_disconnect = false;
 };
 
@@ -55,7 +55,7 @@ struct JobSnapshot {
   uint64_t seed = 0;        // of image 0; image k used seed + k
   int images_ready = 0;
   std::optional<Clock::time_point> queued_at, started_at, finished_at;
-  std::string error;        // when failed
+  std::string error;             // when failed
   bool results_expired = false;  // images evicted from the result store (answer 410)
   JobRequest request;
 };

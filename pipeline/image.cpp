@@ -73,7 +73,8 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
   if (!chunks.empty()) png_set_text(png, info, chunks.data(), static_cast<int>(chunks.size()));
   png_write_info(png, info);
   for (int y = 0; y < image.height; ++y)
-    png_write_row(png, const_cast<png_bytep>(image.pixels.data() + static_cast<size_t>(y) * image.width * 3));
+    png_write_row(
+        png, const_cast<png_bytep>(image.pixels.data() + static_cast<size_t>(y) * image.width * 3));
   png_write_end(png, nullptr);
   return out;
 }
@@ -106,7 +107,8 @@ RgbImage decode_png(const std::vector<uint8_t>& bytes,
   if (text != nullptr) {
     png_textp chunks = nullptr;
     int n = png_get_text(png, info, &chunks, nullptr);
-    for (int i = 0; i < n; ++i) text->emplace_back(chunks[i].key, std::string(chunks[i].text, chunks[i].text_length));
+    for (int i = 0; i < n; ++i)
+      text->emplace_back(chunks[i].key, std::string(chunks[i].text, chunks[i].text_length));
   }
   return image;
 }
@@ -117,8 +119,8 @@ std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality) {
   if (!tj) throw std::runtime_error("JPEG: cannot create compressor");
   unsigned char* buf = nullptr;
   unsigned long size = 0;
-  if (tjCompress2(tj.get(), image.pixels.data(), image.width, 0, image.height, TJPF_RGB, &buf, &size,
-                  TJSAMP_420, std::clamp(quality, 1, 100), TJFLAG_FASTDCT) != 0) {
+  if (tjCompress2(tj.get(), image.pixels.data(), image.width, 0, image.height, TJPF_RGB, &buf,
+                  &size, TJSAMP_420, std::clamp(quality, 1, 100), TJFLAG_FASTDCT) != 0) {
     tjFree(buf);
     throw std::runtime_error(std::string("JPEG: ") + tjGetErrorStr2(tj.get()));
   }
@@ -141,7 +143,11 @@ RgbImage shrink_to(const RgbImage& image, int max_side) {
         int sum = 0;
         for (int dy = 0; dy < factor; ++dy)
           for (int dx = 0; dx < factor; ++dx)
-            sum += image.pixels[(static_cast<size_t>(y * factor + dy) * image.width + x * factor + dx) * 3 + c];
+            sum +=
+                image
+                    .pixels[(static_cast<size_t>(y * factor + dy) * image.width + x * factor + dx) *
+                                3 +
+                            c];
         out.pixels[(static_cast<size_t>(y) * out.width + x) * 3 + c] =
             static_cast<uint8_t>((sum + factor * factor / 2) / (factor * factor));
       }

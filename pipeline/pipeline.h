@@ -35,14 +35,14 @@ struct LoadOptions {
 };
 
 struct ModelInfo {
-  std::string name;    // folder or file name without extension
+  std::string name;  // folder or file name without extension
   std::string path;
   std::string layout;  // "diffusers" | "single-file"
   std::string family;  // "sd1"
   std::string device;  // "cpu", "cuda:0"
   std::string precision;
-  int native_size = 512;    // the resolution the model was trained at (unet sample_size * 8)
-  int text_layers = 12;     // clip_skip may be 1..text_layers
+  int native_size = 512;  // the resolution the model was trained at (unet sample_size * 8)
+  int text_layers = 12;   // clip_skip may be 1..text_layers
   int latent_channels = 4;
   double load_seconds = 0;
 };
@@ -61,7 +61,8 @@ struct ImageSpec {
 struct GenerateRequest {
   std::string prompt;
   std::string negative_prompt;
-  int clip_skip = 1;  // A1111's convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip=1)
+  int clip_skip =
+      1;  // A1111's convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip=1)
   int num_images = 1;
   ImageSpec image;  // image k uses seed image.seed + k
 };
@@ -119,7 +120,8 @@ class Model {
   RgbImage preview_vae(const Trajectory& trajectory, int max_side = 256) const;
 
   // Whole request: its images run together as one batch.
-  std::vector<RgbImage> generate(const GenerateRequest& request, const Progress& progress = {}) const;
+  std::vector<RgbImage> generate(const GenerateRequest& request,
+                                 const Progress& progress = {}) const;
 
   struct Impl;
   Impl& impl() const { return *impl_; }

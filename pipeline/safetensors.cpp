@@ -26,9 +26,9 @@ struct DTypeInfo {
   std::size_t size;
 };
 constexpr DTypeInfo kDTypes[] = {
-    {"F32", DType::kF32, 4}, {"F16", DType::kF16, 2}, {"BF16", DType::kBF16, 2},
-    {"F64", DType::kF64, 8}, {"I64", DType::kI64, 8}, {"I32", DType::kI32, 4},
-    {"I16", DType::kI16, 2}, {"I8", DType::kI8, 1},   {"U8", DType::kU8, 1},
+    {"F32", DType::kF32, 4},   {"F16", DType::kF16, 2}, {"BF16", DType::kBF16, 2},
+    {"F64", DType::kF64, 8},   {"I64", DType::kI64, 8}, {"I32", DType::kI32, 4},
+    {"I16", DType::kI16, 2},   {"I8", DType::kI8, 1},   {"U8", DType::kU8, 1},
     {"BOOL", DType::kBool, 1},
 };
 
@@ -128,8 +128,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
                      ") but the data section has " + std::to_string(data_size) +
                      " bytes (truncated file?)");
     if (end - begin != numel * info->size)
-      fail(path, where + " has " + std::to_string(end - begin) + " bytes but its shape and dtype need " +
-                     std::to_string(numel * info->size));
+      fail(path, where + " has " + std::to_string(end - begin) +
+                     " bytes but its shape and dtype need " + std::to_string(numel * info->size));
     view.data = reinterpret_cast<const std::byte*>(base + data_begin + begin);
     view.nbytes = end - begin;
     file->tensors_.emplace(name, std::move(view));
@@ -143,7 +143,8 @@ SafetensorsFile::~SafetensorsFile() {
 
 const TensorView& SafetensorsFile::at(const std::string& name) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) throw ModelError("tensor '" + name + "' is missing from '" + path_ + "'");
+  if (it == tensors_.end())
+    throw ModelError("tensor '" + name + "' is missing from '" + path_ + "'");
   return it->second;
 }
 
@@ -164,7 +165,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
   for (int i = 0; i < 8; ++i) out.put(static_cast<char>((len >> (8 * i)) & 0xff));
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const auto& [name, t] : tensors)
-    out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
+    out.write(reinterpret_cast<const char*>(t.bytes.data()),
+              static_cast<std::streamsize>(t.bytes.size()));
   if (!out) throw std::runtime_error("cannot write '" + path + "'");
 }
 

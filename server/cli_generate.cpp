@@ -44,11 +44,13 @@ std::string default_model() {
 std::string output_path(const std::string& first, int k) {
   if (k == 0) return first;
   std::filesystem::path p(first);
-  return (p.parent_path() / (p.stem().string() + "-" + std::to_string(k) + p.extension().string())).string();
+  return (p.parent_path() / (p.stem().string() + "-" + std::to_string(k) + p.extension().string()))
+      .string();
 }
 
 uint64_t random_seed() {
-  return static_cast<uint64_t>(std::chrono::high_resolution_clock::now().time_since_epoch().count()) &
+  return static_cast<uint64_t>(
+             std::chrono::high_resolution_clock::now().time_since_epoch().count()) &
          0xffffffffull;
 }
 
@@ -79,30 +81,49 @@ int run_generate(const std::vector<std::string>& args) {
       quiet = true;
       continue;
     }
-    if (i + 1 >= args.size()) throw UsageError(a.rfind("-", 0) == 0 ? a + " needs a value" : "unexpected argument '" + a + "'");
+    if (i + 1 >= args.size())
+      throw UsageError(a.rfind("-", 0) == 0 ? a + " needs a value"
+                                            : "unexpected argument '" + a + "'");
     const std::string& v = args[++i];
-    if (a == "--model") model = v;
-    else if (a == "--prompt") request.prompt = v, have_prompt = true;
-    else if (a == "--negative") request.negative_prompt = v;
-    else if (a == "--steps") request.image.steps = parse_int_arg(a, v, 1, 150);
-    else if (a == "--cfg") request.image.guidance_scale = parse_double_arg(a, v, 0, 30);
-    else if (a == "--sampler") sampler = v;
-    else if (a == "--scheduler") scheduler = v;
-    else if (a == "--seed") request.image.seed = parse_u64_arg(a, v), have_seed = true;
-    else if (a == "--width") request.image.width = parse_int_arg(a, v, 64, 2048);
-    else if (a == "--height") request.image.height = parse_int_arg(a, v, 64, 2048);
-    else if (a == "-n") request.num_images = parse_int_arg(a, v, 1, 16);
-    else if (a == "--clip-skip") request.clip_skip = parse_int_arg(a, v, 1, 64);
-    else if (a == "--device") load.device = v;
-    else if (a == "--precision") load.precision = v;
-    else if (a == "-o" || a == "--output") output = v;
-    else throw UsageError("unknown option '" + a + "'");
+    if (a == "--model")
+      model = v;
+    else if (a == "--prompt")
+      request.prompt = v, have_prompt = true;
+    else if (a == "--negative")
+      request.negative_prompt = v;
+    else if (a == "--steps")
+      request.image.steps = parse_int_arg(a, v, 1, 150);
+    else if (a == "--cfg")
+      request.image.guidance_scale = parse_double_arg(a, v, 0, 30);
+    else if (a == "--sampler")
+      sampler = v;
+    else if (a == "--scheduler")
+      scheduler = v;
+    else if (a == "--seed")
+      request.image.seed = parse_u64_arg(a, v), have_seed = true;
+    else if (a == "--width")
+      request.image.width = parse_int_arg(a, v, 64, 2048);
+    else if (a == "--height")
+      request.image.height = parse_int_arg(a, v, 64, 2048);
+    else if (a == "-n")
+      request.num_images = parse_int_arg(a, v, 1, 16);
+    else if (a == "--clip-skip")
+      request.clip_skip = parse_int_arg(a, v, 1, 64);
+    else if (a == "--device")
+      load.device = v;
+    else if (a == "--precision")
+      load.precision = v;
+    else if (a == "-o" || a == "--output")
+      output = v;
+    else
+      throw UsageError("unknown option '" + a + "'");
   }
   if (!have_prompt) throw UsageError("--prompt is required");
   if (output.empty()) throw UsageError("-o/--output is required");
   for (const char* flag : {"--width", "--height"}) {
     const int v = std::string(flag) == "--width" ? request.image.width : request.image.height;
-    if (v % 8 != 0) throw UsageError(std::string(flag) + " must be a multiple of 8, got " + std::to_string(v));
+    if (v % 8 != 0)
+      throw UsageError(std::string(flag) + " must be a multiple of 8, got " + std::to_string(v));
   }
   try {
     const auto choice = pipeline::resolve_sampler(sampler, scheduler);
@@ -121,11 +142,15 @@ int run_generate(const std::vector<std::string>& args) {
   const bool bar = !quiet && ::isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
   auto images = m->generate(request, [&](int done, int total) {
-    if (bar) draw_progress(done, total, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    if (bar)
+      draw_progress(
+          done, total,
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   });
   for (size_t k = 0; k < images.size(); ++k) {
     const uint64_t seed = request.image.seed + k;
-    const auto png = pipeline::encode_png(images[k], {{"parameters", pipeline::a1111_parameters(request, seed, m->info())}});
+    const auto png = pipeline::encode_png(
+        images[k], {{"parameters", pipeline::a1111_parameters(request, seed, m->info())}});
     const std::string path = output_path(output, static_cast<int>(k));
     std::ofstream file(path, std::ios::binary | std::ios::trunc);
     file.write(reinterpret_cast<const char*>(png.data()), static_cast<std::streamsize>(png.size()));
@@ -146,7 +171,8 @@ int parse_int_arg(const std::string& flag, const std::string& value, long long l
   if (used != value.size() || value.empty())
     throw UsageError(flag + " must be an integer, got '" + value + "'");
   if (v < lo || v > hi)
-    throw UsageError(flag + " must be between " + std::to_string(lo) + " and " + std::to_string(hi) + ", got " + value);
+    throw UsageError(flag + " must be between " + std::to_string(lo) + " and " +
+                     std::to_string(hi) + ", got " + value);
   return static_cast<int>(v);
 }
 
@@ -158,10 +184,13 @@ double parse_double_arg(const std::string& flag, const std::string& value, doubl
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != value.size() || value.empty()) throw UsageError(flag + " must be a number, got '" + value + "'");
+  if (used != value.size() || value.empty())
+    throw UsageError(flag + " must be a number, got '" + value + "'");
   if (!(v >= lo && v <= hi))
-    throw UsageError(flag + " must be between " + std::to_string(lo).substr(0, std::to_string(lo).find('.') + 2) +
-                     " and " + std::to_string(hi).substr(0, std::to_string(hi).find('.') + 2) + ", got " + value);
+    throw UsageError(flag + " must be between " +
+                     std::to_string(lo).substr(0, std::to_string(lo).find('.') + 2) + " and " +
+                     std::to_string(hi).substr(0, std::to_string(hi).find('.') + 2) + ", got " +
+                     value);
   return v;
 }
 

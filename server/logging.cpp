@@ -17,7 +17,8 @@ namespace {
 // escaped), so that JSON log lines stay parseable whatever a prompt contains.
 class JsonMessageFlag : public spdlog::custom_flag_formatter {
  public:
-  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
     static const char* hex = "0123456789abcdef";
     for (char c : msg.payload) {
       const auto u = static_cast<unsigned char>(c);
@@ -42,7 +43,8 @@ class JsonMessageFlag : public spdlog::custom_flag_formatter {
 void setup_logging(const std::string& level, const std::string& format) {
   const auto lvl = spdlog::level::from_str(level);
   if (lvl == spdlog::level::off && level != "off")
-    throw std::invalid_argument("log level '" + level + "' is unknown; use trace, debug, info, warn or error");
+    throw std::invalid_argument("log level '" + level +
+                                "' is unknown; use trace, debug, info, warn or error");
   if (!spdlog::get("sdserve")) spdlog::set_default_logger(spdlog::stderr_color_mt("sdserve"));
   spdlog::set_level(lvl);
   if (format == "json") {
@@ -57,10 +59,18 @@ void setup_logging(const std::string& level, const std::string& format) {
   }
   pipeline::set_log_sink([](pipeline::LogLevel l, const std::string& msg) {
     switch (l) {
-      case pipeline::LogLevel::kDebug: spdlog::debug("{}", msg); break;
-      case pipeline::LogLevel::kInfo: spdlog::info("{}", msg); break;
-      case pipeline::LogLevel::kWarn: spdlog::warn("{}", msg); break;
-      case pipeline::LogLevel::kError: spdlog::error("{}", msg); break;
+      case pipeline::LogLevel::kDebug:
+        spdlog::debug("{}", msg);
+        break;
+      case pipeline::LogLevel::kInfo:
+        spdlog::info("{}", msg);
+        break;
+      case pipeline::LogLevel::kWarn:
+        spdlog::warn("{}", msg);
+        break;
+      case pipeline::LogLevel::kError:
+        spdlog::error("{}", msg);
+        break;
     }
   });
 }

@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
     std::cerr << "sdserve: unknown command '" << command << "'\n" << kUsage;
     return 2;
   } catch (const sdserve::UsageError& e) {
-    std::cerr << "sdserve " << command << ": " << e.what() << "\n(see: sdserve " << command << " --help)\n";
+    std::cerr << "sdserve " << command << ": " << e.what() << "\n(see: sdserve " << command
+              << " --help)\n";
     return 2;
   } catch (const sdserve::pipeline::RequestError& e) {
     std::cerr << "sdserve " << command << ": " << e.what() << "\n";

@@ -50,7 +50,8 @@ TEST(Image, JpegHasMarkers) {
 
 TEST(Image, ShrinkAveragesBoxes) {
   RgbImage img{4, 2, {}};
-  for (int i = 0; i < 8; ++i) img.pixels.insert(img.pixels.end(), {static_cast<uint8_t>(i * 10), 0, 255});
+  for (int i = 0; i < 8; ++i)
+    img.pixels.insert(img.pixels.end(), {static_cast<uint8_t>(i * 10), 0, 255});
   const auto small = shrink_to(img, 2);  // factor 2: two 2x2 boxes
   ASSERT_EQ(small.width, 2);
   ASSERT_EQ(small.height, 1);

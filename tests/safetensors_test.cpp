@@ -64,7 +64,9 @@ TEST(Safetensors, RoundTripsWrittenTensors) {
   EXPECT_FLOAT_EQ(tensor[1][2].item<float>(), 1.0585938f);  // 0x3c3c as fp16: 1 + 60/1024
 }
 
-TEST(Safetensors, RefusesTooShortFile) { expect_refused("abc", "shorter than the 8-byte header"); }
+TEST(Safetensors, RefusesTooShortFile) {
+  expect_refused("abc", "shorter than the 8-byte header");
+}
 
 TEST(Safetensors, RefusesHeaderPastEnd) {
   std::string b = header_bytes("{}");
@@ -72,7 +74,9 @@ TEST(Safetensors, RefusesHeaderPastEnd) {
   expect_refused(b, "truncated or not safetensors");
 }
 
-TEST(Safetensors, RefusesBadJson) { expect_refused(header_bytes("{not json"), "does not parse"); }
+TEST(Safetensors, RefusesBadJson) {
+  expect_refused(header_bytes("{not json"), "does not parse");
+}
 
 TEST(Safetensors, RefusesDataPastEnd) {
   expect_refused(header_bytes(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})") +

@@ -10,16 +10,24 @@
 
 namespace sdserve::test {
 
-inline std::string fixture(const std::string& rel) { return std::string(SDSERVE_FIXTURES) + "/" + rel; }
-inline std::string model_dir() { return std::string(SDSERVE_MODELS) + "/tiny-sd15"; }
-inline std::string single_file() { return fixture("tiny-sd15.safetensors"); }
+inline std::string fixture(const std::string& rel) {
+  return std::string(SDSERVE_FIXTURES) + "/" + rel;
+}
+inline std::string model_dir() {
+  return std::string(SDSERVE_MODELS) + "/tiny-sd15";
+}
+inline std::string single_file() {
+  return fixture("tiny-sd15.safetensors");
+}
 
 // The 118 diffusers reference tensors, loaded once per test binary.
 inline const std::map<std::string, torch::Tensor>& reference() {
   static const auto ref = pipeline::load_all(fixture("tiny-sd15-reference.safetensors"));
   return ref;
 }
-inline const torch::Tensor& ref(const std::string& name) { return reference().at(name); }
+inline const torch::Tensor& ref(const std::string& name) {
+  return reference().at(name);
+}
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64).cpu() - b.to(torch::kFloat64).cpu()).abs().max().item<double>();

@@ -1,0 +1,442 @@
+#include "engine/engine.h"
+
+#include <ctime>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "engine/engine_impl.h"
+#include "pipeline/errors.h"
+
+namespace sdserve::engine {
+namespace {
+
+using nlohmann::json;
+
+std::string new_job_id() {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  static const char* hex = "0123456789abcdef";
+  std::string id(20, '0');
+  for (auto& c : id) c = hex[rng() & 15];
+  return id;
+}
+
+uint64_t random_seed() {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  return rng() & 0xffffffffull;  // 32 bits, as A1111 users are used to
+}
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+}  // namespace
+
+std::string iso_time(Clock::time_point t) {
+  const auto secs = std::chrono::time_point_cast<std::chrono::seconds>(t);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t - secs).count();
+  const std::time_t tt = Clock::to_time_t(secs);
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+  return buf;
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
+                                       std::vector<std::shared_ptr<pipeline::Model>> models,
+                                       std::shared_ptr<cache::EmbeddingCache> cache) {
+  if (models.empty()) throw std::invalid_argument("the engine needs at least one model");
+  if (options.max_queue < 1) throw std::invalid_argument("max_queue must be at least 1");
+  if (options.max_batch < 1) throw std::invalid_argument("max_batch must be at least 1");
+  auto impl = std::make_unique<Impl>(options);
+  impl->options = options;
+  impl->models = std::move(models);
+  impl->cache = cache ? std::move(cache) : std::make_shared<cache::PassThroughCache>();
+  impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
+  Impl* raw = impl.get();
+  impl->dispatcher = std::thread([raw] { raw->dispatcher_loop(); });
+  impl->encoder = std::thread([raw] { raw->encoder_loop(); });
+  for (size_t i = 0; i < impl->models.size(); ++i)
+    impl->workers.emplace_back([raw, i] { raw->worker_loop(i); });
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+Engine::~Engine() {
+  shutdown(SteadyClock::now());
+}
+
+JobSnapshot Engine::submit(JobRequest request) {
+  const auto& info = impl_->models.front()->info();
+  pipeline::ImageSpec spec;
+  spec.width = request.width;
+  spec.height = request.height;
+  spec.steps = request.steps;
+  spec.guidance_scale = request.guidance_scale;
+  spec.sampler = request.sampler;
+  spec.scheduler = request.scheduler;
+  try {
+    impl_->models.front()->validate(spec);
+  } catch (const pipeline::RequestError& e) {
+    throw std::invalid_argument(e.what());
+  }
+  if (request.num_images < 1 || request.num_images > 16)
+    throw std::invalid_argument("num_images must be between 1 and 16");
+  if (request.clip_skip < 1 || request.clip_skip > info.text_layers)
+    throw std::invalid_argument("clip_skip must be between 1 and " +
+                                std::to_string(info.text_layers));
+  double timeout = request.timeout_s.value_or(impl_->options.default_timeout_s);
+  if (!(timeout > 0) || timeout > impl_->options.max_timeout_s)
+    throw std::invalid_argument(
+        "timeout_s must be greater than 0 and at most " +
+        std::to_string(static_cast<long long>(impl_->options.max_timeout_s)));
+
+  auto job = std::make_shared<JobState>();
+  job->id = new_job_id();
+  job->seed = request.seed.value_or(random_seed());
+  job->request = std::move(request);
+  job->request.seed = job->seed;
+  job->queued_at = Clock::now();
+  job->queue_deadline = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
+                                                 std::chrono::duration<double>(timeout));
+  job->evals_done.assign(job->request.num_images, 0);
+
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  if (impl_->stopping) throw ShuttingDown("the service is shutting down and accepts no new jobs");
+  if (!impl_->queue->push(job->id, job->request.priority)) {
+    // A rough hint: how long until a slot frees, from the work queued ahead.
+    throw QueueFull(
+        "the queue is full (" + std::to_string(impl_->queue->capacity()) + " jobs); retry later",
+        5.0);
+  }
+  impl_->jobs.emplace(job->id, job);
+  ++impl_->stats.jobs_submitted;
+  JobSnapshot snap = impl_->snapshot(*job);
+  lock.unlock();
+  impl_->work_cv.notify_all();
+  return snap;
+}
+
+std::optional<JobSnapshot> Engine::get(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  auto it = impl_->jobs.find(id);
+  if (it == impl_->jobs.end()) return std::nullopt;
+  return impl_->snapshot(*it->second);
+}
+
+bool Engine::cancel(const std::string& id) {
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  auto it = impl_->jobs.find(id);
+  if (it == impl_->jobs.end() || is_final(it->second->status)) return false;
+  JobState& job = *it->second;
+  job.cancel_requested = true;
+  impl_->queue->remove(id);
+  // Images already in a worker's batch leave at its next step; the worker finishes the job then.
+  if (job.images_active == 0) impl_->finish(job, JobStatus::kCancelled);
+  lock.unlock();
+  impl_->work_cv.notify_all();
+  return true;
+}
+
+ImageResult Engine::image(const std::string& id, int index) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  auto it = impl_->jobs.find(id);
+  if (it == impl_->jobs.end()) return {ImageLookup::kUnknownJob, nullptr};
+  const JobState& job = *it->second;
+  if (index < 0 || index >= job.request.num_images) return {ImageLookup::kNoSuchImage, nullptr};
+  if (job.results_expired) return {ImageLookup::kExpired, nullptr};
+  auto png = impl_->results.get(id, index);
+  if (!png) return {ImageLookup::kNotReady, nullptr};
+  return {ImageLookup::kOk, png};
+}
+
+uint64_t Engine::subscribe(const std::string& id, EventCallback callback) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  auto it = impl_->jobs.find(id);
+  if (it == impl_->jobs.end()) return 0;
+  const uint64_t token = impl_->next_token++;
+  JobState& job = *it->second;
+  // The catch-up event goes through the same FIFO as live ones, so it is never overtaken.
+  {
+    std::lock_guard<std::mutex> events_lock(impl_->event_mutex);
+    impl_->events.emplace_back(impl_->state_event(job), std::vector<EventCallback>{callback});
+  }
+  impl_->event_cv.notify_one();
+  job.subscribers.emplace(token, std::move(callback));
+  return token;
+}
+
+void Engine::unsubscribe(const std::string& id, uint64_t token) {
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  auto it = impl_->jobs.find(id);
+  if (it == impl_->jobs.end()) return;
+  JobState& job = *it->second;
+  if (job.subscribers.erase(token) == 0) return;
+  if (job.subscribers.empty() && job.request.cancel_on_disconnect && !is_final(job.status)) {
+    lock.unlock();
+    cancel(id);
+  }
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  EngineStats s = impl_->stats;
+  s.queued = static_cast<int>(impl_->queue->size());
+  s.running_jobs = 0;
+  s.active_images = 0;
+  for (const auto& [id, job] : impl_->jobs) {
+    if (job->status == JobStatus::kRunning) ++s.running_jobs;
+    s.active_images += job->images_active;
+  }
+  s.result_bytes = impl_->results.bytes();
+  return s;
+}
+
+bool Engine::ready() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->workers_warm == static_cast<int>(impl_->models.size()) && !impl_->stopping;
+}
+
+void Engine::shutdown(SteadyClock::time_point deadline) {
+  {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    impl_->stopping = true;
+    impl_->work_cv.notify_all();
+    // Let queued and running work finish until the deadline.
+    while (!impl_->workers.empty()) {
+      bool busy = impl_->queue->size() > 0;
+      for (const auto& [id, job] : impl_->jobs) busy = busy || job->images_active > 0;
+      if (!busy) break;
+      if (impl_->work_cv.wait_until(lock, deadline) == std::cv_status::timeout) break;
+    }
+    impl_->cancel_all = true;
+    for (auto& [id, job] : impl_->jobs)
+      if (!is_final(job->status)) {
+        job->cancel_requested = true;
+        impl_->queue->remove(id);
+        if (job->images_active == 0)
+          impl_->finish(*job, JobStatus::kCancelled, "the service shut down");
+      }
+    impl_->threads_exit = true;
+  }
+  impl_->work_cv.notify_all();
+  for (auto& w : impl_->workers)
+    if (w.joinable()) w.join();
+  impl_->workers.clear();
+  {
+    std::lock_guard<std::mutex> lock(impl_->encode_mutex);
+    impl_->encode_exit = true;
+  }
+  impl_->encode_cv.notify_all();
+  if (impl_->encoder.joinable()) impl_->encoder.join();
+  {
+    std::lock_guard<std::mutex> lock(impl_->event_mutex);
+    impl_->events_exit = true;
+  }
+  impl_->event_cv.notify_all();
+  if (impl_->dispatcher.joinable()) impl_->dispatcher.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// State helpers (mutex held)
+
+JobSnapshot Engine::Impl::snapshot(const JobState& job) const {
+  JobSnapshot s;
+  s.id = job.id;
+  s.status = job.status;
+  s.queue_position = job.status == JobStatus::kQueued ? queue->position(job.id) : -1;
+  s.steps = job.evals_per_image;
+  int total = 0;
+  for (int e : job.evals_done) total += e;
+  s.step = job.evals_done.empty() ? 0 : total / static_cast<int>(job.evals_done.size());
+  s.seed = job.seed;
+  s.images_ready = job.images_finished;
+  s.queued_at = job.queued_at;
+  s.started_at = job.started_at;
+  s.finished_at = job.finished_at;
+  s.error = job.error;
+  s.results_expired = job.results_expired;
+  s.request = job.request;
+  return s;
+}
+
+JobEvent Engine::Impl::state_event(const JobState& job) const {
+  JobEvent e;
+  e.job_id = job.id;
+  json j = {{"job_id", job.id}};
+  switch (job.status) {
+    case JobStatus::kQueued:
+      e.type = "queued";
+      j["position"] = queue->position(job.id);
+      break;
+    case JobStatus::kRunning: {
+      e.type = "started";
+      const auto snap = snapshot(job);
+      j["step"] = snap.step;
+      j["steps"] = snap.steps;
+      break;
+    }
+    case JobStatus::kSucceeded: {
+      e.type = "succeeded";
+      json urls = json::array();
+      for (int k = 0; k < job.request.num_images; ++k)
+        urls.push_back("/v1/jobs/" + job.id + "/images/" + std::to_string(k));
+      j["images"] = urls;
+      j["seed"] = job.seed;
+      json timings = {{"queued_at", iso_time(job.queued_at)}};
+      if (job.started_at) {
+        timings["started_at"] = iso_time(*job.started_at);
+        timings["queue_s"] = seconds_between(job.queued_at, *job.started_at);
+      }
+      if (job.finished_at) {
+        timings["finished_at"] = iso_time(*job.finished_at);
+        if (job.started_at) timings["run_s"] = seconds_between(*job.started_at, *job.finished_at);
+      }
+      j["timings"] = timings;
+      break;
+    }
+    case JobStatus::kFailed:
+      e.type = "failed";
+      j["error"] = job.error;
+      break;
+    case JobStatus::kCancelled:
+      e.type = "cancelled";
+      if (!job.error.empty()) j["reason"] = job.error;
+      break;
+    case JobStatus::kExpired:
+      e.type = "expired";
+      j["error"] = job.error;
+      break;
+  }
+  json framed = {{"type", e.type}};
+  framed.update(j);
+  e.json = framed.dump();
+  return e;
+}
+
+void Engine::Impl::emit(JobState& job, JobEvent event) {
+  if (job.subscribers.empty()) return;
+  std::vector<EventCallback> targets;
+  for (const auto& [token, cb] : job.subscribers) targets.push_back(cb);
+  {
+    std::lock_guard<std::mutex> lock(event_mutex);
+    events.emplace_back(std::move(event), std::move(targets));
+  }
+  event_cv.notify_one();
+}
+
+void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& error) {
+  if (is_final(job.status)) return;
+  job.status = status;
+  job.error = error;
+  job.finished_at = Clock::now();
+  switch (status) {
+    case JobStatus::kSucceeded:
+      ++stats.jobs_succeeded;
+      break;
+    case JobStatus::kFailed:
+      ++stats.jobs_failed;
+      break;
+    case JobStatus::kCancelled:
+      ++stats.jobs_cancelled;
+      break;
+    case JobStatus::kExpired:
+      ++stats.jobs_expired;
+      break;
+    default:
+      break;
+  }
+  if (status != JobStatus::kSucceeded) results.erase(job.id);
+  emit(job, state_event(job));
+  work_cv.notify_all();  // shutdown() waits on it for the last job
+}
+
+void Engine::Impl::expire_queued(SteadyClock::time_point now) {
+  for (auto& [id, job] : jobs) {
+    if (job->status != JobStatus::kQueued || job->images_admitted > 0 || now < job->queue_deadline)
+      continue;
+    queue->remove(id);
+    finish(*job, JobStatus::kExpired, "the job waited in the queue longer than its timeout");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatcher: delivers events in order, expires queued jobs and old results.
+
+void Engine::Impl::dispatcher_loop() {
+  auto next_sweep = SteadyClock::now();
+  for (;;) {
+    std::pair<JobEvent, std::vector<EventCallback>> item;
+    {
+      std::unique_lock<std::mutex> lock(event_mutex);
+      event_cv.wait_until(lock, next_sweep, [&] { return !events.empty() || events_exit; });
+      if (events.empty() && events_exit) return;
+      if (!events.empty()) {
+        item = std::move(events.front());
+        events.pop_front();
+      }
+    }
+    for (auto& cb : item.second) {
+      try {
+        cb(item.first);
+      } catch (...) {
+        // A subscriber's failure must not stop delivery to the others.
+      }
+    }
+    const auto now = SteadyClock::now();
+    if (now >= next_sweep) {
+      std::lock_guard<std::mutex> lock(mutex);
+      expire_queued(now);
+      for (const auto& id : results.expire(now)) {
+        auto it = jobs.find(id);
+        if (it != jobs.end()) it->second->results_expired = true;
+      }
+      // Forget finished jobs well after their results are gone.
+      const auto forget_after = std::chrono::duration<double>(options.result_ttl_s + 3600);
+      for (auto it = jobs.begin(); it != jobs.end();) {
+        const auto& j = *it->second;
+        if (is_final(j.status) && j.finished_at && Clock::now() - *j.finished_at > forget_after)
+          it = jobs.erase(it);
+        else
+          ++it;
+      }
+      next_sweep = now + std::chrono::milliseconds(200);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder: PNG/JPEG encoding off the GPU thread. Previews are dropped when it falls behind.
+
+void Engine::Impl::post_encode(EncodeTask task) {
+  {
+    std::lock_guard<std::mutex> lock(encode_mutex);
+    constexpr size_t kMaxPendingPreviews = 32;
+    if (task.droppable) {
+      size_t pending = 0;
+      for (const auto& t : encode_tasks) pending += t.droppable ? 1 : 0;
+      if (pending >= kMaxPendingPreviews) return;
+    }
+    encode_tasks.push_back(std::move(task));
+  }
+  encode_cv.notify_one();
+}
+
+void Engine::Impl::encoder_loop() {
+  for (;;) {
+    EncodeTask task;
+    {
+      std::unique_lock<std::mutex> lock(encode_mutex);
+      encode_cv.wait(lock, [&] { return !encode_tasks.empty() || encode_exit; });
+      if (encode_tasks.empty()) return;
+      task = std::move(encode_tasks.front());
+      encode_tasks.pop_front();
+    }
+    task.run();
+  }
+}
+
+}  // namespace sdserve::engine

@@ -1,0 +1,106 @@
+// The engine's shared state and threads (internal header, shared by engine.cpp and worker.cpp).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cache/embedding_cache.h"
+#include "engine/engine.h"
+#include "engine/job_queue.h"
+#include "engine/result_store.h"
+#include "pipeline/pipeline.h"
+
+namespace sdserve::engine {
+
+using SteadyClock = std::chrono::steady_clock;
+
+// Everything the engine knows of one job. Guarded by Engine::Impl::mutex.
+struct JobState {
+  std::string id;
+  JobRequest request;
+  uint64_t seed = 0;
+  JobStatus status = JobStatus::kQueued;
+  Clock::time_point queued_at;
+  std::optional<Clock::time_point> started_at, finished_at;
+  SteadyClock::time_point queue_deadline;
+  SteadyClock::time_point started_steady;
+  int images_admitted = 0;      // images handed to a worker so far
+  int images_finished = 0;      // images decoded and encoded
+  int images_active = 0;        // images currently in some worker's batch
+  std::vector<int> evals_done;  // per image
+  int evals_per_image = 0;
+  bool cancel_requested = false;
+  bool results_expired = false;
+  std::string error;
+  std::map<uint64_t, EventCallback> subscribers;
+  int preview_seq = 0;
+};
+
+// A unit of work for the encoder thread (PNG/JPEG encoding stays off the GPU thread).
+struct EncodeTask {
+  std::function<void()> run;
+  bool droppable = false;
+};
+
+struct Engine::Impl {
+  EngineOptions options;
+  std::vector<std::shared_ptr<pipeline::Model>> models;
+  std::shared_ptr<cache::EmbeddingCache> cache;
+
+  mutable std::mutex mutex;         // guards everything below up to the threads
+  std::condition_variable work_cv;  // workers wait here for jobs
+  std::unique_ptr<JobQueue> queue;
+  std::map<std::string, std::shared_ptr<JobState>> jobs;
+  ResultStore results;
+  EngineStats stats;
+  bool stopping = false;    // shutdown began: no new jobs
+  bool cancel_all = false;  // shutdown deadline passed
+  bool threads_exit = false;
+  int workers_warm = 0;
+  uint64_t next_token = 1;
+
+  // Events go through one FIFO and one dispatcher thread, so every subscriber sees a job's
+  // events in the order the state changed, and engine threads never run network code.
+  std::mutex event_mutex;
+  std::condition_variable event_cv;
+  std::deque<std::pair<JobEvent, std::vector<EventCallback>>> events;  // guarded by event_mutex
+  bool events_exit = false;
+
+  std::mutex encode_mutex;
+  std::condition_variable encode_cv;
+  std::deque<EncodeTask> encode_tasks;  // guarded by encode_mutex
+  bool encode_exit = false;
+
+  std::vector<std::thread> workers;
+  std::thread dispatcher;
+  std::thread encoder;
+
+  Impl(const EngineOptions& o)
+      : results(std::chrono::duration<double>(o.result_ttl_s), o.result_max_bytes) {}
+
+  // --- called with `mutex` held ---
+  void emit(JobState& job, JobEvent event);  // to the job's current subscribers
+  JobEvent state_event(const JobState& job) const;
+  JobSnapshot snapshot(const JobState& job) const;
+  void finish(JobState& job, JobStatus status, const std::string& error = "");
+  void expire_queued(SteadyClock::time_point now);
+
+  // --- thread bodies ---
+  void worker_loop(size_t index);
+  void dispatcher_loop();
+  void encoder_loop();
+  void post_encode(EncodeTask task);
+};
+
+// JSON helpers shared by the event builders.
+std::string iso_time(Clock::time_point t);
+
+}  // namespace sdserve::engine

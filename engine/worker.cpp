@@ -1,0 +1,287 @@
+// The GPU worker: step-level continuous batching. Each turn of the loop retires cancelled images,
+// admits queued images up to max_batch (same resolution as the running set), runs ONE model
+// evaluation for every active image together, emits progress and previews, and hands finished
+// images to the VAE and then to the encoder thread.
+#include <nlohmann/json.hpp>
+
+#include "engine/engine_impl.h"
+#include "pipeline/errors.h"
+#include "pipeline/log.h"
+
+namespace sdserve::engine {
+namespace {
+
+using nlohmann::json;
+
+struct Active {
+  std::shared_ptr<JobState> job;
+  int index = 0;  // image k of the job
+  std::unique_ptr<pipeline::Trajectory> trajectory;
+};
+
+pipeline::ImageSpec spec_of(const JobState& job, int k) {
+  pipeline::ImageSpec spec;
+  spec.width = job.request.width;
+  spec.height = job.request.height;
+  spec.steps = job.request.steps;
+  spec.guidance_scale = job.request.guidance_scale;
+  spec.sampler = job.request.sampler;
+  spec.scheduler = job.request.scheduler;
+  spec.seed = job.seed + static_cast<uint64_t>(k);
+  return spec;
+}
+
+pipeline::GenerateRequest generate_request_of(const JobState& job) {
+  pipeline::GenerateRequest r;
+  r.prompt = job.request.prompt;
+  r.negative_prompt = job.request.negative_prompt;
+  r.clip_skip = job.request.clip_skip;
+  r.num_images = job.request.num_images;
+  r.image = spec_of(job, 0);
+  return r;
+}
+
+}  // namespace
+
+void Engine::Impl::worker_loop(size_t index) {
+  pipeline::Model& model = *models[index];
+  const std::string device = model.info().device;
+
+  // Warm-up: one short generation at the native size, so the first user does not pay for
+  // allocator growth and kernel selection. /readyz turns green after it.
+  try {
+    pipeline::GenerateRequest warm;
+    warm.prompt = "warm-up";
+    warm.image.width = warm.image.height = model.info().native_size;
+    warm.image.steps = 2;
+    model.generate(warm);
+  } catch (const std::exception& e) {
+    pipeline::log(pipeline::LogLevel::kWarn,
+                  std::string("warm-up failed on ") + device + ": " + e.what());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    ++workers_warm;
+  }
+
+  auto embed = [&](const std::string& prompt, int clip_skip) -> pipeline::EmbeddingPtr {
+    const std::string key =
+        model.info().name + "|" + device + "|" + std::to_string(clip_skip) + "|" + prompt;
+    if (auto hit = cache->find(key))
+      return std::static_pointer_cast<const pipeline::Embedding>(hit);
+    auto e = model.encode_text(prompt, clip_skip);
+    cache->store(key, e);
+    return e;
+  };
+
+  std::vector<Active> active;
+  for (;;) {
+    std::vector<std::pair<std::shared_ptr<JobState>, int>> admitted;
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      // Retire images of cancelled (or failed) jobs; their slots are reused below.
+      for (auto it = active.begin(); it != active.end();) {
+        JobState& job = *it->job;
+        if (job.cancel_requested || is_final(job.status)) {
+          --job.images_active;
+          if (job.images_active == 0)
+            finish(job, JobStatus::kCancelled, cancel_all ? "the service shut down" : "");
+          it = active.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      work_cv.wait(lock, [&] {
+        return threads_exit || !active.empty() || (queue->front().has_value() && !cancel_all);
+      });
+      if (threads_exit && active.empty()) return;
+      // Admission, image by image: a job's images may start at different steps.
+      while (!cancel_all && static_cast<int>(active.size() + admitted.size()) < options.max_batch) {
+        const auto front = queue->front();
+        if (!front) break;
+        auto job = jobs.at(*front);
+        const bool busy = !active.empty() || !admitted.empty();
+        const auto& ref = !active.empty()    ? active.front().job->request
+                          : admitted.empty() ? job->request
+                                             : admitted.front().first->request;
+        // One UNet batch has one resolution; a different one waits for this set to drain.
+        if (busy && (job->request.width != ref.width || job->request.height != ref.height)) break;
+        const int k = job->images_admitted++;
+        ++job->images_active;
+        if (job->images_admitted == job->request.num_images) queue->remove(job->id);
+        if (job->status == JobStatus::kQueued) {
+          job->status = JobStatus::kRunning;
+          job->started_at = Clock::now();
+          job->started_steady = SteadyClock::now();
+          emit(*job, state_event(*job));
+        }
+        admitted.emplace_back(std::move(job), k);
+      }
+    }
+
+    for (auto& [job, k] : admitted) {
+      try {
+        auto cond = embed(job->request.prompt, job->request.clip_skip);
+        pipeline::EmbeddingPtr uncond;
+        if (job->request.guidance_scale > 1.0)
+          uncond = embed(job->request.negative_prompt, job->request.clip_skip);
+        Active a{job, k, model.begin(spec_of(*job, k), cond, uncond)};
+        {
+          std::lock_guard<std::mutex> lock(mutex);
+          job->evals_per_image = a.trajectory->evals_total();
+        }
+        active.push_back(std::move(a));
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(mutex);
+        --job->images_active;
+        queue->remove(job->id);
+        job->cancel_requested = true;
+        finish(*job, JobStatus::kFailed, e.what());
+      }
+    }
+    if (active.empty()) continue;
+
+    std::vector<pipeline::Trajectory*> batch;
+    for (auto& a : active) batch.push_back(a.trajectory.get());
+    try {
+      model.step(batch);
+    } catch (const std::exception& e) {
+      pipeline::log(pipeline::LogLevel::kError, "model step failed on " + device + ": " + e.what());
+      std::lock_guard<std::mutex> lock(mutex);
+      for (auto& a : active) {
+        --a.job->images_active;
+        a.job->cancel_requested = true;
+        finish(*a.job, JobStatus::kFailed, std::string("generation failed: ") + e.what());
+      }
+      active.clear();
+      continue;
+    }
+
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      ++stats.unet_steps;
+      std::vector<JobState*> progressed;
+      for (auto& a : active) {
+        a.job->evals_done[a.index] = a.trajectory->evals_done();
+        if (std::find(progressed.begin(), progressed.end(), a.job.get()) == progressed.end())
+          progressed.push_back(a.job.get());
+      }
+      for (JobState* job : progressed) {
+        const auto snap = snapshot(*job);
+        const double secs =
+            std::chrono::duration<double>(SteadyClock::now() - job->started_steady).count();
+        JobEvent e;
+        e.job_id = job->id;
+        e.type = "progress";
+        e.droppable = true;
+        e.json = json{{"type", "progress"},
+                      {"job_id", job->id},
+                      {"step", snap.step},
+                      {"steps", snap.steps},
+                      {"it_per_s", secs > 0 ? snap.step / secs : 0.0}}
+                     .dump();
+        emit(*job, std::move(e));
+      }
+    }
+
+    // Previews: the projection runs here (on the device, cheap); encoding on the encoder thread.
+    for (auto& a : active) {
+      const auto& p = a.job->request.preview;
+      const int done = a.trajectory->evals_done();
+      if (!p || a.trajectory->done() || done % std::max(1, p->every) != 0) continue;
+      pipeline::RgbImage rgb;
+      try {
+        rgb = p->method == "vae" ? model.preview_vae(*a.trajectory, p->max_size)
+                                 : model.preview(*a.trajectory, p->max_size);
+      } catch (const std::exception& e) {
+        pipeline::log(pipeline::LogLevel::kWarn, std::string("preview failed: ") + e.what());
+        continue;
+      }
+      auto job = a.job;
+      const int k = a.index;
+      const PreviewOptions opts = *p;
+      post_encode({[this, job, k, done, opts, rgb = std::move(rgb)] {
+                     auto bytes = std::make_shared<std::vector<uint8_t>>(
+                         opts.format == "png" ? pipeline::encode_png(rgb)
+                                              : pipeline::encode_jpeg(rgb, 80));
+                     std::lock_guard<std::mutex> lock(mutex);
+                     if (is_final(job->status)) return;
+                     JobEvent e;
+                     e.job_id = job->id;
+                     e.type = "preview";
+                     e.droppable = true;
+                     e.binary = std::move(bytes);
+                     e.json = json{{"type", "preview"},
+                                   {"job_id", job->id},
+                                   {"image", k},
+                                   {"step", done},
+                                   {"steps", job->evals_per_image},
+                                   {"format", opts.format},
+                                   {"width", rgb.width},
+                                   {"height", rgb.height}}
+                                  .dump();
+                     emit(*job, std::move(e));
+                   },
+                   true});
+    }
+
+    // Retire finished images: VAE decode here, PNG encoding on the encoder thread.
+    std::vector<Active> finished;
+    for (auto it = active.begin(); it != active.end();) {
+      if (it->trajectory->done()) {
+        finished.push_back(std::move(*it));
+        it = active.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (finished.empty()) continue;
+    std::vector<pipeline::Trajectory*> to_decode;
+    for (auto& f : finished) to_decode.push_back(f.trajectory.get());
+    std::vector<pipeline::RgbImage> images;
+    try {
+      images = model.decode(to_decode);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (auto& f : finished) {
+        --f.job->images_active;
+        f.job->cancel_requested = true;
+        finish(*f.job, JobStatus::kFailed, std::string("decoding failed: ") + e.what());
+      }
+      continue;
+    }
+    const auto info = model.info();
+    for (size_t i = 0; i < finished.size(); ++i) {
+      auto job = finished[i].job;
+      const int k = finished[i].index;
+      post_encode({[this, job, k, info, image = std::move(images[i])] {
+                     std::string params;
+                     {
+                       std::lock_guard<std::mutex> lock(mutex);
+                       params = pipeline::a1111_parameters(generate_request_of(*job), job->seed + k,
+                                                           info);
+                     }
+                     auto png = std::make_shared<const std::vector<uint8_t>>(
+                         pipeline::encode_png(image, {{"parameters", params}}));
+                     std::lock_guard<std::mutex> lock(mutex);
+                     --job->images_active;
+                     ++stats.images_done;
+                     if (job->cancel_requested || is_final(job->status)) {
+                       if (job->images_active == 0) finish(*job, JobStatus::kCancelled);
+                       return;
+                     }
+                     for (const auto& evicted :
+                          results.add(job->id, k, std::move(png), SteadyClock::now())) {
+                       auto it = jobs.find(evicted);
+                       if (it != jobs.end()) it->second->results_expired = true;
+                     }
+                     ++job->images_finished;
+                     if (job->images_finished == job->request.num_images)
+                       finish(*job, JobStatus::kSucceeded);
+                   },
+                   false});
+    }
+  }
+}
+
+}  // namespace sdserve::engine

@@ -1,0 +1,33 @@
+// The loaded model's torch state (internal header; tests use it to reach float tensors).
+#pragma once
+
+#include <torch/torch.h>
+
+#include "pipeline/clip.h"
+#include "pipeline/pipeline.h"
+#include "pipeline/sampler.h"
+#include "pipeline/tokenizer.h"
+#include "pipeline/trajectory_state.h"
+#include "pipeline/unet.h"
+#include "pipeline/vae.h"
+
+namespace sdserve::pipeline {
+
+struct Model::Impl {
+  ModelInfo info;
+  torch::Device device{torch::kCPU};
+  torch::Dtype dtype = torch::kFloat32;
+  std::unique_ptr<ClipTokenizer> tokenizer;
+  ClipTextModel text_encoder{nullptr};
+  UNet unet{nullptr};
+  Vae vae{nullptr};
+  double vae_scaling_factor = 0.18215;
+  SchedulerConfig scheduler;
+  std::vector<double> alphas_cumprod;  // for previews' predicted clean latent
+
+  // Decoded images as float (B, 3, H, W) in [0, 1] on the CPU (parity tests compare these).
+  torch::Tensor decode_float(const std::vector<Trajectory*>& batch);
+  torch::Tensor predicted_x0(const Trajectory::State& s) const;
+};
+
+}  // namespace sdserve::pipeline

@@ -1,0 +1,385 @@
+#include "pipeline/pipeline.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+
+#include "pipeline/errors.h"
+#include "pipeline/log.h"
+#include "pipeline/model_files.h"
+#include "pipeline/model_impl.h"
+#include "pipeline/sampler_names.h"
+
+namespace sdserve::pipeline {
+namespace {
+
+// ComfyUI's latent2rgb factors for SD 1.x: rows are latent channels, columns R, G, B.
+constexpr float kLatentRgb[4][3] = {{0.3512f, 0.2297f, 0.3227f},
+                                    {0.3250f, 0.4974f, 0.2350f},
+                                    {-0.2829f, 0.1762f, 0.2721f},
+                                    {-0.2120f, -0.2616f, -0.7177f}};
+
+std::string models_dir() {
+  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return env;
+  return SDSERVE_DEFAULT_MODELS_DIR;
+}
+
+torch::Device pick_device(const std::string& name) {
+  if (name == "auto")
+    return torch::cuda::is_available() ? torch::Device("cuda:0") : torch::Device(torch::kCPU);
+  torch::Device device(torch::kCPU);
+  try {
+    device = torch::Device(name);
+  } catch (const c10::Error&) {
+    throw ModelError("device '" + name + "' is not a device; use auto, cpu, cuda or cuda:N");
+  }
+  if (device.is_cuda()) {
+    if (!torch::cuda::is_available())
+      throw ModelError("device '" + name + "' was asked for but no CUDA GPU is available");
+    const int index = device.has_index() ? device.index() : 0;
+    if (index >= static_cast<int>(torch::cuda::device_count()))
+      throw ModelError("device '" + name + "' does not exist; this machine has " +
+                       std::to_string(torch::cuda::device_count()) + " CUDA device(s)");
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  return device;
+}
+
+torch::Dtype torch_dtype(Precision p) {
+  switch (p) {
+    case Precision::kFloat16:
+      return torch::kFloat16;
+    case Precision::kBFloat16:
+      return torch::kBFloat16;
+    case Precision::kFloat32:
+      break;
+  }
+  return torch::kFloat32;
+}
+
+// (B, 3, H, W) float in [0, 1] -> 8-bit RGB images, rounding as diffusers' numpy_to_pil does.
+std::vector<RgbImage> to_rgb8(const torch::Tensor& images) {
+  auto bytes = (images * 255.0)
+                   .round()
+                   .clamp(0, 255)
+                   .to(torch::kUInt8)
+                   .permute({0, 2, 3, 1})
+                   .contiguous()
+                   .cpu();
+  std::vector<RgbImage> out;
+  for (int64_t b = 0; b < bytes.size(0); ++b) {
+    RgbImage img;
+    img.height = static_cast<int>(bytes.size(1));
+    img.width = static_cast<int>(bytes.size(2));
+    const auto* p = bytes[b].data_ptr<uint8_t>();
+    img.pixels.assign(p, p + static_cast<size_t>(img.width) * img.height * 3);
+    out.push_back(std::move(img));
+  }
+  return out;
+}
+
+std::vector<double> alphas_cumprod_of(const SchedulerConfig& c) {
+  std::vector<double> out(c.num_train_timesteps);
+  double prod = 1.0;
+  for (int i = 0; i < c.num_train_timesteps; ++i) {
+    const double f =
+        c.num_train_timesteps > 1 ? static_cast<double>(i) / (c.num_train_timesteps - 1) : 0.0;
+    double beta;
+    if (c.beta_schedule == "scaled_linear") {
+      const double s =
+          std::sqrt(c.beta_start) + f * (std::sqrt(c.beta_end) - std::sqrt(c.beta_start));
+      beta = s * s;
+    } else {
+      beta = c.beta_start + f * (c.beta_end - c.beta_start);
+    }
+    prod *= 1.0 - beta;
+    out[i] = prod;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string precision_name(Precision p) {
+  switch (p) {
+    case Precision::kFloat16:
+      return "fp16";
+    case Precision::kBFloat16:
+      return "bf16";
+    case Precision::kFloat32:
+      break;
+  }
+  return "fp32";
+}
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32" || name == "float32") return Precision::kFloat32;
+  if (name == "fp16" || name == "float16" || name == "half") return Precision::kFloat16;
+  if (name == "bf16" || name == "bfloat16") return Precision::kBFloat16;
+  throw ModelError("precision '" + name + "' is unknown; use auto, fp32, fp16 or bf16");
+}
+
+Trajectory::Trajectory(std::unique_ptr<State> state) : state_(std::move(state)) {}
+Trajectory::~Trajectory() = default;
+const ImageSpec& Trajectory::spec() const {
+  return state_->spec;
+}
+int Trajectory::evals_done() const {
+  return state_->evals_done;
+}
+int Trajectory::evals_total() const {
+  return state_->sampler->num_evals();
+}
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::~Model() = default;
+const ModelInfo& Model::info() const {
+  return impl_->info;
+}
+
+std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  auto impl = std::make_unique<Impl>();
+  impl->device = pick_device(options.device);
+  const Precision precision =
+      options.precision == "auto"
+          ? (impl->device.is_cuda() ? Precision::kFloat16 : Precision::kFloat32)
+          : parse_precision(options.precision);
+  impl->dtype = torch_dtype(precision);
+  const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
+                                        ? models_dir() + "/tiny-sd15/tokenizer"
+                                        : options.default_tokenizer_dir;
+  ModelFiles files = open_model_files(path, tokenizer_dir);
+  torch::NoGradGuard no_grad;
+
+  impl->tokenizer =
+      std::make_unique<ClipTokenizer>(ClipTokenizer::load(files.vocab_path, files.merges_path));
+  const auto text_config = ClipTextConfig::from_json(files.text_encoder_config);
+  impl->text_encoder = ClipTextModel(text_config);
+  load_weights(*impl->text_encoder, files.text_encoder, impl->dtype, impl->device);
+  impl->text_encoder->eval();
+
+  const auto unet_config = UNetConfig::from_json(files.unet_config);
+  impl->unet = UNet(unet_config);
+  load_weights(*impl->unet, files.unet, impl->dtype, impl->device);
+  impl->unet->eval();
+
+  const auto vae_config = VaeConfig::from_json(files.vae_config);
+  impl->vae = Vae(vae_config);
+  // The SD 1.x VAE overflows in fp16 (diffusers' force_upcast); bf16 has fp32's range.
+  const torch::Dtype vae_dtype = impl->dtype == torch::kFloat16 ? torch::kFloat32 : impl->dtype;
+  load_weights(*impl->vae, files.vae, vae_dtype, impl->device);
+  impl->vae->eval();
+  impl->vae_scaling_factor = vae_config.scaling_factor;
+
+  impl->scheduler = SchedulerConfig::from_json(files.scheduler_config);
+  impl->alphas_cumprod = alphas_cumprod_of(impl->scheduler);
+
+  ModelInfo& info = impl->info;
+  info.path = path;
+  info.name = std::filesystem::path(path).filename().replace_extension().string();
+  if (info.name.empty()) info.name = std::filesystem::path(path).parent_path().filename().string();
+  info.layout = files.layout;
+  info.family = files.family;
+  info.device = impl->device.str();
+  info.precision = precision_name(precision);
+  info.native_size = files.unet_config.value("sample_size", 64) * 8;
+  info.text_layers = text_config.num_hidden_layers;
+  info.latent_channels = unet_config.in_channels;
+  info.load_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  log(LogLevel::kInfo, "loaded " + info.layout + " model '" + path + "' on " + info.device + " (" +
+                           info.precision + ") in " + std::to_string(info.load_seconds) + " s");
+  return std::shared_ptr<Model>(new Model(std::move(impl)));
+}
+
+void Model::validate(const ImageSpec& spec) const {
+  auto check_size = [](const char* field, int v) {
+    if (v < 64 || v > 2048 || v % 8 != 0)
+      throw RequestError(std::string(field) + " must be a multiple of 8 between 64 and 2048, got " +
+                         std::to_string(v));
+  };
+  check_size("width", spec.width);
+  check_size("height", spec.height);
+  if (spec.steps < 1 || spec.steps > 150)
+    throw RequestError("steps must be between 1 and 150, got " + std::to_string(spec.steps));
+  if (!(spec.guidance_scale >= 0 && spec.guidance_scale <= 30))
+    throw RequestError("guidance_scale must be between 0 and 30");
+  const SamplerChoice choice = resolve_sampler(spec.sampler, spec.scheduler);
+  if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)
+    throw RequestError("sampler '" + spec.sampler + "' / scheduler '" + spec.scheduler +
+                       "' must be canonical (use resolve_sampler first)");
+}
+
+std::vector<int32_t> Model::tokenize(const std::string& text) const {
+  return impl_->tokenizer->tokenize(text);
+}
+
+EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip) const {
+  if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
+    throw RequestError("clip_skip must be between 1 and " +
+                       std::to_string(impl_->info.text_layers) + ", got " +
+                       std::to_string(clip_skip));
+  torch::NoGradGuard no_grad;
+  const auto ids = impl_->tokenizer->encode(prompt);
+  auto input = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()), torch::kInt64)
+                   .unsqueeze(0)
+                   .to(impl_->device);
+  auto hidden = impl_->text_encoder->forward(input, clip_skip - 1);
+  return std::make_shared<Embedding>(hidden.to(impl_->dtype));
+}
+
+std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr cond,
+                                         EmbeddingPtr uncond) const {
+  validate(spec);
+  if (!cond) throw RequestError("a prompt embedding is required");
+  const bool cfg = spec.guidance_scale > 1.0;
+  if (cfg && !uncond) throw RequestError("guidance_scale > 1 needs a negative-prompt embedding");
+  torch::NoGradGuard no_grad;
+  auto state = std::make_unique<Trajectory::State>();
+  state->spec = spec;
+  state->sampler = make_sampler(
+      spec.sampler, spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
+      spec.steps, impl_->scheduler);
+  state->generator = at::detail::createCPUGenerator(spec.seed);
+  state->cond = std::move(cond);
+  if (cfg) state->uncond = std::move(uncond);
+  // Drawn on the CPU from the image's own generator, as the reference pipeline does.
+  auto noise = torch::randn({1, impl_->info.latent_channels, spec.height / 8, spec.width / 8},
+                            state->generator, torch::TensorOptions().dtype(torch::kFloat32));
+  state->latent = noise.to(impl_->device) * state->sampler->init_noise_sigma();
+  return std::make_unique<Trajectory>(std::move(state));
+}
+
+void Model::step(const std::vector<Trajectory*>& batch) const {
+  if (batch.empty()) return;
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> inputs, contexts;
+  std::vector<float> timesteps;
+  std::vector<torch::Tensor> scaled(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    auto& s = batch[i]->state();
+    if (batch[i]->done()) throw RequestError("step() on a finished trajectory");
+    scaled[i] = s.sampler->scale_model_input(s.latent, s.evals_done);
+    const auto t = static_cast<float>(s.sampler->timesteps()[s.evals_done]);
+    if (s.uncond) {
+      inputs.push_back(scaled[i]);
+      contexts.push_back(s.uncond->hidden());
+      timesteps.push_back(t);
+    }
+    inputs.push_back(scaled[i]);
+    contexts.push_back(s.cond->hidden());
+    timesteps.push_back(t);
+  }
+  auto x = torch::cat(inputs).to(impl_->dtype);
+  auto ctx = torch::cat(contexts);
+  auto t = torch::tensor(timesteps, torch::kFloat32).to(impl_->device);
+  auto out = impl_->unet->forward(x, t, ctx).to(torch::kFloat32);
+  int64_t row = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    auto& s = batch[i]->state();
+    torch::Tensor eps;
+    if (s.uncond) {
+      auto u = out.narrow(0, row, 1), c = out.narrow(0, row + 1, 1);
+      eps = u + s.spec.guidance_scale * (c - u);
+      row += 2;
+    } else {
+      eps = out.narrow(0, row, 1);
+      row += 1;
+    }
+    s.last_input = scaled[i];
+    s.last_eps = eps;
+    s.last_timestep = s.sampler->timesteps()[s.evals_done];
+    s.latent = s.sampler->step(eps, s.evals_done, s.latent, s.generator);
+    ++s.evals_done;
+  }
+}
+
+torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> latents;
+  for (auto* t : batch) latents.push_back(t->state().latent);
+  auto z = torch::cat(latents) / vae_scaling_factor;
+  auto vae_dtype = vae->parameters().front().scalar_type();
+  auto images = vae->decode(z.to(vae_dtype)).to(torch::kFloat32);
+  return (images / 2 + 0.5).clamp(0, 1).cpu();
+}
+
+std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {
+  if (batch.empty()) return {};
+  return to_rgb8(impl_->decode_float(batch));
+}
+
+torch::Tensor Model::Impl::predicted_x0(const Trajectory::State& s) const {
+  if (!s.last_eps.defined()) return s.latent;
+  // The scaled model input is x_t in DDPM form; ᾱ at a fractional timestep is interpolated.
+  const double t = std::clamp(s.last_timestep, 0.0, static_cast<double>(alphas_cumprod.size() - 1));
+  const size_t lo = static_cast<size_t>(std::floor(t));
+  const size_t hi = std::min(lo + 1, alphas_cumprod.size() - 1);
+  const double a = alphas_cumprod[lo] + (t - lo) * (alphas_cumprod[hi] - alphas_cumprod[lo]);
+  return (s.last_input - std::sqrt(1 - a) * s.last_eps) / std::sqrt(a);
+}
+
+RgbImage Model::preview(const Trajectory& trajectory, int max_side) const {
+  torch::NoGradGuard no_grad;
+  auto x0 = impl_->predicted_x0(trajectory.state())[0].to(torch::kFloat32);  // (C, h, w)
+  auto factors = torch::from_blob(const_cast<float*>(&kLatentRgb[0][0]), {4, 3}, torch::kFloat32)
+                     .to(x0.device());
+  auto rgb = torch::einsum("chw,cr->rhw", {x0.narrow(0, 0, 4), factors});
+  auto images = ((rgb + 1.0) / 2.0).clamp(0, 1).unsqueeze(0);
+  return shrink_to(to_rgb8(images)[0], max_side);
+}
+
+RgbImage Model::preview_vae(const Trajectory& trajectory, int max_side) const {
+  torch::NoGradGuard no_grad;
+  auto x0 = impl_->predicted_x0(trajectory.state()) / impl_->vae_scaling_factor;
+  auto vae_dtype = impl_->vae->parameters().front().scalar_type();
+  auto images = impl_->vae->decode(x0.to(vae_dtype)).to(torch::kFloat32);
+  return shrink_to(to_rgb8((images / 2 + 0.5).clamp(0, 1).cpu())[0], max_side);
+}
+
+std::vector<RgbImage> Model::generate(const GenerateRequest& request,
+                                      const Progress& progress) const {
+  if (request.num_images < 1 || request.num_images > 16)
+    throw RequestError("num_images must be between 1 and 16, got " +
+                       std::to_string(request.num_images));
+  auto cond = encode_text(request.prompt, request.clip_skip);
+  EmbeddingPtr uncond;
+  if (request.image.guidance_scale > 1.0)
+    uncond = encode_text(request.negative_prompt, request.clip_skip);
+  std::vector<std::unique_ptr<Trajectory>> owned;
+  std::vector<Trajectory*> batch;
+  for (int k = 0; k < request.num_images; ++k) {
+    ImageSpec spec = request.image;
+    spec.seed = request.image.seed + static_cast<uint64_t>(k);
+    owned.push_back(begin(spec, cond, uncond));
+    batch.push_back(owned.back().get());
+  }
+  const int total = batch.front()->evals_total();
+  for (int i = 0; i < total; ++i) {
+    step(batch);
+    if (progress) progress(i + 1, total);
+  }
+  return decode(batch);
+}
+
+std::string a1111_parameters(const GenerateRequest& request, uint64_t seed,
+                             const ModelInfo& model) {
+  std::ostringstream out;
+  out << request.prompt << "\n";
+  if (!request.negative_prompt.empty())
+    out << "Negative prompt: " << request.negative_prompt << "\n";
+  std::ostringstream cfg;
+  cfg << request.image.guidance_scale;
+  out << "Steps: " << request.image.steps << ", Sampler: " << display_name(request.image.sampler)
+      << ", Schedule type: " << (request.image.scheduler == "karras" ? "Karras" : "Automatic")
+      << ", CFG scale: " << cfg.str() << ", Seed: " << seed << ", Size: " << request.image.width
+      << "x" << request.image.height << ", Model: " << model.name;
+  if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
+  out << ", Version: sdserve";
+  return out.str();
+}
+
+}  // namespace sdserve::pipeline

@@ -1,0 +1,90 @@
+// DDIM (diffusers' DDIMScheduler) with eta = 0, the StableDiffusionPipeline default. The
+// pipeline's constructor forces clip_sample off (a from_config'd DDIM would default it on), and
+// the reference runs confirm it off.
+#include <torch/torch.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pipeline/samplers/schedule.h"
+
+namespace sdserve::pipeline::samplers {
+namespace {
+
+class DdimSampler : public Sampler {
+ public:
+  DdimSampler(const SchedulerConfig& config, int steps)
+      : alphas_cumprod_(alphas_cumprod(config)),
+        prediction_type_(config.prediction_type),
+        step_ratio_(config.num_train_timesteps / steps) {
+    final_alpha_cumprod_ = config.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
+    const int train = config.num_train_timesteps;
+    const std::string spacing = spacing_or(config, "leading");
+    if (spacing == "linspace") {
+      const double step = steps > 1 ? static_cast<double>(train - 1) / (steps - 1) : 0.0;
+      for (int i = steps - 1; i >= 0; --i) {
+        const double v = (i == steps - 1 && steps > 1) ? train - 1 : i * step;
+        int_timesteps_.push_back(static_cast<int>(round_half_even(v)));
+      }
+    } else if (spacing == "leading") {
+      for (int i = steps - 1; i >= 0; --i) {
+        int_timesteps_.push_back(i * step_ratio_ + config.steps_offset);
+      }
+    } else {  // trailing: round(arange(train, 0, -train / steps)) - 1
+      const double step = static_cast<double>(train) / steps;
+      const auto len = static_cast<int>(std::ceil(train / step));
+      const double second = train - step;
+      const double delta = second - train;
+      for (int i = 0; i < len; ++i) {
+        const double v = i == 0 ? train : i == 1 ? second : train + i * delta;
+        int_timesteps_.push_back(static_cast<int>(round_half_even(v)) - 1);
+      }
+    }
+    timesteps_.assign(int_timesteps_.begin(), int_timesteps_.end());
+    init_noise_sigma_ = 1.0;
+  }
+
+  torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) override {
+    check_index(eval_index);
+    return sample;
+  }
+
+  torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
+                     at::Generator& /*generator*/) override {
+    advance(eval_index);
+    const int timestep = int_timesteps_[eval_index];
+    const int prev_timestep = timestep - step_ratio_;
+    const float a_t = alphas_cumprod_[timestep];
+    const float a_prev = prev_timestep >= 0 ? alphas_cumprod_[prev_timestep] : final_alpha_cumprod_;
+    const float b_t = 1.0f - a_t;
+    torch::Tensor x0;
+    torch::Tensor eps;
+    if (prediction_type_ == "v_prediction") {
+      x0 = std::sqrt(a_t) * sample - std::sqrt(b_t) * model_output;
+      eps = std::sqrt(a_t) * model_output + std::sqrt(b_t) * sample;
+    } else {
+      x0 = (sample - std::sqrt(b_t) * model_output) / std::sqrt(a_t);
+      eps = model_output;
+    }
+    // eta = 0: no variance term, the direction keeps all of 1 - alpha_prev.
+    const torch::Tensor direction = std::sqrt(1.0f - a_prev) * eps;
+    return std::sqrt(a_prev) * x0 + direction;
+  }
+
+ private:
+  std::vector<float> alphas_cumprod_;
+  float final_alpha_cumprod_ = 1.0f;
+  std::string prediction_type_;
+  int step_ratio_;
+  std::vector<int> int_timesteps_;
+};
+
+}  // namespace
+
+std::unique_ptr<Sampler> make_ddim(const SchedulerConfig& config, int steps) {
+  return std::make_unique<DdimSampler>(config, steps);
+}
+
+}  // namespace sdserve::pipeline::samplers

@@ -1,0 +1,134 @@
+// PNDM in its PLMS form (diffusers' PNDMScheduler with skip_prk_steps, SD 1.5's default): a
+// linear multistep method on the model output, warmed up by one Heun-like step that evaluates the
+// second timestep twice.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pipeline/samplers/schedule.h"
+
+namespace sdserve::pipeline::samplers {
+namespace {
+
+// diffusers' _timesteps (ascending) for `steps`.
+std::vector<int> base_timesteps(const SchedulerConfig& config, int steps) {
+  const int train = config.num_train_timesteps;
+  const std::string spacing = spacing_or(config, "leading");
+  std::vector<int> ts;
+  if (spacing == "linspace") {
+    const double step = steps > 1 ? static_cast<double>(train - 1) / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; ++i) {
+      const double v = (i == steps - 1 && steps > 1) ? train - 1 : i * step;
+      ts.push_back(static_cast<int>(round_half_even(v)));
+    }
+  } else if (spacing == "leading") {
+    const int ratio = train / steps;
+    for (int i = 0; i < steps; ++i) ts.push_back(i * ratio + config.steps_offset);
+  } else {  // trailing: round(arange(train, 0, -train / steps)) reversed, minus 1
+    const double step = static_cast<double>(train) / steps;
+    const auto len = static_cast<int>(std::ceil(train / step));
+    const double second = train - step;
+    const double delta = second - train;
+    for (int i = 0; i < len; ++i) {
+      const double v = i == 0 ? train : i == 1 ? second : train + i * delta;
+      ts.push_back(static_cast<int>(round_half_even(v)) - 1);
+    }
+    std::reverse(ts.begin(), ts.end());
+  }
+  return ts;
+}
+
+class PndmSampler : public Sampler {
+ public:
+  PndmSampler(const SchedulerConfig& config, int steps)
+      : alphas_cumprod_(alphas_cumprod(config)),
+        prediction_type_(config.prediction_type),
+        step_ratio_(config.num_train_timesteps / steps) {
+    final_alpha_cumprod_ = config.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
+    // PLMS timesteps: every base timestep but the last, the second-to-last again, the last;
+    // then descending.
+    const auto base = base_timesteps(config, steps);
+    std::vector<int> plms(base.begin(), base.end() - 1);
+    if (base.size() >= 2) plms.push_back(base[base.size() - 2]);
+    plms.push_back(base.back());
+    std::reverse(plms.begin(), plms.end());
+    int_timesteps_ = plms;
+    timesteps_.assign(plms.begin(), plms.end());
+    init_noise_sigma_ = 1.0;
+  }
+
+  torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) override {
+    check_index(eval_index);
+    return sample;
+  }
+
+  torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
+                     at::Generator& /*generator*/) override {
+    advance(eval_index);
+    const int counter = eval_index;
+    int timestep = int_timesteps_[counter];
+    int prev_timestep = timestep - step_ratio_;
+    if (counter != 1) {
+      while (ets_.size() > 3) ets_.erase(ets_.begin());
+      ets_.push_back(model_output);
+    } else {
+      // The warm-up's second evaluation: step again from the first timestep.
+      prev_timestep = timestep;
+      timestep = timestep + step_ratio_;
+    }
+    torch::Tensor x = sample;
+    torch::Tensor eps;
+    const size_t n = ets_.size();
+    if (n == 1 && counter == 0) {
+      eps = model_output;
+      cur_sample_ = sample;
+    } else if (n == 1 && counter == 1) {
+      eps = (model_output + ets_[n - 1]) / 2;
+      x = cur_sample_;
+      cur_sample_ = torch::Tensor();
+    } else if (n == 2) {
+      eps = (3 * ets_[n - 1] - ets_[n - 2]) / 2;
+    } else if (n == 3) {
+      eps = (23 * ets_[n - 1] - 16 * ets_[n - 2] + 5 * ets_[n - 3]) / 12;
+    } else {
+      eps = (1.0 / 24) * (55 * ets_[n - 1] - 59 * ets_[n - 2] + 37 * ets_[n - 3] - 9 * ets_[n - 4]);
+    }
+    return prev_sample(x, timestep, prev_timestep, eps);
+  }
+
+ private:
+  // Formula (9) of the PNDM paper, in float32 as diffusers' 0-dim tensors compute it.
+  torch::Tensor prev_sample(const torch::Tensor& sample, int timestep, int prev_timestep,
+                            torch::Tensor model_output) const {
+    const float a_t = alphas_cumprod_[timestep];
+    const float a_prev = prev_timestep >= 0 ? alphas_cumprod_[prev_timestep] : final_alpha_cumprod_;
+    const float b_t = 1.0f - a_t;
+    const float b_prev = 1.0f - a_prev;
+    if (prediction_type_ == "v_prediction") {
+      model_output = std::sqrt(a_t) * model_output + std::sqrt(b_t) * sample;
+    }
+    const float sample_coeff = std::sqrt(a_prev / a_t);
+    const float denom = a_t * std::sqrt(b_prev) + std::sqrt(a_t * b_t * a_prev);
+    return sample_coeff * sample - (a_prev - a_t) * model_output / denom;
+  }
+
+  std::vector<float> alphas_cumprod_;
+  float final_alpha_cumprod_ = 1.0f;
+  std::string prediction_type_;
+  int step_ratio_;
+  std::vector<int> int_timesteps_;
+  std::vector<torch::Tensor> ets_;  // the model outputs of the multistep history
+  torch::Tensor cur_sample_;        // the sample the warm-up step started from
+};
+
+}  // namespace
+
+std::unique_ptr<Sampler> make_pndm(const SchedulerConfig& config, int steps) {
+  return std::make_unique<PndmSampler>(config, steps);
+}
+
+}  // namespace sdserve::pipeline::samplers

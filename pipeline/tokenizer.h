@@ -1,0 +1,61 @@
+// CLIP's byte-level BPE tokenizer, as transformers' CLIPTokenizer runs it for Stable Diffusion 1.x
+// when ftfy is absent: BasicTokenizer-style cleanup (control characters dropped, CJK ideographs
+// spaced, NFC, whitespace collapsed, lowercased, accents kept), CLIP's pre-tokenisation pattern,
+// then BPE over the bytes_to_unicode alphabet with "</w>" closing each word. Torch-free.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace sdserve::pipeline {
+
+class ClipTokenizer {
+ public:
+  // Reads vocab.json (token -> id) and merges.txt (a "#version" header, then one "a b" merge per
+  // line, ranked by line order). Throws ModelError naming the file when either is missing or
+  // malformed, or when the vocabulary lacks <|startoftext|> / <|endoftext|>. `max_length` is the
+  // text encoder's context (tokenizer_config.json's model_max_length, 77 for SD 1.x).
+  static ClipTokenizer load(const std::string& vocab_json, const std::string& merges_txt,
+                            int max_length = 77);
+
+  // Ids of the text's BPE tokens without BOS/EOS and untruncated, so callers can tell when a
+  // prompt exceeds the context.
+  std::vector<int32_t> tokenize(const std::string& text) const;
+
+  // BOS + at most max_length-2 tokens + EOS, padded with pad_id to max_length.
+  std::vector<int32_t> encode(const std::string& text) const;
+
+  int32_t bos_id() const { return bos_id_; }
+  int32_t eos_id() const { return eos_id_; }
+  int32_t pad_id() const { return pad_id_; }
+  int max_length() const { return max_length_; }
+  size_t vocab_size() const { return vocab_.size(); }
+
+ private:
+  ClipTokenizer() = default;
+
+  // BPE ids of one pre-token (already mapped to the byte alphabet), memoised.
+  void bpe_word(const std::string& word, std::vector<int32_t>* out) const;
+  std::vector<int32_t> bpe_uncached(const std::string& word) const;
+  int32_t id_of(const std::string& token) const;
+
+  std::unordered_map<std::string, int32_t> vocab_;
+  std::unordered_map<std::string, int32_t> merge_ranks_;  // key: "left right"
+  std::string byte_symbol_[256];                          // bytes_to_unicode, as UTF-8
+  int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0;
+  int max_length_ = 0;
+
+  // Prompts repeat words a lot; the cache is shared by concurrent const calls, hence the mutex
+  // (behind a shared_ptr so the tokenizer stays copyable; copies share one cache).
+  struct Cache {
+    std::mutex mu;
+    std::unordered_map<std::string, std::vector<int32_t>> words;
+  };
+  std::shared_ptr<Cache> cache_ = std::make_shared<Cache>();
+};
+
+}  // namespace sdserve::pipeline
