@@ -15,6 +15,7 @@ using json = nlohmann::ordered_json;
 
 constexpr size_t kMaxSubscriptions = 256;  // per /v1/events connection
 constexpr size_t kMaxIncomingMessage = 64 << 10;
+constexpr int kSendBufferBytes = 128 << 10;
 
 bool is_final_type(const std::string& type) {
   return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
@@ -33,6 +34,12 @@ WsSession::~WsSession() {
 }
 
 void WsSession::run(beast::http::request<beast::http::string_body> req) {
+  // A modest kernel send buffer: for a slow reader, backlog then builds up in our bounded queue,
+  // where stale progress and previews are dropped, instead of megabytes of them in the kernel
+  // delaying the events that matter.
+  beast::error_code ignored;
+  beast::get_lowest_layer(ws_).socket().set_option(
+      asio::socket_base::send_buffer_size(kSendBufferBytes), ignored);
   ws_.set_option(websocket::stream_base::timeout::suggested(beast::role_type::server));
   ws_.set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
     res.set(beast::http::field::server, "sdserve/" SDSERVE_VERSION);

@@ -307,6 +307,10 @@ bool WsClient::connect(int port, const std::string& target, const Headers& heade
   return true;
 }
 
+void WsClient::start_reading() {
+  asio::post(impl_->ioc, [s = impl_.get()] { s->do_read(); });
+}
+
 std::optional<WsClient::Frame> WsClient::next(seconds timeout) {
   std::unique_lock<std::mutex> lock(impl_->mutex);
   impl_->cv.wait_for(lock, timeout, [&] { return !impl_->frames.empty() || impl_->ended; });

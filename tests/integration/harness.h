@@ -99,6 +99,8 @@ class WsClient {
   // and `http_status` gets the refusal's status (0 when none).
   bool connect(int port, const std::string& target, const Headers& headers = {}, bool read = true,
                int rcvbuf = 0, int* http_status = nullptr);
+  // Starts reading on a client connected with `read` false.
+  void start_reading();
   // The next frame, or nullopt on timeout or once the connection has ended.
   std::optional<Frame> next(seconds timeout = kTimeout);
   // The next text frame whose JSON satisfies `pred`, collecting everything read on the way.

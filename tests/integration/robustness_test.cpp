@@ -77,19 +77,34 @@ TEST(RobustnessTest, ClientThatNeverReadsDisturbsNothing) {
   json body = small_job("flooding previews", 60, 10);
   body["preview"] = {{"every", 1}, {"format", "png"}, {"method", "vae"}};
   const std::string a = id_of(submit(port, body));
-  // Two sockets on the job that never read a byte, with tiny receive buffers.
-  WsClient stuck1, stuck2;
-  ASSERT_TRUE(stuck1.connect(port, "/v1/jobs/" + a + "/events", {}, false, 1024));
-  ASSERT_TRUE(stuck2.connect(port, "/v1/events", {}, false, 1024));
-  stuck2.send_text(json{{"subscribe", a}}.dump());
+  // Sockets on the job that do not read, with tiny receive buffers: one never reads, one
+  // starts reading once the job is over.
+  WsClient stuck, multi_stuck, late_reader;
+  ASSERT_TRUE(stuck.connect(port, "/v1/jobs/" + a + "/events", {}, false, 1024));
+  ASSERT_TRUE(multi_stuck.connect(port, "/v1/events", {}, false, 1024));
+  multi_stuck.send_text(json{{"subscribe", a}}.dump());
+  ASSERT_TRUE(late_reader.connect(port, "/v1/jobs/" + a + "/events", {}, false, 1024));
 
   // Other clients are served meanwhile, and the flooding job itself completes.
   const auto other = post(port, "/v1/generate", small_job("served meanwhile", 4, 12));
   EXPECT_EQ(other.status, 200);
   EXPECT_EQ(wait_final(port, a), "succeeded");
-  EXPECT_TRUE(wait_status(port, a, "succeeded"));
-  stuck1.abort();
-  stuck2.abort();
+
+  // The slow reader lost previews, not the final event.
+  late_reader.start_reading();
+  int previews = 0;
+  const auto final_event = late_reader.next_json([&](const json& j) {
+    previews += j.value("type", "") == "preview";
+    return is_final_type(j.value("type", ""));
+  });
+  ASSERT_TRUE(final_event);
+  EXPECT_EQ((*final_event)["type"], "succeeded");
+  EXPECT_LT(previews, 60);
+
+  stuck.abort();
+  multi_stuck.abort();
+  EXPECT_TRUE(wait_metric(port, "sdserve_websocket_connections", 0));
+  EXPECT_GT(metric(port, "sdserve_websocket_events_dropped_total"), 0);
   EXPECT_EQ(get(port, "/healthz").status, 200);
   const std::string c = id_of(submit(port, small_job("after", 2, 13)));
   EXPECT_EQ(wait_final(port, c), "succeeded");
