@@ -294,7 +294,8 @@ Json job_json(const engine::JobSnapshot& job) {
   Json j = {{"id", job.id},
             {"status", engine::to_string(job.status)},
             {"step", job.step},
-            {"steps", job.steps},
+            // The engine counts model evaluations once the job runs (heun: 2 per step).
+            {"steps", job.steps > 0 ? job.steps : job.request.steps},
             {"seed", job.seed},
             {"num_images", job.request.num_images},
             {"images_ready", job.images_ready},
@@ -305,7 +306,9 @@ Json job_json(const engine::JobSnapshot& job) {
               {"finished", when(job.finished_at)}}},
             {"links", {{"self", self}, {"events", self + "/events"}}}};
   j["queue_position"] = job.queue_position >= 0 ? Json(job.queue_position) : Json(nullptr);
-  j["progress"] = job.steps > 0 ? std::min(1.0, static_cast<double>(job.step) / job.steps) : 0.0;
+  j["progress"] = job.status == engine::JobStatus::kSucceeded ? 1.0
+                  : job.steps > 0 ? std::min(1.0, static_cast<double>(job.step) / job.steps)
+                                  : 0.0;
   Json images = Json::array();
   if (job.status == engine::JobStatus::kSucceeded && !job.results_expired)
     for (int k = 0; k < job.request.num_images; ++k)
