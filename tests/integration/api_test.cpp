@@ -279,5 +279,23 @@ TEST_F(ApiTest, MultiJobEventSocket) {
   EXPECT_EQ((*reply)["job_id"], a);
 }
 
+TEST(ResultStoreTest, EvictedImagesAre410) {
+  ServerProcess server({"--result-ttl-s", "0.5"});
+  const int port = server.port();
+  const std::string id = submit(port, small_job("short-lived", 2, 21))["id"];
+  ASSERT_EQ(wait_final(port, id), "succeeded");
+  const auto deadline = std::chrono::steady_clock::now() + kTimeout;
+  int status = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    status = get(port, "/v1/jobs/" + id + "/images/0").status;
+    if (status != 200) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(status, 410);
+  const json job = get(port, "/v1/jobs/" + id).body_json();
+  EXPECT_EQ(job["results_expired"], true);
+  EXPECT_TRUE(job["images"].empty());
+}
+
 }  // namespace
 }  // namespace sdserve::itest
