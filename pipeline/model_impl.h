@@ -9,6 +9,7 @@
 #include "pipeline/tokenizer.h"
 #include "pipeline/trajectory_state.h"
 #include "pipeline/unet.h"
+#include "pipeline/unet_runner.h"
 #include "pipeline/vae.h"
 
 namespace sdserve::pipeline {
@@ -20,6 +21,9 @@ struct Model::Impl {
   std::unique_ptr<ClipTokenizer> tokenizer;
   ClipTextModel text_encoder{nullptr};
   UNet unet{nullptr};
+  std::unique_ptr<UNetRunner> unet_runner;
+  bool profiling = false;
+  StepProfile last_profile;
   Vae vae{nullptr};
   double vae_scaling_factor = 0.18215;
   SchedulerConfig scheduler;

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "pipeline/device.h"
 #include "pipeline/errors.h"
 #include "pipeline/log.h"
 #include "pipeline/model_files.h"
@@ -148,6 +149,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
           ? (impl->device.is_cuda() ? Precision::kFloat16 : Precision::kFloat32)
           : parse_precision(options.precision);
   impl->dtype = torch_dtype(precision);
+  if (impl->device.is_cuda()) configure_cuda_for_inference(precision != Precision::kFloat32);
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
                                         ? models_dir() + "/tiny-sd15/tokenizer"
                                         : options.default_tokenizer_dir;
@@ -165,11 +167,19 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   impl->unet = UNet(unet_config);
   load_weights(*impl->unet, files.unet, impl->dtype, impl->device);
   impl->unet->eval();
+  UNetRunnerOptions runner;
+  runner.cuda_graphs = options.cuda_graphs;
+  runner.channels_last = options.channels_last;
+  runner.buckets.assign(options.batch_buckets.begin(), options.batch_buckets.end());
+  impl->unet_runner = std::make_unique<UNetRunner>(impl->unet, impl->device, impl->dtype, runner);
 
   const auto vae_config = VaeConfig::from_json(files.vae_config);
   impl->vae = Vae(vae_config);
   // The SD 1.x VAE overflows in fp16 (diffusers' force_upcast); bf16 has fp32's range.
-  const torch::Dtype vae_dtype = impl->dtype == torch::kFloat16 ? torch::kFloat32 : impl->dtype;
+  const torch::Dtype vae_dtype =
+      options.vae_precision != "auto" ? torch_dtype(parse_precision(options.vae_precision))
+      : (impl->dtype == torch::kFloat16 && vae_config.force_upcast) ? torch::kFloat32
+                                                                    : impl->dtype;
   load_weights(*impl->vae, files.vae, vae_dtype, impl->device);
   impl->vae->eval();
   impl->vae_scaling_factor = vae_config.scaling_factor;
@@ -256,6 +266,18 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
 void Model::step(const std::vector<Trajectory*>& batch) const {
   if (batch.empty()) return;
   torch::NoGradGuard no_grad;
+  using SteadyClock = std::chrono::steady_clock;
+  const bool profile = impl_->profiling;
+  auto mark = SteadyClock::now();
+  auto lap = [&]() {
+    if (!profile) return 0.0;
+    pipeline::synchronize(impl_->device);
+    const auto now = SteadyClock::now();
+    const double ms = std::chrono::duration<double, std::milli>(now - mark).count();
+    mark = now;
+    return ms;
+  };
+  if (profile) lap();
   std::vector<torch::Tensor> inputs, contexts;
   std::vector<float> timesteps;
   std::vector<torch::Tensor> scaled(batch.size());
@@ -276,7 +298,11 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   auto x = torch::cat(inputs).to(impl_->dtype);
   auto ctx = torch::cat(contexts);
   auto t = torch::tensor(timesteps, torch::kFloat32).to(impl_->device);
-  auto out = impl_->unet->forward(x, t, ctx).to(torch::kFloat32);
+  StepProfile prof;
+  prof.rows = static_cast<int>(x.size(0));
+  prof.prepare_ms = lap();
+  auto out = impl_->unet_runner->forward(x, t, ctx).to(torch::kFloat32);
+  prof.unet_ms = lap();
   int64_t row = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     auto& s = batch[i]->state();
@@ -295,6 +321,23 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
     s.latent = s.sampler->step(eps, s.evals_done, s.latent, s.generator);
     ++s.evals_done;
   }
+  if (profile) {
+    prof.sampler_ms = lap();
+    impl_->last_profile = prof;
+  }
+}
+
+void Model::set_profiling(bool on) const {
+  impl_->profiling = on;
+}
+StepProfile Model::last_step_profile() const {
+  return impl_->last_profile;
+}
+void Model::synchronize() const {
+  pipeline::synchronize(impl_->device);
+}
+DeviceMemory Model::memory(bool reset_peak) const {
+  return device_memory(impl_->device, reset_peak);
 }
 
 torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {

@@ -32,6 +32,26 @@ struct LoadOptions {
   std::string precision = "auto";
   // Tokenizer used for single-file checkpoints (which carry none); empty = the bundled SD 1.x one.
   std::string default_tokenizer_dir;
+  // VAE dtype: "auto" = fp32 when the compute dtype is fp16 (the SD 1.x VAE overflows in fp16),
+  // else the compute dtype.
+  std::string vae_precision = "auto";
+  // CUDA only: replay a CUDA graph per (padded batch, resolution) for the UNet, keep
+  // convolutions channels-last, pad UNet batches up to these sizes (rows: images x 2 with CFG).
+  bool cuda_graphs = true;
+  bool channels_last = true;
+  std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32, 64};
+};
+
+// Where a step's time went (filled only while profiling: profiling synchronizes the device).
+struct StepProfile {
+  double prepare_ms = 0;  // scale_model_input, batching the inputs
+  double unet_ms = 0;
+  double sampler_ms = 0;  // guidance and every image's sampler update
+  int rows = 0;           // UNet batch rows before padding
+};
+
+struct DeviceMemory {
+  uint64_t allocated = 0, peak_allocated = 0, reserved = 0, peak_reserved = 0;  // bytes; 0 on CPU
 };
 
 struct ModelInfo {
@@ -118,6 +138,12 @@ class Model {
   RgbImage preview(const Trajectory& trajectory, int max_side = 256) const;
   // The same through the VAE decoder (slower, exact colours).
   RgbImage preview_vae(const Trajectory& trajectory, int max_side = 256) const;
+
+  // Timing and memory, for the benchmark.
+  void set_profiling(bool on) const;
+  StepProfile last_step_profile() const;
+  void synchronize() const;
+  DeviceMemory memory(bool reset_peak = false) const;
 
   // Whole request: its images run together as one batch.
   std::vector<RgbImage> generate(const GenerateRequest& request,

@@ -1,6 +1,9 @@
 // Sub-commands of the sdserve executable. Each returns the process exit code.
 #pragma once
 
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -13,6 +16,10 @@ class UsageError : public std::invalid_argument {
 };
 
 int run_generate(const std::vector<std::string>& args);
+int run_bench(const std::vector<std::string>& args);
+
+// When main() started (the benchmark's start-up time counts from here).
+std::chrono::steady_clock::time_point process_start_time();
 int run_serve(const std::vector<std::string>& args);
 
 // Small helpers shared by the sub-commands' parsers.

@@ -16,12 +16,21 @@ constexpr const char* kUsage = R"(usage: sdserve <command> [options]
 commands:
   serve      run the HTTP/WebSocket generation service (sdserve serve --help)
   generate   generate images to PNG files (sdserve generate --help)
+  bench      time the pipeline on this machine (sdserve bench --help)
   --version  print the version
 )";
 
 }  // namespace
 
+namespace sdserve {
+std::chrono::steady_clock::time_point process_start_time() {
+  static const auto start = std::chrono::steady_clock::now();
+  return start;
+}
+}  // namespace sdserve
+
 int main(int argc, char** argv) {
+  sdserve::process_start_time();
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h") {
     std::cout << kUsage;
@@ -36,6 +45,7 @@ int main(int argc, char** argv) {
   try {
     if (command == "generate") return sdserve::run_generate(args);
     if (command == "serve") return sdserve::run_serve(args);
+    if (command == "bench") return sdserve::run_bench(args);
     std::cerr << "sdserve: unknown command '" << command << "'\n" << kUsage;
     return 2;
   } catch (const sdserve::UsageError& e) {

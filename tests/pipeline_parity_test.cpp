@@ -36,7 +36,9 @@ struct FixtureRun {
   nlohmann::json image_case;
 };
 
-void PrintTo(const FixtureRun& run, std::ostream* os) { *os << run.name; }
+void PrintTo(const FixtureRun& run, std::ostream* os) {
+  *os << run.name;
+}
 
 std::vector<FixtureRun> fixture_runs() {
   std::ifstream in(test::fixture("tiny-sd15-cases.json"));
