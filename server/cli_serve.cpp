@@ -1,13 +1,84 @@
-// `sdserve serve`: the HTTP/WebSocket service (issue 3 fills this in).
+// `sdserve serve`: configuration, model, engine, and the HTTP/WebSocket server around them.
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
 #include <iostream>
 
+#include "cache/embedding_cache.h"
+#include "config/config.h"
+#include "engine/engine.h"
+#include "pipeline/pipeline.h"
 #include "server/cli.h"
+#include "server/logging.h"
+#include "server/server.h"
 
 namespace sdserve {
+namespace {
 
-int run_serve(const std::vector<std::string>&) {
-  std::cerr << "sdserve serve: not available yet\n";
-  return 1;
+std::string bundled_model() {
+  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return std::string(env) + "/tiny-sd15";
+  return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
+}
+
+engine::EngineOptions engine_options(const config::ServiceConfig& c) {
+  engine::EngineOptions o;
+  o.max_queue = c.max_queue;
+  o.max_batch = c.max_batch;
+  o.batch_buckets = c.batch_buckets;
+  o.default_timeout_s = c.default_timeout_s;
+  o.max_timeout_s = c.max_timeout_s;
+  o.result_ttl_s = c.result_ttl_s;
+  o.result_max_bytes = static_cast<uint64_t>(c.result_max_mb) << 20;
+  return o;
+}
+
+}  // namespace
+
+int run_serve(const std::vector<std::string>& args) {
+  config::Loaded loaded;
+  try {
+    loaded = config::load(args, config::process_environment());
+  } catch (const config::ConfigError& e) {
+    throw UsageError(e.what());
+  }
+  if (loaded.help) {
+    std::cout << config::help_text();
+    return 0;
+  }
+  const config::ServiceConfig& cfg = loaded.config;
+  setup_logging(cfg.log_level, cfg.log_format);
+  spdlog::info("sdserve {} starting", SDSERVE_VERSION);
+  if (!loaded.config_file.empty()) spdlog::info("config file: {}", loaded.config_file);
+  spdlog::debug("configuration: {}", config::to_json(cfg));
+
+  std::string model_path = cfg.model;
+  if (model_path.empty()) {
+    model_path = bundled_model();
+    spdlog::info("no --model given: using the bundled tiny model at {} (for tests and demos only)",
+                 model_path);
+  }
+
+  // Listen first: /healthz answers and /readyz says 503 while the model loads.
+  server::Server server(cfg);
+  server.start();
+
+  pipeline::LoadOptions load;
+  load.device = cfg.device;
+  load.precision = cfg.precision;
+  std::shared_ptr<pipeline::Model> model = pipeline::Model::load(model_path, load);
+  const auto& info = model->info();
+  spdlog::info("model {} ({}, {}) on {} in {}, loaded in {:.1f} s", info.name, info.family,
+               info.layout, info.device, info.precision, info.load_seconds);
+
+  if (!server.stop_requested()) {
+    std::shared_ptr<engine::Engine> engine = engine::Engine::create(
+        engine_options(cfg), {model}, std::make_shared<cache::PassThroughCache>());
+    server.set_backend(std::move(engine), model);
+    spdlog::info("accepting jobs (max_queue {}, max_batch {})", cfg.max_queue, cfg.max_batch);
+  }
+  server.wait_for_stop();
+  server.shutdown();
+  return 0;
 }
 
 }  // namespace sdserve

@@ -1,0 +1,95 @@
+// Configuration of `sdserve serve`: one struct, filled from four layers in this order (a later
+// layer wins): built-in defaults < JSON config file (--config FILE or SDSERVE_CONFIG) <
+// SDSERVE_* environment variables < command-line flags.
+//
+// Every key has the same name everywhere: `max_queue` in the file, SDSERVE_MAX_QUEUE in the
+// environment, --max-queue (or --max_queue) on the command line. An unknown key or a bad value
+// in any layer is a ConfigError whose message names the key and where it came from.
+//
+// A leaf library: no engine, server or torch dependencies.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sdserve::config {
+
+// A bad configuration: the process should print the message and exit with status 2.
+class ConfigError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+struct ServiceConfig {
+  // Network
+  std::string host = "127.0.0.1";
+  int port = 8080;  // 0: any free port (the bound one is logged)
+  int http_threads = 2;
+  int64_t max_body_bytes = 1 << 20;
+  int max_header_bytes = 16 << 10;
+  double read_timeout_s = 30;  // a request must arrive within this; idle keep-alive closes then
+  int ws_queue_limit = 64;     // events queued per WebSocket before progress/previews are dropped
+  std::vector<std::string> api_keys;  // empty: no authentication
+  bool metrics_auth = false;          // /metrics needs an API key too (when keys are set)
+  // Model
+  std::string model;  // empty: the bundled tiny model
+  std::string device = "auto";
+  std::string precision = "auto";
+  // Engine
+  int max_queue = 64;
+  int max_batch = 8;
+  std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};
+  double default_timeout_s = 600;
+  double max_timeout_s = 3600;
+  double result_ttl_s = 3600;
+  int64_t result_max_mb = 1024;
+  double shutdown_grace_s = 30;
+  // Logging
+  std::string log_level = "info";
+  std::string log_format = "text";
+};
+
+// One configuration key, for --help and for tests.
+struct KeyInfo {
+  std::string name;           // "max_queue"
+  std::string type;           // "int", "number", "string", "bool", "list of int", ...
+  std::string default_value;  // as JSON text
+  std::string help;
+};
+const std::vector<KeyInfo>& keys();
+
+std::string env_name(const std::string& key);   // "max_queue" -> "SDSERVE_MAX_QUEUE"
+std::string flag_name(const std::string& key);  // "max_queue" -> "--max-queue"
+
+// The result of reading the command line.
+struct Loaded {
+  ServiceConfig config;
+  std::string config_file;  // empty when none was given
+  bool help = false;        // --help / -h: print help_text() and exit 0
+  // Where each key's final value came from: "default", "file", "env", "flag".
+  std::map<std::string, std::string> origin;
+};
+
+// Reads every layer. `args` are the arguments after the sub-command; `env` maps environment
+// variable names to values (only SDSERVE_* ones matter). Throws ConfigError.
+Loaded load(const std::vector<std::string>& args, const std::map<std::string, std::string>& env);
+// The process environment's SDSERVE_* variables.
+std::map<std::string, std::string> process_environment();
+
+// Single layers, for tests: apply a JSON object (as from a file) or one textual value.
+void apply_json(ServiceConfig& config, const std::string& json_text, const std::string& source);
+void apply_value(ServiceConfig& config, const std::string& key, const std::string& value,
+                 const std::string& source);
+// Cross-key checks (default_timeout_s <= max_timeout_s, ...). Throws ConfigError.
+void validate(const ServiceConfig& config);
+
+// The effective configuration as a JSON object (api_keys masked), for the start-up log.
+std::string to_json(const ServiceConfig& config);
+
+// `sdserve serve --help`: usage plus every key with its type, default and meaning.
+std::string help_text();
+
+}  // namespace sdserve::config

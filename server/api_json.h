@@ -1,0 +1,59 @@
+// The API's JSON: request validation (every error names its field) and how jobs, models and
+// samplers are rendered. No networking here, so it is testable on its own.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <string>
+
+#include "engine/job.h"
+
+namespace sdserve::pipeline {
+struct ModelInfo;
+}
+
+namespace sdserve::server {
+
+// Responses keep their keys in the order written ("id" first), unlike nlohmann::json.
+using Json = nlohmann::ordered_json;
+
+// An error the client sees: {"error": {"type", "message", "field"}} with an HTTP status.
+struct ApiError : std::runtime_error {
+  ApiError(int status, std::string type, const std::string& message, std::string field = "")
+      : std::runtime_error(message),
+        status(status),
+        type(std::move(type)),
+        field(std::move(field)) {}
+  int status;
+  std::string type;           // invalid_json, validation_error, unauthorized, not_found, ...
+  std::string field;          // the offending request field, "" when none
+  double retry_after_s = -1;  // sets Retry-After when >= 0
+};
+
+std::string error_body(const std::string& type, const std::string& message,
+                       const std::string& field = "");
+
+// What validation needs to know about the server.
+struct RequestLimits {
+  int text_layers = 12;  // clip_skip may be 1..text_layers
+  double max_timeout_s = 3600;
+};
+
+// The body of POST /v1/jobs and POST /v1/generate as a JobRequest. Throws ApiError (400):
+// type invalid_json for unparseable JSON, validation_error naming the field otherwise. An absent
+// or -1 seed is replaced by a random one here, so that it can be reported at once.
+engine::JobRequest parse_job_request(const std::string& body, const RequestLimits& limits);
+// The request fields in order (for messages and docs).
+const std::vector<std::string>& request_fields();
+
+// The field an engine/pipeline error message is about ("width must be ..." -> "width"), or "".
+std::string field_of_message(const std::string& message);
+
+std::string job_path(const std::string& id);  // "/v1/jobs/ID"
+Json request_json(const engine::JobRequest& r);
+Json job_json(const engine::JobSnapshot& job);
+Json model_json(const pipeline::ModelInfo& info);
+Json samplers_json();
+std::string iso8601(engine::Clock::time_point t);  // "2026-01-02T03:04:05.678Z"
+
+}  // namespace sdserve::server

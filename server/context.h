@@ -1,0 +1,64 @@
+// What every connection of the server shares: configuration, metrics, the engine (null until
+// the model is loaded), the live subscriptions and WebSockets (so that shutdown can reach them).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "engine/engine.h"
+#include "pipeline/pipeline.h"
+#include "server/metrics.h"
+
+namespace sdserve::server {
+
+class WsSession;
+
+class Context {
+ public:
+  explicit Context(config::ServiceConfig config) : config_(std::move(config)) {}
+
+  const config::ServiceConfig& config() const { return config_; }
+  Metrics& metrics() { return metrics_; }
+
+  void set_backend(std::shared_ptr<engine::Engine> engine, std::shared_ptr<pipeline::Model> model);
+  // Drops the server's reference: the engine is destroyed here unless someone holds another.
+  void reset_backend();
+  std::shared_ptr<engine::Engine> engine() const;
+  std::shared_ptr<pipeline::Model> model() const;
+
+  bool shutting_down() const { return shutting_down_.load(); }
+  void begin_shutdown() { shutting_down_.store(true); }
+
+  // Engine subscriptions, remembered so that teardown can end the ones still open. 0 when the
+  // job is unknown (or no engine yet).
+  uint64_t subscribe(const std::string& job_id, engine::EventCallback callback);
+  void unsubscribe(const std::string& job_id, uint64_t token);  // idempotent
+  void unsubscribe_all();
+
+  // Live WebSockets, for a clean close at shutdown.
+  void add_websocket(const std::shared_ptr<WsSession>& ws);
+  void remove_websocket(const WsSession* ws);
+  std::vector<std::shared_ptr<WsSession>> websockets() const;
+
+  // HTTP requests between header read and response written (shutdown waits for them).
+  std::atomic<int> requests_in_flight{0};
+
+ private:
+  const config::ServiceConfig config_;
+  Metrics metrics_;
+  std::atomic<bool> shutting_down_{false};
+  mutable std::mutex mutex_;
+  std::shared_ptr<engine::Engine> engine_;
+  std::shared_ptr<pipeline::Model> model_;
+  std::map<uint64_t, std::string> subscriptions_;  // token -> job id
+  std::map<const WsSession*, std::weak_ptr<WsSession>> websockets_;
+};
+
+}  // namespace sdserve::server

@@ -1,0 +1,347 @@
+#include "server/handlers.h"
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+#include "pipeline/errors.h"
+
+namespace sdserve::server {
+namespace {
+
+using json = Json;
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> parts;
+  size_t start = 1;
+  while (start <= path.size()) {
+    const size_t end = path.find('/', start);
+    parts.push_back(path.substr(start, end == std::string::npos ? std::string::npos : end - start));
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  return parts;
+}
+
+bool valid_id(const std::string& id) {
+  return !id.empty() && id.size() <= 128 && std::all_of(id.begin(), id.end(), [](unsigned char c) {
+    return std::isalnum(c) || c == '-' || c == '_' || c == '.';
+  });
+}
+
+// Constant time in the key's length, so that timing does not reveal a key's prefix.
+bool same_key(const std::string& a, const std::string& b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < a.size(); ++i) diff |= a[i] ^ b[i % std::max<size_t>(b.size(), 1)];
+  return diff == 0 && !b.empty();
+}
+
+std::string query_param(const std::string& query, const std::string& name) {
+  size_t start = 0;
+  while (start <= query.size()) {
+    size_t end = query.find('&', start);
+    if (end == std::string::npos) end = query.size();
+    const std::string item = query.substr(start, end - start);
+    if (item.rfind(name + "=", 0) == 0) return item.substr(name.size() + 1);
+    start = end + 1;
+  }
+  return "";
+}
+
+ApiError not_found_job(const std::string& id) {
+  return ApiError(404, "not_found",
+                  "job '" + id + "' not found (unknown, or forgotten after result_ttl_s)");
+}
+
+std::shared_ptr<engine::Engine> require_engine(Context& ctx) {
+  auto e = ctx.engine();
+  if (!e) {
+    ApiError err(503, "not_ready", "the model is still loading; retry shortly (see /readyz)");
+    err.retry_after_s = 5;
+    throw err;
+  }
+  return e;
+}
+
+Response image_response(Context& ctx, const Request& req, const Route& route) {
+  auto engine = require_engine(ctx);
+  const std::string& k = route.image;
+  if (k.empty() || k.size() > 4 || k.find_first_not_of("0123456789") != std::string::npos)
+    throw ApiError(404, "not_found", "no image '" + k + "': images are numbered 0, 1, ...");
+  const int index = std::stoi(k);
+  const auto result = engine->image(route.job_id, index);
+  switch (result.status) {
+    case engine::ImageLookup::kOk: {
+      Response res{http::status::ok, req.version()};
+      res.set(http::field::content_type, "image/png");
+      res.set(http::field::content_disposition,
+              "inline; filename=\"" + route.job_id + "-" + k + ".png\"");
+      res.set(http::field::cache_control, "private, max-age=3600, immutable");
+      res.body().assign(result.png->begin(), result.png->end());
+      return res;
+    }
+    case engine::ImageLookup::kUnknownJob:
+      throw not_found_job(route.job_id);
+    case engine::ImageLookup::kNotReady: {
+      const auto job = engine->get(route.job_id);
+      throw ApiError(409, "not_ready",
+                     "image " + k + " of job '" + route.job_id + "' is not ready (job " +
+                         (job ? engine::to_string(job->status) : std::string("unknown")) +
+                         "); images exist once the job has succeeded");
+    }
+    case engine::ImageLookup::kNoSuchImage: {
+      const auto job = engine->get(route.job_id);
+      throw ApiError(404, "not_found",
+                     "job '" + route.job_id + "' has no image " + k + " (it has " +
+                         std::to_string(job ? job->request.num_images : 0) + ")");
+    }
+    case engine::ImageLookup::kExpired:
+      throw ApiError(410, "gone",
+                     "the images of job '" + route.job_id +
+                         "' were evicted from the result store (result_ttl_s / "
+                         "result_max_mb); submit the request again with the same seed");
+  }
+  throw ApiError(500, "internal", "unexpected image lookup result");
+}
+
+}  // namespace
+
+std::string path_of(const std::string& target) {
+  return target.substr(0, target.find('?'));
+}
+
+Route match_route(const std::string& target) {
+  Route r;
+  const auto q = target.find('?');
+  if (q != std::string::npos) r.query = target.substr(q + 1);
+  const std::string path = path_of(target);
+  if (path == "/healthz")
+    r.kind = Route::kHealthz;
+  else if (path == "/readyz")
+    r.kind = Route::kReadyz;
+  else if (path == "/metrics")
+    r.kind = Route::kMetrics;
+  else if (path == "/v1/models")
+    r.kind = Route::kModels;
+  else if (path == "/v1/samplers")
+    r.kind = Route::kSamplers;
+  else if (path == "/v1/jobs")
+    r.kind = Route::kJobs;
+  else if (path == "/v1/events")
+    r.kind = Route::kEvents;
+  else if (path == "/v1/generate")
+    r.kind = Route::kGenerate;
+  else if (path.rfind("/v1/jobs/", 0) == 0) {
+    const auto parts = split_path(path);  // v1, jobs, id, ...
+    if (parts.size() >= 3 && valid_id(parts[2])) {
+      r.job_id = parts[2];
+      if (parts.size() == 3)
+        r.kind = Route::kJob;
+      else if (parts.size() == 4 && parts[3] == "events")
+        r.kind = Route::kJobEvents;
+      else if (parts.size() == 5 && parts[3] == "images") {
+        r.kind = Route::kJobImage;
+        r.image = parts[4];
+      }
+    }
+  }
+  return r;
+}
+
+std::string allowed_methods(Route::Kind kind) {
+  switch (kind) {
+    case Route::kJobs:
+    case Route::kGenerate:
+      return "POST";
+    case Route::kJob:
+      return "GET, DELETE";
+    case Route::kNotFound:
+      return "";
+    default:
+      return "GET";
+  }
+}
+
+bool method_allowed(Route::Kind kind, http::verb method) {
+  switch (kind) {
+    case Route::kJobs:
+    case Route::kGenerate:
+      return method == http::verb::post;
+    case Route::kJob:
+      return method == http::verb::get || method == http::verb::delete_;
+    default:
+      return method == http::verb::get;
+  }
+}
+
+void check_auth(const Context& ctx, const Request& req, const Route& route) {
+  const auto& keys = ctx.config().api_keys;
+  if (keys.empty()) return;
+  if (route.kind == Route::kHealthz || route.kind == Route::kReadyz) return;
+  if (route.kind == Route::kMetrics && !ctx.config().metrics_auth) return;
+  std::string presented;
+  const auto auth = req[http::field::authorization];
+  if (auth.size() > 7 && (auth.substr(0, 7) == "Bearer " || auth.substr(0, 7) == "bearer "))
+    presented = std::string(auth.substr(7));
+  // Browsers cannot set headers on a WebSocket: the upgrades also take ?api_key=.
+  if (presented.empty() && (route.kind == Route::kJobEvents || route.kind == Route::kEvents))
+    presented = query_param(route.query, "api_key");
+  bool ok = false;
+  for (const auto& k : keys) ok |= same_key(presented, k);
+  if (!ok)
+    throw ApiError(401, "unauthorized",
+                   presented.empty() ? "an API key is required: send 'Authorization: Bearer KEY'"
+                                     : "the API key is not valid");
+}
+
+Response json_response(http::status status, const json& body, const Request& req) {
+  Response res{status, req.version()};
+  res.set(http::field::content_type, "application/json");
+  res.body() = body.dump();
+  return res;
+}
+
+Response error_response(const ApiError& e, const Request& req) {
+  Response res{static_cast<http::status>(e.status), req.version()};
+  res.set(http::field::content_type, "application/json");
+  if (e.retry_after_s >= 0)
+    res.set(http::field::retry_after,
+            std::to_string(static_cast<long>(std::ceil(std::max(1.0, e.retry_after_s)))));
+  if (e.status == 401) res.set(http::field::www_authenticate, "Bearer");
+  res.body() = error_body(e.type, e.what(), e.field);
+  return res;
+}
+
+engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
+  if (ctx.shutting_down()) {
+    throw ApiError(503, "shutting_down", "the server is shutting down and takes no new jobs");
+  }
+  auto engine = require_engine(ctx);
+  const auto model = ctx.model();
+  RequestLimits limits;
+  limits.max_timeout_s = ctx.config().max_timeout_s;
+  if (model) limits.text_layers = model->info().text_layers;
+  engine::JobRequest request = parse_job_request(req.body(), limits);
+  if (model) {
+    pipeline::ImageSpec spec;
+    spec.width = request.width;
+    spec.height = request.height;
+    spec.steps = request.steps;
+    spec.guidance_scale = request.guidance_scale;
+    spec.sampler = request.sampler;
+    spec.scheduler = request.scheduler;
+    spec.seed = request.seed.value_or(0);
+    try {
+      model->validate(spec);
+    } catch (const pipeline::RequestError& e) {
+      throw ApiError(400, "validation_error", e.what(), field_of_message(e.what()));
+    }
+  }
+  try {
+    return engine->submit(std::move(request));
+  } catch (const engine::QueueFull& e) {
+    ApiError err(429, "queue_full", e.what());
+    err.retry_after_s = e.retry_after_s;
+    throw err;
+  } catch (const engine::ShuttingDown& e) {
+    throw ApiError(503, "shutting_down", e.what());
+  } catch (const std::invalid_argument& e) {
+    throw ApiError(400, "validation_error", e.what(), field_of_message(e.what()));
+  }
+}
+
+Response handle_request(Context& ctx, const Request& req, const Route& route, std::string& job_id) {
+  switch (route.kind) {
+    case Route::kHealthz:
+      return json_response(http::status::ok, {{"status", "ok"}}, req);
+    case Route::kReadyz: {
+      const auto e = ctx.engine();
+      if (ctx.shutting_down())
+        return json_response(http::status::service_unavailable, {{"status", "shutting_down"}}, req);
+      if (!e || !e->ready())
+        return json_response(http::status::service_unavailable, {{"status", "loading"}}, req);
+      return json_response(http::status::ok, {{"status", "ready"}}, req);
+    }
+    case Route::kMetrics: {
+      const auto e = ctx.engine();
+      std::optional<engine::EngineStats> stats;
+      if (e) stats = e->stats();
+      Response res{http::status::ok, req.version()};
+      res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+      res.body() = ctx.metrics().scrape(stats ? &*stats : nullptr, e && e->ready());
+      return res;
+    }
+    case Route::kModels: {
+      require_engine(ctx);
+      json models = json::array();
+      if (const auto m = ctx.model()) models.push_back(model_json(m->info()));
+      return json_response(http::status::ok, {{"models", models}}, req);
+    }
+    case Route::kSamplers:
+      return json_response(http::status::ok, samplers_json(), req);
+    case Route::kJobs: {
+      const auto snap = submit_job(ctx, req);
+      job_id = snap.id;
+      Response res = json_response(http::status::accepted, job_json(snap), req);
+      res.set(http::field::location, job_path(snap.id));
+      return res;
+    }
+    case Route::kJob: {
+      job_id = route.job_id;
+      auto engine = require_engine(ctx);
+      if (req.method() == http::verb::delete_) {
+        if (!engine->cancel(route.job_id)) {
+          const auto job = engine->get(route.job_id);
+          if (!job) throw not_found_job(route.job_id);
+          throw ApiError(409, "conflict",
+                         "job '" + route.job_id + "' is already " + engine::to_string(job->status));
+        }
+      }
+      const auto job = engine->get(route.job_id);
+      if (!job) throw not_found_job(route.job_id);
+      Json body = job_json(*job);
+      // A running job stops at its next step: the snapshot may still say "running".
+      if (req.method() == http::verb::delete_) body["cancel_requested"] = true;
+      return json_response(http::status::ok, body, req);
+    }
+    case Route::kJobImage:
+      job_id = route.job_id;
+      return image_response(ctx, req, route);
+    case Route::kJobEvents:
+    case Route::kEvents: {
+      ApiError err(426, "upgrade_required",
+                   "this endpoint is a WebSocket: connect with 'Upgrade: websocket'");
+      Response res = error_response(err, req);
+      res.set(http::field::upgrade, "websocket");
+      return res;
+    }
+    case Route::kGenerate:
+    case Route::kNotFound:
+      break;
+  }
+  throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req.target())));
+}
+
+std::string base64(const std::vector<uint8_t>& in) {
+  static const char* tbl = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
+    out += tbl[v >> 18];
+    out += tbl[(v >> 12) & 63];
+    out += tbl[(v >> 6) & 63];
+    out += tbl[v & 63];
+  }
+  if (i < in.size()) {
+    const uint32_t v = (in[i] << 16) | (i + 1 < in.size() ? in[i + 1] << 8 : 0);
+    out += tbl[v >> 18];
+    out += tbl[(v >> 12) & 63];
+    out += i + 1 < in.size() ? tbl[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
+}
+
+}  // namespace sdserve::server

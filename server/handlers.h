@@ -1,0 +1,58 @@
+// Routing and the endpoints that answer at once. The HTTP session owns the two that do not:
+// POST /v1/generate (waits for its job) and the WebSocket upgrades.
+#pragma once
+
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "server/api_json.h"
+#include "server/context.h"
+
+namespace sdserve::server {
+
+namespace http = boost::beast::http;
+using Request = http::request<http::string_body>;
+using Response = http::response<http::string_body>;
+
+struct Route {
+  enum Kind {
+    kNotFound,
+    kHealthz,
+    kReadyz,
+    kMetrics,
+    kModels,
+    kSamplers,
+    kJobs,       // /v1/jobs
+    kJob,        // /v1/jobs/{id}
+    kJobImage,   // /v1/jobs/{id}/images/{k}
+    kJobEvents,  // /v1/jobs/{id}/events (WebSocket)
+    kEvents,     // /v1/events (WebSocket)
+    kGenerate,   // /v1/generate
+  } kind = kNotFound;
+  std::string job_id;
+  std::string image;  // {k} as written
+  std::string query;  // after '?'
+};
+
+Route match_route(const std::string& target);
+// "GET, DELETE": the methods a route answers (for 405 and Allow).
+std::string allowed_methods(Route::Kind kind);
+bool method_allowed(Route::Kind kind, http::verb method);
+std::string path_of(const std::string& target);  // target without the query
+
+// Throws ApiError 401 when API keys are configured and the request carries none of them.
+void check_auth(const Context& ctx, const Request& req, const Route& route);
+
+Response json_response(http::status status, const Json& body, const Request& req);
+Response error_response(const ApiError& error, const Request& req);
+
+// Everything but generate and the upgrades. `job_id` receives the job a request concerns (log).
+Response handle_request(Context& ctx, const Request& req, const Route& route, std::string& job_id);
+
+// Shared by POST /v1/jobs and /v1/generate: validate, submit, map engine exceptions.
+engine::JobSnapshot submit_job(Context& ctx, const Request& req);
+
+std::string base64(const std::vector<uint8_t>& bytes);
+
+}  // namespace sdserve::server

@@ -1,0 +1,376 @@
+#include "server/http_session.h"
+
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/beast/websocket.hpp>
+
+#include "server/ws_session.h"
+
+namespace sdserve::server {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace websocket = beast::websocket;
+using json = nlohmann::ordered_json;
+using tcp = asio::ip::tcp;
+
+constexpr size_t kMaxDrainBytes = 64 << 20;  // read and dropped after a 413 before closing
+constexpr auto kDrainTime = std::chrono::seconds(5);
+
+bool is_final_type(const std::string& type) {
+  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
+}
+
+bool quiet_error(const beast::error_code& ec) {
+  return ec == http::error::end_of_stream || ec == http::error::partial_message ||
+         ec == beast::error::timeout || ec == asio::error::operation_aborted ||
+         ec == asio::error::connection_reset || ec == asio::error::eof ||
+         ec == asio::error::broken_pipe;
+}
+
+}  // namespace
+
+HttpSession::HttpSession(tcp::socket&& socket, std::shared_ptr<Context> ctx)
+    : stream_(std::move(socket)), ctx_(std::move(ctx)) {}
+
+HttpSession::~HttpSession() {
+  end_request();
+}
+
+void HttpSession::run() {
+  asio::dispatch(stream_.get_executor(),
+                 beast::bind_front_handler(&HttpSession::do_read, shared_from_this()));
+}
+
+void HttpSession::do_read() {
+  const auto& cfg = ctx_->config();
+  parser_.emplace();
+  parser_->header_limit(static_cast<uint32_t>(cfg.max_header_bytes));
+  parser_->body_limit(static_cast<uint64_t>(cfg.max_body_bytes));
+  req_ = {};
+  job_id_.clear();
+  waiting_.reset();
+  stream_.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(cfg.read_timeout_s)));
+  http::async_read_header(
+      stream_, buffer_, *parser_,
+      [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
+}
+
+void HttpSession::on_header(beast::error_code ec) {
+  if (ec) return on_read_error(ec);
+  started_ = std::chrono::steady_clock::now();
+  if (!in_flight_) {
+    in_flight_ = true;
+    ++ctx_->requests_in_flight;
+  }
+  const auto& h = parser_->get();
+  if (parser_->is_done()) return on_request();
+  if (beast::iequals(h[http::field::expect], "100-continue")) {
+    auto cont =
+        std::make_shared<http::response<http::empty_body>>(http::status::continue_, h.version());
+    http::async_write(
+        stream_, *cont, [self = shared_from_this(), cont](beast::error_code ec, size_t) {
+          if (ec) return self->close();
+          http::async_read(self->stream_, self->buffer_, *self->parser_,
+                           [self](beast::error_code ec, size_t) { self->on_body(ec); });
+        });
+    return;
+  }
+  http::async_read(
+      stream_, buffer_, *parser_,
+      [self = shared_from_this()](beast::error_code ec, size_t) { self->on_body(ec); });
+}
+
+void HttpSession::on_body(beast::error_code ec) {
+  if (ec) return on_read_error(ec);
+  on_request();
+}
+
+void HttpSession::on_read_error(beast::error_code ec) {
+  // Whatever of the header arrived, for the response's version and the log line.
+  if (quiet_error(ec)) return close();
+  if (parser_) {
+    const auto& h = parser_->get();
+    req_.version(h.version() ? h.version() : 11);
+    if (h.method() != http::verb::unknown) req_.method(h.method());
+    req_.target(h.target());
+  }
+  if (ec == http::error::body_limit) {
+    if (!in_flight_) {
+      in_flight_ = true;
+      ++ctx_->requests_in_flight;
+      started_ = std::chrono::steady_clock::now();
+    }
+    return send(
+        error_response(ApiError(413, "payload_too_large",
+                                "the request body is larger than max_body_bytes (" +
+                                    std::to_string(ctx_->config().max_body_bytes) + " bytes)"),
+                       req_),
+        true);
+  }
+  if (!in_flight_) {
+    in_flight_ = true;
+    ++ctx_->requests_in_flight;
+    started_ = std::chrono::steady_clock::now();
+  }
+  if (ec == http::error::header_limit)
+    return send(
+        error_response(ApiError(431, "header_too_large",
+                                "the request headers are larger than max_header_bytes (" +
+                                    std::to_string(ctx_->config().max_header_bytes) + " bytes)"),
+                       req_),
+        true);
+  send(
+      error_response(ApiError(400, "bad_request", "malformed HTTP request: " + ec.message()), req_),
+      true);
+}
+
+void HttpSession::on_request() {
+  req_ = parser_->release();
+  const Route route = match_route(std::string(req_.target()));
+  try {
+    if (route.kind == Route::kNotFound)
+      throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req_.target())));
+    check_auth(*ctx_, req_, route);
+    if (!method_allowed(route.kind, req_.method())) {
+      Response res =
+          error_response(ApiError(405, "method_not_allowed",
+                                  std::string(req_.method_string()) + " is not allowed here; use " +
+                                      allowed_methods(route.kind)),
+                         req_);
+      res.set(http::field::allow, allowed_methods(route.kind));
+      return send(std::move(res));
+    }
+    if ((route.kind == Route::kJobEvents || route.kind == Route::kEvents) &&
+        websocket::is_upgrade(req_)) {
+      auto engine = ctx_->engine();
+      if (!engine) {
+        ApiError err(503, "not_ready", "the model is still loading; retry shortly");
+        err.retry_after_s = 5;
+        throw err;
+      }
+      job_id_ = route.job_id;
+      if (route.kind == Route::kJobEvents && !engine->get(route.job_id))
+        throw ApiError(404, "not_found", "job '" + route.job_id + "' not found");
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
+              .count();
+      spdlog::info("{} {} 101 {:.1f}ms{}", std::string(req_.method_string()),
+                   path_of(std::string(req_.target())), ms,
+                   job_id_.empty() ? "" : " job=" + job_id_);
+      ctx_->metrics().count_request(101);
+      end_request();
+      stream_.expires_never();
+      auto ws = std::make_shared<WsSession>(
+          stream_.release_socket(), ctx_,
+          route.kind == Route::kJobEvents ? WsSession::Mode::kJob : WsSession::Mode::kMulti,
+          route.job_id);
+      ws->run(std::move(req_));
+      return;
+    }
+    if (route.kind == Route::kGenerate) return start_generate(req_);
+    send(handle_request(*ctx_, req_, route, job_id_));
+  } catch (const ApiError& e) {
+    send(error_response(e, req_));
+  } catch (const std::exception& e) {
+    spdlog::error("{} {}: {}", std::string(req_.method_string()), std::string(req_.target()),
+                  e.what());
+    send(error_response(ApiError(500, "internal", std::string("internal error: ") + e.what()),
+                        req_));
+  }
+}
+
+void HttpSession::start_generate(const Request& req) {
+  const engine::JobSnapshot snap = submit_job(*ctx_, req);
+  job_id_ = snap.id;
+  Waiting w;
+  w.job_id = snap.id;
+  w.cancel_on_disconnect = snap.request.cancel_on_disconnect;
+  const auto accept = req[http::field::accept];
+  w.want_json =
+      snap.request.num_images > 1 || (accept.find("application/json") != beast::string_view::npos &&
+                                      accept.find("image/png") == beast::string_view::npos);
+  waiting_ = w;
+  stream_.expires_never();  // generation takes as long as it takes
+  auto self = shared_from_this();
+  auto executor = stream_.get_executor();
+  // Only the final event matters here; it is posted so that the engine thread never waits.
+  // The callback keeps the session alive until unsubscribe (job done or client gone).
+  const uint64_t token = ctx_->subscribe(snap.id, [self, executor](const engine::JobEvent& e) {
+    if (!is_final_type(e.type)) return;
+    asio::post(executor, [self] { self->on_job_final(); });
+  });
+  if (token == 0) throw ApiError(500, "internal", "job '" + snap.id + "' vanished after submit");
+  if (waiting_) waiting_->token = token;
+  watch_disconnect();
+}
+
+void HttpSession::watch_disconnect() {
+  stream_.socket().async_wait(
+      tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
+        if (ec == asio::error::operation_aborted || !self->waiting_ || self->waiting_->done) return;
+        if (!ec) {
+          char c;
+          const size_t n =
+              self->stream_.socket().receive(asio::buffer(&c, 1), tcp::socket::message_peek, ec);
+          if (!ec && n > 0) return;  // a pipelined request: the client is still there
+        }
+        self->on_client_gone();
+      });
+}
+
+void HttpSession::on_client_gone() {
+  if (!waiting_ || waiting_->done) return;
+  waiting_->done = true;
+  // unsubscribe cancels the job when it asked for cancel_on_disconnect
+  ctx_->unsubscribe(waiting_->job_id, waiting_->token);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
+          .count();
+  spdlog::info("POST /v1/generate 499 {:.1f}ms job={} (client went away; job {})", ms,
+               waiting_->job_id, waiting_->cancel_on_disconnect ? "cancelled" : "continues");
+  ctx_->metrics().count_request(499);
+  end_request();
+  close();
+}
+
+void HttpSession::on_job_final() {
+  if (!waiting_ || waiting_->done) return;
+  waiting_->done = true;
+  ctx_->unsubscribe(waiting_->job_id, waiting_->token);
+  beast::error_code ec;
+  stream_.socket().cancel(ec);  // ends the disconnect watch
+  Response res;
+  try {
+    res = generate_response(req_);
+  } catch (const ApiError& e) {
+    res = error_response(e, req_);
+  } catch (const std::exception& e) {
+    res = error_response(ApiError(500, "internal", e.what()), req_);
+  }
+  send(std::move(res));
+}
+
+Response HttpSession::generate_response(const Request& req) {
+  const auto engine = ctx_->engine();
+  if (!engine) throw ApiError(503, "shutting_down", "the server is shutting down");
+  const std::string& id = waiting_->job_id;
+  const auto job = engine->get(id);
+  if (!job) throw ApiError(500, "internal", "job '" + id + "' was forgotten before it was read");
+  switch (job->status) {
+    case engine::JobStatus::kSucceeded:
+      break;
+    case engine::JobStatus::kFailed:
+      throw ApiError(500, "job_failed", "job '" + id + "' failed: " + job->error);
+    case engine::JobStatus::kCancelled:
+      if (ctx_->shutting_down())
+        throw ApiError(503, "shutting_down",
+                       "job '" + id + "' was cancelled because the server is shutting down");
+      throw ApiError(409, "cancelled", "job '" + id + "' was cancelled");
+    case engine::JobStatus::kExpired: {
+      ApiError err(503, "expired",
+                   "job '" + id + "' waited in the queue longer than its timeout_s; retry later");
+      err.retry_after_s = 5;
+      throw err;
+    }
+    default:
+      throw ApiError(500, "internal", "job '" + id + "' is not final");
+  }
+  std::vector<std::shared_ptr<const std::vector<uint8_t>>> pngs;
+  for (int k = 0; k < job->request.num_images; ++k) {
+    const auto img = engine->image(id, k);
+    if (img.status == engine::ImageLookup::kExpired)
+      throw ApiError(410, "gone", "the images of job '" + id + "' were already evicted");
+    if (img.status != engine::ImageLookup::kOk || !img.png)
+      throw ApiError(500, "internal",
+                     "image " + std::to_string(k) + " of job '" + id + "' is missing");
+    pngs.push_back(img.png);
+  }
+  if (!waiting_->want_json && pngs.size() == 1) {
+    Response res{http::status::ok, req.version()};
+    res.set(http::field::content_type, "image/png");
+    res.set("X-Job-Id", id);
+    res.set("X-Seed", std::to_string(job->seed));
+    res.body().assign(pngs[0]->begin(), pngs[0]->end());
+    return res;
+  }
+  json images = json::array();
+  for (size_t k = 0; k < pngs.size(); ++k)
+    images.push_back({{"index", k},
+                      {"seed", job->seed + k},
+                      {"content_type", "image/png"},
+                      {"base64", base64(*pngs[k])}});
+  json body = {{"id", id}, {"seed", job->seed}, {"images", images}, {"job", job_json(*job)}};
+  Response res = json_response(http::status::ok, body, req);
+  res.set("X-Job-Id", id);
+  return res;
+}
+
+void HttpSession::send(Response res, bool close_after) {
+  res.set(http::field::server, "sdserve/" SDSERVE_VERSION);
+  const bool keep = req_.keep_alive() && !close_after && !ctx_->shutting_down();
+  res.keep_alive(keep);
+  res.prepare_payload();
+  const int status = static_cast<int>(res.result_int());
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
+          .count();
+  const std::string method =
+      req_.method() == http::verb::unknown ? std::string("-") : std::string(req_.method_string());
+  const std::string path = req_.target().empty() ? "-" : path_of(std::string(req_.target()));
+  spdlog::info("{} {} {} {:.1f}ms{}", method, path, status, ms,
+               job_id_.empty() ? "" : " job=" + job_id_);
+  ctx_->metrics().count_request(status);
+  res_ = std::make_shared<Response>(std::move(res));
+  stream_.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(std::max(60.0, ctx_->config().read_timeout_s))));
+  http::async_write(stream_, *res_,
+                    [self = shared_from_this(), close_after, keep](beast::error_code ec, size_t) {
+                      self->end_request();
+                      if (ec) return self->close();
+                      self->res_.reset();
+                      if (close_after) return self->lingering_close();
+                      if (!keep) return self->close();
+                      self->do_read();
+                    });
+}
+
+// After refusing a request whose body is still arriving, closing at once would make the kernel
+// reset the connection, and the client might never read our answer: stop sending, swallow
+// what comes for a while, then close.
+void HttpSession::lingering_close() {
+  beast::error_code ec;
+  stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  if (ec) return close();
+  drained_ = 0;
+  stream_.expires_after(kDrainTime);
+  do_drain();
+}
+
+void HttpSession::do_drain() {
+  stream_.async_read_some(asio::buffer(drain_buf_),
+                          [self = shared_from_this()](beast::error_code ec, size_t n) {
+                            self->drained_ += n;
+                            if (ec || self->drained_ > kMaxDrainBytes) return self->close();
+                            self->do_drain();
+                          });
+}
+
+void HttpSession::close() {
+  beast::error_code ec;
+  stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  stream_.socket().close(ec);
+}
+
+void HttpSession::end_request() {
+  if (in_flight_) {
+    in_flight_ = false;
+    --ctx_->requests_in_flight;
+  }
+}
+
+}  // namespace sdserve::server

@@ -1,0 +1,107 @@
+#include "server/metrics.h"
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+namespace sdserve::server {
+namespace {
+
+// Counters only go up: advance `c` to the engine's absolute value.
+void advance(prometheus::Counter& c, uint64_t value) {
+  const double delta = static_cast<double>(value) - c.Value();
+  if (delta > 0) c.Increment(delta);
+}
+
+}  // namespace
+
+Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  using prometheus::BuildCounter;
+  using prometheus::BuildGauge;
+  auto& r = *registry_;
+  http_requests_ = &BuildCounter()
+                        .Name("sdserve_http_requests_total")
+                        .Help("HTTP requests answered, by status code")
+                        .Register(r);
+  websockets_ = &BuildGauge()
+                     .Name("sdserve_websocket_connections")
+                     .Help("Open WebSocket connections")
+                     .Register(r)
+                     .Add({});
+  dropped_ = &BuildCounter()
+                  .Name("sdserve_websocket_events_dropped_total")
+                  .Help("Progress/preview events dropped for slow WebSocket readers")
+                  .Register(r)
+                  .Add({});
+  ready_ = &BuildGauge()
+                .Name("sdserve_ready")
+                .Help("1 once the model is loaded and warm")
+                .Register(r)
+                .Add({});
+  queue_depth_ = &BuildGauge()
+                      .Name("sdserve_queue_depth")
+                      .Help("Jobs waiting in the queue")
+                      .Register(r)
+                      .Add({});
+  running_jobs_ =
+      &BuildGauge().Name("sdserve_running_jobs").Help("Jobs being denoised").Register(r).Add({});
+  active_images_ = &BuildGauge()
+                        .Name("sdserve_active_images")
+                        .Help("Images in the workers' batches")
+                        .Register(r)
+                        .Add({});
+  result_bytes_ = &BuildGauge()
+                       .Name("sdserve_result_store_bytes")
+                       .Help("PNG bytes held for finished jobs")
+                       .Register(r)
+                       .Add({});
+  jobs_ = &BuildCounter()
+               .Name("sdserve_jobs_total")
+               .Help("Jobs by outcome (submitted, succeeded, failed, cancelled, expired)")
+               .Register(r);
+  unet_steps_ = &BuildCounter()
+                     .Name("sdserve_unet_steps_total")
+                     .Help("UNet batch evaluations")
+                     .Register(r)
+                     .Add({});
+  images_ =
+      &BuildCounter().Name("sdserve_images_total").Help("Images finished").Register(r).Add({});
+}
+
+Metrics::~Metrics() = default;
+
+void Metrics::count_request(int status) {
+  http_requests_->Add({{"code", std::to_string(status)}}).Increment();
+}
+void Metrics::websocket_opened() {
+  websockets_->Increment();
+}
+void Metrics::websocket_closed() {
+  websockets_->Decrement();
+}
+void Metrics::events_dropped(uint64_t n) {
+  dropped_->Increment(static_cast<double>(n));
+}
+
+std::string Metrics::scrape(const engine::EngineStats* stats, bool ready) {
+  std::lock_guard<std::mutex> lock(scrape_mutex_);
+  ready_->Set(ready ? 1 : 0);
+  if (stats) {
+    queue_depth_->Set(stats->queued);
+    running_jobs_->Set(stats->running_jobs);
+    active_images_->Set(stats->active_images);
+    result_bytes_->Set(static_cast<double>(stats->result_bytes));
+    advance(jobs_->Add({{"status", "submitted"}}), stats->jobs_submitted);
+    advance(jobs_->Add({{"status", "succeeded"}}), stats->jobs_succeeded);
+    advance(jobs_->Add({{"status", "failed"}}), stats->jobs_failed);
+    advance(jobs_->Add({{"status", "cancelled"}}), stats->jobs_cancelled);
+    advance(jobs_->Add({{"status", "expired"}}), stats->jobs_expired);
+    advance(*unet_steps_, stats->unet_steps);
+    advance(*images_, stats->images_done);
+  }
+  return prometheus::TextSerializer().Serialize(registry_->Collect());
+}
+
+}  // namespace sdserve::server
