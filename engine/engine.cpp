@@ -78,8 +78,9 @@ JobSnapshot Engine::submit(JobRequest request) {
   spec.guidance_scale = request.guidance_scale;
   spec.sampler = request.sampler;
   spec.scheduler = request.scheduler;
+  int evals_per_image = 0;
   try {
-    impl_->models.front()->validate(spec);
+    evals_per_image = impl_->models.front()->evals_total(spec);
   } catch (const pipeline::RequestError& e) {
     throw std::invalid_argument(e.what());
   }
@@ -103,6 +104,7 @@ JobSnapshot Engine::submit(JobRequest request) {
   job->queue_deadline = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
                                                  std::chrono::duration<double>(timeout));
   job->evals_done.assign(job->request.num_images, 0);
+  job->evals_per_image = evals_per_image;
 
   std::unique_lock<std::mutex> lock(impl_->mutex);
   if (impl_->stopping) throw ShuttingDown("the service is shutting down and accepts no new jobs");

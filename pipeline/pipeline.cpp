@@ -360,7 +360,19 @@ torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
 
 std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {
   if (batch.empty()) return {};
-  return to_rgb8(impl_->decode_float(batch));
+  if (impl_->device.is_cuda()) return to_rgb8(impl_->decode_float(batch));
+  // On the CPU, decoding images one at a time keeps an image's bytes independent of what
+  // finished beside it (a batched convolution may round differently); the GPU batches for speed.
+  std::vector<RgbImage> out;
+  for (auto* t : batch) out.push_back(to_rgb8(impl_->decode_float({t})).front());
+  return out;
+}
+
+int Model::evals_total(const ImageSpec& spec) const {
+  validate(spec);
+  return make_sampler(spec.sampler, spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
+                      spec.steps, impl_->scheduler)
+      ->num_evals();
 }
 
 torch::Tensor Model::Impl::predicted_x0(const Trajectory::State& s) const {

@@ -134,6 +134,8 @@ class Model {
                                     EmbeddingPtr uncond) const;
   // One model evaluation for each trajectory (none may be done), in a single UNet batch.
   void step(const std::vector<Trajectory*>& batch) const;
+  // Model evaluations a spec takes (steps, except heun 2 * steps - 1, pndm steps + 1).
+  int evals_total(const ImageSpec& spec) const;
   // Decodes finished trajectories to 8-bit RGB.
   std::vector<RgbImage> decode(const std::vector<Trajectory*>& batch) const;
   // A cheap preview: the predicted clean latent projected to RGB (no VAE), at most max_side px.
