@@ -89,6 +89,8 @@ class Engine {
   // then with every later event. Returns 0 for an unknown job, else a token for unsubscribe.
   uint64_t subscribe(const std::string& id, EventCallback callback);
   // A job that asked cancel_on_disconnect is cancelled when its last subscriber leaves.
+  // A callback already being delivered may still run after unsubscribe() returns: whatever it
+  // captures must stay alive until then (the server's sessions hold themselves by shared_ptr).
   void unsubscribe(const std::string& id, uint64_t token);
 
   EngineStats stats() const;

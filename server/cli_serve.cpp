@@ -1,4 +1,5 @@
 // `sdserve serve`: configuration, model, engine, and the HTTP/WebSocket server around them.
+#include <algorithm>
 #include <spdlog/spdlog.h>
 
 #include <cstdlib>
@@ -65,6 +66,12 @@ int run_serve(const std::vector<std::string>& args) {
   pipeline::LoadOptions load;
   load.device = cfg.device;
   load.precision = cfg.precision;
+  // Buckets are counted in images; a UNet batch has one row per image, two with guidance.
+  load.batch_buckets.clear();
+  for (int b : cfg.batch_buckets)
+    for (int rows : {b, 2 * b})
+      if (std::find(load.batch_buckets.begin(), load.batch_buckets.end(), rows) == load.batch_buckets.end())
+        load.batch_buckets.push_back(rows);
   std::shared_ptr<pipeline::Model> model = pipeline::Model::load(model_path, load);
   const auto& info = model->info();
   spdlog::info("model {} ({}, {}) on {} in {}, loaded in {:.1f} s", info.name, info.family,

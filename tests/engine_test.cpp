@@ -35,7 +35,8 @@ JobRequest small_request(int steps = 4, uint64_t seed = 7) {
   return r;
 }
 
-// Records a job's events and lets a test wait for one.
+// Records a job's events and lets a test wait for one. Declare it before the engine: the engine's
+// dispatcher may call it until the engine is destroyed.
 class Recorder {
  public:
   EventCallback callback() {
@@ -125,8 +126,8 @@ TEST(ResultStore, EvictsOldestOverByteCapAndByAge) {
 }
 
 TEST(Engine, JobRunsToPngWithEventsInOrder) {
-  auto engine = make_engine();
   Recorder rec;
+  auto engine = make_engine();
   auto snap = engine->submit(small_request());
   ASSERT_NE(engine->subscribe(snap.id, rec.callback()), 0u);
   ASSERT_TRUE(rec.wait_for("succeeded"));
@@ -154,10 +155,10 @@ TEST(Engine, JobRunsToPngWithEventsInOrder) {
 }
 
 TEST(Engine, LateSubscriberGetsCurrentStateFirst) {
+  Recorder rec;
   auto engine = make_engine();
   auto snap = engine->submit(small_request());
   ASSERT_EQ(wait_final(*engine, snap.id), JobStatus::kSucceeded);
-  Recorder rec;
   engine->subscribe(snap.id, rec.callback());
   ASSERT_TRUE(rec.wait_for("succeeded", 10s));
   EXPECT_EQ(rec.events().size(), 1u);
@@ -166,8 +167,8 @@ TEST(Engine, LateSubscriberGetsCurrentStateFirst) {
 TEST(Engine, ShortJobStartsWhileLongOneRuns) {
   EngineOptions o;
   o.max_batch = 4;
-  auto engine = make_engine(o);
   Recorder long_rec, short_rec;
+  auto engine = make_engine(o);
   auto long_job = engine->submit(small_request(150));
   engine->subscribe(long_job.id, long_rec.callback());
   ASSERT_TRUE(long_rec.wait_for("progress"));
@@ -215,8 +216,8 @@ TEST(Engine, SamePixelsAloneAndBatched) {
 TEST(Engine, CancelQueuedAndRunning) {
   EngineOptions o;
   o.max_batch = 1;
-  auto engine = make_engine(o);
   Recorder rec;
+  auto engine = make_engine(o);
   auto running = engine->submit(small_request(150));
   engine->subscribe(running.id, rec.callback());
   auto queued = engine->submit(small_request(150));
@@ -237,8 +238,8 @@ TEST(Engine, QueueFullAndExpiry) {
   EngineOptions o;
   o.max_batch = 1;
   o.max_queue = 2;
-  auto engine = make_engine(o);
   Recorder rec;
+  auto engine = make_engine(o);
   auto running = engine->submit(small_request(150));
   engine->subscribe(running.id, rec.callback());
   ASSERT_TRUE(rec.wait_for("started"));
@@ -259,8 +260,8 @@ TEST(Engine, QueueFullAndExpiry) {
 TEST(Engine, HighPriorityOvertakesNormal) {
   EngineOptions o;
   o.max_batch = 1;
-  auto engine = make_engine(o);
   Recorder rec;
+  auto engine = make_engine(o);
   auto blocker = engine->submit(small_request(40));
   engine->subscribe(blocker.id, rec.callback());
   ASSERT_TRUE(rec.wait_for("started"));
