@@ -269,6 +269,26 @@ BenchReport run_bench(const BenchOptions& o,
     r.batches.push_back(bb);
   }
   r.batch1_it_per_s = r.batches.empty() ? 0 : r.batches.front().it_per_s;
+
+  if (!o.trace_path.empty()) {
+    say("tracing batch-1 and batch-16 steps to " + o.trace_path);
+    auto emb = model->encode_texts({req.prompt, req.negative_prompt});
+    for (int b : {1, 16}) {
+      std::vector<std::unique_ptr<Trajectory>> owned;
+      std::vector<Trajectory*> batch;
+      for (int k = 0; k < b; ++k) {
+        owned.push_back(model->begin(req.image, emb[0], emb[1]));
+        batch.push_back(owned.back().get());
+      }
+      model->step(batch);  // warm
+      model->synchronize();
+      if (!start_trace()) break;
+      for (int i = 0; i < 3; ++i) model->step(batch);
+      model->decode(batch);
+      model->synchronize();
+      stop_trace(o.trace_path + "." + std::to_string(b) + ".json");
+    }
+  }
   return r;
 }
 

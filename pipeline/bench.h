@@ -22,6 +22,7 @@ struct BenchOptions {
   std::string sampler = "euler";
   std::vector<int> batches = {1, 2, 4, 8, 16, 32};
   int repeats = 3;  // timed runs per batch size (the median is reported)
+  std::string trace_path;  // when set (CUDA, torch >= 2): a Chrome trace of batch-1 and batch-16 steps
   std::chrono::steady_clock::time_point process_start = std::chrono::steady_clock::now();
 };
 

@@ -15,3 +15,12 @@ DeviceMemory device_memory(torch::Device device, bool reset_peak);
 void configure_cuda_for_inference(bool allow_tf32);
 
 }  // namespace sdserve::pipeline
+
+namespace sdserve::pipeline {
+
+// Kineto (torch >= 2 with CUDA): records CPU ops and CUDA kernels until stop_trace(), which
+// writes a Chrome trace. False where tracing is unavailable.
+bool start_trace();
+void stop_trace(const std::string& path);
+
+}  // namespace sdserve::pipeline
