@@ -270,10 +270,10 @@ BenchReport run_bench(const BenchOptions& o,
   }
   r.batch1_it_per_s = r.batches.empty() ? 0 : r.batches.front().it_per_s;
 
-  if (!o.trace_path.empty()) {
-    say("tracing batch-1 and batch-16 steps to " + o.trace_path);
+  if (o.profile_batch > 0) {
+    say("profiler range: one step at batch " + std::to_string(o.profile_batch));
     auto emb = model->encode_texts({req.prompt, req.negative_prompt});
-    for (int b : {1, 16}) {
+    for (int b : {o.profile_batch}) {
       std::vector<std::unique_ptr<Trajectory>> owned;
       std::vector<Trajectory*> batch;
       for (int k = 0; k < b; ++k) {
@@ -283,10 +283,10 @@ BenchReport run_bench(const BenchOptions& o,
       model->step(batch);  // warm
       model->synchronize();
       if (!start_trace()) break;
-      for (int i = 0; i < 3; ++i) model->step(batch);
+      model->step(batch);
       model->decode(batch);
       model->synchronize();
-      stop_trace(o.trace_path + "." + std::to_string(b) + ".json");
+      stop_trace();
     }
   }
   return r;

@@ -22,7 +22,9 @@ struct BenchOptions {
   std::string sampler = "euler";
   std::vector<int> batches = {1, 2, 4, 8, 16, 32};
   int repeats = 3;  // timed runs per batch size (the median is reported)
-  std::string trace_path;  // when set (CUDA, torch >= 2): a Chrome trace of batch-1 and batch-16 steps
+  // CUDA: when > 0, after the timings, one step at this batch size (and its VAE decode) inside
+  // the CUDA profiler range, for `ncu --profile-from-start off`.
+  int profile_batch = 0;
   std::chrono::steady_clock::time_point process_start = std::chrono::steady_clock::now();
 };
 

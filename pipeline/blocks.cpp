@@ -122,9 +122,22 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     tokens = group_norm_ ? group_norm_(x.transpose(1, 2)).transpose(1, 2) : x;
   }
   const auto& kv_input = context.defined() ? context : tokens;
-  auto q = split_heads(to_q_(tokens), options_.heads);
-  auto k = split_heads(to_k_(kv_input), options_.heads);
-  auto v = split_heads(to_v_(kv_input), options_.heads);
+  torch::Tensor q, k, v;
+  if (qkv_weight_.defined() && !context.defined()) {
+    auto qkv = torch::linear(tokens, qkv_weight_, qkv_bias_).chunk(3, -1);
+    q = split_heads(qkv[0], options_.heads);
+    k = split_heads(qkv[1], options_.heads);
+    v = split_heads(qkv[2], options_.heads);
+  } else if (kv_weight_.defined() && context.defined()) {
+    q = split_heads(to_q_(tokens), options_.heads);
+    auto kv = torch::linear(kv_input, kv_weight_, kv_bias_).chunk(2, -1);
+    k = split_heads(kv[0], options_.heads);
+    v = split_heads(kv[1], options_.heads);
+  } else {
+    q = split_heads(to_q_(tokens), options_.heads);
+    k = split_heads(to_k_(kv_input), options_.heads);
+    v = split_heads(to_v_(kv_input), options_.heads);
+  }
 
   torch::Tensor out;
   const auto dtype = q.scalar_type();
@@ -142,6 +155,38 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   if (options_.residual) out = x + out;  // x first: the sum takes x's (contiguous) layout
   if (options_.rescale_output_factor != 1.0) out = out / options_.rescale_output_factor;
   return out;
+}
+
+void AttentionImpl::fuse_projections() {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::nn::Linear> parts;
+  if (options_.context_dim <= 0) {
+    parts = {to_q_, to_k_, to_v_};
+  } else {
+    parts = {to_k_, to_v_};
+  }
+  std::vector<torch::Tensor> weights, biases;
+  for (auto& p : parts) {
+    weights.push_back(p->weight);
+    if (p->bias.defined()) biases.push_back(p->bias);
+  }
+  auto weight = torch::cat(weights, 0);
+  auto bias = biases.size() == parts.size() ? torch::cat(biases, 0) : torch::Tensor();
+  // Point the separate weights into the fused tensor (no second copy in memory).
+  int64_t row = 0;
+  for (auto& p : parts) {
+    const int64_t n = p->weight.size(0);
+    p->weight.set_data(weight.narrow(0, row, n));
+    if (bias.defined()) p->bias.set_data(bias.narrow(0, row, n));
+    row += n;
+  }
+  if (options_.context_dim <= 0) {
+    qkv_weight_ = weight;
+    qkv_bias_ = bias;
+  } else {
+    kv_weight_ = weight;
+    kv_bias_ = bias;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

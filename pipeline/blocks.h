@@ -95,8 +95,15 @@ class AttentionImpl : public torch::nn::Module {
   // context: (B, Lk, context_dim); undefined for self-attention.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
 
+  // After loading: one GEMM for q, k and v (self-attention) or for k and v (cross-attention)
+  // instead of three or two. The separate weights become views into the fused one, so this
+  // costs no memory; results equal the unfused ones up to GEMM rounding.
+  void fuse_projections();
+
  private:
   AttentionOptions options_;
+  torch::Tensor qkv_weight_, qkv_bias_;  // self-attention, when fused
+  torch::Tensor kv_weight_, kv_bias_;    // cross-attention, when fused
   torch::nn::GroupNorm group_norm_{nullptr};
   torch::nn::Linear to_q_{nullptr}, to_k_{nullptr}, to_v_{nullptr}, out_proj_{nullptr};
   torch::nn::ModuleList to_out_;

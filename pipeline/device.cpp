@@ -47,31 +47,24 @@ void configure_cuda_for_inference(bool allow_tf32) {
 
 }  // namespace sdserve::pipeline
 
-#if defined(SDSERVE_WITH_CUDA) && TORCH_VERSION_MAJOR >= 2
-#include <torch/csrc/autograd/profiler_kineto.h>
+#ifdef SDSERVE_WITH_CUDA
+#include <cuda_profiler_api.h>
 #endif
 
 namespace sdserve::pipeline {
 
-#if defined(SDSERVE_WITH_CUDA) && TORCH_VERSION_MAJOR >= 2
-namespace prof = torch::autograd::profiler;
-
 bool start_trace() {
-  const prof::ProfilerConfig config(prof::ProfilerState::KINETO, false, false);
-  const std::set<torch::profiler::impl::ActivityType> activities = {
-      torch::profiler::impl::ActivityType::CPU, torch::profiler::impl::ActivityType::CUDA};
-  prof::prepareProfiler(config, activities);
-  prof::enableProfiler(config, activities);
-  return true;
+#ifdef SDSERVE_WITH_CUDA
+  return cudaProfilerStart() == cudaSuccess;
+#else
+  return false;
+#endif
 }
 
-void stop_trace(const std::string& path) {
-  auto result = prof::disableProfiler();
-  if (result) result->save(path);
-}
-#else
-bool start_trace() { return false; }
-void stop_trace(const std::string&) {}
+void stop_trace() {
+#ifdef SDSERVE_WITH_CUDA
+  cudaProfilerStop();
 #endif
+}
 
 }  // namespace sdserve::pipeline

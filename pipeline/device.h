@@ -18,9 +18,9 @@ void configure_cuda_for_inference(bool allow_tf32);
 
 namespace sdserve::pipeline {
 
-// Kineto (torch >= 2 with CUDA): records CPU ops and CUDA kernels until stop_trace(), which
-// writes a Chrome trace. False where tracing is unavailable.
+// Opens / closes the CUDA profiler's capture range, so that an outside profiler started with
+// `ncu --profile-from-start off` sees only the kernels in between. False without CUDA.
 bool start_trace();
-void stop_trace(const std::string& path);
+void stop_trace();
 
 }  // namespace sdserve::pipeline

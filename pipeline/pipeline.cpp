@@ -231,10 +231,12 @@ EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip) const 
   return encode_texts({prompt}, clip_skip).front();
 }
 
-std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts, int clip_skip) const {
+std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts,
+                                              int clip_skip) const {
   if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
-    throw RequestError("clip_skip must be between 1 and " + std::to_string(impl_->info.text_layers) +
-                       ", got " + std::to_string(clip_skip));
+    throw RequestError("clip_skip must be between 1 and " +
+                       std::to_string(impl_->info.text_layers) + ", got " +
+                       std::to_string(clip_skip));
   if (prompts.empty()) return {};
   torch::NoGradGuard no_grad;
   std::vector<int64_t> ids;
@@ -245,7 +247,8 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
   auto input = torch::tensor(ids, torch::kInt64).view({static_cast<int64_t>(prompts.size()), -1});
   auto hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
   std::vector<EmbeddingPtr> out;
-  for (int64_t i = 0; i < hidden.size(0); ++i) out.push_back(std::make_shared<Embedding>(hidden.narrow(0, i, 1)));
+  for (int64_t i = 0; i < hidden.size(0); ++i)
+    out.push_back(std::make_shared<Embedding>(hidden.narrow(0, i, 1)));
   return out;
 }
 
@@ -370,7 +373,8 @@ std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const
 
 int Model::evals_total(const ImageSpec& spec) const {
   validate(spec);
-  return make_sampler(spec.sampler, spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
+  return make_sampler(spec.sampler,
+                      spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
                       spec.steps, impl_->scheduler)
       ->num_evals();
 }

@@ -128,7 +128,8 @@ class Model {
 
   EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1) const;
   // Several prompts in one text-encoder call.
-  std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts, int clip_skip = 1) const;
+  std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,
+                                         int clip_skip = 1) const;
   // `uncond` may be null when spec.guidance_scale <= 1.
   std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
                                     EmbeddingPtr uncond) const;

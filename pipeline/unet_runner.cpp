@@ -1,6 +1,7 @@
 #include "pipeline/unet_runner.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "pipeline/log.h"
 
@@ -37,6 +38,9 @@ UNetRunner::UNetRunner(UNet unet, torch::Device device, torch::Dtype dtype,
       options_(std::move(options)),
       graphs_(std::make_unique<Graphs>()) {
   std::sort(options_.buckets.begin(), options_.buckets.end());
+  if (device_.is_cuda() && options_.fuse_projections)
+    for (auto& m : unet_->modules(/*include_self=*/false))
+      if (auto* attention = m->as<AttentionImpl>()) attention->fuse_projections();
   if (device_.is_cuda() && options_.channels_last) {
     // cuDNN's fastest fp16 convolutions are NHWC; keep the weights that way once.
     torch::NoGradGuard no_grad;
@@ -83,6 +87,7 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
       e.t.narrow(0, 0, rows).copy_(t_in);
       e.ctx.narrow(0, 0, rows).copy_(ctx_in);
       // Warm up on a side stream (cuDNN picks its algorithms here), then capture.
+      const auto t0 = std::chrono::steady_clock::now();
       auto stream = c10::cuda::getStreamFromPool(false, device_.index());
       {
         c10::cuda::CUDAStreamGuard guard(stream);

@@ -18,6 +18,7 @@ namespace sdserve::pipeline {
 struct UNetRunnerOptions {
   bool cuda_graphs = true;       // ignored off CUDA
   bool channels_last = true;     // ignored off CUDA
+  bool fuse_projections = true;  // fused q/k/v GEMMs; ignored off CUDA (CPU stays exact)
   std::vector<int64_t> buckets;  // UNet rows are padded up to one of these (CUDA only)
 };
 

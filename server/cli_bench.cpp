@@ -28,7 +28,8 @@ fp16 weights to --work-dir first (same compute as the real checkpoint; not count
   --no-cuda-graphs      run the UNet eagerly
   --no-channels-last    keep NCHW convolutions
   --json FILE           also write the report as JSON
-  --trace PREFIX        CUDA: Chrome traces of batch-1/16 steps to PREFIX.1.json, PREFIX.16.json
+  --profile-batch N     CUDA: finally run one step and decode at batch N inside the CUDA
+                        profiler range (ncu --profile-from-start off ... --profile-batch N)
 )";
 
 std::vector<int> parse_list(const std::string& flag, const std::string& v) {

@@ -1,6 +1,6 @@
 // `sdserve serve`: configuration, model, engine, and the HTTP/WebSocket server around them.
-#include <algorithm>
 #include <spdlog/spdlog.h>
+#include <algorithm>
 
 #include <cstdlib>
 #include <iostream>
@@ -70,7 +70,8 @@ int run_serve(const std::vector<std::string>& args) {
   load.batch_buckets.clear();
   for (int b : cfg.batch_buckets)
     for (int rows : {b, 2 * b})
-      if (std::find(load.batch_buckets.begin(), load.batch_buckets.end(), rows) == load.batch_buckets.end())
+      if (std::find(load.batch_buckets.begin(), load.batch_buckets.end(), rows) ==
+          load.batch_buckets.end())
         load.batch_buckets.push_back(rows);
   std::shared_ptr<pipeline::Model> model = pipeline::Model::load(model_path, load);
   const auto& info = model->info();

@@ -101,7 +101,9 @@ TEST_P(PipelineParity, StepLatentsAndImageMatchDiffusers) {
             << "\n";
 }
 
-TEST(PipelineParityRuns, AllTwentySevenAreInstantiated) { EXPECT_EQ(fixture_runs().size(), 27u); }
+TEST(PipelineParityRuns, AllTwentySevenAreInstantiated) {
+  EXPECT_EQ(fixture_runs().size(), 27u);
+}
 
 INSTANTIATE_TEST_SUITE_P(AllRuns, PipelineParity, ::testing::ValuesIn(fixture_runs()),
                          [](const auto& info) { return info.param.name; });
