@@ -83,10 +83,12 @@ TEST(CudaParity, Fp32MatchesReferenceOnAllRuns) {
   }
 }
 
-// fp16 carries 11 significant bits (relative step 4.9e-4 per rounding); errors compound over up
-// to 39 UNet evaluations. The bound below comes from the measured worst case on an H100 (see
-// docs/PERFORMANCE.md) with a 2x margin; the latents and images stay float32 throughout.
-constexpr double kFp16Tolerance = 2e-2;
+// fp16 carries 11 significant bits (relative rounding step 4.9e-4), and its errors compound over
+// up to 39 UNet evaluations; latents, sampler math and the VAE stay float32. Measured worst case
+// over the 27 runs on an H200 (2026-11-22, docs/PERFORMANCE.md): latents 6.2e-3, images 1.5e-2
+// relative. The bounds are twice that.
+constexpr double kFp16LatentTolerance = 1.25e-2;
+constexpr double kFp16ImageTolerance = 3e-2;
 
 TEST(CudaParity, Fp16WithinMeasuredTolerance) {
   SKIP_WITHOUT_CUDA();
@@ -99,8 +101,8 @@ TEST(CudaParity, Fp16WithinMeasuredTolerance) {
     worst_image = std::max(worst_image, image);
   }
   std::cout << "[ cuda fp16 ] worst: latents " << worst_latent << ", image " << worst_image << "\n";
-  EXPECT_LE(worst_latent, kFp16Tolerance);
-  EXPECT_LE(worst_image, kFp16Tolerance);
+  EXPECT_LE(worst_latent, kFp16LatentTolerance);
+  EXPECT_LE(worst_image, kFp16ImageTolerance);
 }
 
 // Final latents of images with `seeds`, all in one batch.
