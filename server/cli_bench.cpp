@@ -89,6 +89,8 @@ int run_bench(const std::vector<std::string>& args) {
       o.repeats = parse_int_arg(a, v, 1, 100);
     else if (a == "--json")
       json_path = v;
+    else if (a == "--profile-batch")
+      o.profile_batch = parse_int_arg(a, v, 1, 256);
     else
       throw UsageError("unknown option '" + a + "'");
   }
