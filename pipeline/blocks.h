@@ -32,6 +32,14 @@ struct ResnetBlock2DOptions {
   bool skip_time_act = false;  // resnet_skip_time_act
 };
 
+// GroupNorm with the same result as `norm(x)`. On CUDA, for contiguous inputs with few
+// (sample, group) rows, it computes the statistics with a general reduction instead: torch's
+// kernel gives each row one thread block, so at batch 1 the VAE's 32 rows of a million values
+// leave most of the GPU idle (12 of the VAE's 28 ms in the profile, docs/PERFORMANCE.md).
+// `force` takes that path on any device (tests).
+torch::Tensor group_norm_forward(const torch::nn::GroupNorm& norm, const torch::Tensor& x,
+                                 bool force = false);
+
 class ResnetBlock2DImpl : public torch::nn::Module {
  public:
   explicit ResnetBlock2DImpl(const ResnetBlock2DOptions& options);
