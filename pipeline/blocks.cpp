@@ -7,8 +7,27 @@ namespace {
 
 namespace F = torch::nn::functional;
 
-torch::Tensor group_norm_forward(const torch::nn::GroupNorm& norm, const torch::Tensor& x,
-                                 bool force) {
+torch::nn::GroupNorm group_norm(int64_t groups, int64_t channels, double eps) {
+  return torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, channels).eps(eps).affine(true));
+}
+
+torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t padding) {
+  return torch::nn::Conv2d(
+      torch::nn::Conv2dOptions(in, out, kernel).stride(stride).padding(padding));
+}
+
+// (B, L, heads * d) -> (B, heads, L, d), a view: the attention kernels accept the strides.
+torch::Tensor split_heads(const torch::Tensor& x, int64_t heads) {
+  return x.view({x.size(0), x.size(1), heads, -1}).transpose(1, 2);
+}
+
+}  // namespace
+
+torch::Tensor group_norm_forward(torch::nn::GroupNorm norm, const torch::Tensor& x, bool force) {
   const auto& o = norm->options;
   const int64_t n = x.size(0), groups = o.num_groups(), channels = x.size(1);
   constexpr int64_t kFewRows = 512;  // below this, one block per row underfills an H100/H200
@@ -36,26 +55,6 @@ torch::Tensor group_norm_forward(const torch::nn::GroupNorm& norm, const torch::
   return torch::addcmul(shift.view(shape).to(x.scalar_type()), x,
                         scale.view(shape).to(x.scalar_type()));
 }
-
-torch::nn::GroupNorm group_norm(int64_t groups, int64_t channels, double eps) {
-  return torch::nn::GroupNorm(torch::nn::GroupNormOptions(groups, channels).eps(eps).affine(true));
-}
-
-torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
-
-torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t padding) {
-  return torch::nn::Conv2d(
-      torch::nn::Conv2dOptions(in, out, kernel).stride(stride).padding(padding));
-}
-
-// (B, L, heads * d) -> (B, heads, L, d), a view: the attention kernels accept the strides.
-torch::Tensor split_heads(const torch::Tensor& x, int64_t heads) {
-  return x.view({x.size(0), x.size(1), heads, -1}).transpose(1, 2);
-}
-
-}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options) : options_(options) {

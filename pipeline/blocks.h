@@ -37,7 +37,7 @@ struct ResnetBlock2DOptions {
 // kernel gives each row one thread block, so at batch 1 the VAE's 32 rows of a million values
 // leave most of the GPU idle (12 of the VAE's 28 ms in the profile, docs/PERFORMANCE.md).
 // `force` takes that path on any device (tests).
-torch::Tensor group_norm_forward(const torch::nn::GroupNorm& norm, const torch::Tensor& x,
+torch::Tensor group_norm_forward(torch::nn::GroupNorm norm, const torch::Tensor& x,
                                  bool force = false);
 
 class ResnetBlock2DImpl : public torch::nn::Module {
