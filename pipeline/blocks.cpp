@@ -31,18 +31,29 @@ torch::Tensor group_norm_forward(torch::nn::GroupNorm norm, const torch::Tensor&
   const auto& o = norm->options;
   const int64_t n = x.size(0), groups = o.num_groups(), channels = x.size(1);
   constexpr int64_t kFewRows = 512;  // below this, one block per row underfills an H100/H200
-  if (!force && (!x.is_cuda() || n * groups >= kFewRows || !x.is_contiguous()))
-    return norm->forward(x);
+  const bool channels_last =
+      x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(torch::MemoryFormat::ChannelsLast);
+  const bool few_rows = x.is_contiguous() && n * groups < kFewRows;
+  if (!force && (!x.is_cuda() || !(channels_last || few_rows))) return norm->forward(x);
+
+  // Statistics per (sample, group) with a general reduction, in float32.
   const auto stats_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  auto grouped = x.view({n, groups, -1});
-  auto var_mean =
-      torch::var_mean(grouped.to(stats_dtype), {2}, /*unbiased=*/false, /*keepdim=*/true);
-  auto rstd = torch::rsqrt(std::get<0>(var_mean) + o.eps());  // (n, groups, 1)
-  auto mean = std::get<1>(var_mean);
-  // Fold the statistics and the affine parameters into one scale and shift per (sample,
-  // channel), so normalising is a single pass over x.
+  std::tuple<torch::Tensor, torch::Tensor> var_mean;
+  if (channels_last) {
+    // (N, C, H, W) channels-last is (N, H*W, G, C/G) in memory: reduce over dims 1 and 3 and
+    // keep the layout, instead of torch's kernel converting to NCHW and back.
+    auto grouped = x.permute({0, 2, 3, 1}).reshape({n, -1, groups, channels / groups});
+    var_mean = torch::var_mean(grouped, {1, 3}, /*unbiased=*/false, /*keepdim=*/false);
+  } else {
+    auto grouped = x.reshape({n, groups, -1}).to(stats_dtype);
+    var_mean = torch::var_mean(grouped, {2}, /*unbiased=*/false, /*keepdim=*/false);
+  }
+  auto rstd = torch::rsqrt(std::get<0>(var_mean).to(stats_dtype) + o.eps());  // (n, groups)
+  auto mean = std::get<1>(var_mean).to(stats_dtype);
+  // Fold statistics and affine parameters into one scale and shift per (sample, channel), so
+  // normalising is a single pass over x that keeps its memory layout.
   auto per_channel = [&](const torch::Tensor& t) {
-    return t.expand({n, groups, channels / groups}).reshape({n, channels});
+    return t.unsqueeze(-1).expand({n, groups, channels / groups}).reshape({n, channels});
   };
   auto scale = per_channel(rstd);
   auto shift = -per_channel(mean) * scale;
@@ -311,7 +322,7 @@ Transformer2DImpl::Transformer2DImpl(const Transformer2DOptions& options) : opti
 torch::Tensor Transformer2DImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
   const auto b = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
   // NCHW -> (B, H*W, C): the one layout copy on the way in.
-  auto h = norm_(x).permute({0, 2, 3, 1}).reshape({b, height * width, c});
+  auto h = group_norm_forward(norm_, x).permute({0, 2, 3, 1}).reshape({b, height * width, c});
   // A 1x1 conv is a matmul over channels; applying it to the tokens avoids a second transpose.
   h = proj_in_linear_ ? proj_in_linear_(h)
                       : torch::linear(h, proj_in_conv_->weight.flatten(1), proj_in_conv_->bias);

@@ -32,11 +32,11 @@ struct ResnetBlock2DOptions {
   bool skip_time_act = false;  // resnet_skip_time_act
 };
 
-// GroupNorm with the same result as `norm(x)`. On CUDA, for contiguous inputs with few
-// (sample, group) rows, it computes the statistics with a general reduction instead: torch's
-// kernel gives each row one thread block, so at batch 1 the VAE's 32 rows of a million values
-// leave most of the GPU idle (12 of the VAE's 28 ms in the profile, docs/PERFORMANCE.md).
-// `force` takes that path on any device (tests).
+// GroupNorm with the same result as `norm(x)`. On CUDA it computes the statistics with a
+// general reduction and normalises in one pass (a) for channels-last inputs, which torch's kernel
+// converts to NCHW and back, and (b) for contiguous inputs with few (sample, group) rows, where
+// torch's one-block-per-row kernel leaves most of the GPU idle (at batch 1 the VAE's 32 rows of
+// a million values: 12 of its 28 ms; docs/PERFORMANCE.md). `force` takes it on any device.
 torch::Tensor group_norm_forward(torch::nn::GroupNorm norm, const torch::Tensor& x,
                                  bool force = false);
 

@@ -285,7 +285,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
     }
     x = up_blocks_[i](x, emb, context, &skips, size);
   }
-  return conv_out_(silu_inplace(conv_norm_out_(x)));
+  return conv_out_(silu_inplace(group_norm_forward(conv_norm_out_, x)));
 }
 
 }  // namespace sdserve::pipeline

@@ -22,6 +22,18 @@ TEST(GroupNormFastPath, MatchesTorchGroupNorm) {
   }
 }
 
+TEST(GroupNormFastPath, ChannelsLastKeepsLayoutAndValues) {
+  torch::manual_seed(2);
+  torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(4, 16).eps(1e-5));
+  torch::NoGradGuard no_grad;
+  norm->weight.uniform_(0.5, 1.5);
+  norm->bias.uniform_(-0.5, 0.5);
+  auto x = (torch::randn({2, 16, 6, 5}) * 2 - 1).contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto got = group_norm_forward(norm, x, /*force=*/true);
+  EXPECT_TRUE(got.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  EXPECT_LE(test::max_abs_diff(got, norm->forward(x.contiguous())), 1e-5);
+}
+
 TEST(GroupNormFastPath, CpuUsesTorchKernel) {
   torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(2, 4));
   auto x = torch::randn({1, 4, 3, 3});
