@@ -357,8 +357,16 @@ torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
   for (auto* t : batch) latents.push_back(t->state().latent);
   auto z = torch::cat(latents) / vae_scaling_factor;
   auto vae_dtype = vae->parameters().front().scalar_type();
-  auto images = vae->decode(z.to(vae_dtype)).to(torch::kFloat32);
-  return (images / 2 + 0.5).clamp(0, 1).cpu();
+  // The fp32 VAE's activations at 512x512 are ~1 GiB per image: decoding in chunks bounds the
+  // peak (batch 32 peaked at 40 GiB in one piece) at no cost in speed (8 images decode at the
+  // same per-image rate as 16 or 32; docs/PERFORMANCE.md).
+  constexpr int64_t kDecodeChunk = 8;
+  std::vector<torch::Tensor> images;
+  for (int64_t i = 0; i < z.size(0); i += kDecodeChunk) {
+    auto part = vae->decode(z.narrow(0, i, std::min(kDecodeChunk, z.size(0) - i)).to(vae_dtype));
+    images.push_back(((part.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1)).cpu());
+  }
+  return torch::cat(images);
 }
 
 std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {
