@@ -71,13 +71,7 @@ Engine::~Engine() {
 
 JobSnapshot Engine::submit(JobRequest request) {
   const auto& info = impl_->models.front()->info();
-  pipeline::ImageSpec spec;
-  spec.width = request.width;
-  spec.height = request.height;
-  spec.steps = request.steps;
-  spec.guidance_scale = request.guidance_scale;
-  spec.sampler = request.sampler;
-  spec.scheduler = request.scheduler;
+  const pipeline::ImageSpec spec = image_spec(request);
   int evals_per_image = 0;
   try {
     evals_per_image = impl_->models.front()->evals_total(spec);

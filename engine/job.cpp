@@ -32,6 +32,18 @@ std::string to_string(Priority p) {
   return "normal";
 }
 
+pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
+  pipeline::ImageSpec spec;
+  spec.width = request.width;
+  spec.height = request.height;
+  spec.steps = request.steps;
+  spec.guidance_scale = request.guidance_scale;
+  spec.sampler = request.sampler;
+  spec.scheduler = request.scheduler;
+  spec.seed = request.seed.value_or(0) + static_cast<uint64_t>(k);
+  return spec;
+}
+
 bool is_final(JobStatus s) {
   return s != JobStatus::kQueued && s != JobStatus::kRunning;
 }

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "pipeline/pipeline.h"
+
 namespace sdserve::engine {
 
 enum class JobStatus { kQueued, kRunning, kSucceeded, kFailed, kCancelled, kExpired };
@@ -44,6 +46,10 @@ struct JobRequest {
 };
 
 using Clock = std::chrono::system_clock;
+
+// The pipeline's settings for image k of a request (seed + k; a request without a seed yet
+// uses 0).
+pipeline::ImageSpec image_spec(const JobRequest& request, int k = 0);
 
 // A consistent copy of a job's state at one moment.
 struct JobSnapshot {

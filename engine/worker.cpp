@@ -19,16 +19,9 @@ struct Active {
   std::unique_ptr<pipeline::Trajectory> trajectory;
 };
 
+// Image k of a job (the job's seed is always set once it is queued).
 pipeline::ImageSpec spec_of(const JobState& job, int k) {
-  pipeline::ImageSpec spec;
-  spec.width = job.request.width;
-  spec.height = job.request.height;
-  spec.steps = job.request.steps;
-  spec.guidance_scale = job.request.guidance_scale;
-  spec.sampler = job.request.sampler;
-  spec.scheduler = job.request.scheduler;
-  spec.seed = job.seed + static_cast<uint64_t>(k);
-  return spec;
+  return image_spec(job.request, k);
 }
 
 pipeline::GenerateRequest generate_request_of(const JobState& job) {

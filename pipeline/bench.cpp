@@ -49,11 +49,6 @@ const json kText = json::parse(R"({
   "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 12,
   "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408})");
 
-std::string models_dir() {
-  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return env;
-  return SDSERVE_DEFAULT_MODELS_DIR;
-}
-
 void write_json(const fs::path& p, const json& j) {
   fs::create_directories(p.parent_path());
   std::ofstream(p) << j.dump(2);
@@ -109,7 +104,7 @@ void write_random_sd15(const std::string& dir, uint64_t seed) {
   write_json(root / "unet/config.json", kUNet);
   write_json(root / "vae/config.json", kVae);
   write_json(root / "text_encoder/config.json", kText);
-  const fs::path bundled = fs::path(models_dir()) / "tiny-sd15";
+  const fs::path bundled = bundled_model_path();
   fs::create_directories(root / "tokenizer");
   fs::create_directories(root / "scheduler");
   for (const char* f :

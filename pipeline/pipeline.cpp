@@ -22,11 +22,6 @@ constexpr float kLatentRgb[4][3] = {{0.3512f, 0.2297f, 0.3227f},
                                     {-0.2829f, 0.1762f, 0.2721f},
                                     {-0.2120f, -0.2616f, -0.7177f}};
 
-std::string models_dir() {
-  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return env;
-  return SDSERVE_DEFAULT_MODELS_DIR;
-}
-
 torch::Device pick_device(const std::string& name) {
   if (name == "auto")
     return torch::cuda::is_available() ? torch::Device("cuda:0") : torch::Device(torch::kCPU);
@@ -151,7 +146,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   impl->dtype = torch_dtype(precision);
   if (impl->device.is_cuda()) configure_cuda_for_inference(precision != Precision::kFloat32);
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
-                                        ? models_dir() + "/tiny-sd15/tokenizer"
+                                        ? bundled_model_path() + "/tokenizer"
                                         : options.default_tokenizer_dir;
   ModelFiles files = open_model_files(path, tokenizer_dir);
   torch::NoGradGuard no_grad;
@@ -438,6 +433,11 @@ std::vector<RgbImage> Model::generate(const GenerateRequest& request,
     if (progress) progress(i + 1, total);
   }
   return decode(batch);
+}
+
+std::string bundled_model_path() {
+  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return std::string(env) + "/tiny-sd15";
+  return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
 }
 
 std::string a1111_parameters(const GenerateRequest& request, uint64_t seed,

@@ -162,6 +162,10 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
+// The bundled tiny model (models/tiny-sd15, or $SDSERVE_MODELS_DIR/tiny-sd15): the default
+// model, and the SD 1.x tokenizer single-file checkpoints use.
+std::string bundled_model_path();
+
 // A1111's "parameters" text for a PNG (prompt, negative prompt, then "Steps: ..., Sampler: ...").
 std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, const ModelInfo& model);
 

@@ -36,11 +36,6 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
   -q, --quiet         no progress bar
 )";
 
-std::string default_model() {
-  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return std::string(env) + "/tiny-sd15";
-  return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
-}
-
 std::string output_path(const std::string& first, int k) {
   if (k == 0) return first;
   std::filesystem::path p(first);
@@ -69,7 +64,7 @@ void draw_progress(int done, int total, double seconds) {
 int run_generate(const std::vector<std::string>& args) {
   pipeline::GenerateRequest request;
   pipeline::LoadOptions load;
-  std::string model = default_model(), output, sampler = "euler", scheduler;
+  std::string model = pipeline::bundled_model_path(), output, sampler = "euler", scheduler;
   bool have_prompt = false, have_seed = false, quiet = false;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];

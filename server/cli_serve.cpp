@@ -16,11 +16,6 @@
 namespace sdserve {
 namespace {
 
-std::string bundled_model() {
-  if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return std::string(env) + "/tiny-sd15";
-  return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
-}
-
 engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   engine::EngineOptions o;
   o.max_queue = c.max_queue;
@@ -54,7 +49,7 @@ int run_serve(const std::vector<std::string>& args) {
 
   std::string model_path = cfg.model;
   if (model_path.empty()) {
-    model_path = bundled_model();
+    model_path = pipeline::bundled_model_path();
     spdlog::info("no --model given: using the bundled tiny model at {} (for tests and demos only)",
                  model_path);
   }

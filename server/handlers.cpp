@@ -223,14 +223,7 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
   if (model) limits.text_layers = model->info().text_layers;
   engine::JobRequest request = parse_job_request(req.body(), limits);
   if (model) {
-    pipeline::ImageSpec spec;
-    spec.width = request.width;
-    spec.height = request.height;
-    spec.steps = request.steps;
-    spec.guidance_scale = request.guidance_scale;
-    spec.sampler = request.sampler;
-    spec.scheduler = request.scheduler;
-    spec.seed = request.seed.value_or(0);
+    const pipeline::ImageSpec spec = engine::image_spec(request);
     try {
       model->validate(spec);
     } catch (const pipeline::RequestError& e) {

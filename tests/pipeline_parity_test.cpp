@@ -2,6 +2,9 @@
 // latents and the final images, through the same step-level API the batching engine uses.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -168,6 +171,29 @@ TEST(PipelineLoad, GenerateMatchesReferenceImagePixels) {
       torch::from_blob(const_cast<uint8_t*>(img[0].pixels.data()), {64, 64, 3}, torch::kUInt8)
           .to(torch::kFloat32);
   EXPECT_LE((got - want).abs().max().item<float>(), 1.0f);
+}
+
+TEST(PipelineLoad, ShapeMismatchNamesTensorAndBothShapes) {
+  // A folder whose text-encoder config disagrees with its weights.
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("sdserve-mismatch-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::copy(test::model_dir(), dir, fs::copy_options::recursive);
+  const auto config_path = dir / "text_encoder" / "config.json";
+  auto config = nlohmann::json::parse(std::ifstream(config_path));
+  config["intermediate_size"] = 38;  // the weights have 37
+  fs::permissions(config_path, fs::perms::owner_write, fs::perm_options::add);
+  std::ofstream(config_path) << config.dump();
+  try {
+    tiny(dir.string());
+    FAIL() << "expected a ModelError";
+  } catch (const ModelError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("'encoder.layers.0.mlp.fc1.weight'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("[37, 32]"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("[38, 32]"), std::string::npos) << msg;
+  }
+  fs::remove_all(dir);
 }
 
 TEST(PipelineRequests, RefusesBadSpecs) {
