@@ -435,6 +435,10 @@ std::vector<RgbImage> Model::generate(const GenerateRequest& request,
   return decode(batch);
 }
 
+int cuda_device_count() {
+  return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;
+}
+
 std::string bundled_model_path() {
   if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return std::string(env) + "/tiny-sd15";
   return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";

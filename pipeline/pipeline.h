@@ -162,6 +162,9 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
+// CUDA devices torch can use (0 on a CPU-only build or machine).
+int cuda_device_count();
+
 // The bundled tiny model (models/tiny-sd15, or $SDSERVE_MODELS_DIR/tiny-sd15): the default
 // model, and the SD 1.x tokenizer single-file checkpoints use.
 std::string bundled_model_path();

@@ -68,14 +68,26 @@ int run_serve(const std::vector<std::string>& args) {
       if (std::find(load.batch_buckets.begin(), load.batch_buckets.end(), rows) ==
           load.batch_buckets.end())
         load.batch_buckets.push_back(rows);
-  std::shared_ptr<pipeline::Model> model = pipeline::Model::load(model_path, load);
-  const auto& info = model->info();
-  spdlog::info("model {} ({}, {}) on {} in {}, loaded in {:.1f} s", info.name, info.family,
-               info.layout, info.device, info.precision, info.load_seconds);
+  // One worker per GPU: with device "auto" and several GPUs, a copy of the model on each.
+  std::vector<std::string> devices = {cfg.device};
+  if (cfg.device == "auto" && pipeline::cuda_device_count() > 1) {
+    devices.clear();
+    for (int i = 0; i < pipeline::cuda_device_count(); ++i)
+      devices.push_back("cuda:" + std::to_string(i));
+  }
+  std::vector<std::shared_ptr<pipeline::Model>> models;
+  for (const auto& device : devices) {
+    load.device = device;
+    models.push_back(pipeline::Model::load(model_path, load));
+    const auto& info = models.back()->info();
+    spdlog::info("model {} ({}, {}) on {} in {}, loaded in {:.1f} s", info.name, info.family,
+                 info.layout, info.device, info.precision, info.load_seconds);
+  }
+  const auto model = models.front();
 
   if (!server.stop_requested()) {
     std::shared_ptr<engine::Engine> engine = engine::Engine::create(
-        engine_options(cfg), {model}, std::make_shared<cache::PassThroughCache>());
+        engine_options(cfg), models, std::make_shared<cache::PassThroughCache>());
     server.set_backend(std::move(engine), model);
     spdlog::info("accepting jobs (max_queue {}, max_batch {})", cfg.max_queue, cfg.max_batch);
   }
