@@ -48,6 +48,22 @@ void Engine::Impl::worker_loop(size_t index) {
     warm.image.width = warm.image.height = model.info().native_size;
     warm.image.steps = 2;
     model.generate(warm);
+    // On a GPU each batch bucket gets its CUDA graph on first use (~2 s); take that cost here,
+    // for every bucket up to max_batch at the native size, instead of in users' requests.
+    if (device.rfind("cuda", 0) == 0) {
+      auto cond = model.encode_text(warm.prompt);
+      auto uncond = model.encode_text("");
+      for (int bucket : options.batch_buckets) {
+        if (bucket > options.max_batch || bucket <= 1) continue;
+        std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
+        std::vector<pipeline::Trajectory*> batch;
+        for (int k = 0; k < bucket; ++k) {
+          owned.push_back(model.begin(warm.image, cond, uncond));
+          batch.push_back(owned.back().get());
+        }
+        model.step(batch);
+      }
+    }
   } catch (const std::exception& e) {
     pipeline::log(pipeline::LogLevel::kWarn,
                   std::string("warm-up failed on ") + device + ": " + e.what());
