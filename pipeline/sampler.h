@@ -45,8 +45,9 @@ class Sampler {
   // The initial latents are randn * init_noise_sigma.
   double init_noise_sigma() const { return init_noise_sigma_; }
 
-  // The UNet input for evaluation `eval_index` (stateless: may be called any time).
-  virtual torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) = 0;
+  // The UNet input for evaluation `eval_index` (stateless: may be called any time). The
+  // default is the sample itself (the VP samplers: pndm, ddim, dpmpp_2m, uni_pc).
+  virtual torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index);
 
   // Advances the trajectory after model evaluation `eval_index` (0-based, called in order) and
   // returns the new sample. `generator` is the image's own CPU generator: ancestral samplers draw
@@ -72,10 +73,10 @@ class Sampler {
 std::unique_ptr<Sampler> make_sampler(const std::string& name, SigmaSchedule schedule, int steps,
                                       const SchedulerConfig& config);
 
-// Known names, in a stable order: pndm, ddim, euler, euler_ancestral, dpmpp_2m, lms, heun, uni_pc.
+// Known names, in the order of pipeline/sampler_names.h's catalogue (the one list of samplers).
 std::vector<std::string> sampler_names();
 
-// Which names accept SigmaSchedule::kKarras.
+// Which names accept SigmaSchedule::kKarras (from the same catalogue).
 bool sampler_accepts_karras(const std::string& name);
 
 }  // namespace sdserve::pipeline

@@ -43,12 +43,6 @@ class DdimSampler : public Sampler {
       }
     }
     timesteps_.assign(int_timesteps_.begin(), int_timesteps_.end());
-    init_noise_sigma_ = 1.0;
-  }
-
-  torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) override {
-    check_index(eval_index);
-    return sample;
   }
 
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,

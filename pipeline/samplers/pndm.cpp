@@ -58,12 +58,6 @@ class PndmSampler : public Sampler {
     std::reverse(plms.begin(), plms.end());
     int_timesteps_ = plms;
     timesteps_.assign(plms.begin(), plms.end());
-    init_noise_sigma_ = 1.0;
-  }
-
-  torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) override {
-    check_index(eval_index);
-    return sample;
   }
 
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,

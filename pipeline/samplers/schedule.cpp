@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "pipeline/errors.h"
+#include "pipeline/sampler_names.h"
 
 namespace sdserve::pipeline {
 
@@ -82,11 +83,20 @@ void Sampler::check_index(int eval_index) const {
 }
 
 std::vector<std::string> sampler_names() {
-  return {"pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "lms", "heun", "uni_pc"};
+  std::vector<std::string> names;
+  for (const auto& s : sampler_catalog()) names.push_back(s.name);
+  return names;
 }
 
 bool sampler_accepts_karras(const std::string& name) {
-  return name != "pndm" && name != "ddim";
+  for (const auto& s : sampler_catalog())
+    if (s.name == name) return s.supports_karras;
+  return false;
+}
+
+torch::Tensor Sampler::scale_model_input(const torch::Tensor& sample, int eval_index) {
+  check_index(eval_index);
+  return sample;
 }
 
 std::unique_ptr<Sampler> make_sampler(const std::string& name, SigmaSchedule schedule, int steps,

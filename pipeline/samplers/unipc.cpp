@@ -88,12 +88,6 @@ class UniPcSampler : public Sampler {
     auto plan = multistep_schedule(config, steps, karras);
     timesteps_ = plan.timesteps;
     sigmas_ = plan.sigmas;
-    init_noise_sigma_ = 1.0;
-  }
-
-  torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) override {
-    check_index(eval_index);
-    return sample;
   }
 
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
