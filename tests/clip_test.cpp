@@ -20,20 +20,12 @@ namespace {
 constexpr double kTolerance = 1e-4;
 
 nlohmann::json text_encoder_config() {
-  std::ifstream in(test::model_dir() + "/text_encoder/config.json");
-  return nlohmann::json::parse(in);
+  return test::model_files().text_encoder_config;
 }
 
-// The folder checkpoint's tensors, with transformers' "text_model." prefix stripped.
+// The folder checkpoint's tensors (the loader strips transformers' "text_model." prefix).
 WeightSource text_encoder_weights() {
-  const std::string path = test::model_dir() + "/text_encoder/model.safetensors";
-  auto file = SafetensorsFile::open(path);
-  WeightSource source{"text_encoder", path, {}, {file}};
-  const std::string prefix = "text_model.";
-  for (const auto& [name, view] : file->tensors()) {
-    if (name.rfind(prefix, 0) == 0) source.tensors.emplace(name.substr(prefix.size()), view);
-  }
-  return source;
+  return test::model_files().text_encoder;
 }
 
 ClipTextModel& model() {

@@ -176,7 +176,8 @@ TEST(PipelineLoad, GenerateMatchesReferenceImagePixels) {
 TEST(PipelineLoad, ShapeMismatchNamesTensorAndBothShapes) {
   // A folder whose text-encoder config disagrees with its weights.
   namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / ("sdserve-mismatch-" + std::to_string(::getpid()));
+  const fs::path dir =
+      fs::temp_directory_path() / ("sdserve-mismatch-" + std::to_string(::getpid()));
   fs::remove_all(dir);
   fs::copy(test::model_dir(), dir, fs::copy_options::recursive);
   const auto config_path = dir / "text_encoder" / "config.json";

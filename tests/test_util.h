@@ -6,6 +6,7 @@
 #include <map>
 #include <string>
 
+#include "pipeline/model_files.h"
 #include "pipeline/tensor_io.h"
 
 namespace sdserve::test {
@@ -15,6 +16,11 @@ inline std::string fixture(const std::string& rel) {
 }
 inline std::string model_dir() {
   return std::string(SDSERVE_MODELS) + "/tiny-sd15";
+}
+// The fixture folder as the loader presents it: configs and per-module weight sources.
+inline const pipeline::ModelFiles& model_files() {
+  static const auto files = pipeline::open_model_files(model_dir(), model_dir() + "/tokenizer");
+  return files;
 }
 inline std::string single_file() {
   return fixture("tiny-sd15.safetensors");

@@ -20,18 +20,11 @@ namespace {
 constexpr double kParityTolerance = 1e-4;
 
 nlohmann::json unet_json() {
-  std::ifstream in(test::model_dir() + "/unet/config.json");
-  return nlohmann::json::parse(in);
+  return test::model_files().unet_config;
 }
 
 WeightSource unet_weights() {
-  WeightSource source;
-  source.component = "unet";
-  source.origin = test::model_dir() + "/unet/diffusion_pytorch_model.safetensors";
-  auto file = SafetensorsFile::open(source.origin);
-  source.tensors = file->tensors();
-  source.files.push_back(file);
-  return source;
+  return test::model_files().unet;
 }
 
 // One float32 CPU UNet for the whole suite: building and loading it once keeps the tests fast.

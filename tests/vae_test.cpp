@@ -20,18 +20,11 @@ namespace {
 constexpr double kParityTolerance = 1e-4;
 
 nlohmann::json vae_json() {
-  std::ifstream in(test::model_dir() + "/vae/config.json");
-  return nlohmann::json::parse(in);
+  return test::model_files().vae_config;
 }
 
 WeightSource vae_weights() {
-  WeightSource source;
-  source.component = "vae";
-  source.origin = test::model_dir() + "/vae/diffusion_pytorch_model.safetensors";
-  auto file = SafetensorsFile::open(source.origin);
-  source.tensors = file->tensors();
-  source.files.push_back(file);
-  return source;
+  return test::model_files().vae;
 }
 
 Vae& tiny_vae() {

@@ -20,17 +20,7 @@ std::string text_chunk(const std::string& png, const std::string& key) {
   return "";
 }
 
-class ApiTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new ServerProcess(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  int port() const { return server_->port(); }
-  static ServerProcess* server_;
-};
-ServerProcess* ApiTest::server_ = nullptr;
+class ApiTest : public SharedServerTest {};
 
 TEST_F(ApiTest, HealthReadyModelsSamplersMetrics) {
   EXPECT_EQ(get(port(), "/healthz").status, 200);

@@ -4,6 +4,8 @@
 
 #include <sys/types.h>
 
+#include <gtest/gtest.h>
+
 #include <boost/beast/http/verb.hpp>
 #include <chrono>
 #include <condition_variable>
@@ -84,6 +86,19 @@ inline HttpResult post(int port, const std::string& target, const json& body,
 }
 
 // A WebSocket client; frames are read on its own thread into a queue.
+// A test suite whose tests share one default `sdserve serve` (started before the suite's first
+// test, stopped after its last).
+class SharedServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { server_ = new ServerProcess(); }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  int port() const { return server_->port(); }
+  static inline ServerProcess* server_ = nullptr;
+};
+
 class WsClient {
  public:
   struct Frame {

@@ -11,17 +11,7 @@
 namespace sdserve::itest {
 namespace {
 
-class ValidationTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new ServerProcess(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  int port() const { return server_->port(); }
-  static ServerProcess* server_;
-};
-ServerProcess* ValidationTest::server_ = nullptr;
+class ValidationTest : public SharedServerTest {};
 
 struct BadField {
   std::string field;       // the "field" the error must name
