@@ -2,6 +2,7 @@
 // admits queued images up to max_batch (same resolution as the running set), runs ONE model
 // evaluation for every active image together, emits progress and previews, and hands finished
 // images to the VAE and then to the encoder thread.
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "engine/engine_impl.h"
@@ -17,6 +18,7 @@ struct Active {
   std::shared_ptr<JobState> job;
   int index = 0;  // image k of the job
   std::unique_ptr<pipeline::Trajectory> trajectory;
+  pipeline::EmbeddingPtr cond, uncond;  // shared by the job's images on this worker
 };
 
 // Image k of a job (the job's seed is always set once it is queued).
@@ -130,11 +132,19 @@ void Engine::Impl::worker_loop(size_t index) {
 
     for (auto& [job, k] : admitted) {
       try {
-        auto cond = embed(job->request.prompt, job->request.clip_skip);
-        pipeline::EmbeddingPtr uncond;
-        if (job->request.guidance_scale > 1.0)
-          uncond = embed(job->request.negative_prompt, job->request.clip_skip);
-        Active a{job, k, model.begin(spec_of(*job, k), cond, uncond)};
+        // A job's images share its prompt embeddings: encode once per job on this worker.
+        pipeline::EmbeddingPtr cond, uncond;
+        const auto sibling = std::find_if(active.begin(), active.end(),
+                                          [&](const Active& a) { return a.job == job; });
+        if (sibling != active.end()) {
+          cond = sibling->cond;
+          uncond = sibling->uncond;
+        } else {
+          cond = embed(job->request.prompt, job->request.clip_skip);
+          if (job->request.guidance_scale > 1.0)
+            uncond = embed(job->request.negative_prompt, job->request.clip_skip);
+        }
+        Active a{job, k, model.begin(spec_of(*job, k), cond, uncond), cond, uncond};
         {
           std::lock_guard<std::mutex> lock(mutex);
           job->evals_per_image = a.trajectory->evals_total();
