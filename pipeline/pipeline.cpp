@@ -12,6 +12,7 @@
 #include "pipeline/model_files.h"
 #include "pipeline/model_impl.h"
 #include "pipeline/sampler_names.h"
+#include "pipeline/samplers/schedule.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -72,26 +73,6 @@ std::vector<RgbImage> to_rgb8(const torch::Tensor& images) {
     const auto* p = bytes[b].data_ptr<uint8_t>();
     img.pixels.assign(p, p + static_cast<size_t>(img.width) * img.height * 3);
     out.push_back(std::move(img));
-  }
-  return out;
-}
-
-std::vector<double> alphas_cumprod_of(const SchedulerConfig& c) {
-  std::vector<double> out(c.num_train_timesteps);
-  double prod = 1.0;
-  for (int i = 0; i < c.num_train_timesteps; ++i) {
-    const double f =
-        c.num_train_timesteps > 1 ? static_cast<double>(i) / (c.num_train_timesteps - 1) : 0.0;
-    double beta;
-    if (c.beta_schedule == "scaled_linear") {
-      const double s =
-          std::sqrt(c.beta_start) + f * (std::sqrt(c.beta_end) - std::sqrt(c.beta_start));
-      beta = s * s;
-    } else {
-      beta = c.beta_start + f * (c.beta_end - c.beta_start);
-    }
-    prod *= 1.0 - beta;
-    out[i] = prod;
   }
   return out;
 }
@@ -180,7 +161,10 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   impl->vae_scaling_factor = vae_config.scaling_factor;
 
   impl->scheduler = SchedulerConfig::from_json(files.scheduler_config);
-  impl->alphas_cumprod = alphas_cumprod_of(impl->scheduler);
+  {
+    const auto table = samplers::alphas_cumprod(impl->scheduler);  // the samplers' own table
+    impl->alphas_cumprod.assign(table.begin(), table.end());
+  }
 
   ModelInfo& info = impl->info;
   info.path = path;
