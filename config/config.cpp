@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
+
+#include "config/safe_json.h"
 
 extern char** environ;
 
@@ -93,8 +96,10 @@ const std::vector<Key>& table() {
           SDSERVE_MEMBER(result_max_mb)),
       key("max_body_bytes", Type::kInt, "largest request body; larger is refused with 413", 1024,
           1 << 30, SDSERVE_MEMBER(max_body_bytes)),
+      // At most 60 KiB: Beast stores a header value in 16 bits, and larger blocks would let one
+      // field (or a chunked trailer) overflow it.
       key("max_header_bytes", Type::kInt, "largest request header block; larger gets 431", 1024,
-          1 << 20, SDSERVE_MEMBER(max_header_bytes)),
+          61440, SDSERVE_MEMBER(max_header_bytes)),
       key("read_timeout_s", Type::kNumber,
           "a request must arrive within this many seconds; idle keep-alive connections close", 0,
           3600, SDSERVE_MEMBER(read_timeout_s), {}, true),
@@ -172,7 +177,7 @@ std::string range_text(const Key& k) {
 
 [[noreturn]] void fail(const std::string& source, const Key& k, const std::string& what,
                        const json& got) {
-  throw ConfigError(source + ": " + k.name + " " + what + ", got " + got.dump());
+  throw ConfigError(source + ": " + k.name + " " + what + ", got " + safe_json::describe(got));
 }
 
 bool in_range(const Key& k, double v) {
@@ -285,8 +290,8 @@ json from_text(const Key& k, const std::string& text) {
     case Type::kStringList: {
       if (!t.empty() && t[0] == '[') {
         try {
-          return json::parse(t);
-        } catch (const json::exception&) {
+          return safe_json::parse(t);
+        } catch (const safe_json::Error&) {
           return json(text);
         }
       }
@@ -300,6 +305,13 @@ json from_text(const Key& k, const std::string& text) {
 }
 
 std::string read_file(const std::string& path) {
+  // Not a FIFO or a device: opening one would block start-up or read without end.
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw ConfigError("config file '" + path + "' is not a regular file");
+  constexpr uintmax_t kMaxConfigBytes = 1 << 20;
+  if (std::filesystem::file_size(path, ec) > kMaxConfigBytes || ec)
+    throw ConfigError("config file '" + path + "' is larger than 1 MiB or unreadable");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw ConfigError("config file '" + path + "' cannot be read");
   std::ostringstream s;
@@ -339,8 +351,8 @@ std::string flag_name(const std::string& key) {
 void apply_json(ServiceConfig& config, const std::string& json_text, const std::string& source) {
   json doc;
   try {
-    doc = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+    doc = safe_json::parse(json_text);
+  } catch (const safe_json::Error& e) {
     throw ConfigError(source + ": not valid JSON (" + e.what() + ")");
   }
   if (!doc.is_object()) throw ConfigError(source + ": must be a JSON object of keys");
@@ -436,7 +448,7 @@ Loaded load(const std::vector<std::string>& args, const std::map<std::string, st
   if (!config_file.empty()) {
     const std::string text = read_file(config_file);
     apply_json(out.config, text, "config file " + config_file);
-    const json doc = json::parse(text);  // valid: apply_json accepted it
+    const json doc = safe_json::parse(text);  // valid: apply_json accepted it
     for (const auto& [name, value] : doc.items()) out.origin[name] = "file";
   }
   for (const auto& [name, value] : env) {

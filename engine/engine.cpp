@@ -1,24 +1,50 @@
 #include "engine/engine.h"
 
+#include <algorithm>
 #include <ctime>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 
 #include "engine/engine_impl.h"
 #include "pipeline/errors.h"
+#include "pipeline/log.h"
 
 namespace sdserve::engine {
 namespace {
 
 using nlohmann::json;
 
+// 128 bits from the operating system's CSPRNG (std::random_device reads getrandom/urandom on
+// Linux): without API keys, a job id is all that stands between one user's job and another's.
 std::string new_job_id() {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  static std::random_device device;
+  static std::mutex mutex;
   static const char* hex = "0123456789abcdef";
-  std::string id(20, '0');
-  for (auto& c : id) c = hex[rng() & 15];
+  std::string id;
+  id.reserve(32);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (int word = 0; word < 4; ++word) {
+    uint32_t bits = device();
+    for (int i = 0; i < 8; ++i, bits >>= 4) id += hex[bits & 15];
+  }
   return id;
+}
+
+// Finished jobs keep their request for GET /v1/jobs/{id}; prompts beyond this are cut there, so
+// the job table stays small whatever prompts clients send (the PNG keeps the full text).
+constexpr size_t kKeptPromptBytes = 2048;
+// Finished jobs remembered at most (oldest forgotten first), besides the time limit.
+constexpr size_t kMaxFinishedJobs = 10000;
+
+void cut_utf8(std::string& s, size_t max_bytes) {
+  if (s.size() <= max_bytes) return;
+  size_t cut = max_bytes;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+  s.resize(cut);
+  s += "...";
+  s.shrink_to_fit();
 }
 
 uint64_t random_seed() {
@@ -31,6 +57,15 @@ double seconds_between(Clock::time_point a, Clock::time_point b) {
 }
 
 }  // namespace
+
+std::string public_error(const std::string& what) {
+  std::string out = what.substr(0, what.find('\n'));
+  const auto raised = out.find("Exception raised from");
+  if (raised != std::string::npos) out.resize(raised);
+  while (!out.empty() && (out.back() == ' ' || out.back() == '\r')) out.pop_back();
+  cut_utf8(out, 500);
+  return out.empty() ? std::string("internal error") : out;
+}
 
 std::string iso_time(Clock::time_point t) {
   const auto secs = std::chrono::time_point_cast<std::chrono::seconds>(t);
@@ -102,6 +137,8 @@ JobSnapshot Engine::submit(JobRequest request) {
 
   std::unique_lock<std::mutex> lock(impl_->mutex);
   if (impl_->stopping) throw ShuttingDown("the service is shutting down and accepts no new jobs");
+  if (impl_->workers_failed == static_cast<int>(impl_->models.size()))
+    throw Unavailable("no worker can run jobs: warm-up failed (" + impl_->warm_up_error + ")");
   if (!impl_->queue->push(job->id, job->request.priority)) {
     // A rough hint: how long until a slot frees, from the work queued ahead.
     throw QueueFull(
@@ -194,6 +231,16 @@ EngineStats Engine::stats() const {
 bool Engine::ready() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   return impl_->workers_warm == static_cast<int>(impl_->models.size()) && !impl_->stopping;
+}
+
+std::string Engine::warm_up_error() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->warm_up_error;
+}
+
+bool Engine::warm_up_done() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->workers_warm + impl_->workers_failed == static_cast<int>(impl_->models.size());
 }
 
 void Engine::shutdown(SteadyClock::time_point deadline) {
@@ -329,6 +376,10 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
   job.status = status;
   job.error = error;
   job.finished_at = Clock::now();
+  // Images not yet admitted never run now (a failed job's other images are not retried).
+  queue->remove(job.id);
+  cut_utf8(job.request.prompt, kKeptPromptBytes);
+  cut_utf8(job.request.negative_prompt, kKeptPromptBytes);
   switch (status) {
     case JobStatus::kSucceeded:
       ++stats.jobs_succeeded;
@@ -356,6 +407,32 @@ void Engine::Impl::expire_queued(SteadyClock::time_point now) {
       continue;
     queue->remove(id);
     finish(*job, JobStatus::kExpired, "the job waited in the queue longer than its timeout");
+  }
+}
+
+void Engine::Impl::forget_old_jobs() {
+  // Finished jobs are forgotten well after their results are gone, and the oldest first when
+  // there are too many of them.
+  const auto forget_after = std::chrono::duration<double>(options.result_ttl_s + 3600);
+  const auto now = Clock::now();
+  std::vector<std::pair<Clock::time_point, std::string>> finished;
+  for (auto it = jobs.begin(); it != jobs.end();) {
+    const auto& j = *it->second;
+    if (!is_final(j.status) || !j.finished_at || j.images_active > 0) {
+      ++it;
+    } else if (now - *j.finished_at > forget_after) {
+      results.erase(j.id);
+      it = jobs.erase(it);
+    } else {
+      finished.emplace_back(*j.finished_at, j.id);
+      ++it;
+    }
+  }
+  if (finished.size() <= kMaxFinishedJobs) return;
+  std::sort(finished.begin(), finished.end());
+  for (size_t i = 0; i + kMaxFinishedJobs < finished.size(); ++i) {
+    results.erase(finished[i].second);
+    jobs.erase(finished[i].second);
   }
 }
 
@@ -390,15 +467,7 @@ void Engine::Impl::dispatcher_loop() {
         auto it = jobs.find(id);
         if (it != jobs.end()) it->second->results_expired = true;
       }
-      // Forget finished jobs well after their results are gone.
-      const auto forget_after = std::chrono::duration<double>(options.result_ttl_s + 3600);
-      for (auto it = jobs.begin(); it != jobs.end();) {
-        const auto& j = *it->second;
-        if (is_final(j.status) && j.finished_at && Clock::now() - *j.finished_at > forget_after)
-          it = jobs.erase(it);
-        else
-          ++it;
-      }
+      forget_old_jobs();
       next_sweep = now + std::chrono::milliseconds(200);
     }
   }
@@ -431,7 +500,15 @@ void Engine::Impl::encoder_loop() {
       task = std::move(encode_tasks.front());
       encode_tasks.pop_front();
     }
-    task.run();
+    try {
+      task.run();
+    } catch (const std::exception& e) {
+      pipeline::log(pipeline::LogLevel::kError, std::string("image encoding failed: ") + e.what());
+      if (task.fail) task.fail(public_error(e.what()));
+    } catch (...) {
+      pipeline::log(pipeline::LogLevel::kError, "image encoding failed: unknown exception");
+      if (task.fail) task.fail("image encoding failed");
+    }
   }
 }
 

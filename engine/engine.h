@@ -48,6 +48,16 @@ class ShuttingDown : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// No worker can run jobs (every warm-up failed).
+class Unavailable : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A message for users from an exception's text: the first line only (torch appends a C++
+// backtrace with addresses), at most 500 bytes. The whole text goes to the log.
+std::string public_error(const std::string& what);
+
 enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kExpired };
 
 struct ImageResult {
@@ -94,7 +104,11 @@ class Engine {
   void unsubscribe(const std::string& id, uint64_t token);
 
   EngineStats stats() const;
-  bool ready() const;  // workers started and warmed up
+  bool ready() const;  // every worker warmed up successfully
+  // Empty while warm-up goes well; else why a worker's warm-up failed (that worker takes no jobs).
+  std::string warm_up_error() const;
+  // True once every worker has either warmed up or failed to.
+  bool warm_up_done() const;
 
   // Graceful shutdown: refuse new jobs (ShuttingDown), let queued and running jobs finish until
   // `deadline`, then cancel the rest. Returns when every worker is idle.

@@ -48,6 +48,9 @@ struct JobState {
 struct EncodeTask {
   std::function<void()> run;
   bool droppable = false;
+  // Called (without the engine's mutex) when run() throws: an image that cannot be encoded
+  // fails its job instead of ending the process.
+  std::function<void(const std::string& error)> fail;
 };
 
 struct Engine::Impl {
@@ -65,6 +68,8 @@ struct Engine::Impl {
   bool cancel_all = false;  // shutdown deadline passed
   bool threads_exit = false;
   int workers_warm = 0;
+  int workers_failed = 0;     // warm-up threw: the worker takes no jobs
+  std::string warm_up_error;  // the first such failure
   uint64_t next_token = 1;
 
   // Events go through one FIFO and one dispatcher thread, so every subscriber sees a job's
@@ -92,6 +97,8 @@ struct Engine::Impl {
   JobSnapshot snapshot(const JobState& job) const;
   void finish(JobState& job, JobStatus status, const std::string& error = "");
   void expire_queued(SteadyClock::time_point now);
+  void forget_old_jobs();
+  void fail_images(JobState& job, int images, const std::string& error);
 
   // --- thread bodies ---
   void worker_loop(size_t index);

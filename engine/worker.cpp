@@ -67,8 +67,15 @@ void Engine::Impl::worker_loop(size_t index) {
       }
     }
   } catch (const std::exception& e) {
-    pipeline::log(pipeline::LogLevel::kWarn,
+    // A worker that cannot run a two-step generation would fail every job: it takes none, and
+    // the service does not report ready.
+    pipeline::log(pipeline::LogLevel::kError,
                   std::string("warm-up failed on ") + device + ": " + e.what());
+    std::lock_guard<std::mutex> lock(mutex);
+    ++workers_failed;
+    if (warm_up_error.empty()) warm_up_error = device + ": " + public_error(e.what());
+    work_cv.notify_all();
+    return;
   }
   {
     std::lock_guard<std::mutex> lock(mutex);
@@ -111,6 +118,10 @@ void Engine::Impl::worker_loop(size_t index) {
         const auto front = queue->front();
         if (!front) break;
         auto job = jobs.at(*front);
+        if (job->cancel_requested || is_final(job->status)) {  // never run a dead job's images
+          queue->remove(job->id);
+          continue;
+        }
         const bool busy = !active.empty() || !admitted.empty();
         const auto& ref = !active.empty()    ? active.front().job->request
                           : admitted.empty() ? job->request
@@ -151,11 +162,12 @@ void Engine::Impl::worker_loop(size_t index) {
         }
         active.push_back(std::move(a));
       } catch (const std::exception& e) {
+        pipeline::log(pipeline::LogLevel::kError,
+                      "job " + job->id + ": preparing image failed: " + e.what());
         std::lock_guard<std::mutex> lock(mutex);
         --job->images_active;
-        queue->remove(job->id);
         job->cancel_requested = true;
-        finish(*job, JobStatus::kFailed, e.what());
+        finish(*job, JobStatus::kFailed, public_error(e.what()));
       }
     }
     if (active.empty()) continue;
@@ -170,7 +182,7 @@ void Engine::Impl::worker_loop(size_t index) {
       for (auto& a : active) {
         --a.job->images_active;
         a.job->cancel_requested = true;
-        finish(*a.job, JobStatus::kFailed, std::string("generation failed: ") + e.what());
+        finish(*a.job, JobStatus::kFailed, "generation failed: " + public_error(e.what()));
       }
       active.clear();
       continue;
@@ -241,7 +253,8 @@ void Engine::Impl::worker_loop(size_t index) {
                                   .dump();
                      emit(*job, std::move(e));
                    },
-                   true});
+                   true,
+                   {}});
     }
 
     // Retire finished images: VAE decode here, PNG encoding on the encoder thread.
@@ -261,11 +274,12 @@ void Engine::Impl::worker_loop(size_t index) {
     try {
       images = model.decode(to_decode);
     } catch (const std::exception& e) {
+      pipeline::log(pipeline::LogLevel::kError, "decoding failed on " + device + ": " + e.what());
       std::lock_guard<std::mutex> lock(mutex);
       for (auto& f : finished) {
         --f.job->images_active;
         f.job->cancel_requested = true;
-        finish(*f.job, JobStatus::kFailed, std::string("decoding failed: ") + e.what());
+        finish(*f.job, JobStatus::kFailed, "decoding failed: " + public_error(e.what()));
       }
       continue;
     }
@@ -298,7 +312,13 @@ void Engine::Impl::worker_loop(size_t index) {
                      if (job->images_finished == job->request.num_images)
                        finish(*job, JobStatus::kSucceeded);
                    },
-                   false});
+                   false,
+                   [this, job](const std::string& error) {
+                     std::lock_guard<std::mutex> lock(mutex);
+                     --job->images_active;
+                     job->cancel_requested = true;
+                     finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
+                   }});
     }
   }
 }

@@ -137,20 +137,23 @@ RgbImage shrink_to(const RgbImage& image, int max_side) {
   out.width = std::max(1, image.width / factor);
   out.height = std::max(1, image.height / factor);
   out.pixels.resize(static_cast<size_t>(out.width) * out.height * 3);
-  for (int y = 0; y < out.height; ++y)
-    for (int x = 0; x < out.width; ++x)
+  // Box average; a side shorter than `factor` (a very wide or tall image) keeps one row or column
+  // whose box is clipped to the image.
+  for (int y = 0; y < out.height; ++y) {
+    const int y1 = std::min(image.height, (y + 1) * factor);
+    for (int x = 0; x < out.width; ++x) {
+      const int x1 = std::min(image.width, (x + 1) * factor);
+      const int count = (y1 - y * factor) * (x1 - x * factor);
       for (int c = 0; c < 3; ++c) {
         int sum = 0;
-        for (int dy = 0; dy < factor; ++dy)
-          for (int dx = 0; dx < factor; ++dx)
-            sum +=
-                image
-                    .pixels[(static_cast<size_t>(y * factor + dy) * image.width + x * factor + dx) *
-                                3 +
-                            c];
+        for (int sy = y * factor; sy < y1; ++sy)
+          for (int sx = x * factor; sx < x1; ++sx)
+            sum += image.pixels[(static_cast<size_t>(sy) * image.width + sx) * 3 + c];
         out.pixels[(static_cast<size_t>(y) * out.width + x) * 3 + c] =
-            static_cast<uint8_t>((sum + factor * factor / 2) / (factor * factor));
+            static_cast<uint8_t>((sum + count / 2) / count);
       }
+    }
+  }
   return out;
 }
 

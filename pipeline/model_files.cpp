@@ -1,5 +1,7 @@
 #include "pipeline/model_files.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
@@ -11,9 +13,11 @@
 #include <utility>
 #include <vector>
 
+#include "config/safe_json.h"
 #include "pipeline/checkpoint_config.h"
 #include "pipeline/checkpoint_convert.h"
 #include "pipeline/errors.h"
+#include "pipeline/file_io.h"
 #include "pipeline/safetensors.h"
 
 namespace sdserve::pipeline {
@@ -45,9 +49,16 @@ bool has_pickle_extension(const std::string& path) {
 
 // torch.save writes a zip archive (since 1.6) or a bare pickle stream (protocol 2+) before that.
 bool looks_like_pickle(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  int fd = -1;
+  try {
+    fd = open_regular_file(path);
+  } catch (const ModelError&) {
+    return false;
+  }
   char magic[4] = {};
-  if (!in.read(magic, sizeof magic)) return false;
+  const bool got = ::read(fd, magic, sizeof magic) == static_cast<ssize_t>(sizeof magic);
+  ::close(fd);
+  if (!got) return false;
   const bool zip = magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
   const bool pickle =
       static_cast<unsigned char>(magic[0]) == 0x80 && magic[1] >= 2 && magic[1] <= 5;
@@ -73,12 +84,12 @@ bool looks_like_pickle(const std::string& path) {
 }
 
 json read_json(const fs::path& file) {
-  std::ifstream in(file);
-  if (!in) throw ModelError("cannot read '" + file.string() + "'");
+  constexpr std::size_t kMaxConfigBytes = 16 << 20;  // model configs are a few KB
+  const std::string text = read_regular_file(file.string(), kMaxConfigBytes);
   json j;
   try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
+    j = safe_json::parse(text);
+  } catch (const safe_json::Error& e) {
     throw ModelError("'" + file.string() + "' is not valid JSON (" + e.what() +
                      "); restore it from the model's original download");
   }

@@ -124,6 +124,10 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
       options.precision == "auto"
           ? (impl->device.is_cuda() ? Precision::kFloat16 : Precision::kFloat32)
           : parse_precision(options.precision);
+  // The CPU kernels lack fp16 for much of the UNet: every job would fail. Refuse at start-up.
+  if (!impl->device.is_cuda() && precision == Precision::kFloat16)
+    throw ModelError("precision fp16 needs a CUDA device, and the model would run on " +
+                     impl->device.str() + "; use fp32 (or auto) on the CPU");
   impl->dtype = torch_dtype(precision);
   if (impl->device.is_cuda()) configure_cuda_for_inference(precision != Precision::kFloat32);
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()

@@ -11,7 +11,9 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "config/safe_json.h"
 #include "pipeline/errors.h"
+#include "pipeline/file_io.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -53,12 +55,11 @@ std::size_t dtype_size(DType dtype) {
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
   std::shared_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw ModelError("cannot open '" + path + "': " + std::strerror(errno));
+  const int fd = open_regular_file(path);  // a FIFO named x.safetensors must not block
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::fstat(fd, &st) != 0) {
     ::close(fd);
-    throw ModelError("'" + path + "' is not a regular file");
+    throw ModelError("cannot stat '" + path + "': " + std::strerror(errno));
   }
   const auto size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
@@ -82,9 +83,9 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
 
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(reinterpret_cast<const char*>(base) + 8,
-                                   reinterpret_cast<const char*>(base) + data_begin);
-  } catch (const nlohmann::json::exception& e) {
+    header = safe_json::parse(std::string_view(reinterpret_cast<const char*>(base) + 8,
+                                               static_cast<std::size_t>(header_len)));
+  } catch (const safe_json::Error& e) {
     fail(path, std::string("its JSON header does not parse (") + e.what() + ")");
   }
   if (!header.is_object()) fail(path, "its JSON header is not an object");
@@ -96,7 +97,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
           if (v.is_string()) file->metadata_[k] = v.get<std::string>();
       continue;
     }
-    const std::string where = "tensor '" + name + "'";
+    const std::string where =
+        "tensor '" + (name.size() <= 200 ? name : name.substr(0, 200) + "...") + "'";
     if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
         !entry.contains("data_offsets"))
       fail(path, where + " lacks dtype, shape or data_offsets");
@@ -105,7 +107,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     if (jd.is_string())
       for (const auto& d : kDTypes)
         if (jd.get<std::string>() == d.name) info = &d;
-    if (info == nullptr) fail(path, where + " has unsupported dtype " + jd.dump());
+    if (info == nullptr) fail(path, where + " has unsupported dtype " + safe_json::describe(jd));
     const auto& js = entry["shape"];
     if (!js.is_array() || js.size() > 8) fail(path, where + " has a malformed shape");
     TensorView view{info->dtype, {}, nullptr, 0};

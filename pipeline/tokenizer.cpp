@@ -6,9 +6,12 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <queue>
 #include <sstream>
 
+#include "config/safe_json.h"
 #include "pipeline/errors.h"
+#include "pipeline/file_io.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -19,6 +22,35 @@ constexpr const char* kEndOfWord = "</w>";
 // The word cache is a convenience, not a store: reset it rather than let a long-running service
 // grow it without bound.
 constexpr size_t kMaxCachedWords = 1 << 16;
+constexpr size_t kMaxCachedWordBytes = 256;
+// Prompts are cleaned in chunks of about this many bytes, cut after whitespace; a run without
+// whitespace is cut here regardless (it is then far past any context).
+constexpr size_t kChunkBytes = 4096, kMaxChunkBytes = 64 << 10;
+
+bool is_ascii_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+// Where the chunk that starts at `begin` ends: after the first whitespace past kChunkBytes, or
+// at a character boundary kMaxChunkBytes on.
+size_t chunk_end(const std::string& text, size_t begin) {
+  if (text.size() - begin <= kChunkBytes) return text.size();
+  size_t i = begin + kChunkBytes;
+  const size_t hard = std::min(text.size(), begin + kMaxChunkBytes);
+  while (i < hard && !is_ascii_space(text[i])) ++i;
+  if (i < hard) return i + 1;
+  if (hard == text.size()) return hard;
+  while (i > begin + 1 && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80) --i;
+  return i;
+}
+
+bool cps_longer_than(const std::string& utf8, size_t n) {
+  if (utf8.size() <= n) return false;
+  size_t count = 0;
+  for (const unsigned char c : utf8)
+    if ((c & 0xC0) != 0x80 && ++count > n) return true;
+  return false;
+}
 
 using Codepoints = std::vector<utf8proc_int32_t>;
 
@@ -227,13 +259,12 @@ size_t match_at(const Codepoints& t, size_t pos, bool* special) {
 }
 
 std::string read_file(const std::string& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw ModelError("tokenizer " + std::string(what) + " not found or unreadable: " + path);
+  constexpr std::size_t kMaxTokenizerFileBytes = 64 << 20;  // CLIP's are 1-2 MB
+  try {
+    return read_regular_file(path, kMaxTokenizerFileBytes);
+  } catch (const ModelError& e) {
+    throw ModelError("tokenizer " + std::string(what) + " not usable: " + e.what());
   }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 }  // namespace
@@ -249,8 +280,8 @@ ClipTokenizer ClipTokenizer::load(const std::string& vocab_json, const std::stri
   const std::string vocab_text = read_file(vocab_json, "vocabulary");
   nlohmann::json vocab;
   try {
-    vocab = nlohmann::json::parse(vocab_text);
-  } catch (const nlohmann::json::exception& e) {
+    vocab = safe_json::parse(vocab_text);
+  } catch (const safe_json::Error& e) {
     throw ModelError("tokenizer vocabulary " + vocab_json + " is not valid JSON: " + e.what());
   }
   if (!vocab.is_object() || vocab.empty()) {
@@ -272,6 +303,9 @@ ClipTokenizer ClipTokenizer::load(const std::string& vocab_json, const std::stri
                        special + " (not a CLIP vocabulary?)");
     }
   }
+  for (const auto& [token, id] : tok.vocab_)
+    tok.max_token_symbols_ =
+        std::max(tok.max_token_symbols_, static_cast<int>(decode_utf8(token).size()));
   tok.bos_id_ = tok.vocab_.at(kBosToken);
   tok.eos_id_ = tok.vocab_.at(kEosToken);
   tok.pad_id_ = tok.eos_id_;  // SD 1.x's tokenizer pads with <|endoftext|>
@@ -321,47 +355,82 @@ int32_t ClipTokenizer::id_of(const std::string& token) const {
   return it != vocab_.end() ? it->second : eos_id_;  // unk is <|endoftext|>
 }
 
-std::vector<int32_t> ClipTokenizer::bpe_uncached(const std::string& word) const {
-  // Symbols start as the word's code points (one per byte of the original text).
-  std::vector<std::string> symbols;
+std::vector<int32_t> ClipTokenizer::bpe_uncached(const std::string& word, bool whole) const {
+  // Symbols start as the word's code points (one per byte of the original text), in a linked
+  // list so that a merge is O(1); candidate pairs wait in a heap by rank. Each round takes every
+  // occurrence of the lowest-ranked pair, left to right, exactly as the reference's "merge all
+  // occurrences of the best pair" loop does, in O(n log n) instead of O(n^2) per word.
   const Codepoints cps = decode_utf8(word);
-  for (size_t i = 0; i < cps.size(); ++i) symbols.push_back(encode_utf8(cps, i, i + 1));
-  if (symbols.empty()) return {};
-  symbols.back() += kEndOfWord;
+  if (cps.empty()) return {};
+  struct Node {
+    std::string symbol;
+    int prev, next;
+    bool alive = true;
+  };
+  std::vector<Node> nodes;
+  nodes.reserve(cps.size());
+  for (size_t i = 0; i < cps.size(); ++i)
+    nodes.push_back({encode_utf8(cps, i, i + 1), static_cast<int>(i) - 1,
+                     i + 1 < cps.size() ? static_cast<int>(i) + 1 : -1});
+  if (whole) nodes.back().symbol += kEndOfWord;
 
-  while (symbols.size() > 1) {
-    int32_t best_rank = std::numeric_limits<int32_t>::max();
-    size_t best = 0;
-    for (size_t i = 0; i + 1 < symbols.size(); ++i) {
-      auto it = merge_ranks_.find(symbols[i] + " " + symbols[i + 1]);
-      if (it != merge_ranks_.end() && it->second < best_rank) {
-        best_rank = it->second;
-        best = i;
-      }
+  constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
+  auto rank_at = [&](int i) -> int32_t {
+    const int j = nodes[i].next;
+    if (j < 0) return kNone;
+    const auto it = merge_ranks_.find(nodes[i].symbol + " " + nodes[j].symbol);
+    return it == merge_ranks_.end() ? kNone : it->second;
+  };
+  using Candidate = std::pair<int32_t, int>;  // (rank, position of the pair's left symbol)
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
+  for (int i = 0; i + 1 < static_cast<int>(nodes.size()); ++i)
+    if (const int32_t r = rank_at(i); r != kNone) heap.emplace(r, i);
+
+  std::vector<int> round;
+  while (!heap.empty()) {
+    const int32_t rank = heap.top().first;
+    round.clear();
+    while (!heap.empty() && heap.top().first == rank) {
+      round.push_back(heap.top().second);
+      heap.pop();
     }
-    if (best_rank == std::numeric_limits<int32_t>::max()) break;
-    // Merge every occurrence of the best pair, left to right, without overlaps.
-    const std::string left = symbols[best], right = symbols[best + 1];
-    std::vector<std::string> merged;
-    merged.reserve(symbols.size());
-    for (size_t i = 0; i < symbols.size();) {
-      if (i + 1 < symbols.size() && symbols[i] == left && symbols[i + 1] == right) {
-        merged.push_back(left + right);
-        i += 2;
-      } else {
-        merged.push_back(symbols[i]);
-        ++i;
-      }
+    // Pairs formed by this round's merges never have this round's rank (a merged symbol is
+    // longer than either half), so they wait for later rounds, as in the reference.
+    for (const int i : round) {
+      if (!nodes[i].alive || rank_at(i) != rank) continue;  // stale or overlapping
+      const int j = nodes[i].next;
+      nodes[i].symbol += nodes[j].symbol;
+      nodes[j].alive = false;
+      nodes[i].next = nodes[j].next;
+      if (nodes[i].next >= 0) nodes[nodes[i].next].prev = i;
+      if (nodes[i].prev >= 0)
+        if (const int32_t r = rank_at(nodes[i].prev); r != kNone) heap.emplace(r, nodes[i].prev);
+      if (const int32_t r = rank_at(i); r != kNone) heap.emplace(r, i);
     }
-    symbols = std::move(merged);
   }
   std::vector<int32_t> ids;
-  ids.reserve(symbols.size());
-  for (const auto& s : symbols) ids.push_back(id_of(s));
+  for (int i = 0; i >= 0; i = nodes[i].next) ids.push_back(id_of(nodes[i].symbol));
   return ids;
 }
 
-void ClipTokenizer::bpe_word(const std::string& word, std::vector<int32_t>* out) const {
+void ClipTokenizer::bpe_word(const std::string& word, std::vector<int32_t>* out,
+                             size_t max_symbols) const {
+  // A word far longer than any context only needs its beginning: BPE merges are local, and the
+  // symbols kept leave a margin of many tokens past the last one a caller can keep.
+  if (cps_longer_than(word, max_symbols)) {
+    std::string head;
+    size_t n = 0;
+    for (size_t i = 0; i < word.size() && n < max_symbols; ++n) {
+      size_t len = 1;
+      while (i + len < word.size() && (static_cast<unsigned char>(word[i + len]) & 0xC0) == 0x80)
+        ++len;
+      head.append(word, i, len);
+      i += len;
+    }
+    const auto ids = bpe_uncached(head, false);
+    out->insert(out->end(), ids.begin(), ids.end());
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(cache_->mu);
     auto it = cache_->words.find(word);
@@ -370,40 +439,49 @@ void ClipTokenizer::bpe_word(const std::string& word, std::vector<int32_t>* out)
       return;
     }
   }
-  std::vector<int32_t> ids = bpe_uncached(word);
+  std::vector<int32_t> ids = bpe_uncached(word, true);
   out->insert(out->end(), ids.begin(), ids.end());
+  if (word.size() > kMaxCachedWordBytes) return;
   std::lock_guard<std::mutex> lock(cache_->mu);
   if (cache_->words.size() >= kMaxCachedWords) cache_->words.clear();
   cache_->words.emplace(word, std::move(ids));
 }
 
-std::vector<int32_t> ClipTokenizer::tokenize(const std::string& text) const {
-  const Codepoints t = clean_text(text);
+std::vector<int32_t> ClipTokenizer::tokenize(const std::string& text, size_t max_tokens) const {
+  // The text is cleaned and split chunk by chunk (cut after whitespace, which no cleanup rule
+  // looks across), so a bounded call stops reading a long prompt once it has enough tokens.
+  const size_t max_symbols = max_tokens == kUnlimited
+                                 ? std::numeric_limits<size_t>::max()
+                                 : 2 * (max_tokens + 1) * static_cast<size_t>(max_token_symbols_);
   std::vector<int32_t> ids;
-  for (size_t pos = 0; pos < t.size();) {
-    bool special = false;
-    const size_t n = match_at(t, pos, &special);
-    if (n == 0) {
-      ++pos;
-      continue;
+  for (size_t begin = 0; begin < text.size() && ids.size() < max_tokens;) {
+    const size_t end = chunk_end(text, begin);
+    const Codepoints t = clean_text(text.substr(begin, end - begin));
+    begin = end;
+    for (size_t pos = 0; pos < t.size() && ids.size() < max_tokens;) {
+      bool special = false;
+      const size_t n = match_at(t, pos, &special);
+      if (n == 0) {
+        ++pos;
+        continue;
+      }
+      const std::string piece = encode_utf8(t, pos, pos + n);
+      pos += n;
+      if (special) {  // typed <|startoftext|> / <|endoftext|> map to their ids, as in transformers
+        ids.push_back(id_of(piece));
+        continue;
+      }
+      std::string word;
+      for (unsigned char byte : piece) word += byte_symbol_[byte];
+      bpe_word(word, &ids, max_symbols);
     }
-    const std::string piece = encode_utf8(t, pos, pos + n);
-    pos += n;
-    if (special) {  // typed <|startoftext|> / <|endoftext|> map to their ids, as in transformers
-      ids.push_back(id_of(piece));
-      continue;
-    }
-    std::string word;
-    for (unsigned char byte : piece) word += byte_symbol_[byte];
-    bpe_word(word, &ids);
   }
+  if (ids.size() > max_tokens) ids.resize(max_tokens);
   return ids;
 }
 
 std::vector<int32_t> ClipTokenizer::encode(const std::string& text) const {
-  std::vector<int32_t> tokens = tokenize(text);
-  const size_t room = static_cast<size_t>(max_length_ - 2);
-  if (tokens.size() > room) tokens.resize(room);
+  std::vector<int32_t> tokens = tokenize(text, static_cast<size_t>(max_length_ - 2));
   std::vector<int32_t> ids;
   ids.reserve(static_cast<size_t>(max_length_));
   ids.push_back(bos_id_);

@@ -22,9 +22,12 @@ class ClipTokenizer {
   static ClipTokenizer load(const std::string& vocab_json, const std::string& merges_txt,
                             int max_length = 77);
 
-  // Ids of the text's BPE tokens without BOS/EOS and untruncated, so callers can tell when a
-  // prompt exceeds the context.
-  std::vector<int32_t> tokenize(const std::string& text) const;
+  static constexpr size_t kUnlimited = static_cast<size_t>(-1);
+
+  // Ids of the text's BPE tokens without BOS/EOS, at most `max_tokens` of them. Time and memory
+  // are bounded by the tokens asked for, not by the text: a 1 MB prompt or a 128 KB word costs
+  // about what 77 tokens do. Unlimited, the whole text is tokenized in O(n log n).
+  std::vector<int32_t> tokenize(const std::string& text, size_t max_tokens = kUnlimited) const;
 
   // BOS + at most max_length-2 tokens + EOS, padded with pad_id to max_length.
   std::vector<int32_t> encode(const std::string& text) const;
@@ -39,8 +42,10 @@ class ClipTokenizer {
   ClipTokenizer() = default;
 
   // BPE ids of one pre-token (already mapped to the byte alphabet), memoised.
-  void bpe_word(const std::string& word, std::vector<int32_t>* out) const;
-  std::vector<int32_t> bpe_uncached(const std::string& word) const;
+  // A word longer than `max_symbols` code points is cut to them first.
+  void bpe_word(const std::string& word, std::vector<int32_t>* out, size_t max_symbols) const;
+  // `whole`: the word ends here ("</w>" closes it); false for a cut word.
+  std::vector<int32_t> bpe_uncached(const std::string& word, bool whole) const;
   int32_t id_of(const std::string& token) const;
 
   std::unordered_map<std::string, int32_t> vocab_;
@@ -48,6 +53,7 @@ class ClipTokenizer {
   std::string byte_symbol_[256];                          // bytes_to_unicode, as UTF-8
   int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0;
   int max_length_ = 0;
+  int max_token_symbols_ = 1;  // the longest vocabulary entry, in code points
 
   // Prompts repeat words a lot; the cache is shared by concurrent const calls, hence the mutex
   // (behind a shared_ptr so the tokenizer stays copyable; copies share one cache).

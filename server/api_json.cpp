@@ -8,6 +8,7 @@
 #include <random>
 #include <sstream>
 
+#include "config/safe_json.h"
 #include "pipeline/errors.h"
 #include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
@@ -25,10 +26,14 @@ constexpr int kMinSide = 64, kMaxSide = 2048;
   throw ApiError(400, "validation_error", message, field);
 }
 
+// Quotes the rejected value briefly; the value may be huge, deep or not valid UTF-8.
 std::string got(const json& v) {
-  std::string s = v.dump();
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return " (got " + s + ")";
+  return " (got " + safe_json::describe(v) + ")";
+}
+
+// A client's field name in a message: bounded, printable.
+std::string quoted_name(const std::string& name) {
+  return safe_json::describe(json(name), 40);
 }
 
 std::string lower(std::string s) {
@@ -115,8 +120,9 @@ engine::PreviewOptions parse_preview(const json& v, int steps) {
     } else if (name == "method") {
       p.method = get_choice(value, field, {"latent2rgb", "vae"});
     } else {
-      invalid(field,
-              "unknown field '" + field + "'; preview takes every, format, max_size and method");
+      invalid(field.size() <= 72 ? field : std::string("preview"),
+              "unknown field " + quoted_name(field) +
+                  "; preview takes every, format, max_size and method");
     }
   }
   return p;
@@ -128,7 +134,7 @@ std::string error_body(const std::string& type, const std::string& message,
                        const std::string& field) {
   Json err = {{"type", type}, {"message", message}};
   err["field"] = field.empty() ? Json(nullptr) : Json(field);
-  return Json{{"error", err}}.dump();
+  return safe_json::dump(Json{{"error", err}});
 }
 
 const std::vector<std::string>& request_fields() {
@@ -142,8 +148,8 @@ const std::vector<std::string>& request_fields() {
 engine::JobRequest parse_job_request(const std::string& body, const RequestLimits& limits) {
   json doc;
   try {
-    doc = json::parse(body);
-  } catch (const json::parse_error& e) {
+    doc = safe_json::parse(body);
+  } catch (const safe_json::Error& e) {
     throw ApiError(400, "invalid_json", std::string("the body is not valid JSON: ") + e.what());
   }
   if (!doc.is_object())
@@ -153,7 +159,8 @@ engine::JobRequest parse_job_request(const std::string& body, const RequestLimit
   for (const auto& [name, value] : doc.items()) {
     const auto& known = request_fields();
     if (std::find(known.begin(), known.end(), name) == known.end())
-      invalid(name, "unknown field '" + name + "'; known fields: " + one_of(known));
+      invalid(name.size() <= 64 ? name : name.substr(0, 64),
+              "unknown field " + quoted_name(name) + "; known fields: " + one_of(known));
   }
 
   engine::JobRequest r;
@@ -172,6 +179,8 @@ engine::JobRequest parse_job_request(const std::string& body, const RequestLimit
   if (doc.contains("scheduler"))
     scheduler = get_choice(doc["scheduler"], "scheduler", pipeline::scheduler_names());
   if (doc.contains("sampler")) sampler = get_string(doc["sampler"], "sampler");
+  if (sampler.size() > 64)  // no name is this long; keep the echo in the message short
+    invalid("sampler", "sampler " + quoted_name(sampler) + " is unknown (see GET /v1/samplers)");
   try {
     pipeline::resolve_sampler(sampler, "");
   } catch (const pipeline::RequestError& e) {
@@ -320,8 +329,8 @@ Json job_json(const engine::JobSnapshot& job) {
 }
 
 Json model_json(const pipeline::ModelInfo& m) {
+  // Not the path: it tells clients about the host's file system and nothing they can use.
   return {{"name", m.name},
-          {"path", m.path},
           {"layout", m.layout},
           {"family", m.family},
           {"device", m.device},

@@ -2,8 +2,10 @@
 #include <spdlog/spdlog.h>
 #include <algorithm>
 
+#include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <thread>
 
 #include "cache/embedding_cache.h"
 #include "config/config.h"
@@ -88,7 +90,15 @@ int run_serve(const std::vector<std::string>& args) {
   if (!server.stop_requested()) {
     std::shared_ptr<engine::Engine> engine = engine::Engine::create(
         engine_options(cfg), models, std::make_shared<cache::PassThroughCache>());
-    server.set_backend(std::move(engine), model);
+    server.set_backend(engine, model);
+    // Jobs queue during warm-up; /readyz turns ready once it has worked everywhere.
+    while (!server.stop_requested() && !engine->warm_up_done())
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (const std::string error = engine->warm_up_error(); !error.empty()) {
+      spdlog::error("warm-up failed: {}; the model cannot run here, exiting", error);
+      server.shutdown();
+      return 1;
+    }
     spdlog::info("accepting jobs (max_queue {}, max_batch {})", cfg.max_queue, cfg.max_batch);
   }
   server.wait_for_stop();

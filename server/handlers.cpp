@@ -238,6 +238,8 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
     throw err;
   } catch (const engine::ShuttingDown& e) {
     throw ApiError(503, "shutting_down", e.what());
+  } catch (const engine::Unavailable& e) {
+    throw ApiError(503, "unavailable", e.what());
   } catch (const std::invalid_argument& e) {
     throw ApiError(400, "validation_error", e.what(), field_of_message(e.what()));
   }

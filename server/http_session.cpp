@@ -33,8 +33,13 @@ bool quiet_error(const beast::error_code& ec) {
 
 }  // namespace
 
+// The read buffer is bounded too: a request's header block (and a chunked body's trailer, which
+// the parser only takes whole) must fit, and nothing larger ever gets near Beast's 64 KiB limit
+// on one field, past which it throws instead of reporting an error.
 HttpSession::HttpSession(tcp::socket&& socket, std::shared_ptr<Context> ctx)
-    : stream_(std::move(socket)), ctx_(std::move(ctx)) {}
+    : stream_(std::move(socket)),
+      ctx_(std::move(ctx)),
+      buffer_(static_cast<size_t>(std::min(ctx_->config().max_header_bytes, 61440)) + 4096) {}
 
 HttpSession::~HttpSession() {
   end_request();
@@ -117,7 +122,7 @@ void HttpSession::on_read_error(beast::error_code ec) {
     ++ctx_->requests_in_flight;
     started_ = std::chrono::steady_clock::now();
   }
-  if (ec == http::error::header_limit)
+  if (ec == http::error::header_limit || ec == http::error::buffer_overflow)
     return send(
         error_response(ApiError(431, "header_too_large",
                                 "the request headers are larger than max_header_bytes (" +

@@ -44,8 +44,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void end_request();
 
   boost::beast::tcp_stream stream_;
-  boost::beast::flat_buffer buffer_;
   std::shared_ptr<Context> ctx_;
+  boost::beast::flat_buffer buffer_;  // bounded (see the constructor); after ctx_, which sizes it
   std::optional<http::request_parser<http::string_body>> parser_;
   Request req_;  // the request being answered
   std::shared_ptr<Response> res_;

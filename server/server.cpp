@@ -34,7 +34,9 @@ struct Server::Impl {
       : ioc(config.http_threads),
         acceptor(ioc),
         retry_timer(ioc),
-        signals(ioc, SIGINT, SIGTERM),
+        // SIGHUP drains like SIGTERM (there is no reload: restart to change the configuration);
+        // by default it would kill the process with jobs in flight.
+        signals(ioc, SIGINT, SIGTERM, SIGHUP),
         ctx(std::make_shared<Context>(config)) {}
 
   ~Impl() { stop_threads(); }
@@ -84,7 +86,9 @@ struct Server::Impl {
       if (ec) return;
       if (!stop_requested()) {
         ctx->begin_shutdown();  // new jobs get 503 from now on, before the log line says so
-        spdlog::info("received {}: shutting down", signo == SIGTERM ? "SIGTERM" : "SIGINT");
+        spdlog::info("received {}: shutting down", signo == SIGTERM  ? "SIGTERM"
+                                                   : signo == SIGHUP ? "SIGHUP"
+                                                                     : "SIGINT");
         request_stop();
         wait_signal();
       } else {

@@ -5,6 +5,9 @@
 #include <boost/asio/post.hpp>
 #include <nlohmann/json.hpp>
 
+#include "config/safe_json.h"
+#include "server/ws_command.h"
+
 namespace sdserve::server {
 namespace {
 
@@ -16,6 +19,7 @@ using json = nlohmann::ordered_json;
 constexpr size_t kMaxSubscriptions = 256;  // per /v1/events connection
 constexpr size_t kMaxIncomingMessage = 64 << 10;
 constexpr int kSendBufferBytes = 128 << 10;
+constexpr size_t kRememberedFinals = 1024;  // per /v1/events connection
 
 bool is_final_type(const std::string& type) {
   return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
@@ -61,7 +65,22 @@ void WsSession::on_accept(beast::error_code ec) {
   do_read();
 }
 
+void WsSession::remember_final(const std::string& job_id) {
+  if (!finals_sent_.insert(job_id).second) return;
+  finals_order_.push_back(job_id);
+  if (finals_order_.size() > kRememberedFinals) {
+    finals_sent_.erase(finals_order_.front());
+    finals_order_.pop_front();
+  }
+}
+
 void WsSession::subscribe(const std::string& job_id) {
+  // This connection already carried the job's final event: say so once more, briefly, instead
+  // of replaying it (a client looping on subscribe would otherwise get it again and again).
+  if (finals_sent_.count(job_id))
+    return send_control("error", job_id, "already_final",
+                        "this job has ended and its final event was sent on this connection; "
+                        "GET /v1/jobs/{id} has its state");
   if (subscriptions_.count(job_id)) {
     if (mode_ == Mode::kMulti) send_control("subscribed", job_id);
     return;
@@ -92,7 +111,7 @@ void WsSession::subscribe(const std::string& job_id) {
   };
   const uint64_t token = ctx_->subscribe(job_id, callback);
   if (token == 0) {
-    send_control("error", job_id, "not_found", "job '" + job_id + "' not found");
+    send_control("error", job_id, "not_found", "no such job (unknown, or forgotten)");
     if (mode_ == Mode::kJob) request_close(websocket::close_code::policy_error);
     return;
   }
@@ -121,7 +140,10 @@ void WsSession::on_event(const engine::JobEvent& e) {
   out.final = is_final_type(e.type);
   const bool final = out.final;
   push(std::move(out));
-  if (final && mode_ == Mode::kMulti) unsubscribe(e.job_id);
+  if (final && mode_ == Mode::kMulti) {
+    remember_final(e.job_id);
+    unsubscribe(e.job_id);
+  }
 }
 
 void WsSession::push(Outgoing out) {
@@ -154,7 +176,7 @@ void WsSession::send_control(const std::string& type, const std::string& job_id,
   json j = {{"type", type}, {"job_id", job_id}};
   if (!error_type.empty()) j["error"] = {{"type", error_type}, {"message", message}};
   Outgoing out;
-  out.text = j.dump();
+  out.text = safe_json::dump(j);
   out.job_id = job_id;
   queue_.push_back(std::move(out));
   queued_.store(queue_.size(), std::memory_order_relaxed);
@@ -200,6 +222,10 @@ void WsSession::on_write(beast::error_code ec, size_t) {
   queue_.pop_front();
   queued_.store(queue_.size(), std::memory_order_relaxed);
   ++sent_;
+  if (read_paused_ && queue_.size() <= queue_limit() / 2 && !torn_down_) {
+    read_paused_ = false;
+    do_read();
+  }
   if (final && mode_ == Mode::kJob) {
     queue_.clear();  // nothing follows a final event; close once it is out
     queued_.store(queue_.size(), std::memory_order_relaxed);
@@ -233,28 +259,33 @@ void WsSession::on_read(beast::error_code ec, size_t) {
   if (mode_ == Mode::kMulti && ws_.got_text() && !close_requested_)
     on_command(beast::buffers_to_string(in_.data()));
   in_.consume(in_.size());
+  // A client that sends commands but does not read their answers: stop reading until the
+  // queue drains, so its commands wait in its own socket buffers, not in our memory.
+  if (queue_.size() >= queue_limit()) {
+    read_paused_ = true;
+    return;
+  }
   do_read();
 }
 
+size_t WsSession::queue_limit() const {
+  return static_cast<size_t>(std::max(1, ctx_->config().ws_queue_limit));
+}
+
 void WsSession::on_command(const std::string& text) {
-  json cmd;
-  try {
-    cmd = json::parse(text);
-  } catch (const json::exception&) {
-    return send_control("error", "", "invalid_json", "commands are JSON objects");
+  const WsCommand cmd = parse_ws_command(text);
+  switch (cmd.kind) {
+    case WsCommand::kSubscribe:
+      return subscribe(cmd.job_id);
+    case WsCommand::kUnsubscribe:
+      if (!subscriptions_.count(cmd.job_id))
+        return send_control("error", cmd.job_id, "not_subscribed", "not subscribed to this job");
+      unsubscribe(cmd.job_id);
+      return send_control("unsubscribed", cmd.job_id);
+    case WsCommand::kInvalidJson:
+    case WsCommand::kInvalid:
+      return send_control("error", "", ws_command_error_type(cmd.kind), cmd.message);
   }
-  const bool sub = cmd.is_object() && cmd.size() == 1 && cmd.contains("subscribe");
-  const bool unsub = cmd.is_object() && cmd.size() == 1 && cmd.contains("unsubscribe");
-  const json* id = sub ? &cmd["subscribe"] : unsub ? &cmd["unsubscribe"] : nullptr;
-  if (!id || !id->is_string())
-    return send_control("error", "", "invalid_command",
-                        "send {\"subscribe\": \"JOB_ID\"} or {\"unsubscribe\": \"JOB_ID\"}");
-  const std::string job = id->get<std::string>();
-  if (sub) return subscribe(job);
-  if (!subscriptions_.count(job))
-    return send_control("error", job, "not_subscribed", "not subscribed to job '" + job + "'");
-  unsubscribe(job);
-  send_control("unsubscribed", job);
 }
 
 void WsSession::teardown(const std::string& why) {

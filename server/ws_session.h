@@ -15,6 +15,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "server/context.h"
@@ -58,6 +59,8 @@ class WsSession : public std::enable_shared_from_this<WsSession> {
   void on_read(boost::beast::error_code ec, size_t);
   void on_command(const std::string& text);
   void teardown(const std::string& why);
+  void remember_final(const std::string& job_id);
+  size_t queue_limit() const;
 
   boost::beast::websocket::stream<boost::beast::tcp_stream> ws_;
   std::shared_ptr<Context> ctx_;
@@ -74,6 +77,10 @@ class WsSession : public std::enable_shared_from_this<WsSession> {
   bool closing_ = false;
   bool torn_down_ = false;
   bool accepted_ = false;
+  bool read_paused_ = false;  // the queue is full: the next read waits for writes to drain
+  // Jobs whose final event this connection sent (bounded, oldest forgotten).
+  std::set<std::string> finals_sent_;
+  std::deque<std::string> finals_order_;
   std::map<std::string, uint64_t> subscriptions_;  // job id -> token
   // Events posted to the strand but not yet handled, and a copy of queue_.size(): together they
   // let the engine thread drop a droppable event without posting when the reader is far behind.

@@ -1,0 +1,337 @@
+// The server's pure parsers, run under ASan + UBSan (tests/sanitize): POST /v1/jobs bodies
+// (server/api_json.h) and /v1/events commands (server/ws_command.h). Checks what a client sees
+// (status, type, field) and that hostile input stays bounded; not the exact wording.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/job.h"
+#include "server/api_json.h"
+#include "server/ws_command.h"
+
+namespace sdserve::server {
+namespace {
+
+const RequestLimits kLimits{};  // text_layers 12, max_timeout_s 3600
+
+// The ApiError that parsing `body` throws (fails the test when none).
+ApiError error_of(const std::string& body) {
+  try {
+    parse_job_request(body, kLimits);
+  } catch (const ApiError& e) {
+    return e;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not an ApiError: " << e.what();
+    return ApiError(0, "", "");
+  }
+  ADD_FAILURE() << "accepted: " << body.substr(0, 200);
+  return ApiError(0, "", "");
+}
+
+// The error as the client receives it parses as JSON (its message is valid UTF-8).
+void expect_serialisable(const ApiError& e) {
+  const std::string body = error_body(e.type, e.what(), e.field);
+  EXPECT_NO_THROW((void)nlohmann::json::parse(body)) << body.substr(0, 200);
+}
+
+TEST(SanitizeJobRequest, ValidRequestWithEveryField) {
+  const auto r = parse_job_request(R"({
+      "prompt": "a cat", "negative_prompt": "a dog", "width": 640, "height": 384,
+      "steps": 25, "guidance_scale": 6.5, "sampler": "DPM++ 2M Karras", "seed": 1234,
+      "num_images": 3, "clip_skip": 2,
+      "preview": {"every": 5, "format": "PNG", "max_size": 128, "method": "vae"},
+      "priority": "high", "timeout_s": 90.5, "cancel_on_disconnect": true})",
+                                   kLimits);
+  EXPECT_EQ(r.prompt, "a cat");
+  EXPECT_EQ(r.negative_prompt, "a dog");
+  EXPECT_EQ(r.width, 640);
+  EXPECT_EQ(r.height, 384);
+  EXPECT_EQ(r.steps, 25);
+  EXPECT_DOUBLE_EQ(r.guidance_scale, 6.5);
+  EXPECT_EQ(r.sampler, "dpmpp_2m");
+  EXPECT_EQ(r.scheduler, "karras");
+  ASSERT_TRUE(r.seed.has_value());
+  EXPECT_EQ(*r.seed, 1234u);
+  EXPECT_EQ(r.num_images, 3);
+  EXPECT_EQ(r.clip_skip, 2);
+  ASSERT_TRUE(r.preview.has_value());
+  EXPECT_EQ(r.preview->every, 5);
+  EXPECT_EQ(r.preview->format, "png");
+  EXPECT_EQ(r.preview->max_size, 128);
+  EXPECT_EQ(r.preview->method, "vae");
+  EXPECT_EQ(r.priority, engine::Priority::kHigh);
+  ASSERT_TRUE(r.timeout_s.has_value());
+  EXPECT_DOUBLE_EQ(*r.timeout_s, 90.5);
+  EXPECT_TRUE(r.cancel_on_disconnect);
+
+  // request_json renders it back with every field.
+  const Json j = request_json(r);
+  for (const auto& f : request_fields()) EXPECT_TRUE(j.contains(f)) << f;
+}
+
+TEST(SanitizeJobRequest, DefaultsAndRandomSeed) {
+  const auto r = parse_job_request(R"({"prompt": "a cat", "seed": -1, "preview": null})", kLimits);
+  EXPECT_EQ(r.width, 512);
+  EXPECT_EQ(r.height, 512);
+  EXPECT_EQ(r.sampler, "euler");
+  EXPECT_EQ(r.scheduler, "normal");
+  EXPECT_FALSE(r.preview.has_value());
+  ASSERT_TRUE(r.seed.has_value());  // chosen at once so that it can be reported
+  EXPECT_LE(*r.seed, 0xffffffffull);
+  const auto big = parse_job_request(R"({"prompt": "", "seed": 18446744073709551615})", kLimits);
+  EXPECT_EQ(*big.seed, 18446744073709551615ull);
+}
+
+TEST(SanitizeJobRequest, EachFieldsErrorNamesItsField) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({})", "prompt"},
+      {R"({"prompt": 5})", "prompt"},
+      {R"({"prompt": null})", "prompt"},
+      {R"({"prompt": "a", "negative_prompt": ["x"]})", "negative_prompt"},
+      {R"({"prompt": "a", "width": 63})", "width"},
+      {R"({"prompt": "a", "width": 100})", "width"},
+      {R"({"prompt": "a", "width": 4096})", "width"},
+      {R"({"prompt": "a", "width": "512"})", "width"},
+      {R"({"prompt": "a", "width": 512.5})", "width"},
+      {R"({"prompt": "a", "width": 18446744073709551615})", "width"},
+      {R"({"prompt": "a", "width": -9223372036854775808})", "width"},
+      {R"({"prompt": "a", "height": 0})", "height"},
+      {R"({"prompt": "a", "steps": 0})", "steps"},
+      {R"({"prompt": "a", "steps": 151})", "steps"},
+      {R"({"prompt": "a", "steps": 4294967297})", "steps"},
+      {R"({"prompt": "a", "guidance_scale": -1})", "guidance_scale"},
+      {R"({"prompt": "a", "guidance_scale": 31})", "guidance_scale"},
+      {R"({"prompt": "a", "guidance_scale": "7"})", "guidance_scale"},
+      {R"({"prompt": "a", "sampler": "eulr"})", "sampler"},
+      {R"({"prompt": "a", "sampler": 5})", "sampler"},
+      {R"({"prompt": "a", "scheduler": "exponential"})", "scheduler"},
+      {R"({"prompt": "a", "sampler": "ddim", "scheduler": "karras"})", "scheduler"},
+      {R"({"prompt": "a", "seed": -2})", "seed"},
+      {R"({"prompt": "a", "seed": 1.5})", "seed"},
+      {R"({"prompt": "a", "seed": "1"})", "seed"},
+      {R"({"prompt": "a", "num_images": 0})", "num_images"},
+      {R"({"prompt": "a", "num_images": 17})", "num_images"},
+      {R"({"prompt": "a", "clip_skip": 0})", "clip_skip"},
+      {R"({"prompt": "a", "clip_skip": 13})", "clip_skip"},
+      {R"({"prompt": "a", "preview": 5})", "preview"},
+      {R"({"prompt": "a", "preview": {"every": 0}})", "preview.every"},
+      {R"({"prompt": "a", "steps": 10, "preview": {"every": 11}})", "preview.every"},
+      {R"({"prompt": "a", "preview": {"format": "gif"}})", "preview.format"},
+      {R"({"prompt": "a", "preview": {"max_size": 8}})", "preview.max_size"},
+      {R"({"prompt": "a", "preview": {"method": "x"}})", "preview.method"},
+      {R"({"prompt": "a", "preview": {"bogus": 1}})", "preview.bogus"},
+      {R"({"prompt": "a", "priority": "urgent"})", "priority"},
+      {R"({"prompt": "a", "timeout_s": 0})", "timeout_s"},
+      {R"({"prompt": "a", "timeout_s": 3601})", "timeout_s"},
+      {R"({"prompt": "a", "cancel_on_disconnect": "yes"})", "cancel_on_disconnect"},
+      {R"({"prompt": "a", "promt": "b"})", "promt"},
+  };
+  for (const auto& [body, field] : cases) {
+    const ApiError e = error_of(body);
+    EXPECT_EQ(e.status, 400) << body;
+    EXPECT_EQ(e.type, "validation_error") << body;
+    EXPECT_EQ(e.field, field) << body << " -> " << e.what();
+    EXPECT_FALSE(std::string(e.what()).empty()) << body;
+    EXPECT_LT(std::string(e.what()).size(), 1000u) << body;
+    expect_serialisable(e);
+  }
+}
+
+TEST(SanitizeJobRequest, UnparseableBodiesAreInvalidJson) {
+  const std::vector<std::string> bodies = {
+      "",
+      "{",
+      "nul",
+      "{\"prompt\": \"a\",}",
+      "[1, 2]",
+      "null",
+      "\"a cat\"",
+      "42",
+      std::string(1 << 20, '{'),                            // deep, unterminated
+      std::string(100000, '[') + std::string(100000, ']'),  // deep, well formed
+      "{\"prompt\": " + std::string(100000, '[') + std::string(100000, ']') + "}",
+  };
+  for (const auto& body : bodies) {
+    const ApiError e = error_of(body);
+    EXPECT_EQ(e.status, 400) << body.substr(0, 40);
+    EXPECT_EQ(e.type, "invalid_json") << body.substr(0, 40) << " -> " << e.what();
+    EXPECT_LT(std::string(e.what()).size(), 1000u);
+    expect_serialisable(e);
+  }
+}
+
+TEST(SanitizeJobRequest, OutOfRangeNumbersAreRefusedWith400) {
+  for (const std::string field : {"guidance_scale", "seed", "steps", "width", "timeout_s"}) {
+    for (const std::string number : {"1e400", "-1e400", "1e-400"}) {
+      const std::string body = "{\"prompt\": \"a\", \"" + field + "\": " + number + "}";
+      try {
+        parse_job_request(body, kLimits);
+        // 1e-400 may parse as 0 (a valid number); then only a value rule may refuse it.
+        EXPECT_EQ(number, "1e-400") << body;
+      } catch (const ApiError& e) {
+        EXPECT_EQ(e.status, 400) << body;
+        expect_serialisable(e);
+      }
+    }
+  }
+}
+
+TEST(SanitizeJobRequest, InvalidUtf8IsRefusedAndNotEchoed) {
+  const std::vector<std::string> bodies = {
+      "{\"prompt\": \"caf\xc3\x28\"}",         // bad continuation
+      "{\"prompt\": \"\xff\xfe\"}",            // never valid
+      "{\"prompt\": \"\xed\xa0\x80\"}",        // a surrogate
+      "{\"prompt\": \"a\", \"\xc0\xaf\": 1}",  // overlong key
+      "{\"prompt\": \"\xe2\x82\"}",            // truncated sequence
+      "\xef\xbb\xbf{\"prompt\": \"\xf8\x88\x80\x80\x80\"}",
+  };
+  for (const auto& body : bodies) {
+    const ApiError e = error_of(body);
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(e.type, "invalid_json") << e.what();
+    for (unsigned char c : std::string(e.what())) EXPECT_LT(c, 0x80) << e.what();
+    expect_serialisable(e);
+  }
+}
+
+TEST(SanitizeJobRequest, HugeNamesAndValuesAreBoundedInMessages) {
+  const std::string huge(1 << 20, 'x');
+  const std::string wide = [] {  // 2-byte characters, so that a cut may fall inside one
+    std::string s;
+    for (int i = 0; i < 100000; ++i) s += "\xc3\xa9";
+    return s;
+  }();
+  struct Case {
+    std::string body, field;
+  };
+  const std::vector<Case> cases = {
+      {"{\"prompt\": \"a\", \"sampler\": \"" + huge + "\"}", "sampler"},
+      {"{\"prompt\": \"a\", \"sampler\": \"" + wide + "\"}", "sampler"},
+      {"{\"prompt\": \"a\", \"sampler\": \"" + std::string(64, 'q') + "\"}", "sampler"},
+      {"{\"prompt\": \"a\", \"scheduler\": \"" + huge + "\"}", "scheduler"},
+      {"{\"prompt\": \"a\", \"priority\": \"" + wide + "\"}", "priority"},
+      {"{\"prompt\": \"a\", \"width\": \"" + huge + "\"}", "width"},
+      {"{\"prompt\": \"a\", \"steps\": [" +
+           [] {
+             std::string s = "0";
+             for (int i = 0; i < 50000; ++i) s += ",0";
+             return s;
+           }() +
+           "]}",
+       "steps"},
+      {"{\"prompt\": \"a\", \"" + huge + "\": 1}", huge.substr(0, 64)},
+      {"{\"prompt\": \"a\", \"" + wide + "\": 1}", ""},  // bounded, maybe cut: checked below
+      {"{\"prompt\": \"a\", \"preview\": {\"" + huge + "\": 1}}", "preview"},
+      {"{\"prompt\": \"a\", \"preview\": {\"" + wide + "\": 1}}", "preview"},
+  };
+  for (const auto& c : cases) {
+    const ApiError e = error_of(c.body);
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(e.type, "validation_error") << e.what();
+    if (!c.field.empty()) EXPECT_EQ(e.field, c.field);
+    EXPECT_LE(e.field.size(), 72u);
+    EXPECT_LT(std::string(e.what()).size(), 600u) << std::string(e.what()).substr(0, 600);
+    expect_serialisable(e);
+  }
+}
+
+TEST(SanitizeJobRequest, FieldOfMessage) {
+  EXPECT_EQ(field_of_message("width must be a multiple of 8"), "width");
+  EXPECT_EQ(field_of_message("preview.every must be an integer"), "preview.every");
+  EXPECT_EQ(field_of_message("sampler 'x' is unknown"), "sampler");
+  EXPECT_EQ(field_of_message("something else entirely"), "");
+  EXPECT_EQ(field_of_message(""), "");
+  EXPECT_EQ(field_of_message(std::string(100000, 'a')), "");
+}
+
+TEST(SanitizeJobJson, RendersSnapshots) {
+  engine::JobSnapshot job;
+  job.id = "abc";
+  job.status = engine::JobStatus::kSucceeded;
+  job.request.num_images = 2;
+  job.steps = 10;
+  job.step = 10;
+  job.queued_at = engine::Clock::time_point{} + std::chrono::milliseconds(1700000000123);
+  const Json j = job_json(job);
+  EXPECT_EQ(j.begin().key(), "id");
+  EXPECT_EQ(j["status"], "succeeded");
+  ASSERT_EQ(j["images"].size(), 2u);
+  EXPECT_EQ(j["images"][1], "/v1/jobs/abc/images/1");
+  EXPECT_EQ(j["timings"]["queued"], "2023-11-14T22:13:20.123Z");
+  EXPECT_TRUE(j["queue_position"].is_null());
+  job.status = engine::JobStatus::kRunning;
+  job.step = 5;
+  job.error = std::string("caf\xc3\x28");  // user text may be anything: dump must not throw
+  const Json running = job_json(job);
+  EXPECT_DOUBLE_EQ(running["progress"].get<double>(), 0.5);
+  EXPECT_TRUE(running["images"].empty());
+  EXPECT_NO_THROW((void)error_body("x", job.error));
+
+  const Json s = samplers_json();
+  EXPECT_FALSE(s["samplers"].empty());
+  EXPECT_EQ(s["schedulers"].size(), 2u);
+}
+
+// ---- /v1/events commands ---------------------------------------------------------------------
+
+TEST(SanitizeWsCommand, SubscribeAndUnsubscribe) {
+  auto c = parse_ws_command(R"({"subscribe": "job-1"})");
+  EXPECT_EQ(c.kind, WsCommand::kSubscribe);
+  EXPECT_EQ(c.job_id, "job-1");
+  EXPECT_STREQ(ws_command_error_type(c.kind), "");
+  c = parse_ws_command(R"(  {"unsubscribe":"x"}  )");
+  EXPECT_EQ(c.kind, WsCommand::kUnsubscribe);
+  EXPECT_EQ(c.job_id, "x");
+  c = parse_ws_command("{\"subscribe\": \"" + std::string(kMaxWsJobIdLength, 'i') + "\"}");
+  EXPECT_EQ(c.kind, WsCommand::kSubscribe);
+  EXPECT_EQ(c.job_id.size(), kMaxWsJobIdLength);
+}
+
+TEST(SanitizeWsCommand, UnparseableTextIsInvalidJson) {
+  const std::vector<std::string> texts = {
+      "",
+      "{",
+      "subscribe",
+      "{\"subscribe\": }",
+      "{\"subscribe\": \"\xff\"}",
+      std::string(100000, '[') + std::string(100000, ']'),
+      "{\"subscribe\": \"a\", \"x\": " + std::string(65, '{'),
+      std::string(1 << 20, '{'),
+  };
+  for (const auto& t : texts) {
+    const auto c = parse_ws_command(t);
+    EXPECT_EQ(c.kind, WsCommand::kInvalidJson) << t.substr(0, 40);
+    EXPECT_STREQ(ws_command_error_type(c.kind), "invalid_json");
+    EXPECT_FALSE(c.message.empty());
+    EXPECT_TRUE(c.job_id.empty());
+  }
+}
+
+TEST(SanitizeWsCommand, OtherCommandsAreInvalidAndNeverEchoed) {
+  const std::string marker = "SECRET-MARKER";
+  const std::vector<std::string> texts = {
+      "[\"" + marker + "\"]",
+      "{}",
+      "\"" + marker + "\"",
+      "{\"" + marker + "\": \"a\"}",
+      "{\"subscribe\": 5}",
+      "{\"subscribe\": null}",
+      "{\"subscribe\": [\"" + marker + "\"]}",
+      "{\"subscribe\": \"a\", \"unsubscribe\": \"" + marker + "\"}",
+      "{\"subscribe\": \"" + marker + std::string(kMaxWsJobIdLength, 'x') + "\"}",
+      "{\"subscribe\": \"" + marker + std::string(1 << 20, 'x') + "\"}",
+  };
+  for (const auto& t : texts) {
+    const auto c = parse_ws_command(t);
+    EXPECT_EQ(c.kind, WsCommand::kInvalid) << t.substr(0, 60);
+    EXPECT_STREQ(ws_command_error_type(c.kind), "invalid_command");
+    EXPECT_EQ(c.message.find(marker), std::string::npos) << c.message;
+    EXPECT_LT(c.message.size(), 200u);
+    EXPECT_TRUE(c.job_id.empty());
+  }
+}
+
+}  // namespace
+}  // namespace sdserve::server
