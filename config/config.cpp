@@ -488,7 +488,7 @@ std::string to_json(const ServiceConfig& c) {
   json masked = json::array();
   for (size_t i = 0; i < c.api_keys.size(); ++i) masked.push_back("***");
   out["api_keys"] = masked;
-  return out.dump();
+  return safe_json::dump(out);  // string settings may hold any bytes (paths)
 }
 
 std::string help_text() {

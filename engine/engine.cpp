@@ -82,7 +82,7 @@ std::string iso_time(Clock::time_point t) {
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
-                                       std::vector<std::shared_ptr<pipeline::Model>> models,
+                                       std::vector<std::shared_ptr<ModelRunner>> models,
                                        std::shared_ptr<cache::EmbeddingCache> cache) {
   if (models.empty()) throw std::invalid_argument("the engine needs at least one model");
   if (options.max_queue < 1) throw std::invalid_argument("max_queue must be at least 1");

@@ -26,6 +26,8 @@ class EmbeddingCache;
 
 namespace sdserve::engine {
 
+class ModelRunner;  // engine/model_runner.h
+
 struct EngineOptions {
   int max_queue = 64;  // queued jobs; more -> QueueFull (HTTP 429)
   int max_batch = 8;   // images denoised together per worker
@@ -81,6 +83,10 @@ using EventCallback = std::function<void(const JobEvent&)>;
 class Engine {
  public:
   // One worker per model (each model lives on its own device). Starts the worker threads.
+  static std::unique_ptr<Engine> create(const EngineOptions& options,
+                                        std::vector<std::shared_ptr<ModelRunner>> models,
+                                        std::shared_ptr<cache::EmbeddingCache> cache);
+  // The same over the pipeline's models (engine/pipeline_runner.cpp).
   static std::unique_ptr<Engine> create(const EngineOptions& options,
                                         std::vector<std::shared_ptr<pipeline::Model>> models,
                                         std::shared_ptr<cache::EmbeddingCache> cache);

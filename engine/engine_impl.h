@@ -15,6 +15,7 @@
 #include "cache/embedding_cache.h"
 #include "engine/engine.h"
 #include "engine/job_queue.h"
+#include "engine/model_runner.h"
 #include "engine/result_store.h"
 #include "pipeline/pipeline.h"
 
@@ -55,7 +56,7 @@ struct EncodeTask {
 
 struct Engine::Impl {
   EngineOptions options;
-  std::vector<std::shared_ptr<pipeline::Model>> models;
+  std::vector<std::shared_ptr<ModelRunner>> models;
   std::shared_ptr<cache::EmbeddingCache> cache;
 
   mutable std::mutex mutex;         // guards everything below up to the threads

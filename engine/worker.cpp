@@ -17,7 +17,7 @@ using nlohmann::json;
 struct Active {
   std::shared_ptr<JobState> job;
   int index = 0;  // image k of the job
-  std::unique_ptr<pipeline::Trajectory> trajectory;
+  std::unique_ptr<ImageRun> trajectory;
   pipeline::EmbeddingPtr cond, uncond;  // shared by the job's images on this worker
 };
 
@@ -39,33 +39,15 @@ pipeline::GenerateRequest generate_request_of(const JobState& job) {
 }  // namespace
 
 void Engine::Impl::worker_loop(size_t index) {
-  pipeline::Model& model = *models[index];
+  ModelRunner& model = *models[index];
   const std::string device = model.info().device;
 
-  // Warm-up: one short generation at the native size, so the first user does not pay for
-  // allocator growth and kernel selection. /readyz turns green after it.
+  // Warm-up before the first job; /readyz turns green after it has worked on every worker.
   try {
-    pipeline::GenerateRequest warm;
-    warm.prompt = "warm-up";
-    warm.image.width = warm.image.height = model.info().native_size;
-    warm.image.steps = 2;
-    model.generate(warm);
-    // On a GPU each batch bucket gets its CUDA graph on first use (~2 s); take that cost here,
-    // for every bucket up to max_batch at the native size, instead of in users' requests.
-    if (device.rfind("cuda", 0) == 0) {
-      auto cond = model.encode_text(warm.prompt);
-      auto uncond = model.encode_text("");
-      for (int bucket : options.batch_buckets) {
-        if (bucket > options.max_batch || bucket <= 1) continue;
-        std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
-        std::vector<pipeline::Trajectory*> batch;
-        for (int k = 0; k < bucket; ++k) {
-          owned.push_back(model.begin(warm.image, cond, uncond));
-          batch.push_back(owned.back().get());
-        }
-        model.step(batch);
-      }
-    }
+    std::vector<int> sizes;
+    for (int bucket : options.batch_buckets)
+      if (bucket <= options.max_batch) sizes.push_back(bucket);
+    model.warm_up(sizes);
   } catch (const std::exception& e) {
     // A worker that cannot run a two-step generation would fail every job: it takes none, and
     // the service does not report ready.
@@ -141,7 +123,10 @@ void Engine::Impl::worker_loop(size_t index) {
       }
     }
 
-    for (auto& [job, k] : admitted) {
+    for (auto& admission : admitted) {
+      // Named, not a structured binding: lambdas below capture them.
+      const std::shared_ptr<JobState>& job = admission.first;
+      const int k = admission.second;
       try {
         // A job's images share its prompt embeddings: encode once per job on this worker.
         pipeline::EmbeddingPtr cond, uncond;
@@ -172,7 +157,7 @@ void Engine::Impl::worker_loop(size_t index) {
     }
     if (active.empty()) continue;
 
-    std::vector<pipeline::Trajectory*> batch;
+    std::vector<ImageRun*> batch;
     for (auto& a : active) batch.push_back(a.trajectory.get());
     try {
       model.step(batch);
@@ -222,8 +207,7 @@ void Engine::Impl::worker_loop(size_t index) {
       if (!p || a.trajectory->done() || done % std::max(1, p->every) != 0) continue;
       pipeline::RgbImage rgb;
       try {
-        rgb = p->method == "vae" ? model.preview_vae(*a.trajectory, p->max_size)
-                                 : model.preview(*a.trajectory, p->max_size);
+        rgb = model.preview(*a.trajectory, *p);
       } catch (const std::exception& e) {
         pipeline::log(pipeline::LogLevel::kWarn, std::string("preview failed: ") + e.what());
         continue;
@@ -268,7 +252,7 @@ void Engine::Impl::worker_loop(size_t index) {
       }
     }
     if (finished.empty()) continue;
-    std::vector<pipeline::Trajectory*> to_decode;
+    std::vector<ImageRun*> to_decode;
     for (auto& f : finished) to_decode.push_back(f.trajectory.get());
     std::vector<pipeline::RgbImage> images;
     try {

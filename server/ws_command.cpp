@@ -2,37 +2,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "config/safe_json.h"
+
 namespace sdserve::server {
 namespace {
 
 using json = nlohmann::json;
 
 constexpr const char* kUsage = "send {\"subscribe\": \"JOB_ID\"} or {\"unsubscribe\": \"JOB_ID\"}";
-
-// Whether no array/object in `text` nests deeper than `max_depth`, counting brackets outside
-// strings. A cheap pre-check so that no deeply nested value is ever built; invalid JSON may pass
-// (the parser refuses it next).
-bool depth_ok(const std::string& text, int max_depth) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (const char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > max_depth) return false;
-    } else if (c == ']' || c == '}') {
-      if (depth > 0) --depth;
-    }
-  }
-  return true;
-}
 
 WsCommand error(WsCommand::Kind kind, std::string message) {
   WsCommand c;
@@ -42,13 +19,13 @@ WsCommand error(WsCommand::Kind kind, std::string message) {
 }
 
 WsCommand parse(const std::string& text) {
-  if (!depth_ok(text, kMaxWsCommandDepth))
+  if (safe_json::nesting_depth(text) > kMaxWsCommandDepth)
     return error(WsCommand::kInvalidJson, "commands are JSON objects (this one nests deeper than " +
                                               std::to_string(kMaxWsCommandDepth) + " levels)");
   json cmd;
   try {
-    cmd = json::parse(text);
-  } catch (const json::exception&) {
+    cmd = safe_json::parse(text, kMaxWsCommandDepth);
+  } catch (const safe_json::Error&) {
     return error(WsCommand::kInvalidJson, "commands are JSON objects");
   }
   if (!cmd.is_object() || cmd.size() != 1) return error(WsCommand::kInvalid, kUsage);

@@ -1,0 +1,48 @@
+// What the engine's workers need of a model, as an interface: the pipeline implements it
+// (pipeline_runner), and the engine's tests put a fake behind it to make every step of a job fail
+// on purpose. Torch-free; an implementation is used by one worker thread at a time.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/job.h"
+#include "pipeline/image.h"
+#include "pipeline/pipeline.h"
+
+namespace sdserve::engine {
+
+// One image being denoised.
+class ImageRun {
+ public:
+  virtual ~ImageRun() = default;
+  virtual int evals_done() const = 0;   // model evaluations so far
+  virtual int evals_total() const = 0;  // evaluations the image takes
+  bool done() const { return evals_done() >= evals_total(); }
+};
+
+class ModelRunner {
+ public:
+  virtual ~ModelRunner() = default;
+  virtual const pipeline::ModelInfo& info() const = 0;
+  // Model evaluations per image; throws pipeline::RequestError when the spec cannot run.
+  virtual int evals_total(const pipeline::ImageSpec& spec) const = 0;
+  // Runs a short generation (and whatever else the device wants before the first user, such as
+  // one UNet call per batch size in `batch_sizes`); throws when the model cannot run here.
+  virtual void warm_up(const std::vector<int>& batch_sizes) = 0;
+  virtual pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) = 0;
+  // `uncond` may be null when spec.guidance_scale <= 1.
+  virtual std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec,
+                                          pipeline::EmbeddingPtr cond,
+                                          pipeline::EmbeddingPtr uncond) = 0;
+  // One evaluation for every run (none done) in one model call.
+  virtual void step(const std::vector<ImageRun*>& batch) = 0;
+  virtual std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) = 0;
+  virtual pipeline::RgbImage preview(const ImageRun& run, const PreviewOptions& options) = 0;
+};
+
+// The real pipeline (pipeline::Model) behind the interface.
+std::shared_ptr<ModelRunner> pipeline_runner(std::shared_ptr<pipeline::Model> model);
+
+}  // namespace sdserve::engine

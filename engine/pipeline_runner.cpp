@@ -1,0 +1,91 @@
+// ModelRunner over pipeline::Model: the only engine file that calls the model's step API.
+#include "engine/engine.h"
+#include "engine/model_runner.h"
+
+namespace sdserve::engine {
+namespace {
+
+class PipelineRun : public ImageRun {
+ public:
+  explicit PipelineRun(std::unique_ptr<pipeline::Trajectory> t) : trajectory(std::move(t)) {}
+  int evals_done() const override { return trajectory->evals_done(); }
+  int evals_total() const override { return trajectory->evals_total(); }
+  std::unique_ptr<pipeline::Trajectory> trajectory;
+};
+
+std::vector<pipeline::Trajectory*> trajectories(const std::vector<ImageRun*>& batch) {
+  std::vector<pipeline::Trajectory*> out;
+  out.reserve(batch.size());
+  for (ImageRun* r : batch) out.push_back(static_cast<PipelineRun*>(r)->trajectory.get());
+  return out;
+}
+
+class PipelineRunner : public ModelRunner {
+ public:
+  explicit PipelineRunner(std::shared_ptr<pipeline::Model> model) : model_(std::move(model)) {}
+
+  const pipeline::ModelInfo& info() const override { return model_->info(); }
+  int evals_total(const pipeline::ImageSpec& spec) const override {
+    return model_->evals_total(spec);
+  }
+
+  void warm_up(const std::vector<int>& batch_sizes) override {
+    // One short generation at the native size, so the first user does not pay for allocator
+    // growth and kernel selection.
+    pipeline::GenerateRequest warm;
+    warm.prompt = "warm-up";
+    warm.image.width = warm.image.height = model_->info().native_size;
+    warm.image.steps = 2;
+    model_->generate(warm);
+    // On a GPU each batch size gets its CUDA graph on first use (~2 s): take that cost here.
+    if (model_->info().device.rfind("cuda", 0) != 0) return;
+    auto cond = model_->encode_text(warm.prompt);
+    auto uncond = model_->encode_text("");
+    for (int size : batch_sizes) {
+      if (size <= 1) continue;
+      std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
+      std::vector<pipeline::Trajectory*> batch;
+      for (int k = 0; k < size; ++k) {
+        owned.push_back(model_->begin(warm.image, cond, uncond));
+        batch.push_back(owned.back().get());
+      }
+      model_->step(batch);
+    }
+  }
+
+  pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) override {
+    return model_->encode_text(prompt, clip_skip);
+  }
+  std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec, pipeline::EmbeddingPtr cond,
+                                  pipeline::EmbeddingPtr uncond) override {
+    return std::make_unique<PipelineRun>(model_->begin(spec, std::move(cond), std::move(uncond)));
+  }
+  void step(const std::vector<ImageRun*>& batch) override { model_->step(trajectories(batch)); }
+  std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) override {
+    return model_->decode(trajectories(batch));
+  }
+  pipeline::RgbImage preview(const ImageRun& run, const PreviewOptions& options) override {
+    const auto& t = *static_cast<const PipelineRun&>(run).trajectory;
+    return options.method == "vae" ? model_->preview_vae(t, options.max_size)
+                                   : model_->preview(t, options.max_size);
+  }
+
+ private:
+  std::shared_ptr<pipeline::Model> model_;
+};
+
+}  // namespace
+
+std::shared_ptr<ModelRunner> pipeline_runner(std::shared_ptr<pipeline::Model> model) {
+  return std::make_shared<PipelineRunner>(std::move(model));
+}
+
+std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
+                                       std::vector<std::shared_ptr<pipeline::Model>> models,
+                                       std::shared_ptr<cache::EmbeddingCache> cache) {
+  std::vector<std::shared_ptr<ModelRunner>> runners;
+  for (auto& m : models) runners.push_back(pipeline_runner(std::move(m)));
+  return create(options, std::move(runners), std::move(cache));
+}
+
+}  // namespace sdserve::engine

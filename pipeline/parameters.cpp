@@ -1,0 +1,26 @@
+// A1111's "parameters" text (torch-free: the engine writes it into every PNG).
+#include <sstream>
+
+#include "pipeline/pipeline.h"
+#include "pipeline/sampler_names.h"
+
+namespace sdserve::pipeline {
+
+std::string a1111_parameters(const GenerateRequest& request, uint64_t seed,
+                             const ModelInfo& model) {
+  std::ostringstream out;
+  out << request.prompt << "\n";
+  if (!request.negative_prompt.empty())
+    out << "Negative prompt: " << request.negative_prompt << "\n";
+  std::ostringstream cfg;
+  cfg << request.image.guidance_scale;
+  out << "Steps: " << request.image.steps << ", Sampler: " << display_name(request.image.sampler)
+      << ", Schedule type: " << (request.image.scheduler == "karras" ? "Karras" : "Automatic")
+      << ", CFG scale: " << cfg.str() << ", Seed: " << seed << ", Size: " << request.image.width
+      << "x" << request.image.height << ", Model: " << model.name;
+  if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
+  out << ", Version: sdserve";
+  return out.str();
+}
+
+}  // namespace sdserve::pipeline

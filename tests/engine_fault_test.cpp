@@ -1,0 +1,198 @@
+// The engine's failure paths, with a fake model behind ModelRunner that fails where a test says:
+// a step, a decode, the text encoder, the image encoder, the warm-up. Each failure must end the
+// affected job with a clear error, never run a failed job's other images, never end the process,
+// and leave the engine serving the next job.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "cache/embedding_cache.h"
+#include "engine/engine.h"
+#include "engine/model_runner.h"
+
+namespace sdserve::engine {
+namespace {
+
+using namespace std::chrono_literals;
+
+class FakeRun : public ImageRun {
+ public:
+  explicit FakeRun(int total) : total_(total) {}
+  int evals_done() const override { return done_; }
+  int evals_total() const override { return total_; }
+  int done_ = 0;
+
+ private:
+  int total_;
+};
+
+// A model that denoises nothing: each step counts, each decode returns a grey image. The
+// atomics say which call fails next (-1: none).
+class FakeRunner : public ModelRunner {
+ public:
+  FakeRunner() {
+    info_.name = "fake";
+    info_.device = "cpu";
+    info_.native_size = 64;
+  }
+  const pipeline::ModelInfo& info() const override { return info_; }
+  int evals_total(const pipeline::ImageSpec& spec) const override { return spec.steps; }
+  void warm_up(const std::vector<int>&) override {
+    if (fail_warm_up) throw std::runtime_error("no device here");
+  }
+  pipeline::EmbeddingPtr encode_text(const std::string& prompt, int) override {
+    if (prompt == "unencodable") throw std::runtime_error("text encoder broke");
+    return nullptr;
+  }
+  std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec, pipeline::EmbeddingPtr,
+                                  pipeline::EmbeddingPtr) override {
+    ++begins;
+    return std::make_unique<FakeRun>(spec.steps);
+  }
+  void step(const std::vector<ImageRun*>& batch) override {
+    if (fail_steps > 0) {
+      --fail_steps;
+      throw std::runtime_error(
+          "CUDA out of memory.\nException raised from malloc at alloc.cpp:1 (most recent call "
+          "first):\nframe #0: 0x7f00deadbeef");
+    }
+    for (ImageRun* r : batch) ++static_cast<FakeRun*>(r)->done_;
+  }
+  std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) override {
+    if (fail_decodes > 0) {
+      --fail_decodes;
+      throw std::runtime_error("VAE broke");
+    }
+    std::vector<pipeline::RgbImage> out;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      pipeline::RgbImage img{8, 8, std::vector<uint8_t>(8 * 8 * 3, 128)};
+      // A buffer that does not match its size makes the PNG encoder throw.
+      if (bad_images > 0) {
+        --bad_images;
+        img.pixels.resize(5);
+      }
+      out.push_back(std::move(img));
+    }
+    return out;
+  }
+  pipeline::RgbImage preview(const ImageRun&, const PreviewOptions&) override {
+    return {8, 8, std::vector<uint8_t>(8 * 8 * 3, 0)};
+  }
+
+  std::atomic<int> begins{0};
+  std::atomic<int> fail_steps{0}, fail_decodes{0}, bad_images{0};
+  std::atomic<bool> fail_warm_up{false};
+
+ private:
+  pipeline::ModelInfo info_;
+};
+
+JobRequest request(const std::string& prompt, int images = 1) {
+  JobRequest r;
+  r.prompt = prompt;
+  r.width = r.height = 64;
+  r.steps = 3;
+  r.seed = 1;
+  r.num_images = images;
+  return r;
+}
+
+std::unique_ptr<Engine> make_engine(std::shared_ptr<FakeRunner> fake, int max_batch = 2) {
+  EngineOptions o;
+  o.max_batch = max_batch;
+  return Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                        std::make_shared<cache::PassThroughCache>());
+}
+
+void wait_warm(const Engine& e) {
+  for (int i = 0; i < 500 && !e.warm_up_done(); ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(e.warm_up_done());
+}
+
+JobSnapshot wait_final(const Engine& e, const std::string& id) {
+  for (int i = 0; i < 1000; ++i) {
+    const auto job = e.get(id);
+    if (job && is_final(job->status)) return *job;
+    std::this_thread::sleep_for(10ms);
+  }
+  ADD_FAILURE() << "job " << id << " did not end";
+  return {};
+}
+
+TEST(EngineFaults, FailedStepEndsTheJobAndItsOtherImagesNeverRun) {
+  auto fake = std::make_shared<FakeRunner>();
+  auto engine = make_engine(fake, 2);
+  wait_warm(*engine);
+  fake->fail_steps = 1;
+  const auto job = engine->submit(request("four images", 4));
+  const auto end = wait_final(*engine, job.id);
+  EXPECT_EQ(end.status, JobStatus::kFailed);
+  EXPECT_EQ(fake->begins.load(), 2);  // the two admitted images; the other two never start
+  // No backtrace reaches the user.
+  EXPECT_EQ(end.error, "generation failed: CUDA out of memory.");
+  // The engine goes on serving.
+  const auto next = engine->submit(request("next"));
+  EXPECT_EQ(wait_final(*engine, next.id).status, JobStatus::kSucceeded);
+}
+
+TEST(EngineFaults, FailedDecodeFailsThatJobOnly) {
+  auto fake = std::make_shared<FakeRunner>();
+  auto engine = make_engine(fake);
+  wait_warm(*engine);
+  fake->fail_decodes = 1;
+  const auto a = engine->submit(request("decoded badly"));
+  const auto end = wait_final(*engine, a.id);
+  EXPECT_EQ(end.status, JobStatus::kFailed);
+  EXPECT_NE(end.error.find("decoding failed: VAE broke"), std::string::npos) << end.error;
+  const auto b = engine->submit(request("decoded well"));
+  EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
+}
+
+TEST(EngineFaults, TextEncoderFailureFailsThatJobOnly) {
+  auto fake = std::make_shared<FakeRunner>();
+  auto engine = make_engine(fake);
+  wait_warm(*engine);
+  const auto a = engine->submit(request("unencodable"));
+  const auto b = engine->submit(request("fine"));
+  const auto end = wait_final(*engine, a.id);
+  EXPECT_EQ(end.status, JobStatus::kFailed);
+  EXPECT_NE(end.error.find("text encoder broke"), std::string::npos) << end.error;
+  EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
+}
+
+TEST(EngineFaults, ImageEncoderFailureFailsTheJobInsteadOfEndingTheProcess) {
+  auto fake = std::make_shared<FakeRunner>();
+  auto engine = make_engine(fake);
+  wait_warm(*engine);
+  fake->bad_images = 1;
+  const auto a = engine->submit(request("unencodable pixels"));
+  const auto end = wait_final(*engine, a.id);
+  EXPECT_EQ(end.status, JobStatus::kFailed);
+  EXPECT_NE(end.error.find("encoding the image failed"), std::string::npos) << end.error;
+  const auto b = engine->submit(request("encodable"));
+  EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(engine->image(b.id, 0).status, ImageLookup::kOk);
+}
+
+TEST(EngineFaults, FailedWarmUpIsNotReadyAndRefusesJobs) {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->fail_warm_up = true;
+  auto engine = make_engine(fake);
+  wait_warm(*engine);
+  EXPECT_FALSE(engine->ready());
+  EXPECT_NE(engine->warm_up_error().find("no device here"), std::string::npos);
+  EXPECT_THROW(engine->submit(request("never")), Unavailable);
+}
+
+TEST(EngineFaults, SuccessfulWarmUpIsReady) {
+  auto fake = std::make_shared<FakeRunner>();
+  auto engine = make_engine(fake);
+  wait_warm(*engine);
+  EXPECT_TRUE(engine->ready());
+  EXPECT_TRUE(engine->warm_up_error().empty());
+}
+
+}  // namespace
+}  // namespace sdserve::engine
