@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <ctime>
 #include <mutex>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 
@@ -13,8 +12,6 @@
 
 namespace sdserve::engine {
 namespace {
-
-using nlohmann::json;
 
 // 128 bits from the operating system's CSPRNG (std::random_device reads getrandom/urandom on
 // Linux): without API keys, a job id is all that stands between one user's job and another's.
@@ -52,10 +49,6 @@ uint64_t random_seed() {
   return rng() & 0xffffffffull;  // 32 bits, as A1111 users are used to
 }
 
-double seconds_between(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
 }  // namespace
 
 std::string public_error(const std::string& what) {
@@ -65,18 +58,6 @@ std::string public_error(const std::string& what) {
   while (!out.empty() && (out.back() == ' ' || out.back() == '\r')) out.pop_back();
   cut_utf8(out, 500);
   return out.empty() ? std::string("internal error") : out;
-}
-
-std::string iso_time(Clock::time_point t) {
-  const auto secs = std::chrono::time_point_cast<std::chrono::seconds>(t);
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t - secs).count();
-  const std::time_t tt = Clock::to_time_t(secs);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
-  return buf;
 }
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -129,7 +110,7 @@ JobSnapshot Engine::submit(JobRequest request) {
   job->seed = request.seed.value_or(random_seed());
   job->request = std::move(request);
   job->request.seed = job->seed;
-  job->queued_at = Clock::now();
+  job->times.queued_at = Clock::now();
   job->queue_deadline = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
                                                  std::chrono::duration<double>(timeout));
   job->evals_done.assign(job->request.num_images, 0);
@@ -292,71 +273,54 @@ JobSnapshot Engine::Impl::snapshot(const JobState& job) const {
   s.status = job.status;
   s.queue_position = job.status == JobStatus::kQueued ? queue->position(job.id) : -1;
   s.steps = job.evals_per_image;
-  int total = 0;
-  for (int e : job.evals_done) total += e;
-  s.step = job.evals_done.empty() ? 0 : total / static_cast<int>(job.evals_done.size());
+  s.step = mean_evals(job);
   s.seed = job.seed;
   s.images_ready = job.images_finished;
-  s.queued_at = job.queued_at;
-  s.started_at = job.started_at;
-  s.finished_at = job.finished_at;
+  s.times = job.times;
   s.error = job.error;
   s.results_expired = job.results_expired;
   s.request = job.request;
   return s;
 }
 
+int Engine::Impl::mean_evals(const JobState& job) {
+  int total = 0;
+  for (int e : job.evals_done) total += e;
+  return job.evals_done.empty() ? 0 : total / static_cast<int>(job.evals_done.size());
+}
+
 JobEvent Engine::Impl::state_event(const JobState& job) const {
   JobEvent e;
   e.job_id = job.id;
-  json j = {{"job_id", job.id}};
+  e.times = job.times;
   switch (job.status) {
     case JobStatus::kQueued:
-      e.type = "queued";
-      j["position"] = queue->position(job.id);
+      e.type = EventType::kQueued;
+      e.queue_position = queue->position(job.id);
       break;
-    case JobStatus::kRunning: {
-      e.type = "started";
-      const auto snap = snapshot(job);
-      j["step"] = snap.step;
-      j["steps"] = snap.steps;
+    case JobStatus::kRunning:
+      e.type = EventType::kStarted;
+      e.step = mean_evals(job);
+      e.steps = job.evals_per_image;
       break;
-    }
-    case JobStatus::kSucceeded: {
-      e.type = "succeeded";
-      json urls = json::array();
-      for (int k = 0; k < job.request.num_images; ++k)
-        urls.push_back("/v1/jobs/" + job.id + "/images/" + std::to_string(k));
-      j["images"] = urls;
-      j["seed"] = job.seed;
-      json timings = {{"queued_at", iso_time(job.queued_at)}};
-      if (job.started_at) {
-        timings["started_at"] = iso_time(*job.started_at);
-        timings["queue_s"] = seconds_between(job.queued_at, *job.started_at);
-      }
-      if (job.finished_at) {
-        timings["finished_at"] = iso_time(*job.finished_at);
-        if (job.started_at) timings["run_s"] = seconds_between(*job.started_at, *job.finished_at);
-      }
-      j["timings"] = timings;
+    case JobStatus::kSucceeded:
+      e.type = EventType::kSucceeded;
+      e.seed = job.seed;
+      e.num_images = job.request.num_images;
       break;
-    }
     case JobStatus::kFailed:
-      e.type = "failed";
-      j["error"] = job.error;
+      e.type = EventType::kFailed;
+      e.error = job.error;
       break;
     case JobStatus::kCancelled:
-      e.type = "cancelled";
-      if (!job.error.empty()) j["reason"] = job.error;
+      e.type = EventType::kCancelled;
+      e.error = job.error;
       break;
     case JobStatus::kExpired:
-      e.type = "expired";
-      j["error"] = job.error;
+      e.type = EventType::kExpired;
+      e.error = job.error;
       break;
   }
-  json framed = {{"type", e.type}};
-  framed.update(j);
-  e.json = framed.dump();
   return e;
 }
 
@@ -375,7 +339,7 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
   if (is_final(job.status)) return;
   job.status = status;
   job.error = error;
-  job.finished_at = Clock::now();
+  job.times.finished_at = Clock::now();
   // Images not yet admitted never run now (a failed job's other images are not retried).
   queue->remove(job.id);
   cut_utf8(job.request.prompt, kKeptPromptBytes);
@@ -418,13 +382,13 @@ void Engine::Impl::forget_old_jobs() {
   std::vector<std::pair<Clock::time_point, std::string>> finished;
   for (auto it = jobs.begin(); it != jobs.end();) {
     const auto& j = *it->second;
-    if (!is_final(j.status) || !j.finished_at || j.images_active > 0) {
+    if (!is_final(j.status) || !j.times.finished_at || j.images_active > 0) {
       ++it;
-    } else if (now - *j.finished_at > forget_after) {
+    } else if (now - *j.times.finished_at > forget_after) {
       results.erase(j.id);
       it = jobs.erase(it);
     } else {
-      finished.emplace_back(*j.finished_at, j.id);
+      finished.emplace_back(*j.times.finished_at, j.id);
       ++it;
     }
   }

@@ -29,8 +29,7 @@ struct JobState {
   JobRequest request;
   uint64_t seed = 0;
   JobStatus status = JobStatus::kQueued;
-  Clock::time_point queued_at;
-  std::optional<Clock::time_point> started_at, finished_at;
+  JobTimes times;
   SteadyClock::time_point queue_deadline;
   SteadyClock::time_point started_steady;
   int images_admitted = 0;      // images handed to a worker so far
@@ -93,8 +92,9 @@ struct Engine::Impl {
       : results(std::chrono::duration<double>(o.result_ttl_s), o.result_max_bytes) {}
 
   // --- called with `mutex` held ---
-  void emit(JobState& job, JobEvent event);  // to the job's current subscribers
-  JobEvent state_event(const JobState& job) const;
+  void emit(JobState& job, JobEvent event);         // to the job's current subscribers
+  JobEvent state_event(const JobState& job) const;  // copies scalars only
+  static int mean_evals(const JobState& job);       // model evaluations done, per image
   JobSnapshot snapshot(const JobState& job) const;
   void finish(JobState& job, JobStatus status, const std::string& error = "");
   void expire_queued(SteadyClock::time_point now);
@@ -107,8 +107,5 @@ struct Engine::Impl {
   void encoder_loop();
   void post_encode(EncodeTask task);
 };
-
-// JSON helpers shared by the event builders.
-std::string iso_time(Clock::time_point t);
 
 }  // namespace sdserve::engine

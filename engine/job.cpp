@@ -44,6 +44,33 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   return spec;
 }
 
+std::string to_string(EventType t) {
+  switch (t) {
+    case EventType::kQueued:
+      return "queued";
+    case EventType::kStarted:
+      return "started";
+    case EventType::kProgress:
+      return "progress";
+    case EventType::kPreview:
+      return "preview";
+    case EventType::kSucceeded:
+      return "succeeded";
+    case EventType::kFailed:
+      return "failed";
+    case EventType::kCancelled:
+      return "cancelled";
+    case EventType::kExpired:
+      return "expired";
+  }
+  return "unknown";
+}
+
+bool is_final(EventType t) {
+  return t == EventType::kSucceeded || t == EventType::kFailed || t == EventType::kCancelled ||
+         t == EventType::kExpired;
+}
+
 bool is_final(JobStatus s) {
   return s != JobStatus::kQueued && s != JobStatus::kRunning;
 }

@@ -51,6 +51,12 @@ using Clock = std::chrono::system_clock;
 // uses 0).
 pipeline::ImageSpec image_spec(const JobRequest& request, int k = 0);
 
+// When a job was queued, started and finished.
+struct JobTimes {
+  Clock::time_point queued_at;
+  std::optional<Clock::time_point> started_at, finished_at;
+};
+
 // A consistent copy of a job's state at one moment.
 struct JobSnapshot {
   std::string id;
@@ -60,20 +66,42 @@ struct JobSnapshot {
   int steps = 0;            // model evaluations per image
   uint64_t seed = 0;        // of image 0; image k used seed + k
   int images_ready = 0;
-  std::optional<Clock::time_point> queued_at, started_at, finished_at;
+  JobTimes times;
   std::string error;             // when failed
   bool results_expired = false;  // images evicted from the result store (answer 410)
   JobRequest request;
 };
 
-// One event of a job, as the WebSocket sends it: a JSON text frame, optionally followed by one
-// binary frame (previews).
+enum class EventType {
+  kQueued,
+  kStarted,
+  kProgress,
+  kPreview,
+  kSucceeded,
+  kFailed,
+  kCancelled,
+  kExpired
+};
+std::string to_string(EventType t);  // "queued", "started", "progress", ...
+bool is_final(EventType t);          // succeeded, failed, cancelled, expired
+
+// One event of a job, as data: the server renders it (JSON for WebSockets, in the same shape as
+// the job's REST view). Which fields mean something depends on the type.
 struct JobEvent {
   std::string job_id;
-  std::string type;  // queued, started, progress, preview, succeeded, failed, cancelled, expired
-  std::string json;  // the complete text frame, {"type": ..., "job_id": ..., ...}
-  std::shared_ptr<const std::vector<uint8_t>> binary;  // preview bytes, or null
-  bool droppable = false;  // previews and progress may be dropped for a slow reader; the rest not
+  EventType type = EventType::kQueued;
+  bool droppable = false;   // previews and progress may be dropped for a slow reader; the rest not
+  int queue_position = -1;  // queued
+  int step = 0, steps = 0;  // started, progress, preview: model evaluations done / per image
+  double it_per_s = 0;      // progress
+  int image = 0;            // preview: image k of the job
+  std::string format;       // preview: "jpeg" | "png"
+  int width = 0, height = 0;                           // preview
+  std::shared_ptr<const std::vector<uint8_t>> binary;  // preview bytes
+  uint64_t seed = 0;                                   // succeeded: image k used seed + k
+  int num_images = 0;                                  // succeeded
+  std::string error;  // failed, expired; cancelled: the reason, when there is one
+  JobTimes times;     // state events (queued, started and the final ones)
 };
 
 }  // namespace sdserve::engine

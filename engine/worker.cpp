@@ -1,30 +1,12 @@
-// The GPU worker: step-level continuous batching. Each turn of the loop retires cancelled images,
-// admits queued images up to max_batch (same resolution as the running set), runs ONE model
-// evaluation for every active image together, emits progress and previews, and hands finished
-// images to the VAE and then to the encoder thread.
-#include <algorithm>
-#include <nlohmann/json.hpp>
+#include "engine/worker.h"
 
-#include "engine/engine_impl.h"
+#include <algorithm>
+
 #include "pipeline/errors.h"
 #include "pipeline/log.h"
 
 namespace sdserve::engine {
 namespace {
-
-using nlohmann::json;
-
-struct Active {
-  std::shared_ptr<JobState> job;
-  int index = 0;  // image k of the job
-  std::unique_ptr<ImageRun> trajectory;
-  pipeline::EmbeddingPtr cond, uncond;  // shared by the job's images on this worker
-};
-
-// Image k of a job (the job's seed is always set once it is queued).
-pipeline::ImageSpec spec_of(const JobState& job, int k) {
-  return image_spec(job.request, k);
-}
 
 pipeline::GenerateRequest generate_request_of(const JobState& job) {
   pipeline::GenerateRequest r;
@@ -32,278 +14,305 @@ pipeline::GenerateRequest generate_request_of(const JobState& job) {
   r.negative_prompt = job.request.negative_prompt;
   r.clip_skip = job.request.clip_skip;
   r.num_images = job.request.num_images;
-  r.image = spec_of(job, 0);
+  r.image = image_spec(job.request, 0);
   return r;
+}
+
+void log_error(const std::string& what) {
+  pipeline::log(pipeline::LogLevel::kError, what);
 }
 
 }  // namespace
 
 void Engine::Impl::worker_loop(size_t index) {
-  ModelRunner& model = *models[index];
-  const std::string device = model.info().device;
+  Worker(*this, *models[index]).run();
+}
 
-  // Warm-up before the first job; /readyz turns green after it has worked on every worker.
+Worker::Worker(Engine::Impl& engine, ModelRunner& model)
+    : engine_(engine), model_(model), device_(model.info().device) {}
+
+void Worker::run() {
+  if (!warm_up()) return;
+  for (;;) {
+    std::vector<Admission> admitted;
+    if (!retire_and_admit(&admitted)) return;
+    prepare(admitted);
+    if (active_.empty() || !step()) continue;
+    publish();
+    send_previews();
+    finish();
+  }
+}
+
+bool Worker::warm_up() {
   try {
     std::vector<int> sizes;
-    for (int bucket : options.batch_buckets)
-      if (bucket <= options.max_batch) sizes.push_back(bucket);
-    model.warm_up(sizes);
+    for (int bucket : engine_.options.batch_buckets)
+      if (bucket <= engine_.options.max_batch) sizes.push_back(bucket);
+    model_.warm_up(sizes);
   } catch (const std::exception& e) {
     // A worker that cannot run a two-step generation would fail every job: it takes none, and
     // the service does not report ready.
-    pipeline::log(pipeline::LogLevel::kError,
-                  std::string("warm-up failed on ") + device + ": " + e.what());
-    std::lock_guard<std::mutex> lock(mutex);
-    ++workers_failed;
-    if (warm_up_error.empty()) warm_up_error = device + ": " + public_error(e.what());
-    work_cv.notify_all();
+    log_error("warm-up failed on " + device_ + ": " + e.what());
+    std::lock_guard<std::mutex> lock(engine_.mutex);
+    ++engine_.workers_failed;
+    if (engine_.warm_up_error.empty())
+      engine_.warm_up_error = device_ + ": " + public_error(e.what());
+    engine_.work_cv.notify_all();
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(engine_.mutex);
+  ++engine_.workers_warm;
+  return true;
+}
+
+bool Worker::retire_and_admit(std::vector<Admission>* admitted) {
+  std::unique_lock<std::mutex> lock(engine_.mutex);
+  for (auto it = active_.begin(); it != active_.end();) {
+    JobState& job = *it->job;
+    if (job.cancel_requested || is_final(job.status)) {
+      --job.images_active;
+      if (job.images_active == 0)
+        engine_.finish(job, JobStatus::kCancelled,
+                       engine_.cancel_all ? "the service shut down" : "");
+      it = active_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  engine_.work_cv.wait(lock, [&] {
+    return engine_.threads_exit || !active_.empty() ||
+           (engine_.queue->front().has_value() && !engine_.cancel_all);
+  });
+  if (engine_.threads_exit && active_.empty()) return false;
+  admit(lock, admitted);
+  return true;
+}
+
+void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitted) {
+  // Image by image: a job's images may start at different steps.
+  auto& e = engine_;
+  while (!e.cancel_all &&
+         static_cast<int>(active_.size() + admitted->size()) < e.options.max_batch) {
+    const auto front = e.queue->front();
+    if (!front) break;
+    auto job = e.jobs.at(*front);
+    if (job->cancel_requested || is_final(job->status)) {  // never run a dead job's images
+      e.queue->remove(job->id);
+      continue;
+    }
+    const bool busy = !active_.empty() || !admitted->empty();
+    const auto& ref = !active_.empty()    ? active_.front().job->request
+                      : admitted->empty() ? job->request
+                                          : admitted->front().first->request;
+    // One UNet batch has one resolution; a different one waits for this set to drain.
+    if (busy && (job->request.width != ref.width || job->request.height != ref.height)) break;
+    const int k = job->images_admitted++;
+    ++job->images_active;
+    if (job->images_admitted == job->request.num_images) e.queue->remove(job->id);
+    if (job->status == JobStatus::kQueued) {
+      job->status = JobStatus::kRunning;
+      job->times.started_at = Clock::now();
+      job->started_steady = SteadyClock::now();
+      e.emit(*job, e.state_event(*job));
+    }
+    admitted->emplace_back(std::move(job), k);
+  }
+}
+
+pipeline::EmbeddingPtr Worker::embed(const std::string& prompt, int clip_skip) {
+  const std::string key =
+      model_.info().name + "|" + device_ + "|" + std::to_string(clip_skip) + "|" + prompt;
+  if (auto hit = engine_.cache->find(key))
+    return std::static_pointer_cast<const pipeline::Embedding>(hit);
+  auto embedding = model_.encode_text(prompt, clip_skip);
+  engine_.cache->store(key, embedding);
+  return embedding;
+}
+
+void Worker::prepare(const std::vector<Admission>& admitted) {
+  for (const auto& [job, k] : admitted) {
+    try {
+      // A job's images share its prompt embeddings: encode once per job on this worker.
+      pipeline::EmbeddingPtr cond, uncond;
+      const auto sibling = std::find_if(active_.begin(), active_.end(),
+                                        [&job = job](const Active& a) { return a.job == job; });
+      if (sibling != active_.end()) {
+        cond = sibling->cond;
+        uncond = sibling->uncond;
+      } else {
+        cond = embed(job->request.prompt, job->request.clip_skip);
+        if (job->request.guidance_scale > 1.0)
+          uncond = embed(job->request.negative_prompt, job->request.clip_skip);
+      }
+      Active a{job, k, model_.begin(image_spec(job->request, k), cond, uncond), cond, uncond};
+      {
+        std::lock_guard<std::mutex> lock(engine_.mutex);
+        job->evals_per_image = a.run->evals_total();
+      }
+      active_.push_back(std::move(a));
+    } catch (const std::exception& e) {
+      log_error("job " + job->id + ": preparing image " + std::to_string(k) +
+                " failed: " + e.what());
+      std::lock_guard<std::mutex> lock(engine_.mutex);
+      --job->images_active;
+      job->cancel_requested = true;
+      engine_.finish(*job, JobStatus::kFailed, public_error(e.what()));
+    }
+  }
+}
+
+bool Worker::step() {
+  std::vector<ImageRun*> batch;
+  for (auto& a : active_) batch.push_back(a.run.get());
+  try {
+    model_.step(batch);
+    return true;
+  } catch (const std::exception& e) {
+    log_error("model step failed on " + device_ + ": " + e.what());
+    std::vector<std::shared_ptr<JobState>> jobs;
+    for (auto& a : active_) jobs.push_back(a.job);
+    fail(jobs, "generation failed: " + public_error(e.what()));
+    active_.clear();
+    return false;
+  }
+}
+
+// Ends `jobs` as failed; each entry stands for one of its images that leaves the worker.
+void Worker::fail(const std::vector<std::shared_ptr<JobState>>& jobs, const std::string& error) {
+  std::lock_guard<std::mutex> lock(engine_.mutex);
+  for (const auto& job : jobs) {
+    --job->images_active;
+    job->cancel_requested = true;
+    engine_.finish(*job, JobStatus::kFailed, error);
+  }
+}
+
+void Worker::publish() {
+  std::lock_guard<std::mutex> lock(engine_.mutex);
+  ++engine_.stats.unet_steps;
+  std::vector<JobState*> progressed;
+  for (auto& a : active_) {
+    a.job->evals_done[a.index] = a.run->evals_done();
+    if (std::find(progressed.begin(), progressed.end(), a.job.get()) == progressed.end())
+      progressed.push_back(a.job.get());
+  }
+  for (JobState* job : progressed) {
+    const double secs =
+        std::chrono::duration<double>(SteadyClock::now() - job->started_steady).count();
+    JobEvent e;
+    e.job_id = job->id;
+    e.type = EventType::kProgress;
+    e.droppable = true;
+    e.step = Engine::Impl::mean_evals(*job);
+    e.steps = job->evals_per_image;
+    e.it_per_s = secs > 0 ? e.step / secs : 0.0;
+    engine_.emit(*job, std::move(e));
+  }
+}
+
+// The projection runs here (on the device, cheap); encoding on the encoder thread.
+void Worker::send_previews() {
+  for (auto& a : active_) {
+    const auto& p = a.job->request.preview;
+    const int done = a.run->evals_done();
+    if (!p || a.run->done() || done % std::max(1, p->every) != 0) continue;
+    pipeline::RgbImage rgb;
+    try {
+      rgb = model_.preview(*a.run, *p);
+    } catch (const std::exception& e) {
+      pipeline::log(pipeline::LogLevel::kWarn, std::string("preview failed: ") + e.what());
+      continue;
+    }
+    auto job = a.job;
+    const int k = a.index;
+    const PreviewOptions opts = *p;
+    Engine::Impl* e = &engine_;
+    e->post_encode({[e, job, k, done, opts, rgb = std::move(rgb)] {
+                      auto bytes = std::make_shared<std::vector<uint8_t>>(
+                          opts.format == "png" ? pipeline::encode_png(rgb)
+                                               : pipeline::encode_jpeg(rgb, 80));
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      if (is_final(job->status)) return;
+                      JobEvent ev;
+                      ev.job_id = job->id;
+                      ev.type = EventType::kPreview;
+                      ev.droppable = true;
+                      ev.binary = std::move(bytes);
+                      ev.image = k;
+                      ev.step = done;
+                      ev.steps = job->evals_per_image;
+                      ev.format = opts.format;
+                      ev.width = rgb.width;
+                      ev.height = rgb.height;
+                      e->emit(*job, std::move(ev));
+                    },
+                    true,
+                    {}});
+  }
+}
+
+// Finished images: VAE decode here, PNG encoding (with A1111 parameters) on the encoder thread.
+void Worker::finish() {
+  std::vector<Active> finished;
+  for (auto it = active_.begin(); it != active_.end();) {
+    if (it->run->done()) {
+      finished.push_back(std::move(*it));
+      it = active_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (finished.empty()) return;
+  std::vector<ImageRun*> to_decode;
+  for (auto& f : finished) to_decode.push_back(f.run.get());
+  std::vector<pipeline::RgbImage> images;
+  try {
+    images = model_.decode(to_decode);
+  } catch (const std::exception& e) {
+    log_error("decoding failed on " + device_ + ": " + e.what());
+    std::vector<std::shared_ptr<JobState>> jobs;
+    for (auto& f : finished) jobs.push_back(f.job);
+    fail(jobs, "decoding failed: " + public_error(e.what()));
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    ++workers_warm;
-  }
-
-  auto embed = [&](const std::string& prompt, int clip_skip) -> pipeline::EmbeddingPtr {
-    const std::string key =
-        model.info().name + "|" + device + "|" + std::to_string(clip_skip) + "|" + prompt;
-    if (auto hit = cache->find(key))
-      return std::static_pointer_cast<const pipeline::Embedding>(hit);
-    auto e = model.encode_text(prompt, clip_skip);
-    cache->store(key, e);
-    return e;
-  };
-
-  std::vector<Active> active;
-  for (;;) {
-    std::vector<std::pair<std::shared_ptr<JobState>, int>> admitted;
-    {
-      std::unique_lock<std::mutex> lock(mutex);
-      // Retire images of cancelled (or failed) jobs; their slots are reused below.
-      for (auto it = active.begin(); it != active.end();) {
-        JobState& job = *it->job;
-        if (job.cancel_requested || is_final(job.status)) {
-          --job.images_active;
-          if (job.images_active == 0)
-            finish(job, JobStatus::kCancelled, cancel_all ? "the service shut down" : "");
-          it = active.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      work_cv.wait(lock, [&] {
-        return threads_exit || !active.empty() || (queue->front().has_value() && !cancel_all);
-      });
-      if (threads_exit && active.empty()) return;
-      // Admission, image by image: a job's images may start at different steps.
-      while (!cancel_all && static_cast<int>(active.size() + admitted.size()) < options.max_batch) {
-        const auto front = queue->front();
-        if (!front) break;
-        auto job = jobs.at(*front);
-        if (job->cancel_requested || is_final(job->status)) {  // never run a dead job's images
-          queue->remove(job->id);
-          continue;
-        }
-        const bool busy = !active.empty() || !admitted.empty();
-        const auto& ref = !active.empty()    ? active.front().job->request
-                          : admitted.empty() ? job->request
-                                             : admitted.front().first->request;
-        // One UNet batch has one resolution; a different one waits for this set to drain.
-        if (busy && (job->request.width != ref.width || job->request.height != ref.height)) break;
-        const int k = job->images_admitted++;
-        ++job->images_active;
-        if (job->images_admitted == job->request.num_images) queue->remove(job->id);
-        if (job->status == JobStatus::kQueued) {
-          job->status = JobStatus::kRunning;
-          job->started_at = Clock::now();
-          job->started_steady = SteadyClock::now();
-          emit(*job, state_event(*job));
-        }
-        admitted.emplace_back(std::move(job), k);
-      }
-    }
-
-    for (auto& admission : admitted) {
-      // Named, not a structured binding: lambdas below capture them.
-      const std::shared_ptr<JobState>& job = admission.first;
-      const int k = admission.second;
-      try {
-        // A job's images share its prompt embeddings: encode once per job on this worker.
-        pipeline::EmbeddingPtr cond, uncond;
-        const auto sibling = std::find_if(active.begin(), active.end(),
-                                          [&](const Active& a) { return a.job == job; });
-        if (sibling != active.end()) {
-          cond = sibling->cond;
-          uncond = sibling->uncond;
-        } else {
-          cond = embed(job->request.prompt, job->request.clip_skip);
-          if (job->request.guidance_scale > 1.0)
-            uncond = embed(job->request.negative_prompt, job->request.clip_skip);
-        }
-        Active a{job, k, model.begin(spec_of(*job, k), cond, uncond), cond, uncond};
-        {
-          std::lock_guard<std::mutex> lock(mutex);
-          job->evals_per_image = a.trajectory->evals_total();
-        }
-        active.push_back(std::move(a));
-      } catch (const std::exception& e) {
-        pipeline::log(pipeline::LogLevel::kError,
-                      "job " + job->id + ": preparing image failed: " + e.what());
-        std::lock_guard<std::mutex> lock(mutex);
-        --job->images_active;
-        job->cancel_requested = true;
-        finish(*job, JobStatus::kFailed, public_error(e.what()));
-      }
-    }
-    if (active.empty()) continue;
-
-    std::vector<ImageRun*> batch;
-    for (auto& a : active) batch.push_back(a.trajectory.get());
-    try {
-      model.step(batch);
-    } catch (const std::exception& e) {
-      pipeline::log(pipeline::LogLevel::kError, "model step failed on " + device + ": " + e.what());
-      std::lock_guard<std::mutex> lock(mutex);
-      for (auto& a : active) {
-        --a.job->images_active;
-        a.job->cancel_requested = true;
-        finish(*a.job, JobStatus::kFailed, "generation failed: " + public_error(e.what()));
-      }
-      active.clear();
-      continue;
-    }
-
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      ++stats.unet_steps;
-      std::vector<JobState*> progressed;
-      for (auto& a : active) {
-        a.job->evals_done[a.index] = a.trajectory->evals_done();
-        if (std::find(progressed.begin(), progressed.end(), a.job.get()) == progressed.end())
-          progressed.push_back(a.job.get());
-      }
-      for (JobState* job : progressed) {
-        const auto snap = snapshot(*job);
-        const double secs =
-            std::chrono::duration<double>(SteadyClock::now() - job->started_steady).count();
-        JobEvent e;
-        e.job_id = job->id;
-        e.type = "progress";
-        e.droppable = true;
-        e.json = json{{"type", "progress"},
-                      {"job_id", job->id},
-                      {"step", snap.step},
-                      {"steps", snap.steps},
-                      {"it_per_s", secs > 0 ? snap.step / secs : 0.0}}
-                     .dump();
-        emit(*job, std::move(e));
-      }
-    }
-
-    // Previews: the projection runs here (on the device, cheap); encoding on the encoder thread.
-    for (auto& a : active) {
-      const auto& p = a.job->request.preview;
-      const int done = a.trajectory->evals_done();
-      if (!p || a.trajectory->done() || done % std::max(1, p->every) != 0) continue;
-      pipeline::RgbImage rgb;
-      try {
-        rgb = model.preview(*a.trajectory, *p);
-      } catch (const std::exception& e) {
-        pipeline::log(pipeline::LogLevel::kWarn, std::string("preview failed: ") + e.what());
-        continue;
-      }
-      auto job = a.job;
-      const int k = a.index;
-      const PreviewOptions opts = *p;
-      post_encode({[this, job, k, done, opts, rgb = std::move(rgb)] {
-                     auto bytes = std::make_shared<std::vector<uint8_t>>(
-                         opts.format == "png" ? pipeline::encode_png(rgb)
-                                              : pipeline::encode_jpeg(rgb, 80));
-                     std::lock_guard<std::mutex> lock(mutex);
-                     if (is_final(job->status)) return;
-                     JobEvent e;
-                     e.job_id = job->id;
-                     e.type = "preview";
-                     e.droppable = true;
-                     e.binary = std::move(bytes);
-                     e.json = json{{"type", "preview"},
-                                   {"job_id", job->id},
-                                   {"image", k},
-                                   {"step", done},
-                                   {"steps", job->evals_per_image},
-                                   {"format", opts.format},
-                                   {"width", rgb.width},
-                                   {"height", rgb.height}}
-                                  .dump();
-                     emit(*job, std::move(e));
-                   },
-                   true,
-                   {}});
-    }
-
-    // Retire finished images: VAE decode here, PNG encoding on the encoder thread.
-    std::vector<Active> finished;
-    for (auto it = active.begin(); it != active.end();) {
-      if (it->trajectory->done()) {
-        finished.push_back(std::move(*it));
-        it = active.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    if (finished.empty()) continue;
-    std::vector<ImageRun*> to_decode;
-    for (auto& f : finished) to_decode.push_back(f.trajectory.get());
-    std::vector<pipeline::RgbImage> images;
-    try {
-      images = model.decode(to_decode);
-    } catch (const std::exception& e) {
-      pipeline::log(pipeline::LogLevel::kError, "decoding failed on " + device + ": " + e.what());
-      std::lock_guard<std::mutex> lock(mutex);
-      for (auto& f : finished) {
-        --f.job->images_active;
-        f.job->cancel_requested = true;
-        finish(*f.job, JobStatus::kFailed, "decoding failed: " + public_error(e.what()));
-      }
-      continue;
-    }
-    const auto info = model.info();
-    for (size_t i = 0; i < finished.size(); ++i) {
-      auto job = finished[i].job;
-      const int k = finished[i].index;
-      post_encode({[this, job, k, info, image = std::move(images[i])] {
-                     std::string params;
-                     {
-                       std::lock_guard<std::mutex> lock(mutex);
-                       params = pipeline::a1111_parameters(generate_request_of(*job), job->seed + k,
-                                                           info);
-                     }
-                     auto png = std::make_shared<const std::vector<uint8_t>>(
-                         pipeline::encode_png(image, {{"parameters", params}}));
-                     std::lock_guard<std::mutex> lock(mutex);
-                     --job->images_active;
-                     ++stats.images_done;
-                     if (job->cancel_requested || is_final(job->status)) {
-                       if (job->images_active == 0) finish(*job, JobStatus::kCancelled);
-                       return;
-                     }
-                     for (const auto& evicted :
-                          results.add(job->id, k, std::move(png), SteadyClock::now())) {
-                       auto it = jobs.find(evicted);
-                       if (it != jobs.end()) it->second->results_expired = true;
-                     }
-                     ++job->images_finished;
-                     if (job->images_finished == job->request.num_images)
-                       finish(*job, JobStatus::kSucceeded);
-                   },
-                   false,
-                   [this, job](const std::string& error) {
-                     std::lock_guard<std::mutex> lock(mutex);
-                     --job->images_active;
-                     job->cancel_requested = true;
-                     finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
-                   }});
-    }
+  const auto info = model_.info();
+  Engine::Impl* e = &engine_;
+  for (size_t i = 0; i < finished.size(); ++i) {
+    auto job = finished[i].job;
+    const int k = finished[i].index;
+    e->post_encode({[e, job, k, info, image = std::move(images[i])] {
+                      std::string params;
+                      {
+                        std::lock_guard<std::mutex> lock(e->mutex);
+                        params = pipeline::a1111_parameters(generate_request_of(*job),
+                                                            job->seed + k, info);
+                      }
+                      auto png = std::make_shared<const std::vector<uint8_t>>(
+                          pipeline::encode_png(image, {{"parameters", params}}));
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      --job->images_active;
+                      ++e->stats.images_done;
+                      if (job->cancel_requested || is_final(job->status)) {
+                        if (job->images_active == 0) e->finish(*job, JobStatus::kCancelled);
+                        return;
+                      }
+                      for (const auto& evicted :
+                           e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
+                        auto it = e->jobs.find(evicted);
+                        if (it != e->jobs.end()) it->second->results_expired = true;
+                      }
+                      ++job->images_finished;
+                      if (job->images_finished == job->request.num_images)
+                        e->finish(*job, JobStatus::kSucceeded);
+                    },
+                    false,
+                    [e, job](const std::string& error) {
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      --job->images_active;
+                      job->cancel_requested = true;
+                      e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
+                    }});
   }
 }
 

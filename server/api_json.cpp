@@ -295,11 +295,70 @@ Json request_json(const engine::JobRequest& r) {
   return j;
 }
 
+Json timings_json(const engine::JobTimes& t) {
+  auto when = [](const std::optional<engine::Clock::time_point>& at) {
+    return at ? Json(iso8601(*at)) : Json(nullptr);
+  };
+  auto seconds = [](engine::Clock::time_point a, engine::Clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  };
+  Json j = {{"queued", iso8601(t.queued_at)},
+            {"started", when(t.started_at)},
+            {"finished", when(t.finished_at)}};
+  j["queue_s"] = t.started_at ? Json(seconds(t.queued_at, *t.started_at)) : Json(nullptr);
+  j["run_s"] =
+      t.started_at && t.finished_at ? Json(seconds(*t.started_at, *t.finished_at)) : Json(nullptr);
+  return j;
+}
+
+Json event_json(const engine::JobEvent& e) {
+  using engine::EventType;
+  Json j = {{"type", engine::to_string(e.type)}, {"job_id", e.job_id}};
+  switch (e.type) {
+    case EventType::kQueued:
+      j["position"] = e.queue_position;
+      break;
+    case EventType::kStarted:
+      j["step"] = e.step;
+      j["steps"] = e.steps;
+      break;
+    case EventType::kProgress:
+      j["step"] = e.step;
+      j["steps"] = e.steps;
+      j["it_per_s"] = e.it_per_s;
+      break;
+    case EventType::kPreview:
+      j["image"] = e.image;
+      j["step"] = e.step;
+      j["steps"] = e.steps;
+      j["format"] = e.format;
+      j["width"] = e.width;
+      j["height"] = e.height;
+      break;
+    case EventType::kSucceeded: {
+      Json urls = Json::array();
+      for (int k = 0; k < e.num_images; ++k)
+        urls.push_back(job_path(e.job_id) + "/images/" + std::to_string(k));
+      j["images"] = urls;
+      j["seed"] = e.seed;
+      j["timings"] = timings_json(e.times);
+      break;
+    }
+    case EventType::kFailed:
+    case EventType::kExpired:
+      j["error"] = e.error;
+      j["timings"] = timings_json(e.times);
+      break;
+    case EventType::kCancelled:
+      if (!e.error.empty()) j["reason"] = e.error;
+      j["timings"] = timings_json(e.times);
+      break;
+  }
+  return j;
+}
+
 Json job_json(const engine::JobSnapshot& job) {
   const std::string self = job_path(job.id);
-  auto when = [](const std::optional<engine::Clock::time_point>& t) {
-    return t ? Json(iso8601(*t)) : Json(nullptr);
-  };
   Json j = {{"id", job.id},
             {"status", engine::to_string(job.status)},
             {"step", job.step},
@@ -309,10 +368,7 @@ Json job_json(const engine::JobSnapshot& job) {
             {"num_images", job.request.num_images},
             {"images_ready", job.images_ready},
             {"results_expired", job.results_expired},
-            {"timings",
-             {{"queued", when(job.queued_at)},
-              {"started", when(job.started_at)},
-              {"finished", when(job.finished_at)}}},
+            {"timings", timings_json(job.times)},
             {"links", {{"self", self}, {"events", self + "/events"}}}};
   j["queue_position"] = job.queue_position >= 0 ? Json(job.queue_position) : Json(nullptr);
   j["progress"] = job.status == engine::JobStatus::kSucceeded ? 1.0

@@ -52,6 +52,11 @@ std::string field_of_message(const std::string& message);
 std::string job_path(const std::string& id);  // "/v1/jobs/ID"
 Json request_json(const engine::JobRequest& r);
 Json job_json(const engine::JobSnapshot& job);
+// One engine event as its WebSocket text frame ({"type": ..., "job_id": ..., ...}); a preview's
+// image follows it as a binary frame. Final events carry `timings` in the job's REST shape.
+Json event_json(const engine::JobEvent& event);
+// {"queued", "started", "finished": ISO-8601 or null, "queue_s", "run_s": seconds or null}
+Json timings_json(const engine::JobTimes& times);
 Json model_json(const pipeline::ModelInfo& info);
 Json samplers_json();
 std::string iso8601(engine::Clock::time_point t);  // "2026-01-02T03:04:05.678Z"

@@ -20,10 +20,6 @@ using tcp = asio::ip::tcp;
 constexpr size_t kMaxDrainBytes = 64 << 20;  // read and dropped after a 413 before closing
 constexpr auto kDrainTime = std::chrono::seconds(5);
 
-bool is_final_type(const std::string& type) {
-  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
-}
-
 bool quiet_error(const beast::error_code& ec) {
   return ec == http::error::end_of_stream || ec == http::error::partial_message ||
          ec == beast::error::timeout || ec == asio::error::operation_aborted ||
@@ -206,7 +202,7 @@ void HttpSession::start_generate(const Request& req) {
   // Only the final event matters here; it is posted so that the engine thread never waits.
   // The callback keeps the session alive until unsubscribe (job done or client gone).
   const uint64_t token = ctx_->subscribe(snap.id, [self, executor](const engine::JobEvent& e) {
-    if (!is_final_type(e.type)) return;
+    if (!engine::is_final(e.type)) return;
     asio::post(executor, [self] { self->on_job_final(); });
   });
   if (token == 0) throw ApiError(500, "internal", "job '" + snap.id + "' vanished after submit");

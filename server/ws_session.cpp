@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "config/safe_json.h"
+#include "server/api_json.h"
 #include "server/ws_command.h"
 
 namespace sdserve::server {
@@ -20,10 +21,6 @@ constexpr size_t kMaxSubscriptions = 256;  // per /v1/events connection
 constexpr size_t kMaxIncomingMessage = 64 << 10;
 constexpr int kSendBufferBytes = 128 << 10;
 constexpr size_t kRememberedFinals = 1024;  // per /v1/events connection
-
-bool is_final_type(const std::string& type) {
-  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
-}
 
 }  // namespace
 
@@ -133,11 +130,11 @@ void WsSession::on_event(const engine::JobEvent& e) {
   // After an unsubscribe, events already posted for that job are stale.
   if (!subscriptions_.count(e.job_id)) return;
   Outgoing out;
-  out.text = e.json;
+  out.text = safe_json::dump(event_json(e));
   out.binary = e.binary;
   out.job_id = e.job_id;
   out.droppable = e.droppable;
-  out.final = is_final_type(e.type);
+  out.final = engine::is_final(e.type);
   const bool final = out.final;
   push(std::move(out));
   if (final && mode_ == Mode::kMulti) {

@@ -62,7 +62,7 @@ class Recorder {
  private:
   int index_of_locked(const std::string& type) const {
     for (size_t i = 0; i < events_.size(); ++i)
-      if (events_[i].type == type) return static_cast<int>(i);
+      if (to_string(events_[i].type) == type) return static_cast<int>(i);
     return -1;
   }
   std::mutex mutex_;
@@ -133,12 +133,13 @@ TEST(Engine, JobRunsToPngWithEventsInOrder) {
   ASSERT_TRUE(rec.wait_for("succeeded"));
   auto events = rec.events();
   ASSERT_GE(events.size(), 3u);
-  EXPECT_TRUE(events.front().type == "queued" || events.front().type == "started");
-  EXPECT_EQ(events.back().type, "succeeded");
+  EXPECT_TRUE(events.front().type == EventType::kQueued ||
+              events.front().type == EventType::kStarted);
+  EXPECT_EQ(events.back().type, EventType::kSucceeded);
   int last_step = 0;
   for (const auto& e : events)
-    if (e.type == "progress") {
-      const int step = nlohmann::json::parse(e.json)["step"];
+    if (e.type == EventType::kProgress) {
+      const int step = e.step;
       EXPECT_GT(step, last_step);
       last_step = step;
     }
@@ -272,7 +273,7 @@ TEST(Engine, HighPriorityOvertakesNormal) {
   EXPECT_EQ(engine->get(high.id)->queue_position, 0);
   EXPECT_EQ(engine->get(normal.id)->queue_position, 1);
   ASSERT_EQ(wait_final(*engine, normal.id), JobStatus::kSucceeded);
-  EXPECT_LT(*engine->get(high.id)->finished_at, *engine->get(normal.id)->finished_at);
+  EXPECT_LT(*engine->get(high.id)->times.finished_at, *engine->get(normal.id)->times.finished_at);
 }
 
 TEST(Engine, InvalidRequestNamesField) {

@@ -253,7 +253,7 @@ TEST(SanitizeJobJson, RendersSnapshots) {
   job.request.num_images = 2;
   job.steps = 10;
   job.step = 10;
-  job.queued_at = engine::Clock::time_point{} + std::chrono::milliseconds(1700000000123);
+  job.times.queued_at = engine::Clock::time_point{} + std::chrono::milliseconds(1700000000123);
   const Json j = job_json(job);
   EXPECT_EQ(j.begin().key(), "id");
   EXPECT_EQ(j["status"], "succeeded");
@@ -331,6 +331,49 @@ TEST(SanitizeWsCommand, OtherCommandsAreInvalidAndNeverEchoed) {
     EXPECT_LT(c.message.size(), 200u);
     EXPECT_TRUE(c.job_id.empty());
   }
+}
+
+}  // namespace
+}  // namespace sdserve::server
+
+namespace sdserve::server {
+namespace {
+
+// Engine events are data; the server renders them, final events with the REST view's timings.
+TEST(SanitizeEventJson, RendersEveryTypeInOneShape) {
+  engine::JobEvent e;
+  e.job_id = "j1";
+  e.times.queued_at = engine::Clock::time_point{} + std::chrono::seconds(100);
+  e.times.started_at = e.times.queued_at + std::chrono::milliseconds(250);
+  e.times.finished_at = *e.times.started_at + std::chrono::seconds(2);
+  e.type = engine::EventType::kQueued;
+  e.queue_position = 3;
+  EXPECT_EQ(event_json(e)["position"], 3);
+  e.type = engine::EventType::kProgress;
+  e.step = 4;
+  e.steps = 10;
+  e.it_per_s = 2.5;
+  Json j = event_json(e);
+  EXPECT_EQ(j["type"], "progress");
+  EXPECT_EQ(j["step"], 4);
+  EXPECT_DOUBLE_EQ(j["it_per_s"].get<double>(), 2.5);
+  e.type = engine::EventType::kSucceeded;
+  e.num_images = 2;
+  e.seed = 7;
+  j = event_json(e);
+  EXPECT_EQ(j["images"][1], "/v1/jobs/j1/images/1");
+  EXPECT_EQ(j["seed"], 7);
+  EXPECT_DOUBLE_EQ(j["timings"]["queue_s"].get<double>(), 0.25);
+  EXPECT_DOUBLE_EQ(j["timings"]["run_s"].get<double>(), 2.0);
+  engine::JobSnapshot snap;
+  snap.times = e.times;
+  EXPECT_EQ(job_json(snap)["timings"], j["timings"]);  // REST and WebSocket agree
+  e.type = engine::EventType::kCancelled;
+  e.error = "";
+  EXPECT_FALSE(event_json(e).contains("reason"));
+  e.type = engine::EventType::kFailed;
+  e.error = "boom";
+  EXPECT_EQ(event_json(e)["error"], "boom");
 }
 
 }  // namespace
