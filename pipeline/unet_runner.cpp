@@ -99,9 +99,12 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
         graphs_->pool = e.graph->pool();
       }
       stream.synchronize();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       log(LogLevel::kInfo, "captured a CUDA graph for UNet batch " + std::to_string(padded) +
                                " at " + std::to_string(x.size(3) * 8) + "x" +
-                               std::to_string(x.size(2) * 8));
+                               std::to_string(x.size(2) * 8) + " in " +
+                               std::to_string(static_cast<int>(ms)) + " ms");
       it = graphs_->entries.emplace(key, std::move(e)).first;
     }
     auto& e = it->second;

@@ -74,7 +74,7 @@ TEST(ClipText, MatchesReferenceEmbeddings) {
     const std::string name = c.at("name");
     const int skip = c.at("clip_skip").is_null() ? 0 : c.at("clip_skip").get<int>();
     const auto got = model()->forward(ids_tensor(tok.encode(c.at("prompt"))), skip);
-    const auto& want = test::ref(name);
+    const auto want = test::ref(name);
     ASSERT_EQ(got.sizes(), want.sizes()) << name;
     const double err = test::max_abs_diff(got, want);
     EXPECT_LE(err, kTolerance) << name;

@@ -47,7 +47,7 @@ std::pair<double, double> run_case(const Model& model, const nlohmann::json& c,
     owned.push_back(model.begin(spec, cond, uncond));
     batch.push_back(owned.back().get());
   }
-  const auto& want = test::ref(name + "_latents");
+  const auto want = test::ref(name + "_latents");
   double worst = 0;
   for (int i = 0; i < batch[0]->evals_total(); ++i) {
     model.step(batch);

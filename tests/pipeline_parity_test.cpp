@@ -86,7 +86,7 @@ TEST_P(PipelineParity, StepLatentsAndImageMatchDiffusers) {
     owned.push_back(model->begin(spec, cond, uncond));
     batch.push_back(owned.back().get());
   }
-  const auto& want_latents = test::ref(run.name + "_latents");
+  const auto want_latents = test::ref(run.name + "_latents");
   ASSERT_EQ(batch[0]->evals_total(), want_latents.size(0));
   double worst = 0;
   for (int i = 0; i < batch[0]->evals_total(); ++i) {
@@ -127,7 +127,7 @@ TEST(PipelineParityTimesteps, EverySchedulerMatches) {
     spec.scheduler = choice.scheduler;
     spec.guidance_scale = 1;
     auto t = model->begin(spec, model->encode_text(""), nullptr);
-    const auto& want = test::ref(c["name"]);
+    const auto want = test::ref(c["name"]);
     const auto& got = t->state().sampler->timesteps();
     ASSERT_EQ(static_cast<int64_t>(got.size()), want.size(0)) << c["name"];
     for (size_t i = 0; i < got.size(); ++i)

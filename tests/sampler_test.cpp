@@ -139,7 +139,7 @@ struct ImageRun {
 };
 
 std::vector<ImageRun> image_runs(const std::string& scheduler, int k) {
-  const auto& c = run_case("run_" + scheduler + "_" + std::to_string(k) + "_image");
+  const auto c = run_case("run_" + scheduler + "_" + std::to_string(k) + "_image");
   const auto latents = test::ref("run_" + scheduler + "_" + std::to_string(k) + "_latents");
   std::vector<ImageRun> out;
   int b = 0;

@@ -45,10 +45,10 @@ torch::Tensor timesteps_of(double t, int64_t batch) {
 void expect_matches_reference(int t) {
   torch::NoGradGuard no_grad;
   const auto prefix = "unet_t" + std::to_string(t);
-  const auto& sample = test::ref(prefix + "_in");
+  const auto sample = test::ref(prefix + "_in");
   auto out =
       tiny_unet()->forward(sample, timesteps_of(t, sample.size(0)), test::ref(prefix + "_emb"));
-  const auto& want = test::ref(prefix + "_out");
+  const auto want = test::ref(prefix + "_out");
   ASSERT_EQ(out.sizes(), want.sizes());
   const double err = test::max_abs_diff(out, want);
   std::ostringstream shown;
@@ -99,7 +99,7 @@ TEST(UNet, PerSampleTimesteps) {
 
 TEST(UNet, ScalarTimestepBroadcastsOverTheBatch) {
   torch::NoGradGuard no_grad;
-  const auto& sample = test::ref("unet_t500_in");
+  const auto sample = test::ref("unet_t500_in");
   auto out = tiny_unet()->forward(sample, torch::tensor(500.0), test::ref("unet_t500_emb"));
   EXPECT_LE(test::max_abs_diff(out, test::ref("unet_t500_out")), kParityTolerance);
 }

@@ -42,7 +42,7 @@ Vae& tiny_vae() {
 TEST(Vae, DecodeMatchesDiffusers) {
   torch::NoGradGuard no_grad;
   auto out = tiny_vae()->decode(test::ref("vae_decode_in"));
-  const auto& want = test::ref("vae_decode_out");
+  const auto want = test::ref("vae_decode_out");
   ASSERT_EQ(out.sizes(), want.sizes());
   const double err = test::max_abs_diff(out, want);
   std::ostringstream shown;
@@ -54,7 +54,7 @@ TEST(Vae, DecodeMatchesDiffusers) {
 TEST(Vae, EncodeMeanMatchesDiffusers) {
   torch::NoGradGuard no_grad;
   auto out = tiny_vae()->encode_mean(test::ref("vae_encode_in"));
-  const auto& want = test::ref("vae_encode_mean");
+  const auto want = test::ref("vae_encode_mean");
   ASSERT_EQ(out.sizes(), want.sizes());
   const double err = test::max_abs_diff(out, want);
   std::ostringstream shown;
