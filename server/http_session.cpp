@@ -1,5 +1,9 @@
 #include "server/http_session.h"
 
+#include <sys/socket.h>
+
+#include <cerrno>
+
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/dispatch.hpp>
@@ -215,12 +219,17 @@ void HttpSession::watch_disconnect() {
       tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
         if (ec == asio::error::operation_aborted || !self->waiting_ || self->waiting_->done) return;
         if (!ec) {
+          // Never a blocking read here: readiness can be stale (the reactor is edge-triggered),
+          // and a blocking peek would hold this network thread, and this session's strand with
+          // the job's answer, until the client gives up.
           char c;
-          const size_t n =
-              self->stream_.socket().receive(asio::buffer(&c, 1), tcp::socket::message_peek, ec);
-          if (!ec && n > 0) return;  // a pipelined request: the client is still there
+          const ssize_t n =
+              ::recv(self->stream_.socket().native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+          if (n > 0) return;  // a pipelined request: the client is still there
+          if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            return self->watch_disconnect();  // nothing to read after all: keep watching
         }
-        self->on_client_gone();
+        self->on_client_gone();  // end of stream or an error: the client went away
       });
 }
 
