@@ -17,10 +17,11 @@
 namespace sdserve::pipeline {
 namespace {
 
-// The measure: max abs difference over max abs of the reference. 1e-3 leaves room for
-// float32 reordering between our kernels and torch 2.11's across up to 39 model evaluations;
-// the measured errors are printed so drift shows before it fails.
-constexpr double kTolerance = 1e-3;
+// The measure: max abs difference over max abs of the reference. Measured worst over the
+// 27 runs: 5.1e-6 on the CPU (torch 1.13) and 6.0e-6 in CUDA fp32 (H200, torch 2.11), float32
+// reordering across up to 39 model evaluations; 5e-5 leaves ~8x headroom and still catches a
+// real numerical change. The measured errors are printed so drift shows before it fails.
+constexpr double kTolerance = 5e-5;
 
 std::shared_ptr<Model> tiny(const std::string& path = test::model_dir()) {
   LoadOptions o;
