@@ -42,18 +42,7 @@ for t in "${TARGETS[@]}"; do max_len "$t" > /dev/null; done
 
 # --- toolchain ---------------------------------------------------------------------------------
 PACKAGES=(clang libclang-rt-14-dev cmake make pkg-config nlohmann-json3-dev libutf8proc-dev)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "fuzz: installing ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" > /dev/null
-fi
+tools/install_packages.sh fuzz "${PACKAGES[@]}"
 
 # --- build -------------------------------------------------------------------------------------
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then

@@ -10,19 +10,7 @@ start=$(date +%s)
 # clang 14 and its sanitizer runtimes, plus what the sources and tests need (Debian 12).
 PACKAGES=(clang libclang-rt-14-dev cmake ninja-build pkg-config nlohmann-json3-dev
   libgtest-dev libutf8proc-dev libpng-dev libturbojpeg0-dev)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "sanitize: installing ${missing[*]}"
-  # Another job may hold the apt lock (e.g. a parallel setup): wait for it.
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "${missing[@]}" > /dev/null
-fi
+tools/install_packages.sh sanitize "${PACKAGES[@]}"
 
 BUILD=build-sanitize
 if [ ! -f "$BUILD/build.ninja" ]; then

@@ -8,17 +8,7 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
   libtorch-dev libboost1.81-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libhiredis-dev prometheus-cpp-dev libgtest-dev libgmock-dev
   libutf8proc-dev libpng-dev libturbojpeg0-dev redis-server)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "setup: installing ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null
-fi
+tools/install_packages.sh setup "${PACKAGES[@]}"
 
 if [ ! -f build/build.ninja ]; then
   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release ${SDSERVE_CMAKE_ARGS:-}
