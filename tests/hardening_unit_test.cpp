@@ -9,7 +9,6 @@
 #include "engine/engine.h"
 #include "pipeline/image.h"
 #include "pipeline/tokenizer.h"
-#include "test_util.h"
 
 namespace sdserve {
 namespace {
@@ -87,8 +86,9 @@ TEST(Image, ShrinkClipsBoxesOfVeryWideImages) {
 }
 
 const pipeline::ClipTokenizer& tokenizer() {
-  static const auto tok = pipeline::ClipTokenizer::load(
-      test::model_dir() + "/tokenizer/vocab.json", test::model_dir() + "/tokenizer/merges.txt");
+  // Torch-free on purpose (no test_util.h): tools/sanitize.sh runs this file too.
+  static const std::string dir = std::string(SDSERVE_MODELS) + "/tiny-sd15/tokenizer";
+  static const auto tok = pipeline::ClipTokenizer::load(dir + "/vocab.json", dir + "/merges.txt");
   return tok;
 }
 
@@ -109,7 +109,7 @@ TEST(TokenizerBounds, BoundedCallIsThePrefixOfTheWholeTokenization) {
     const std::string text = random_text(3000, seed);  // ~20 KB: several chunks
     const auto all = tok.tokenize(text);
     ASSERT_GT(all.size(), 200u);
-    for (size_t limit : {1u, 75u, 150u}) {
+    for (size_t limit : {0u, 1u, 2u, 75u, 150u}) {
       const auto some = tok.tokenize(text, limit);
       ASSERT_EQ(some.size(), limit);
       EXPECT_TRUE(std::equal(some.begin(), some.end(), all.begin())) << seed << " " << limit;
@@ -136,7 +136,18 @@ TEST(TokenizerBounds, HugeWordsCostLittle) {
   EXPECT_GT(all.size(), 1000u);
   // Its first tokens agree with the bounded call's.
   const auto head = tok.tokenize(word.substr(0, 128 << 10), 75);
+  ASSERT_EQ(head.size(), 75u);
   EXPECT_TRUE(std::equal(head.begin(), head.end(), all.begin()));
+  // The same through a 64 KB prefix, multibyte words, and a word of one repeated letter.
+  const auto all64 = tok.tokenize(word.substr(0, 64 << 10));
+  EXPECT_GT(all64.size(), 1000u);
+  const auto head64 = tok.tokenize(word.substr(0, 64 << 10), 75);
+  ASSERT_EQ(head64.size(), 75u);
+  EXPECT_TRUE(std::equal(head64.begin(), head64.end(), all64.begin()));
+  std::string multibyte;  // one 300 KB "word" of 3-byte characters
+  for (int i = 0; i < 100000; ++i) multibyte += "\xe2\x82\xac";
+  EXPECT_EQ(tok.encode(multibyte).size(), 77u);
+  EXPECT_EQ(tok.encode(std::string(1 << 20, 'a')).size(), 77u);
 }
 
 }  // namespace
