@@ -44,11 +44,6 @@ void cut_utf8(std::string& s, size_t max_bytes) {
   s.shrink_to_fit();
 }
 
-uint64_t random_seed() {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
-  return rng() & 0xffffffffull;  // 32 bits, as A1111 users are used to
-}
-
 }  // namespace
 
 std::string public_error(const std::string& what) {
@@ -86,31 +81,21 @@ Engine::~Engine() {
 }
 
 JobSnapshot Engine::submit(JobRequest request) {
-  const auto& info = impl_->models.front()->info();
-  const pipeline::ImageSpec spec = image_spec(request);
-  int evals_per_image = 0;
-  try {
-    evals_per_image = impl_->models.front()->evals_total(spec);
-  } catch (const pipeline::RequestError& e) {
-    throw std::invalid_argument(e.what());
-  }
-  if (request.num_images < 1 || request.num_images > 16)
-    throw std::invalid_argument("num_images must be between 1 and 16");
-  if (request.clip_skip < 1 || request.clip_skip > info.text_layers)
-    throw std::invalid_argument("clip_skip must be between 1 and " +
-                                std::to_string(info.text_layers));
-  double timeout = request.timeout_s.value_or(impl_->options.default_timeout_s);
-  if (!(timeout > 0) || timeout > impl_->options.max_timeout_s)
-    throw std::invalid_argument(
-        "timeout_s must be greater than 0 and at most " +
-        std::to_string(static_cast<long long>(impl_->options.max_timeout_s)));
+  RequestBounds bounds;
+  bounds.text_layers = impl_->models.front()->info().text_layers;
+  bounds.max_timeout_s = impl_->options.max_timeout_s;
+  JobRequest effective = request;  // the configured default timeout must pass too
+  effective.timeout_s = request.timeout_s.value_or(impl_->options.default_timeout_s);
+  validate(effective, bounds);
+  const double timeout = *effective.timeout_s;
+  const int evals_per_image = impl_->models.front()->evals_total(image_spec(request));
 
   auto job = std::make_shared<JobState>();
   job->id = new_job_id();
-  job->seed = request.seed.value_or(random_seed());
+  job->seed = request.seed.value_or(pipeline::random_seed());
   job->request = std::move(request);
   job->request.seed = job->seed;
-  job->times.queued_at = Clock::now();
+  job->times.queued_at = WallClock::now();
   job->queue_deadline = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
                                                  std::chrono::duration<double>(timeout));
   job->evals_done.assign(job->request.num_images, 0);
@@ -149,7 +134,7 @@ bool Engine::cancel(const std::string& id) {
   job.cancel_requested = true;
   impl_->queue->remove(id);
   // Images already in a worker's batch leave at its next step; the worker finishes the job then.
-  if (job.images_active == 0) impl_->finish(job, JobStatus::kCancelled);
+  if (job.images_in_flight == 0) impl_->finish(job, JobStatus::kCancelled);
   lock.unlock();
   impl_->work_cv.notify_all();
   return true;
@@ -161,7 +146,7 @@ ImageResult Engine::image(const std::string& id, int index) const {
   if (it == impl_->jobs.end()) return {ImageLookup::kUnknownJob, nullptr};
   const JobState& job = *it->second;
   if (index < 0 || index >= job.request.num_images) return {ImageLookup::kNoSuchImage, nullptr};
-  if (job.results_expired) return {ImageLookup::kExpired, nullptr};
+  if (job.results_evicted) return {ImageLookup::kEvicted, nullptr};
   auto png = impl_->results.get(id, index);
   if (!png) return {ImageLookup::kNotReady, nullptr};
   return {ImageLookup::kOk, png};
@@ -203,7 +188,7 @@ EngineStats Engine::stats() const {
   s.active_images = 0;
   for (const auto& [id, job] : impl_->jobs) {
     if (job->status == JobStatus::kRunning) ++s.running_jobs;
-    s.active_images += job->images_active;
+    s.active_images += job->images_in_flight;
   }
   s.result_bytes = impl_->results.bytes();
   return s;
@@ -232,7 +217,7 @@ void Engine::shutdown(SteadyClock::time_point deadline) {
     // Let queued and running work finish until the deadline.
     while (!impl_->workers.empty()) {
       bool busy = impl_->queue->size() > 0;
-      for (const auto& [id, job] : impl_->jobs) busy = busy || job->images_active > 0;
+      for (const auto& [id, job] : impl_->jobs) busy = busy || job->images_in_flight > 0;
       if (!busy) break;
       if (impl_->work_cv.wait_until(lock, deadline) == std::cv_status::timeout) break;
     }
@@ -241,7 +226,7 @@ void Engine::shutdown(SteadyClock::time_point deadline) {
       if (!is_final(job->status)) {
         job->cancel_requested = true;
         impl_->queue->remove(id);
-        if (job->images_active == 0)
+        if (job->images_in_flight == 0)
           impl_->finish(*job, JobStatus::kCancelled, "the service shut down");
       }
     impl_->threads_exit = true;
@@ -272,13 +257,14 @@ JobSnapshot Engine::Impl::snapshot(const JobState& job) const {
   s.id = job.id;
   s.status = job.status;
   s.queue_position = job.status == JobStatus::kQueued ? queue->position(job.id) : -1;
-  s.steps = job.evals_per_image;
-  s.step = mean_evals(job);
+  s.steps = job.request.steps;
+  s.evaluations = mean_evals(job);
+  s.evaluations_total = job.evals_per_image;
   s.seed = job.seed;
   s.images_ready = job.images_finished;
   s.times = job.times;
   s.error = job.error;
-  s.results_expired = job.results_expired;
+  s.results_evicted = job.results_evicted;
   s.request = job.request;
   return s;
 }
@@ -300,8 +286,9 @@ JobEvent Engine::Impl::state_event(const JobState& job) const {
       break;
     case JobStatus::kRunning:
       e.type = EventType::kStarted;
-      e.step = mean_evals(job);
-      e.steps = job.evals_per_image;
+      e.steps = job.request.steps;
+      e.evaluations = mean_evals(job);
+      e.evaluations_total = job.evals_per_image;
       break;
     case JobStatus::kSucceeded:
       e.type = EventType::kSucceeded;
@@ -339,7 +326,7 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
   if (is_final(job.status)) return;
   job.status = status;
   job.error = error;
-  job.times.finished_at = Clock::now();
+  job.times.finished_at = WallClock::now();
   // Images not yet admitted never run now (a failed job's other images are not retried).
   queue->remove(job.id);
   cut_utf8(job.request.prompt, kKeptPromptBytes);
@@ -378,11 +365,11 @@ void Engine::Impl::forget_old_jobs() {
   // Finished jobs are forgotten well after their results are gone, and the oldest first when
   // there are too many of them.
   const auto forget_after = std::chrono::duration<double>(options.result_ttl_s + 3600);
-  const auto now = Clock::now();
-  std::vector<std::pair<Clock::time_point, std::string>> finished;
+  const auto now = WallClock::now();
+  std::vector<std::pair<WallClock::time_point, std::string>> finished;
   for (auto it = jobs.begin(); it != jobs.end();) {
     const auto& j = *it->second;
-    if (!is_final(j.status) || !j.times.finished_at || j.images_active > 0) {
+    if (!is_final(j.status) || !j.times.finished_at || j.images_in_flight > 0) {
       ++it;
     } else if (now - *j.times.finished_at > forget_after) {
       results.erase(j.id);
@@ -397,82 +384,6 @@ void Engine::Impl::forget_old_jobs() {
   for (size_t i = 0; i + kMaxFinishedJobs < finished.size(); ++i) {
     results.erase(finished[i].second);
     jobs.erase(finished[i].second);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dispatcher: delivers events in order, expires queued jobs and old results.
-
-void Engine::Impl::dispatcher_loop() {
-  auto next_sweep = SteadyClock::now();
-  for (;;) {
-    std::pair<JobEvent, std::vector<EventCallback>> item;
-    {
-      std::unique_lock<std::mutex> lock(event_mutex);
-      event_cv.wait_until(lock, next_sweep, [&] { return !events.empty() || events_exit; });
-      if (events.empty() && events_exit) return;
-      if (!events.empty()) {
-        item = std::move(events.front());
-        events.pop_front();
-      }
-    }
-    for (auto& cb : item.second) {
-      try {
-        cb(item.first);
-      } catch (...) {
-        // A subscriber's failure must not stop delivery to the others.
-      }
-    }
-    const auto now = SteadyClock::now();
-    if (now >= next_sweep) {
-      std::lock_guard<std::mutex> lock(mutex);
-      expire_queued(now);
-      for (const auto& id : results.expire(now)) {
-        auto it = jobs.find(id);
-        if (it != jobs.end()) it->second->results_expired = true;
-      }
-      forget_old_jobs();
-      next_sweep = now + std::chrono::milliseconds(200);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Encoder: PNG/JPEG encoding off the GPU thread. Previews are dropped when it falls behind.
-
-void Engine::Impl::post_encode(EncodeTask task) {
-  {
-    std::lock_guard<std::mutex> lock(encode_mutex);
-    constexpr size_t kMaxPendingPreviews = 32;
-    if (task.droppable) {
-      size_t pending = 0;
-      for (const auto& t : encode_tasks) pending += t.droppable ? 1 : 0;
-      if (pending >= kMaxPendingPreviews) return;
-    }
-    encode_tasks.push_back(std::move(task));
-  }
-  encode_cv.notify_one();
-}
-
-void Engine::Impl::encoder_loop() {
-  for (;;) {
-    EncodeTask task;
-    {
-      std::unique_lock<std::mutex> lock(encode_mutex);
-      encode_cv.wait(lock, [&] { return !encode_tasks.empty() || encode_exit; });
-      if (encode_tasks.empty()) return;
-      task = std::move(encode_tasks.front());
-      encode_tasks.pop_front();
-    }
-    try {
-      task.run();
-    } catch (const std::exception& e) {
-      pipeline::log(pipeline::LogLevel::kError, std::string("image encoding failed: ") + e.what());
-      if (task.fail) task.fail(public_error(e.what()));
-    } catch (...) {
-      pipeline::log(pipeline::LogLevel::kError, "image encoding failed: unknown exception");
-      if (task.fail) task.fail("image encoding failed");
-    }
   }
 }
 

@@ -60,7 +60,7 @@ class Unavailable : public std::runtime_error {
 // backtrace with addresses), at most 500 bytes. The whole text goes to the log.
 std::string public_error(const std::string& what);
 
-enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kExpired };
+enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kEvicted };
 
 struct ImageResult {
   ImageLookup status = ImageLookup::kUnknownJob;

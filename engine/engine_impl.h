@@ -34,11 +34,11 @@ struct JobState {
   SteadyClock::time_point started_steady;
   int images_admitted = 0;      // images handed to a worker so far
   int images_finished = 0;      // images decoded and encoded
-  int images_active = 0;        // images currently in some worker's batch
+  int images_in_flight = 0;     // admitted, not yet stored: in a batch or awaiting encoding
   std::vector<int> evals_done;  // per image
   int evals_per_image = 0;
   bool cancel_requested = false;
-  bool results_expired = false;
+  bool results_evicted = false;  // the result store dropped its images (TTL or byte cap)
   std::string error;
   std::map<uint64_t, EventCallback> subscribers;
   int preview_seq = 0;

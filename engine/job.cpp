@@ -1,5 +1,10 @@
 #include "engine/job.h"
 
+#include <algorithm>
+
+#include "pipeline/errors.h"
+#include "pipeline/validate.h"
+
 namespace sdserve::engine {
 
 std::string to_string(JobStatus s) {
@@ -42,6 +47,60 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   spec.scheduler = request.scheduler;
   spec.seed = request.seed.value_or(0) + static_cast<uint64_t>(k);
   return spec;
+}
+
+std::string rule(const std::string& field, const RequestBounds& bounds, int steps) {
+  if (field == "preview.every")
+    return "preview.every must be an integer between 1 and " + std::to_string(std::max(1, steps)) +
+           " (the steps)";
+  if (field == "preview.max_size")
+    return "preview.max_size must be an integer between 16 and " +
+           std::to_string(pipeline::Limits::kMaxSide);
+  if (field == "preview.format") return "preview.format must be one of jpeg, png";
+  if (field == "preview.method") return "preview.method must be one of latent2rgb, vae";
+  if (field == "preview")
+    return "preview must be an object such as {\"every\": 5, \"format\": \"jpeg\", "
+           "\"max_size\": 256, \"method\": \"latent2rgb\"}, or absent";
+  if (field == "priority") return "priority must be one of high, normal, low";
+  if (field == "timeout_s")
+    return "timeout_s must be a number greater than 0 and at most " +
+           std::to_string(static_cast<long long>(bounds.max_timeout_s));
+  if (field == "seed")
+    return "seed must be an integer between 0 and 18446744073709551615, or -1 for a random one";
+  if (field == "cancel_on_disconnect") return "cancel_on_disconnect must be true or false";
+  if (field == "prompt" || field == "negative_prompt") return field + " must be a string";
+  return pipeline::rule(field, bounds.text_layers);
+}
+
+void validate(const JobRequest& request, const RequestBounds& bounds) {
+  using pipeline::RequestError;
+  pipeline::GenerateRequest g;
+  g.prompt = request.prompt;
+  g.negative_prompt = request.negative_prompt;
+  g.clip_skip = request.clip_skip;
+  g.num_images = request.num_images;
+  g.image = image_spec(request);
+  pipeline::validate(g, bounds.text_layers);
+  if (const auto& p = request.preview) {
+    const auto check_int = [&](const char* field, int v, int lo, int hi) {
+      if (v < lo || v > hi)
+        throw RequestError(field, rule(field, bounds, request.steps) + pipeline::got(v * 1LL));
+    };
+    check_int("preview.every", p->every, 1, std::max(1, request.steps));
+    check_int("preview.max_size", p->max_size, 16, pipeline::Limits::kMaxSide);
+    if (p->format != "jpeg" && p->format != "png")
+      throw RequestError("preview.format", rule("preview.format", bounds));
+    if (p->method != "latent2rgb" && p->method != "vae")
+      throw RequestError("preview.method", rule("preview.method", bounds));
+  }
+  if (request.timeout_s && !(*request.timeout_s > 0 && *request.timeout_s <= bounds.max_timeout_s))
+    throw RequestError("timeout_s", rule("timeout_s", bounds) + pipeline::got(*request.timeout_s));
+}
+
+int steps_done(int evaluations, int evaluations_total, int steps) {
+  if (evaluations_total <= 0) return 0;
+  return static_cast<int>(static_cast<int64_t>(std::min(evaluations, evaluations_total)) * steps /
+                          evaluations_total);
 }
 
 std::string to_string(EventType t) {

@@ -26,7 +26,7 @@ struct PreviewOptions {
   std::string method = "latent2rgb";  // "latent2rgb" (cheap) | "vae" (full decode)
 };
 
-// A request after validation (the server validates fields and names them in its errors).
+// A generation request as the engine takes it; validate() checks it.
 struct JobRequest {
   std::string prompt;
   std::string negative_prompt;
@@ -45,7 +45,28 @@ struct JobRequest {
   bool cancel_on_disconnect = false;
 };
 
-using Clock = std::chrono::system_clock;
+// What the limits of some fields depend on: the model and the service's configuration.
+struct RequestBounds {
+  int text_layers = 12;  // clip_skip may be 1..text_layers
+  double max_timeout_s = 3600;
+};
+
+// The sentence users read when `field` is rejected ("steps must be an integer between 1 and
+// 150"): the pipeline's rules for the image fields, the engine's for preview.*, priority, seed,
+// timeout_s and cancel_on_disconnect. `steps` bounds preview.every.
+std::string rule(const std::string& field, const RequestBounds& bounds, int steps = 30);
+
+// The one check of a request's values (the server's JSON layer checks only types, with the
+// same rules): pipeline::validate() for the image, then previews and the timeout. Throws
+// pipeline::RequestError naming the field.
+void validate(const JobRequest& request, const RequestBounds& bounds);
+
+// Sampler steps done, from model evaluations done (heun takes two per step but the last): what
+// users count in. Reaches `steps` exactly when the evaluations are all done.
+int steps_done(int evaluations, int evaluations_total, int steps);
+
+// Wall-clock time, for the times users see (queued_at...); durations use steady_clock.
+using WallClock = std::chrono::system_clock;
 
 // The pipeline's settings for image k of a request (seed + k; a request without a seed yet
 // uses 0).
@@ -53,22 +74,23 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k = 0);
 
 // When a job was queued, started and finished.
 struct JobTimes {
-  Clock::time_point queued_at;
-  std::optional<Clock::time_point> started_at, finished_at;
+  WallClock::time_point queued_at;
+  std::optional<WallClock::time_point> started_at, finished_at;
 };
 
 // A consistent copy of a job's state at one moment.
 struct JobSnapshot {
   std::string id;
   JobStatus status = JobStatus::kQueued;
-  int queue_position = -1;  // 0-based among queued jobs; -1 when not queued
-  int step = 0;             // model evaluations done (summed over the job's images / images)
-  int steps = 0;            // model evaluations per image
-  uint64_t seed = 0;        // of image 0; image k used seed + k
+  int queue_position = -1;    // 0-based among queued jobs; -1 when not queued
+  int steps = 0;              // sampler steps per image, as requested
+  int evaluations = 0;        // model evaluations done per image (mean over the job's images)
+  int evaluations_total = 0;  // per image (heun: 2 per step but the last); 0 until it runs
+  uint64_t seed = 0;          // of image 0; image k used seed + k
   int images_ready = 0;
   JobTimes times;
   std::string error;             // when failed
-  bool results_expired = false;  // images evicted from the result store (answer 410)
+  bool results_evicted = false;  // images evicted from the result store (answer 410)
   JobRequest request;
 };
 
@@ -92,10 +114,11 @@ struct JobEvent {
   EventType type = EventType::kQueued;
   bool droppable = false;   // previews and progress may be dropped for a slow reader; the rest not
   int queue_position = -1;  // queued
-  int step = 0, steps = 0;  // started, progress, preview: model evaluations done / per image
-  double it_per_s = 0;      // progress
-  int image = 0;            // preview: image k of the job
-  std::string format;       // preview: "jpeg" | "png"
+  // started, progress, preview: sampler steps per image; model evaluations done and per image
+  int steps = 0, evaluations = 0, evaluations_total = 0;
+  double it_per_s = 0;                                 // progress
+  int image = 0;                                       // preview: image k of the job
+  std::string format;                                  // preview: "jpeg" | "png"
   int width = 0, height = 0;                           // preview
   std::shared_ptr<const std::vector<uint8_t>> binary;  // preview bytes
   uint64_t seed = 0;                                   // succeeded: image k used seed + k

@@ -71,8 +71,8 @@ bool Worker::retire_and_admit(std::vector<Admission>* admitted) {
   for (auto it = active_.begin(); it != active_.end();) {
     JobState& job = *it->job;
     if (job.cancel_requested || is_final(job.status)) {
-      --job.images_active;
-      if (job.images_active == 0)
+      --job.images_in_flight;
+      if (job.images_in_flight == 0)
         engine_.finish(job, JobStatus::kCancelled,
                        engine_.cancel_all ? "the service shut down" : "");
       it = active_.erase(it);
@@ -108,11 +108,11 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
     // One UNet batch has one resolution; a different one waits for this set to drain.
     if (busy && (job->request.width != ref.width || job->request.height != ref.height)) break;
     const int k = job->images_admitted++;
-    ++job->images_active;
+    ++job->images_in_flight;
     if (job->images_admitted == job->request.num_images) e.queue->remove(job->id);
     if (job->status == JobStatus::kQueued) {
       job->status = JobStatus::kRunning;
-      job->times.started_at = Clock::now();
+      job->times.started_at = WallClock::now();
       job->started_steady = SteadyClock::now();
       e.emit(*job, e.state_event(*job));
     }
@@ -155,7 +155,7 @@ void Worker::prepare(const std::vector<Admission>& admitted) {
       log_error("job " + job->id + ": preparing image " + std::to_string(k) +
                 " failed: " + e.what());
       std::lock_guard<std::mutex> lock(engine_.mutex);
-      --job->images_active;
+      --job->images_in_flight;
       job->cancel_requested = true;
       engine_.finish(*job, JobStatus::kFailed, public_error(e.what()));
     }
@@ -182,7 +182,7 @@ bool Worker::step() {
 void Worker::fail(const std::vector<std::shared_ptr<JobState>>& jobs, const std::string& error) {
   std::lock_guard<std::mutex> lock(engine_.mutex);
   for (const auto& job : jobs) {
-    --job->images_active;
+    --job->images_in_flight;
     job->cancel_requested = true;
     engine_.finish(*job, JobStatus::kFailed, error);
   }
@@ -204,9 +204,10 @@ void Worker::publish() {
     e.job_id = job->id;
     e.type = EventType::kProgress;
     e.droppable = true;
-    e.step = Engine::Impl::mean_evals(*job);
-    e.steps = job->evals_per_image;
-    e.it_per_s = secs > 0 ? e.step / secs : 0.0;
+    e.steps = job->request.steps;
+    e.evaluations = Engine::Impl::mean_evals(*job);
+    e.evaluations_total = job->evals_per_image;
+    e.it_per_s = secs > 0 ? e.evaluations / secs : 0.0;  // model evaluations per second
     engine_.emit(*job, std::move(e));
   }
 }
@@ -240,8 +241,9 @@ void Worker::send_previews() {
                       ev.droppable = true;
                       ev.binary = std::move(bytes);
                       ev.image = k;
-                      ev.step = done;
-                      ev.steps = job->evals_per_image;
+                      ev.steps = job->request.steps;
+                      ev.evaluations = done;
+                      ev.evaluations_total = job->evals_per_image;
                       ev.format = opts.format;
                       ev.width = rgb.width;
                       ev.height = rgb.height;
@@ -291,16 +293,16 @@ void Worker::finish() {
                       auto png = std::make_shared<const std::vector<uint8_t>>(
                           pipeline::encode_png(image, {{"parameters", params}}));
                       std::lock_guard<std::mutex> lock(e->mutex);
-                      --job->images_active;
+                      --job->images_in_flight;
                       ++e->stats.images_done;
                       if (job->cancel_requested || is_final(job->status)) {
-                        if (job->images_active == 0) e->finish(*job, JobStatus::kCancelled);
+                        if (job->images_in_flight == 0) e->finish(*job, JobStatus::kCancelled);
                         return;
                       }
                       for (const auto& evicted :
                            e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
                         auto it = e->jobs.find(evicted);
-                        if (it != e->jobs.end()) it->second->results_expired = true;
+                        if (it != e->jobs.end()) it->second->results_evicted = true;
                       }
                       ++job->images_finished;
                       if (job->images_finished == job->request.num_images)
@@ -309,7 +311,7 @@ void Worker::finish() {
                     false,
                     [e, job](const std::string& error) {
                       std::lock_guard<std::mutex> lock(e->mutex);
-                      --job->images_active;
+                      --job->images_in_flight;
                       job->cancel_requested = true;
                       e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
                     }});

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak one sdserve process under mixed valid and hostile traffic.
 
-    loadtest/soak.py                                  # starts build/server/sdserve, 10 minutes
+    loadtest/soak.py                                  # starts build/sdserve, 10 minutes
     loadtest/soak.py --duration 60 --warmup 15 --skip-probes deep_json,long_word
     loadtest/soak.py --url http://127.0.0.1:8080 --pid 1234 --stop
     loadtest/soak.py --csv soak.csv -- --max-queue 128   # flags after -- go to `sdserve serve`
@@ -1258,7 +1258,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Flags after -- go to `sdserve serve`.")
-    ap.add_argument("--binary", default="build/server/sdserve")
+    ap.add_argument("--binary", default="build/sdserve")
     ap.add_argument("--port", type=int, default=0, help="port for the started server")
     ap.add_argument("--url", help="attach to a running server instead of starting one")
     ap.add_argument("--pid", type=int, help="its process id (for RSS, threads, liveness)")

@@ -15,9 +15,16 @@ class ModelError : public std::runtime_error {
 };
 
 // A generation request is outside what the pipeline supports (unknown sampler, bad size...).
+// `field` names the request field at fault ("width", "preview.every"), or is empty when the
+// caller misused the API rather than a user sending a bad value.
 class RequestError : public std::invalid_argument {
  public:
-  using std::invalid_argument::invalid_argument;
+  RequestError(std::string field, const std::string& message)
+      : std::invalid_argument(message), field_(std::move(field)) {}
+  const std::string& field() const { return field_; }
+
+ private:
+  std::string field_;
 };
 
 }  // namespace sdserve::pipeline

@@ -3,14 +3,15 @@
 
 #include <torch/torch.h>
 
-#include "pipeline/clip.h"
+#include "pipeline/bench_support.h"
+#include "pipeline/io/tokenizer.h"
+#include "pipeline/nn/clip.h"
+#include "pipeline/nn/unet.h"
+#include "pipeline/nn/vae.h"
 #include "pipeline/pipeline.h"
-#include "pipeline/sampler.h"
-#include "pipeline/tokenizer.h"
-#include "pipeline/trajectory_state.h"
-#include "pipeline/unet.h"
-#include "pipeline/unet_runner.h"
-#include "pipeline/vae.h"
+#include "pipeline/runtime/unet_runner.h"
+#include "pipeline/samplers/sampler.h"
+#include "pipeline/samplers/trajectory_state.h"
 
 namespace sdserve::pipeline {
 
@@ -23,7 +24,7 @@ struct Model::Impl {
   UNet unet{nullptr};
   std::unique_ptr<UNetRunner> unet_runner;
   bool profiling = false;
-  StepProfile last_profile;
+  bench_support::StepProfile last_profile;
   Vae vae{nullptr};
   double vae_scaling_factor = 0.18215;
   SchedulerConfig scheduler;

@@ -1,4 +1,7 @@
-// A1111's "parameters" text (torch-free: the engine writes it into every PNG).
+// Request parameters: A1111's "parameters" text and random seeds (torch-free: the engine writes
+// the text into every PNG).
+#include <mutex>
+#include <random>
 #include <sstream>
 
 #include "pipeline/pipeline.h"
@@ -21,6 +24,14 @@ std::string a1111_parameters(const GenerateRequest& request, uint64_t seed,
   if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
   out << ", Version: sdserve";
   return out.str();
+}
+
+uint64_t random_seed() {
+  // 32 bits, as A1111 users are used to, so a reported seed can be typed into other tools.
+  static std::mt19937_64 rng{std::random_device{}()};
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  return rng() & 0xffffffffull;
 }
 
 }  // namespace sdserve::pipeline

@@ -6,13 +6,14 @@
 #include <filesystem>
 #include <sstream>
 
-#include "pipeline/device.h"
 #include "pipeline/errors.h"
+#include "pipeline/io/model_files.h"
 #include "pipeline/log.h"
-#include "pipeline/model_files.h"
 #include "pipeline/model_impl.h"
+#include "pipeline/runtime/device.h"
 #include "pipeline/sampler_names.h"
 #include "pipeline/samplers/schedule.h"
+#include "pipeline/validate.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -188,24 +189,6 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   return std::shared_ptr<Model>(new Model(std::move(impl)));
 }
 
-void Model::validate(const ImageSpec& spec) const {
-  auto check_size = [](const char* field, int v) {
-    if (v < 64 || v > 2048 || v % 8 != 0)
-      throw RequestError(std::string(field) + " must be a multiple of 8 between 64 and 2048, got " +
-                         std::to_string(v));
-  };
-  check_size("width", spec.width);
-  check_size("height", spec.height);
-  if (spec.steps < 1 || spec.steps > 150)
-    throw RequestError("steps must be between 1 and 150, got " + std::to_string(spec.steps));
-  if (!(spec.guidance_scale >= 0 && spec.guidance_scale <= 30))
-    throw RequestError("guidance_scale must be between 0 and 30");
-  const SamplerChoice choice = resolve_sampler(spec.sampler, spec.scheduler);
-  if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)
-    throw RequestError("sampler '" + spec.sampler + "' / scheduler '" + spec.scheduler +
-                       "' must be canonical (use resolve_sampler first)");
-}
-
 std::vector<int32_t> Model::tokenize(const std::string& text) const {
   return impl_->tokenizer->tokenize(text);
 }
@@ -217,9 +200,8 @@ EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip) const 
 std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts,
                                               int clip_skip) const {
   if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
-    throw RequestError("clip_skip must be between 1 and " +
-                       std::to_string(impl_->info.text_layers) + ", got " +
-                       std::to_string(clip_skip));
+    throw RequestError("clip_skip", rule("clip_skip", impl_->info.text_layers) +
+                                        got(static_cast<long long>(clip_skip)));
   if (prompts.empty()) return {};
   torch::NoGradGuard no_grad;
   std::vector<int64_t> ids;
@@ -237,10 +219,11 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
 
 std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr cond,
                                          EmbeddingPtr uncond) const {
-  validate(spec);
-  if (!cond) throw RequestError("a prompt embedding is required");
+  pipeline::validate(spec);
+  if (!cond) throw RequestError("", "a prompt embedding is required");
   const bool cfg = spec.guidance_scale > 1.0;
-  if (cfg && !uncond) throw RequestError("guidance_scale > 1 needs a negative-prompt embedding");
+  if (cfg && !uncond)
+    throw RequestError("", "guidance_scale > 1 needs a negative-prompt embedding");
   torch::NoGradGuard no_grad;
   auto state = std::make_unique<Trajectory::State>();
   state->spec = spec;
@@ -277,7 +260,7 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   std::vector<torch::Tensor> scaled(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) {
     auto& s = batch[i]->state();
-    if (batch[i]->done()) throw RequestError("step() on a finished trajectory");
+    if (batch[i]->done()) throw RequestError("", "step() on a finished trajectory");
     scaled[i] = s.sampler->scale_model_input(s.latent, s.evals_done);
     const auto t = static_cast<float>(s.sampler->timesteps()[s.evals_done]);
     if (s.uncond) {
@@ -292,7 +275,7 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   auto x = torch::cat(inputs).to(impl_->dtype);
   auto ctx = torch::cat(contexts);
   auto t = torch::tensor(timesteps, torch::kFloat32).to(impl_->device);
-  StepProfile prof;
+  bench_support::StepProfile prof;
   prof.rows = static_cast<int>(x.size(0));
   prof.prepare_ms = lap();
   auto out = impl_->unet_runner->forward(x, t, ctx).to(torch::kFloat32);
@@ -319,19 +302,6 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
     prof.sampler_ms = lap();
     impl_->last_profile = prof;
   }
-}
-
-void Model::set_profiling(bool on) const {
-  impl_->profiling = on;
-}
-StepProfile Model::last_step_profile() const {
-  return impl_->last_profile;
-}
-void Model::synchronize() const {
-  pipeline::synchronize(impl_->device);
-}
-DeviceMemory Model::memory(bool reset_peak) const {
-  return device_memory(impl_->device, reset_peak);
 }
 
 torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
@@ -363,7 +333,7 @@ std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const
 }
 
 int Model::evals_total(const ImageSpec& spec) const {
-  validate(spec);
+  pipeline::validate(spec);
   return make_sampler(spec.sampler,
                       spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
                       spec.steps, impl_->scheduler)
@@ -400,9 +370,7 @@ RgbImage Model::preview_vae(const Trajectory& trajectory, int max_side) const {
 
 std::vector<RgbImage> Model::generate(const GenerateRequest& request,
                                       const Progress& progress) const {
-  if (request.num_images < 1 || request.num_images > 16)
-    throw RequestError("num_images must be between 1 and 16, got " +
-                       std::to_string(request.num_images));
+  pipeline::validate(request, impl_->info.text_layers);
   auto cond = encode_text(request.prompt, request.clip_skip);
   EmbeddingPtr uncond;
   if (request.image.guidance_scale > 1.0)

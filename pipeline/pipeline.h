@@ -9,7 +9,8 @@
 // not depend on what else shares its batch.
 //
 // Thread safety: a Model may be used from one thread at a time for step()/decode()/encode_text()
-// (the engine's GPU worker); info(), tokenize() and validate() are safe from any thread.
+// (the engine's GPU worker); info() and tokenize() are safe from any thread. Requests are checked
+// by validate() in pipeline/validate.h.
 #pragma once
 
 #include <cstdint>
@@ -40,18 +41,6 @@ struct LoadOptions {
   bool cuda_graphs = true;
   bool channels_last = true;
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32, 64};
-};
-
-// Where a step's time went (filled only while profiling: profiling synchronizes the device).
-struct StepProfile {
-  double prepare_ms = 0;  // scale_model_input, batching the inputs
-  double unet_ms = 0;
-  double sampler_ms = 0;  // guidance and every image's sampler update
-  int rows = 0;           // UNet batch rows before padding
-};
-
-struct DeviceMemory {
-  uint64_t allocated = 0, peak_allocated = 0, reserved = 0, peak_reserved = 0;  // bytes; 0 on CPU
 };
 
 struct ModelInfo {
@@ -121,8 +110,6 @@ class Model {
 
   const ModelInfo& info() const;
 
-  // Throws RequestError naming the field when the spec cannot run on this model.
-  void validate(const ImageSpec& spec) const;
   // BPE token ids without BOS/EOS/padding (to warn about prompts past 75 tokens).
   std::vector<int32_t> tokenize(const std::string& text) const;
 
@@ -144,12 +131,6 @@ class Model {
   // The same through the VAE decoder (slower, exact colours).
   RgbImage preview_vae(const Trajectory& trajectory, int max_side = 256) const;
 
-  // Timing and memory, for the benchmark.
-  void set_profiling(bool on) const;
-  StepProfile last_step_profile() const;
-  void synchronize() const;
-  DeviceMemory memory(bool reset_peak = false) const;
-
   // Whole request: its images run together as one batch.
   std::vector<RgbImage> generate(const GenerateRequest& request,
                                  const Progress& progress = {}) const;
@@ -168,6 +149,9 @@ int cuda_device_count();
 // The bundled tiny model (models/tiny-sd15, or $SDSERVE_MODELS_DIR/tiny-sd15): the default
 // model, and the SD 1.x tokenizer single-file checkpoints use.
 std::string bundled_model_path();
+
+// A random seed for a request without one: 32 bits, as in A1111. Thread-safe.
+uint64_t random_seed();
 
 // A1111's "parameters" text for a PNG (prompt, negative prompt, then "Steps: ..., Sampler: ...").
 std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, const ModelInfo& model);

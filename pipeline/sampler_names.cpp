@@ -61,26 +61,30 @@ SamplerChoice resolve_sampler(const std::string& sampler_in, const std::string& 
       name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
     name = trim(name.substr(0, name.size() - suffix.size()));
     if (!schedule.empty() && schedule != "karras")
-      throw RequestError("sampler '" + sampler_in +
-                         "' names the karras schedule but scheduler is '" + scheduler_in + "'");
+      throw RequestError("scheduler", "sampler '" + sampler_in +
+                                          "' names the karras schedule but scheduler is '" +
+                                          scheduler_in + "'");
     schedule = "karras";
   }
   if (schedule.empty()) schedule = "normal";
   if (std::find(scheduler_names().begin(), scheduler_names().end(), schedule) ==
       scheduler_names().end())
-    throw RequestError("scheduler '" + scheduler_in + "' is unknown; known: normal, karras");
+    throw RequestError("scheduler",
+                       "scheduler '" + scheduler_in + "' is unknown; known: normal, karras");
   for (const auto& s : sampler_catalog()) {
     if (name == s.name || name == lower(s.display_name)) {
       if (schedule == "karras" && !s.supports_karras)
         throw RequestError(
+            "scheduler",
             "sampler '" + s.name +
-            "' has no sigma schedule, so 'karras' does not apply; use scheduler "
-            "'normal' or one of: euler, euler_ancestral, heun, dpmpp_2m, lms, uni_pc");
+                "' has no sigma schedule, so 'karras' does not apply; use scheduler "
+                "'normal' or one of: euler, euler_ancestral, heun, dpmpp_2m, lms, uni_pc");
       return {s.name, schedule};
     }
   }
-  throw RequestError("sampler '" + sampler_in + "' is unknown; known: " + known_sampler_list() +
-                     " (A1111 names such as 'DPM++ 2M Karras' work too)");
+  throw RequestError("sampler", "sampler '" + sampler_in +
+                                    "' is unknown; known: " + known_sampler_list() +
+                                    " (A1111 names such as 'DPM++ 2M Karras' work too)");
 }
 
 }  // namespace sdserve::pipeline

@@ -2,11 +2,10 @@
 
 #include <algorithm>
 #include <cctype>
+#include <climits>
 #include <cmath>
 #include <ctime>
-#include <mutex>
-#include <random>
-#include <sstream>
+#include <optional>
 
 #include "config/safe_json.h"
 #include "pipeline/errors.h"
@@ -17,10 +16,6 @@ namespace sdserve::server {
 namespace {
 
 using nlohmann::json;
-
-constexpr int kMaxSteps = 150;
-constexpr int kMaxImages = 16;
-constexpr int kMinSide = 64, kMaxSide = 2048;
 
 [[noreturn]] void invalid(const std::string& field, const std::string& message) {
   throw ApiError(400, "validation_error", message, field);
@@ -47,78 +42,53 @@ std::string one_of(const std::vector<std::string>& values) {
   return out;
 }
 
-int get_int(const json& v, const std::string& field, int lo, int hi) {
-  const std::string rule =
-      field + " must be an integer between " + std::to_string(lo) + " and " + std::to_string(hi);
-  if (!v.is_number_integer()) invalid(field, rule + got(v));
-  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi))
-    invalid(field, rule + got(v));
-  const int64_t i = v.get<int64_t>();
-  if (i < lo || i > hi) invalid(field, rule + got(v));
-  return static_cast<int>(i);
-}
+// The JSON layer checks types only; the values are checked by engine::validate(). A type error
+// quotes the field's rule from there, so a client reads one sentence per field.
+class FieldReader {
+ public:
+  explicit FieldReader(const engine::RequestBounds& bounds) : bounds_(bounds) {}
+  int steps = 30;  // bounds preview.every in messages
 
-double get_number(const json& v, const std::string& field, double lo, double hi,
-                  bool lo_exclusive = false) {
-  std::ostringstream rule;
-  rule << field << " must be a number " << (lo_exclusive ? "greater than " : "between ") << lo
-       << (lo_exclusive ? " and at most " : " and ") << hi;
-  if (!v.is_number()) invalid(field, rule.str() + got(v));
-  const double d = v.get<double>();
-  if (!std::isfinite(d) || (lo_exclusive ? d <= lo : d < lo) || d > hi)
-    invalid(field, rule.str() + got(v));
-  return d;
-}
+  [[noreturn]] void reject(const std::string& field, const json& v) const {
+    invalid(field, engine::rule(field, bounds_, steps) + got(v));
+  }
+  int integer(const json& v, const std::string& field) const {
+    if (!v.is_number_integer()) reject(field, v);
+    if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t{INT_MAX}
+                               : v.get<int64_t>() < INT_MIN || v.get<int64_t>() > INT_MAX)
+      reject(field, v);  // outside every range
+    return static_cast<int>(v.get<int64_t>());
+  }
+  double number(const json& v, const std::string& field) const {
+    if (!v.is_number() || !std::isfinite(v.get<double>())) reject(field, v);
+    return v.get<double>();
+  }
+  std::string string(const json& v, const std::string& field) const {
+    if (!v.is_string()) reject(field, v);
+    return v.get<std::string>();
+  }
+  bool boolean(const json& v, const std::string& field) const {
+    if (!v.is_boolean()) reject(field, v);
+    return v.get<bool>();
+  }
 
-std::string get_string(const json& v, const std::string& field) {
-  if (!v.is_string()) invalid(field, field + " must be a string" + got(v));
-  return v.get<std::string>();
-}
+ private:
+  engine::RequestBounds bounds_;
+};
 
-std::string get_choice(const json& v, const std::string& field,
-                       const std::vector<std::string>& choices) {
-  const std::string rule = field + " must be one of " + one_of(choices);
-  if (!v.is_string()) invalid(field, rule + got(v));
-  const std::string s = lower(v.get<std::string>());
-  if (std::find(choices.begin(), choices.end(), s) == choices.end()) invalid(field, rule + got(v));
-  return s;
-}
-
-int get_side(const json& v, const std::string& field) {
-  const std::string rule = field + " must be a multiple of 8 between " + std::to_string(kMinSide) +
-                           " and " + std::to_string(kMaxSide);
-  if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > kMaxSide))
-    invalid(field, rule + got(v));
-  const int64_t side = v.get<int64_t>();
-  if (side < kMinSide || side > kMaxSide || side % 8 != 0) invalid(field, rule + got(v));
-  return static_cast<int>(side);
-}
-
-uint64_t random_seed() {
-  // 32 bits, like A1111, so that a reported seed can be typed into other tools.
-  static std::mt19937_64 rng{std::random_device{}()};
-  static std::mutex mutex;
-  std::lock_guard<std::mutex> lock(mutex);
-  return rng() & 0xffffffffull;
-}
-
-engine::PreviewOptions parse_preview(const json& v, int steps) {
-  if (!v.is_object())
-    invalid("preview",
-            "preview must be an object such as {\"every\": 5, \"format\": \"jpeg\", "
-            "\"max_size\": 256, \"method\": \"latent2rgb\"}, or absent" +
-                got(v));
+engine::PreviewOptions parse_preview(const json& v, const FieldReader& read) {
+  if (!v.is_object()) read.reject("preview", v);
   engine::PreviewOptions p;
   for (const auto& [name, value] : v.items()) {
     const std::string field = "preview." + name;
     if (name == "every") {
-      p.every = get_int(value, field, 1, std::max(1, steps));
+      p.every = read.integer(value, field);
     } else if (name == "format") {
-      p.format = get_choice(value, field, {"jpeg", "png"});
+      p.format = lower(read.string(value, field));
     } else if (name == "max_size") {
-      p.max_size = get_int(value, field, 16, kMaxSide);
+      p.max_size = read.integer(value, field);
     } else if (name == "method") {
-      p.method = get_choice(value, field, {"latent2rgb", "vae"});
+      p.method = lower(read.string(value, field));
     } else {
       invalid(field.size() <= 72 ? field : std::string("preview"),
               "unknown field " + quoted_name(field) +
@@ -126,6 +96,41 @@ engine::PreviewOptions parse_preview(const json& v, int steps) {
     }
   }
   return p;
+}
+
+// sampler / scheduler: ComfyUI or A1111 names; A1111's may carry the schedule ("... Karras").
+void parse_sampler(const json& doc, const FieldReader& read, engine::JobRequest& r) {
+  std::string sampler = "euler", scheduler;
+  if (doc.contains("scheduler")) scheduler = read.string(doc["scheduler"], "scheduler");
+  if (doc.contains("sampler")) sampler = read.string(doc["sampler"], "sampler");
+  if (sampler.size() > 64 || scheduler.size() > 64)  // no name is this long; keep echoes short
+    invalid(sampler.size() > 64 ? "sampler" : "scheduler",
+            "sampler " + quoted_name(sampler) + " / scheduler " + quoted_name(scheduler) +
+                " is unknown (see GET /v1/samplers)");
+  try {
+    const auto choice = pipeline::resolve_sampler(sampler, scheduler);
+    r.sampler = choice.sampler;
+    r.scheduler = choice.scheduler;
+  } catch (const pipeline::RequestError& e) {
+    invalid(e.field(), e.what());
+  }
+}
+
+std::optional<uint64_t> parse_seed(const json& s, const FieldReader& read) {
+  if (s.is_null()) return std::nullopt;
+  if (!s.is_number_integer()) read.reject("seed", s);
+  if (s.is_number_unsigned()) return s.get<uint64_t>();
+  if (s.get<int64_t>() == -1) return std::nullopt;
+  if (s.get<int64_t>() < 0) read.reject("seed", s);
+  return static_cast<uint64_t>(s.get<int64_t>());
+}
+
+engine::Priority parse_priority(const json& v, const FieldReader& read) {
+  const std::string p = lower(read.string(v, "priority"));
+  if (p == "high") return engine::Priority::kHigh;
+  if (p == "normal") return engine::Priority::kNormal;
+  if (p == "low") return engine::Priority::kLow;
+  read.reject("priority", v);
 }
 
 }  // namespace
@@ -145,7 +150,7 @@ const std::vector<std::string>& request_fields() {
   return fields;
 }
 
-engine::JobRequest parse_job_request(const std::string& body, const RequestLimits& limits) {
+engine::JobRequest parse_job_request(const std::string& body, const engine::RequestBounds& bounds) {
   json doc;
   try {
     doc = safe_json::parse(body);
@@ -155,7 +160,6 @@ engine::JobRequest parse_job_request(const std::string& body, const RequestLimit
   if (!doc.is_object())
     throw ApiError(400, "invalid_json",
                    "the body must be a JSON object, e.g. {\"prompt\": \"a cat\"}");
-
   for (const auto& [name, value] : doc.items()) {
     const auto& known = request_fields();
     if (std::find(known.begin(), known.end(), name) == known.end())
@@ -163,100 +167,41 @@ engine::JobRequest parse_job_request(const std::string& body, const RequestLimit
               "unknown field " + quoted_name(name) + "; known fields: " + one_of(known));
   }
 
+  FieldReader read(bounds);
   engine::JobRequest r;
   if (!doc.contains("prompt")) invalid("prompt", "prompt is required (a string)");
-  r.prompt = get_string(doc["prompt"], "prompt");
+  r.prompt = read.string(doc["prompt"], "prompt");
   if (doc.contains("negative_prompt"))
-    r.negative_prompt = get_string(doc["negative_prompt"], "negative_prompt");
-  if (doc.contains("width")) r.width = get_side(doc["width"], "width");
-  if (doc.contains("height")) r.height = get_side(doc["height"], "height");
-  if (doc.contains("steps")) r.steps = get_int(doc["steps"], "steps", 1, kMaxSteps);
+    r.negative_prompt = read.string(doc["negative_prompt"], "negative_prompt");
+  if (doc.contains("width")) r.width = read.integer(doc["width"], "width");
+  if (doc.contains("height")) r.height = read.integer(doc["height"], "height");
+  if (doc.contains("steps")) r.steps = read.steps = read.integer(doc["steps"], "steps");
   if (doc.contains("guidance_scale"))
-    r.guidance_scale = get_number(doc["guidance_scale"], "guidance_scale", 0, 30);
-
-  // sampler / scheduler: ComfyUI or A1111 names; A1111's may carry the schedule ("... Karras").
-  std::string sampler = "euler", scheduler;
-  if (doc.contains("scheduler"))
-    scheduler = get_choice(doc["scheduler"], "scheduler", pipeline::scheduler_names());
-  if (doc.contains("sampler")) sampler = get_string(doc["sampler"], "sampler");
-  if (sampler.size() > 64)  // no name is this long; keep the echo in the message short
-    invalid("sampler", "sampler " + quoted_name(sampler) + " is unknown (see GET /v1/samplers)");
-  try {
-    pipeline::resolve_sampler(sampler, "");
-  } catch (const pipeline::RequestError& e) {
-    invalid("sampler", e.what());
-  }
-  try {
-    const auto choice = pipeline::resolve_sampler(sampler, scheduler);
-    r.sampler = choice.sampler;
-    r.scheduler = choice.scheduler;
-  } catch (const pipeline::RequestError& e) {
-    invalid("scheduler", e.what());
-  }
-
-  if (doc.contains("seed") && !doc["seed"].is_null()) {
-    const json& s = doc["seed"];
-    const std::string rule =
-        "seed must be an integer between 0 and 18446744073709551615, or -1 for a random one";
-    if (!s.is_number_integer()) invalid("seed", rule + got(s));
-    if (s.is_number_unsigned()) {
-      r.seed = s.get<uint64_t>();
-    } else if (s.get<int64_t>() == -1) {
-      r.seed.reset();
-    } else if (s.get<int64_t>() >= 0) {
-      r.seed = static_cast<uint64_t>(s.get<int64_t>());
-    } else {
-      invalid("seed", rule + got(s));
-    }
-  }
-  if (!r.seed) r.seed = random_seed();
-
-  if (doc.contains("num_images"))
-    r.num_images = get_int(doc["num_images"], "num_images", 1, kMaxImages);
-  if (doc.contains("clip_skip"))
-    r.clip_skip = get_int(doc["clip_skip"], "clip_skip", 1, std::max(1, limits.text_layers));
+    r.guidance_scale = read.number(doc["guidance_scale"], "guidance_scale");
+  parse_sampler(doc, read, r);
+  if (doc.contains("seed")) r.seed = parse_seed(doc["seed"], read);
+  r.seed = r.seed.value_or(pipeline::random_seed());  // chosen now, so it can be reported at once
+  if (doc.contains("num_images")) r.num_images = read.integer(doc["num_images"], "num_images");
+  if (doc.contains("clip_skip")) r.clip_skip = read.integer(doc["clip_skip"], "clip_skip");
   if (doc.contains("preview") && !doc["preview"].is_null())
-    r.preview = parse_preview(doc["preview"], r.steps);
-  if (doc.contains("priority")) {
-    const std::string p = get_choice(doc["priority"], "priority", {"high", "normal", "low"});
-    r.priority = p == "high"  ? engine::Priority::kHigh
-                 : p == "low" ? engine::Priority::kLow
-                              : engine::Priority::kNormal;
-  }
-  if (doc.contains("timeout_s"))
-    r.timeout_s = get_number(doc["timeout_s"], "timeout_s", 0, limits.max_timeout_s, true);
-  if (doc.contains("cancel_on_disconnect")) {
-    const json& c = doc["cancel_on_disconnect"];
-    if (!c.is_boolean())
-      invalid("cancel_on_disconnect", "cancel_on_disconnect must be true or false" + got(c));
-    r.cancel_on_disconnect = c.get<bool>();
+    r.preview = parse_preview(doc["preview"], read);
+  if (doc.contains("priority")) r.priority = parse_priority(doc["priority"], read);
+  if (doc.contains("timeout_s")) r.timeout_s = read.number(doc["timeout_s"], "timeout_s");
+  if (doc.contains("cancel_on_disconnect"))
+    r.cancel_on_disconnect = read.boolean(doc["cancel_on_disconnect"], "cancel_on_disconnect");
+  try {
+    engine::validate(r, bounds);
+  } catch (const pipeline::RequestError& e) {
+    invalid(e.field(), e.what());
   }
   return r;
-}
-
-std::string field_of_message(const std::string& message) {
-  // Messages start with the field's name ("width must be ...", "preview.every ...") or quote
-  // it ("sampler 'x' is unknown").
-  std::string first;
-  for (char c : message) {
-    if (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.')
-      first += c;
-    else
-      break;
-  }
-  const auto& fields = request_fields();
-  if (std::find(fields.begin(), fields.end(), first) != fields.end()) return first;
-  if (first.rfind("preview.", 0) == 0) return first;
-  for (const auto& f : fields)
-    if (message.find(f) != std::string::npos) return f;
-  return "";
 }
 
 std::string job_path(const std::string& id) {
   return "/v1/jobs/" + id;
 }
 
-std::string iso8601(engine::Clock::time_point t) {
+std::string iso8601(engine::WallClock::time_point t) {
   const auto ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
   const std::time_t secs = static_cast<std::time_t>(ms / 1000);
@@ -296,10 +241,10 @@ Json request_json(const engine::JobRequest& r) {
 }
 
 Json timings_json(const engine::JobTimes& t) {
-  auto when = [](const std::optional<engine::Clock::time_point>& at) {
+  auto when = [](const std::optional<engine::WallClock::time_point>& at) {
     return at ? Json(iso8601(*at)) : Json(nullptr);
   };
-  auto seconds = [](engine::Clock::time_point a, engine::Clock::time_point b) {
+  auto seconds = [](engine::WallClock::time_point a, engine::WallClock::time_point b) {
     return std::chrono::duration<double>(b - a).count();
   };
   Json j = {{"queued", iso8601(t.queued_at)},
@@ -311,6 +256,19 @@ Json timings_json(const engine::JobTimes& t) {
   return j;
 }
 
+namespace {
+
+// "step"/"steps" count sampler steps, as users do; "evaluations"/"evaluations_total" the model
+// calls behind them (heun: two per step but the last). The same keys as the job's REST view.
+void add_progress(Json& j, int evaluations, int evaluations_total, int steps) {
+  j["step"] = engine::steps_done(evaluations, evaluations_total, steps);
+  j["steps"] = steps;
+  j["evaluations"] = evaluations;
+  j["evaluations_total"] = evaluations_total;
+}
+
+}  // namespace
+
 Json event_json(const engine::JobEvent& e) {
   using engine::EventType;
   Json j = {{"type", engine::to_string(e.type)}, {"job_id", e.job_id}};
@@ -319,18 +277,15 @@ Json event_json(const engine::JobEvent& e) {
       j["position"] = e.queue_position;
       break;
     case EventType::kStarted:
-      j["step"] = e.step;
-      j["steps"] = e.steps;
+      add_progress(j, e.evaluations, e.evaluations_total, e.steps);
       break;
     case EventType::kProgress:
-      j["step"] = e.step;
-      j["steps"] = e.steps;
+      add_progress(j, e.evaluations, e.evaluations_total, e.steps);
       j["it_per_s"] = e.it_per_s;
       break;
     case EventType::kPreview:
       j["image"] = e.image;
-      j["step"] = e.step;
-      j["steps"] = e.steps;
+      add_progress(j, e.evaluations, e.evaluations_total, e.steps);
       j["format"] = e.format;
       j["width"] = e.width;
       j["height"] = e.height;
@@ -361,21 +316,23 @@ Json job_json(const engine::JobSnapshot& job) {
   const std::string self = job_path(job.id);
   Json j = {{"id", job.id},
             {"status", engine::to_string(job.status)},
-            {"step", job.step},
-            // The engine counts model evaluations once the job runs (heun: 2 per step).
-            {"steps", job.steps > 0 ? job.steps : job.request.steps},
+            {"step", engine::steps_done(job.evaluations, job.evaluations_total, job.steps)},
+            {"steps", job.steps},
+            {"evaluations", job.evaluations},
+            {"evaluations_total", job.evaluations_total},
             {"seed", job.seed},
             {"num_images", job.request.num_images},
             {"images_ready", job.images_ready},
-            {"results_expired", job.results_expired},
+            {"results_evicted", job.results_evicted},
             {"timings", timings_json(job.times)},
             {"links", {{"self", self}, {"events", self + "/events"}}}};
   j["queue_position"] = job.queue_position >= 0 ? Json(job.queue_position) : Json(nullptr);
   j["progress"] = job.status == engine::JobStatus::kSucceeded ? 1.0
-                  : job.steps > 0 ? std::min(1.0, static_cast<double>(job.step) / job.steps)
-                                  : 0.0;
+                  : job.evaluations_total > 0
+                      ? std::min(1.0, static_cast<double>(job.evaluations) / job.evaluations_total)
+                      : 0.0;
   Json images = Json::array();
-  if (job.status == engine::JobStatus::kSucceeded && !job.results_expired)
+  if (job.status == engine::JobStatus::kSucceeded && !job.results_evicted)
     for (int k = 0; k < job.request.num_images; ++k)
       images.push_back(self + "/images/" + std::to_string(k));
   j["images"] = images;

@@ -1,4 +1,4 @@
-// The API's JSON: request validation (every error names its field) and how jobs, models and
+// The API's JSON: request parsing (every error names its field) and how jobs, models and
 // samplers are rendered. No networking here, so it is testable on its own.
 #pragma once
 
@@ -33,21 +33,13 @@ struct ApiError : std::runtime_error {
 std::string error_body(const std::string& type, const std::string& message,
                        const std::string& field = "");
 
-// What validation needs to know about the server.
-struct RequestLimits {
-  int text_layers = 12;  // clip_skip may be 1..text_layers
-  double max_timeout_s = 3600;
-};
-
-// The body of POST /v1/jobs and POST /v1/generate as a JobRequest. Throws ApiError (400):
-// type invalid_json for unparseable JSON, validation_error naming the field otherwise. An absent
-// or -1 seed is replaced by a random one here, so that it can be reported at once.
-engine::JobRequest parse_job_request(const std::string& body, const RequestLimits& limits);
+// The body of POST /v1/jobs and POST /v1/generate as a JobRequest, checked by
+// engine::validate(). Throws ApiError (400): type invalid_json for unparseable JSON,
+// validation_error naming the field otherwise. An absent or -1 seed is replaced by a random one
+// here, so that it can be reported at once.
+engine::JobRequest parse_job_request(const std::string& body, const engine::RequestBounds& bounds);
 // The request fields in order (for messages and docs).
 const std::vector<std::string>& request_fields();
-
-// The field an engine/pipeline error message is about ("width must be ..." -> "width"), or "".
-std::string field_of_message(const std::string& message);
 
 std::string job_path(const std::string& id);  // "/v1/jobs/ID"
 Json request_json(const engine::JobRequest& r);
@@ -59,6 +51,6 @@ Json event_json(const engine::JobEvent& event);
 Json timings_json(const engine::JobTimes& times);
 Json model_json(const pipeline::ModelInfo& info);
 Json samplers_json();
-std::string iso8601(engine::Clock::time_point t);  // "2026-01-02T03:04:05.678Z"
+std::string iso8601(engine::WallClock::time_point t);  // "2026-01-02T03:04:05.678Z"
 
 }  // namespace sdserve::server

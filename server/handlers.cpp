@@ -95,7 +95,7 @@ Response image_response(Context& ctx, const Request& req, const Route& route) {
                      "job '" + route.job_id + "' has no image " + k + " (it has " +
                          std::to_string(job ? job->request.num_images : 0) + ")");
     }
-    case engine::ImageLookup::kExpired:
+    case engine::ImageLookup::kEvicted:
       throw ApiError(410, "gone",
                      "the images of job '" + route.job_id +
                          "' were evicted from the result store (result_ttl_s / "
@@ -218,18 +218,10 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
   }
   auto engine = require_engine(ctx);
   const auto model = ctx.model();
-  RequestLimits limits;
-  limits.max_timeout_s = ctx.config().max_timeout_s;
-  if (model) limits.text_layers = model->info().text_layers;
-  engine::JobRequest request = parse_job_request(req.body(), limits);
-  if (model) {
-    const pipeline::ImageSpec spec = engine::image_spec(request);
-    try {
-      model->validate(spec);
-    } catch (const pipeline::RequestError& e) {
-      throw ApiError(400, "validation_error", e.what(), field_of_message(e.what()));
-    }
-  }
+  engine::RequestBounds bounds;
+  bounds.max_timeout_s = ctx.config().max_timeout_s;
+  if (model) bounds.text_layers = model->info().text_layers;
+  engine::JobRequest request = parse_job_request(req.body(), bounds);
   try {
     return engine->submit(std::move(request));
   } catch (const engine::QueueFull& e) {
@@ -240,8 +232,8 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
     throw ApiError(503, "shutting_down", e.what());
   } catch (const engine::Unavailable& e) {
     throw ApiError(503, "unavailable", e.what());
-  } catch (const std::invalid_argument& e) {
-    throw ApiError(400, "validation_error", e.what(), field_of_message(e.what()));
+  } catch (const pipeline::RequestError& e) {
+    throw ApiError(400, "validation_error", e.what(), e.field());
   }
 }
 

@@ -293,7 +293,7 @@ Response HttpSession::generate_response(const Request& req) {
   std::vector<std::shared_ptr<const std::vector<uint8_t>>> pngs;
   for (int k = 0; k < job->request.num_images; ++k) {
     const auto img = engine->image(id, k);
-    if (img.status == engine::ImageLookup::kExpired)
+    if (img.status == engine::ImageLookup::kEvicted)
       throw ApiError(410, "gone", "the images of job '" + id + "' were already evicted");
     if (img.status != engine::ImageLookup::kOk || !img.png)
       throw ApiError(500, "internal",

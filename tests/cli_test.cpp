@@ -95,7 +95,7 @@ TEST_F(CliGenerate, BadArgumentsExitNonZeroWithMessage) {
       {"generate --prompt x --seed -5" + o, "--seed must be a non-negative integer"},
       {"generate --prompt x --bogus 1" + o, "unknown option '--bogus'"},
       {"generate --prompt x --clip-skip 9 --width 64 --height 64" + o,
-       "clip_skip must be between 1 and 3"},
+       "clip_skip must be an integer between 1 and 3"},
       {"generate --prompt x --model /nonexistent" + o, "does not exist"},
       {"generate --prompt x --model " + test::fixture("README.md") + o, "safetensors"},
       {"generate --prompt x -o /nonexistent-dir/x.png", "does not exist"},

@@ -1,4 +1,4 @@
-#include "pipeline/clip.h"
+#include "pipeline/nn/clip.h"
 
 #include <gtest/gtest.h>
 
@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
-#include "pipeline/attention.h"
 #include "pipeline/errors.h"
-#include "pipeline/safetensors.h"
-#include "pipeline/tensor_io.h"
-#include "pipeline/tokenizer.h"
+#include "pipeline/io/safetensors.h"
+#include "pipeline/io/tensor_io.h"
+#include "pipeline/io/tokenizer.h"
+#include "pipeline/nn/attention.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {

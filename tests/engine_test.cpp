@@ -139,7 +139,7 @@ TEST(Engine, JobRunsToPngWithEventsInOrder) {
   int last_step = 0;
   for (const auto& e : events)
     if (e.type == EventType::kProgress) {
-      const int step = e.step;
+      const int step = e.evaluations;  // euler: one model evaluation per step
       EXPECT_GT(step, last_step);
       last_step = step;
     }
@@ -179,7 +179,7 @@ TEST(Engine, ShortJobStartsWhileLongOneRuns) {
   // The short job finished while the long one was still running: it was admitted at a step.
   auto long_snap = engine->get(long_job.id);
   EXPECT_EQ(long_snap->status, JobStatus::kRunning);
-  EXPECT_LT(long_snap->step, 150);
+  EXPECT_LT(long_snap->evaluations, 150);
   engine->cancel(long_job.id);
   EXPECT_EQ(wait_final(*engine, long_job.id), JobStatus::kCancelled);
 }
@@ -228,7 +228,7 @@ TEST(Engine, CancelQueuedAndRunning) {
   EXPECT_EQ(engine->get(queued.id)->status, JobStatus::kCancelled);
   EXPECT_TRUE(engine->cancel(running.id));
   ASSERT_TRUE(rec.wait_for("cancelled"));
-  EXPECT_LT(engine->get(running.id)->step, 150);
+  EXPECT_LT(engine->get(running.id)->evaluations, 150);
   EXPECT_FALSE(engine->cancel(running.id));  // already final
   // The slot is free again.
   auto next = engine->submit(small_request(2));

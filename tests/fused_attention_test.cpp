@@ -1,7 +1,7 @@
 // Fused q/k/v projections (the GPU path) compute the same function as separate ones.
 #include <gtest/gtest.h>
 
-#include "pipeline/blocks.h"
+#include "pipeline/nn/blocks.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {

@@ -1,7 +1,7 @@
 // The reduction-based GroupNorm (the CUDA fast path for few rows) equals torch's GroupNorm.
 #include <gtest/gtest.h>
 
-#include "pipeline/blocks.h"
+#include "pipeline/nn/blocks.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {

@@ -8,7 +8,7 @@
 #include "config/safe_json.h"
 #include "engine/engine.h"
 #include "pipeline/image.h"
-#include "pipeline/tokenizer.h"
+#include "pipeline/io/tokenizer.h"
 
 namespace sdserve {
 namespace {

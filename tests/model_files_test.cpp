@@ -1,4 +1,4 @@
-#include "pipeline/model_files.h"
+#include "pipeline/io/model_files.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "pipeline/errors.h"
-#include "pipeline/safetensors.h"
+#include "pipeline/io/safetensors.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {

@@ -1,4 +1,4 @@
-#include "pipeline/safetensors.h"
+#include "pipeline/io/safetensors.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

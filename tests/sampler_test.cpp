@@ -2,7 +2,7 @@
 // sampler against the reference step latents. Without a UNet, the model outputs are recovered
 // from one sampler's reference latents and fed to another sampler that evaluated the model at
 // the same input (same sample, same timestep), whose reference latents must then follow.
-#include "pipeline/sampler.h"
+#include "pipeline/samplers/sampler.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>

@@ -6,8 +6,8 @@
 #include <map>
 #include <string>
 
-#include "pipeline/model_files.h"
-#include "pipeline/tensor_io.h"
+#include "pipeline/io/model_files.h"
+#include "pipeline/io/tensor_io.h"
 
 namespace sdserve::test {
 

@@ -1,4 +1,4 @@
-#include "pipeline/tokenizer.h"
+#include "pipeline/io/tokenizer.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

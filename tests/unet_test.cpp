@@ -1,5 +1,5 @@
 // UNet2DConditionModel parity with diffusers on the tiny SD 1.x model, and its config parsing.
-#include "pipeline/unet.h"
+#include "pipeline/nn/unet.h"
 
 #include <gtest/gtest.h>
 
@@ -11,7 +11,7 @@
 #include <sstream>
 
 #include "pipeline/errors.h"
-#include "pipeline/safetensors.h"
+#include "pipeline/io/safetensors.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {

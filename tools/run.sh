@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-exec build/server/sdserve serve "$@"
+exec build/sdserve serve "$@"

@@ -20,28 +20,7 @@ class DdimSampler : public Sampler {
         prediction_type_(config.prediction_type),
         step_ratio_(config.num_train_timesteps / steps) {
     final_alpha_cumprod_ = config.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
-    const int train = config.num_train_timesteps;
-    const std::string spacing = spacing_or(config, "leading");
-    if (spacing == "linspace") {
-      const double step = steps > 1 ? static_cast<double>(train - 1) / (steps - 1) : 0.0;
-      for (int i = steps - 1; i >= 0; --i) {
-        const double v = (i == steps - 1 && steps > 1) ? train - 1 : i * step;
-        int_timesteps_.push_back(static_cast<int>(round_half_even(v)));
-      }
-    } else if (spacing == "leading") {
-      for (int i = steps - 1; i >= 0; --i) {
-        int_timesteps_.push_back(i * step_ratio_ + config.steps_offset);
-      }
-    } else {  // trailing: round(arange(train, 0, -train / steps)) - 1
-      const double step = static_cast<double>(train) / steps;
-      const auto len = static_cast<int>(std::ceil(train / step));
-      const double second = train - step;
-      const double delta = second - train;
-      for (int i = 0; i < len; ++i) {
-        const double v = i == 0 ? train : i == 1 ? second : train + i * delta;
-        int_timesteps_.push_back(static_cast<int>(round_half_even(v)) - 1);
-      }
-    }
+    int_timesteps_ = discrete_timesteps(config, steps);
     timesteps_.assign(int_timesteps_.begin(), int_timesteps_.end());
   }
 

@@ -14,34 +14,6 @@
 namespace sdserve::pipeline::samplers {
 namespace {
 
-// diffusers' _timesteps (ascending) for `steps`.
-std::vector<int> base_timesteps(const SchedulerConfig& config, int steps) {
-  const int train = config.num_train_timesteps;
-  const std::string spacing = spacing_or(config, "leading");
-  std::vector<int> ts;
-  if (spacing == "linspace") {
-    const double step = steps > 1 ? static_cast<double>(train - 1) / (steps - 1) : 0.0;
-    for (int i = 0; i < steps; ++i) {
-      const double v = (i == steps - 1 && steps > 1) ? train - 1 : i * step;
-      ts.push_back(static_cast<int>(round_half_even(v)));
-    }
-  } else if (spacing == "leading") {
-    const int ratio = train / steps;
-    for (int i = 0; i < steps; ++i) ts.push_back(i * ratio + config.steps_offset);
-  } else {  // trailing: round(arange(train, 0, -train / steps)) reversed, minus 1
-    const double step = static_cast<double>(train) / steps;
-    const auto len = static_cast<int>(std::ceil(train / step));
-    const double second = train - step;
-    const double delta = second - train;
-    for (int i = 0; i < len; ++i) {
-      const double v = i == 0 ? train : i == 1 ? second : train + i * delta;
-      ts.push_back(static_cast<int>(round_half_even(v)) - 1);
-    }
-    std::reverse(ts.begin(), ts.end());
-  }
-  return ts;
-}
-
 class PndmSampler : public Sampler {
  public:
   PndmSampler(const SchedulerConfig& config, int steps)
@@ -51,7 +23,8 @@ class PndmSampler : public Sampler {
     final_alpha_cumprod_ = config.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
     // PLMS timesteps: every base timestep but the last, the second-to-last again, the last;
     // then descending.
-    const auto base = base_timesteps(config, steps);
+    auto base = discrete_timesteps(config, steps);
+    std::reverse(base.begin(), base.end());  // ascending, as diffusers' PNDM _timesteps
     std::vector<int> plms(base.begin(), base.end() - 1);
     if (base.size() >= 2) plms.push_back(base[base.size() - 2]);
     plms.push_back(base.back());

@@ -108,11 +108,12 @@ std::unique_ptr<Sampler> make_sampler(const std::string& name, SigmaSchedule sch
     return out;
   };
   if (std::find(names.begin(), names.end(), name) == names.end()) {
-    throw RequestError("unknown sampler '" + name + "'; known samplers: " + join(names));
+    throw RequestError("sampler", "unknown sampler '" + name + "'; known samplers: " + join(names));
   }
   if (steps < 1 || steps > config.num_train_timesteps) {
-    throw RequestError("steps must be between 1 and " + std::to_string(config.num_train_timesteps) +
-                       ", got " + std::to_string(steps));
+    throw RequestError("steps", "steps must be between 1 and " +
+                                    std::to_string(config.num_train_timesteps) + ", got " +
+                                    std::to_string(steps));
   }
   const bool karras = schedule == SigmaSchedule::kKarras;
   if (karras && !sampler_accepts_karras(name)) {
@@ -120,15 +121,16 @@ std::unique_ptr<Sampler> make_sampler(const std::string& name, SigmaSchedule sch
     for (const auto& n : names) {
       if (sampler_accepts_karras(n)) ok.push_back(n);
     }
-    throw RequestError("sampler '" + name +
-                       "' has no sigma schedule, so it cannot use the karras schedule; samplers "
-                       "that accept karras: " +
-                       join(ok));
+    throw RequestError(
+        "scheduler", "sampler '" + name +
+                         "' has no sigma schedule, so it cannot use the karras schedule; samplers "
+                         "that accept karras: " +
+                         join(ok));
   }
   const std::string spacing = config.timestep_spacing;
   if (!spacing.empty() && spacing != "leading" && spacing != "trailing" && spacing != "linspace") {
-    throw RequestError("timestep_spacing '" + spacing +
-                       "' is not supported (use leading, trailing or linspace)");
+    throw RequestError("", "timestep_spacing '" + spacing +
+                               "' is not supported (use leading, trailing or linspace)");
   }
   using namespace samplers;
   if (name == "pndm") return make_pndm(config, steps);
@@ -216,6 +218,34 @@ double sigma_to_t(double sigma, const std::vector<float>& log_sigmas) {
 
 std::string spacing_or(const SchedulerConfig& config, const char* fallback) {
   return config.timestep_spacing.empty() ? std::string(fallback) : config.timestep_spacing;
+}
+
+std::vector<int> discrete_timesteps(const SchedulerConfig& config, int steps) {
+  const int train = config.num_train_timesteps;
+  const std::string spacing = spacing_or(config, "leading");
+  std::vector<int> ts;
+  if (spacing == "linspace") {
+    const double step = steps > 1 ? static_cast<double>(train - 1) / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; ++i) {
+      const double v = (i == steps - 1 && steps > 1) ? train - 1 : i * step;
+      ts.push_back(static_cast<int>(round_half_even(v)));
+    }
+  } else if (spacing == "leading") {
+    const int ratio = train / steps;
+    for (int i = 0; i < steps; ++i) ts.push_back(i * ratio + config.steps_offset);
+  } else {  // trailing: round(arange(train, 0, -train / steps)) - 1, already descending
+    const double step = static_cast<double>(train) / steps;
+    const auto len = static_cast<int>(std::ceil(train / step));
+    const double second = train - step;
+    const double delta = second - train;
+    for (int i = 0; i < len; ++i) {
+      const double v = i == 0 ? train : i == 1 ? second : train + i * delta;
+      ts.push_back(static_cast<int>(round_half_even(v)) - 1);
+    }
+    return ts;
+  }
+  std::reverse(ts.begin(), ts.end());  // linspace and leading were built ascending
+  return ts;
 }
 
 namespace {

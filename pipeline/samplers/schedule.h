@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "pipeline/sampler.h"
+#include "pipeline/samplers/sampler.h"
 
 namespace sdserve::pipeline::samplers {
 
@@ -32,6 +32,9 @@ inline double round_half_even(double x) {
 
 // The config's timestep_spacing, or `fallback` (the sampler's diffusers default) when empty.
 std::string spacing_or(const SchedulerConfig& config, const char* fallback);
+// The integer timesteps of DDIM and PNDM (diffusers' leading / linspace / trailing spacing,
+// "leading" when the config names none), descending.
+std::vector<int> discrete_timesteps(const SchedulerConfig& config, int steps);
 
 // The schedule of a sigma-space sampler: one timestep per step and N + 1 float32 sigmas
 // (the last is 0).

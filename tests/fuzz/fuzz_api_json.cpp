@@ -31,14 +31,13 @@ std::string resend_body(const Json& j) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string body(reinterpret_cast<const char*>(data), size);
-  sdserve::server::RequestLimits limits;
+  sdserve::engine::RequestBounds limits;
   sdserve::engine::JobRequest r;
   try {
     r = sdserve::server::parse_job_request(body, limits);
   } catch (const ApiError& e) {
     if (e.status != 400 || (e.type != "invalid_json" && e.type != "validation_error"))
       finding("unexpected ApiError " + std::to_string(e.status) + " " + e.type);
-    sdserve::server::field_of_message(e.what());
     sdserve::server::error_body(e.type, e.what(), e.field);
     return 0;
   }

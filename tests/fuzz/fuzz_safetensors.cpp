@@ -12,7 +12,7 @@
 #include <string>
 
 #include "pipeline/errors.h"
-#include "pipeline/safetensors.h"
+#include "pipeline/io/safetensors.h"
 
 namespace {
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "pipeline/errors.h"
-#include "pipeline/tokenizer.h"
+#include "pipeline/io/tokenizer.h"
 
 using sdserve::pipeline::ClipTokenizer;
 

@@ -283,7 +283,7 @@ TEST(ResultStoreTest, EvictedImagesAre410) {
   }
   EXPECT_EQ(status, 410);
   const json job = get(port, "/v1/jobs/" + id).body_json();
-  EXPECT_EQ(job["results_expired"], true);
+  EXPECT_EQ(job["results_evicted"], true);
   EXPECT_TRUE(job["images"].empty());
 }
 

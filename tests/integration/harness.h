@@ -88,6 +88,8 @@ inline HttpResult post(int port, const std::string& target, const json& body,
 // A WebSocket client; frames are read on its own thread into a queue.
 // A test suite whose tests share one default `sdserve serve` (started before the suite's first
 // test, stopped after its last).
+// One server for every test of a suite. Under ctest this shares only when the suite runs as one
+// process: add the suite to SHARED_SERVER_SUITES in tests/integration/CMakeLists.txt.
 class SharedServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { server_ = new ServerProcess(); }

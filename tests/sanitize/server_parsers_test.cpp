@@ -8,13 +8,14 @@
 #include <vector>
 
 #include "engine/job.h"
+#include "pipeline/errors.h"
 #include "server/api_json.h"
 #include "server/ws_command.h"
 
 namespace sdserve::server {
 namespace {
 
-const RequestLimits kLimits{};  // text_layers 12, max_timeout_s 3600
+const engine::RequestBounds kLimits{};  // text_layers 12, max_timeout_s 3600
 
 // The ApiError that parsing `body` throws (fails the test when none).
 ApiError error_of(const std::string& body) {
@@ -237,13 +238,41 @@ TEST(SanitizeJobRequest, HugeNamesAndValuesAreBoundedInMessages) {
   }
 }
 
-TEST(SanitizeJobRequest, FieldOfMessage) {
-  EXPECT_EQ(field_of_message("width must be a multiple of 8"), "width");
-  EXPECT_EQ(field_of_message("preview.every must be an integer"), "preview.every");
-  EXPECT_EQ(field_of_message("sampler 'x' is unknown"), "sampler");
-  EXPECT_EQ(field_of_message("something else entirely"), "");
-  EXPECT_EQ(field_of_message(""), "");
-  EXPECT_EQ(field_of_message(std::string(100000, 'a')), "");
+// engine::validate() is the one check of values; its errors carry the field, not a message to
+// be parsed.
+TEST(SanitizeJobRequest, ValidateNamesTheField) {
+  const engine::RequestBounds bounds{4, 60};  // a model with 4 text layers; timeouts <= 60 s
+  const auto field_of = [&](engine::JobRequest r) -> std::string {
+    try {
+      engine::validate(r, bounds);
+    } catch (const pipeline::RequestError& e) {
+      return e.field();
+    }
+    return "accepted";
+  };
+  engine::JobRequest ok;
+  ok.steps = 10;
+  EXPECT_EQ(field_of(ok), "accepted");
+  auto r = ok;
+  r.height = 72 + 4;
+  EXPECT_EQ(field_of(r), "height");
+  r = ok;
+  r.clip_skip = 5;
+  EXPECT_EQ(field_of(r), "clip_skip");
+  r = ok;
+  r.preview = engine::PreviewOptions{};
+  r.preview->every = 11;  // more than the steps
+  EXPECT_EQ(field_of(r), "preview.every");
+  r.preview->every = 10;
+  EXPECT_EQ(field_of(r), "accepted");
+  r.preview->method = "taesd";
+  EXPECT_EQ(field_of(r), "preview.method");
+  r = ok;
+  r.timeout_s = 61;
+  EXPECT_EQ(field_of(r), "timeout_s");
+  r = ok;
+  r.sampler = "Euler a";  // validate() takes canonical names only
+  EXPECT_EQ(field_of(r), "sampler");
 }
 
 TEST(SanitizeJobJson, RendersSnapshots) {
@@ -252,8 +281,8 @@ TEST(SanitizeJobJson, RendersSnapshots) {
   job.status = engine::JobStatus::kSucceeded;
   job.request.num_images = 2;
   job.steps = 10;
-  job.step = 10;
-  job.times.queued_at = engine::Clock::time_point{} + std::chrono::milliseconds(1700000000123);
+  job.evaluations = job.evaluations_total = 10;
+  job.times.queued_at = engine::WallClock::time_point{} + std::chrono::milliseconds(1700000000123);
   const Json j = job_json(job);
   EXPECT_EQ(j.begin().key(), "id");
   EXPECT_EQ(j["status"], "succeeded");
@@ -262,7 +291,7 @@ TEST(SanitizeJobJson, RendersSnapshots) {
   EXPECT_EQ(j["timings"]["queued"], "2023-11-14T22:13:20.123Z");
   EXPECT_TRUE(j["queue_position"].is_null());
   job.status = engine::JobStatus::kRunning;
-  job.step = 5;
+  job.evaluations = 5;
   job.error = std::string("caf\xc3\x28");  // user text may be anything: dump must not throw
   const Json running = job_json(job);
   EXPECT_DOUBLE_EQ(running["progress"].get<double>(), 0.5);
@@ -343,19 +372,31 @@ namespace {
 TEST(SanitizeEventJson, RendersEveryTypeInOneShape) {
   engine::JobEvent e;
   e.job_id = "j1";
-  e.times.queued_at = engine::Clock::time_point{} + std::chrono::seconds(100);
+  e.times.queued_at = engine::WallClock::time_point{} + std::chrono::seconds(100);
   e.times.started_at = e.times.queued_at + std::chrono::milliseconds(250);
   e.times.finished_at = *e.times.started_at + std::chrono::seconds(2);
   e.type = engine::EventType::kQueued;
   e.queue_position = 3;
   EXPECT_EQ(event_json(e)["position"], 3);
   e.type = engine::EventType::kProgress;
-  e.step = 4;
-  e.steps = 10;
+  e.evaluations = 4;
+  e.evaluations_total = e.steps = 10;
   e.it_per_s = 2.5;
   Json j = event_json(e);
   EXPECT_EQ(j["type"], "progress");
   EXPECT_EQ(j["step"], 4);
+  EXPECT_EQ(j["evaluations"], 4);
+  // heun, 5 steps: 9 model evaluations; "step" counts the user's steps.
+  e.steps = 5;
+  e.evaluations_total = 9;
+  e.evaluations = 3;
+  EXPECT_EQ(event_json(e)["step"], 1);
+  e.evaluations = 9;
+  EXPECT_EQ(event_json(e)["step"], 5);
+  EXPECT_EQ(event_json(e)["evaluations_total"], 9);
+  e.steps = 10;
+  e.evaluations = 4;
+  e.evaluations_total = 10;
   EXPECT_DOUBLE_EQ(j["it_per_s"].get<double>(), 2.5);
   e.type = engine::EventType::kSucceeded;
   e.num_images = 2;

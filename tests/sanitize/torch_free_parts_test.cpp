@@ -24,10 +24,10 @@
 #include "engine/job_queue.h"
 #include "engine/result_store.h"
 #include "pipeline/errors.h"
-#include "pipeline/file_io.h"
 #include "pipeline/image.h"
-#include "pipeline/safetensors.h"
-#include "pipeline/tokenizer.h"
+#include "pipeline/io/file_io.h"
+#include "pipeline/io/safetensors.h"
+#include "pipeline/io/tokenizer.h"
 
 namespace sdserve {
 namespace {

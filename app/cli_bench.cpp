@@ -1,0 +1,108 @@
+// `sdserve bench`: the pipeline's speed on this machine, per phase and end to end.
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "app/cli.h"
+#include "bench/bench.h"
+#include "server/logging.h"
+
+namespace sdserve {
+namespace {
+
+constexpr const char* kHelp = R"(usage: sdserve bench [options]
+
+Times text encoding, UNet steps, sampler steps, VAE decoding and PNG encoding, batch-1 latency
+and images/s per batch size. Without --model it writes SD 1.5's architecture with seeded random
+fp16 weights to --work-dir first (same compute as the real checkpoint; not counted as start-up).
+
+  --model PATH          model to time (default: random-weight SD 1.5)
+  --work-dir DIR        where the random model is written (default /tmp/sdserve-bench)
+  --device D            auto | cpu | cuda | cuda:N (default auto)
+  --precision P         auto | fp32 | fp16 | bf16 (default auto)
+  --vae-precision P     auto | fp32 | fp16 | bf16 (default auto: fp32 under fp16)
+  --batches LIST        comma-separated batch sizes (default 1,2,4,8,16,32)
+  --steps N             (default 30)   --cfg X (default 7.5)   --sampler NAME (default euler)
+  --width N --height N  (default 512)
+  --repeats N           timed runs per measurement, median reported (default 3)
+  --no-cuda-graphs      run the UNet eagerly
+  --no-channels-last    keep NCHW convolutions
+  --json FILE           also write the report as JSON
+  --profile-batch N     CUDA: finally run one step and decode at batch N inside the CUDA
+                        profiler range (ncu --profile-from-start off ... --profile-batch N)
+)";
+
+std::vector<int> parse_list(const std::string& flag, const std::string& v) {
+  std::vector<int> out;
+  std::stringstream ss(v);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(parse_int_arg(flag, item, 1, 256));
+  if (out.empty()) throw UsageError(flag + " needs at least one batch size");
+  return out;
+}
+
+}  // namespace
+
+int run_bench(const std::vector<std::string>& args) {
+  bench::BenchOptions o;
+  o.process_start = process_start_time();
+  std::string json_path;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      std::cout << kHelp;
+      return 0;
+    }
+    if (a == "--no-cuda-graphs") {
+      o.load.cuda_graphs = false;
+      continue;
+    }
+    if (a == "--no-channels-last") {
+      o.load.channels_last = false;
+      continue;
+    }
+    if (i + 1 >= args.size()) throw UsageError(a + " needs a value");
+    const std::string& v = args[++i];
+    if (a == "--model")
+      o.model = v;
+    else if (a == "--work-dir")
+      o.work_dir = v;
+    else if (a == "--device")
+      o.load.device = v;
+    else if (a == "--precision")
+      o.load.precision = v;
+    else if (a == "--vae-precision")
+      o.load.vae_precision = v;
+    else if (a == "--batches")
+      o.batches = parse_list(a, v);
+    else if (a == "--steps")
+      o.steps = parse_int_arg(a, v, 1, 150);
+    else if (a == "--cfg")
+      o.guidance_scale = parse_double_arg(a, v, 0, 30);
+    else if (a == "--sampler")
+      o.sampler = v;
+    else if (a == "--width")
+      o.width = parse_int_arg(a, v, 64, 2048);
+    else if (a == "--height")
+      o.height = parse_int_arg(a, v, 64, 2048);
+    else if (a == "--repeats")
+      o.repeats = parse_int_arg(a, v, 1, 100);
+    else if (a == "--json")
+      json_path = v;
+    else if (a == "--profile-batch")
+      o.profile_batch = parse_int_arg(a, v, 1, 256);
+    else
+      throw UsageError("unknown option '" + a + "'");
+  }
+  setup_logging("warn");
+  const auto report =
+      bench::run_bench(o, [](const std::string& s) { std::cerr << "bench: " << s << "\n"; });
+  std::cout << report.to_table();
+  if (!json_path.empty()) {
+    std::ofstream(json_path) << report.to_json() << "\n";
+    std::cerr << "bench: wrote " << json_path << "\n";
+  }
+  return 0;
+}
+
+}  // namespace sdserve

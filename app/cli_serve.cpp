@@ -1,0 +1,109 @@
+// `sdserve serve`: configuration, model, engine, and the HTTP/WebSocket server around them.
+#include <spdlog/spdlog.h>
+#include <algorithm>
+
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+
+#include "app/cli.h"
+#include "cache/embedding_cache.h"
+#include "config/config.h"
+#include "engine/engine.h"
+#include "pipeline/pipeline.h"
+#include "server/logging.h"
+#include "server/server.h"
+
+namespace sdserve {
+namespace {
+
+engine::EngineOptions engine_options(const config::ServiceConfig& c) {
+  engine::EngineOptions o;
+  o.max_queue = c.max_queue;
+  o.max_batch = c.max_batch;
+  o.batch_buckets = c.batch_buckets;
+  o.default_timeout_s = c.default_timeout_s;
+  o.max_timeout_s = c.max_timeout_s;
+  o.result_ttl_s = c.result_ttl_s;
+  o.result_max_bytes = static_cast<uint64_t>(c.result_max_mb) << 20;
+  return o;
+}
+
+}  // namespace
+
+int run_serve(const std::vector<std::string>& args) {
+  config::Loaded loaded;
+  try {
+    loaded = config::load(args, config::process_environment());
+  } catch (const config::ConfigError& e) {
+    throw UsageError(e.what());
+  }
+  if (loaded.help) {
+    std::cout << config::help_text();
+    return 0;
+  }
+  const config::ServiceConfig& cfg = loaded.config;
+  setup_logging(cfg.log_level, cfg.log_format);
+  spdlog::info("sdserve {} starting", SDSERVE_VERSION);
+  if (!loaded.config_file.empty()) spdlog::info("config file: {}", loaded.config_file);
+  spdlog::debug("configuration: {}", config::to_json(cfg));
+
+  std::string model_path = cfg.model;
+  if (model_path.empty()) {
+    model_path = pipeline::bundled_model_path();
+    spdlog::info("no --model given: using the bundled tiny model at {} (for tests and demos only)",
+                 model_path);
+  }
+
+  // Listen first: /healthz answers and /readyz says 503 while the model loads.
+  server::Server server(cfg);
+  server.start();
+
+  pipeline::LoadOptions load;
+  load.device = cfg.device;
+  load.precision = cfg.precision;
+  // Buckets are counted in images; a UNet batch has one row per image, two with guidance.
+  load.batch_buckets.clear();
+  for (int b : cfg.batch_buckets)
+    for (int rows : {b, 2 * b})
+      if (std::find(load.batch_buckets.begin(), load.batch_buckets.end(), rows) ==
+          load.batch_buckets.end())
+        load.batch_buckets.push_back(rows);
+  // One worker per GPU: with device "auto" and several GPUs, a copy of the model on each.
+  std::vector<std::string> devices = {cfg.device};
+  if (cfg.device == "auto" && pipeline::cuda_device_count() > 1) {
+    devices.clear();
+    for (int i = 0; i < pipeline::cuda_device_count(); ++i)
+      devices.push_back("cuda:" + std::to_string(i));
+  }
+  std::vector<std::shared_ptr<pipeline::Model>> models;
+  for (const auto& device : devices) {
+    load.device = device;
+    models.push_back(pipeline::Model::load(model_path, load));
+    const auto& info = models.back()->info();
+    spdlog::info("model {} ({}, {}) on {} in {}, loaded in {:.1f} s", info.name, info.family,
+                 info.layout, info.device, info.precision, info.load_seconds);
+  }
+  const auto model = models.front();
+
+  if (!server.stop_requested()) {
+    std::shared_ptr<engine::Engine> engine = engine::Engine::create(
+        engine_options(cfg), models, std::make_shared<cache::PassThroughCache>());
+    server.set_backend(engine, model);
+    // Jobs queue during warm-up; /readyz turns ready once it has worked everywhere.
+    while (!server.stop_requested() && !engine->warm_up_done())
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (const std::string error = engine->warm_up_error(); !error.empty()) {
+      spdlog::error("warm-up failed: {}; the model cannot run here, exiting", error);
+      server.shutdown();
+      return 1;
+    }
+    spdlog::info("accepting jobs (max_queue {}, max_batch {})", cfg.max_queue, cfg.max_batch);
+  }
+  server.wait_for_stop();
+  server.shutdown();
+  return 0;
+}
+
+}  // namespace sdserve

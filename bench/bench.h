@@ -1,0 +1,62 @@
+// The benchmark behind `sdserve bench`: full-size SD 1.5 (seeded random weights written to a
+// diffusers folder first, so start-up includes reading real-size weights) or a given model,
+// timed per phase and end to end. Torch-free header.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "pipeline/pipeline.h"
+
+namespace sdserve::bench {
+
+struct BenchOptions {
+  std::string model;  // empty: random-weight SD 1.5 written under work_dir
+  std::string work_dir = "/tmp/sdserve-bench";
+  pipeline::LoadOptions load;
+  int width = 512, height = 512, steps = 30;
+  double guidance_scale = 7.5;
+  std::string sampler = "euler";
+  std::vector<int> batches = {1, 2, 4, 8, 16, 32};
+  int repeats = 3;  // timed runs per batch size (the median is reported)
+  // CUDA: when > 0, after the timings, one step at this batch size (and its VAE decode) inside
+  // the CUDA profiler range, for `ncu --profile-from-start off`.
+  int profile_batch = 0;
+  std::chrono::steady_clock::time_point process_start = std::chrono::steady_clock::now();
+};
+
+struct BenchBatch {
+  int batch = 0;
+  double seconds = 0;  // one request of `batch` images: encode + steps + VAE decode
+  double images_per_s = 0;
+  double it_per_s = 0;       // denoising steps per second (of the whole batch)
+  double unet_step_ms = 0;   // one UNet call (profiled run)
+  double vae_decode_ms = 0;  // the whole batch
+  uint64_t peak_allocated = 0, peak_reserved = 0;
+};
+
+struct BenchReport {
+  std::string device, device_name, precision, torch_version, model;
+  int width = 0, height = 0, steps = 0;
+  double guidance_scale = 0;
+  std::string sampler;
+  double write_model_s = 0;             // random weights generated and written (not start-up)
+  double load_s = 0;                    // Model::load
+  double startup_to_first_image_s = 0;  // process start -> first image decoded
+  // batch-1 phases, milliseconds (medians)
+  double tokenize_ms = 0, text_encode_ms = 0, unet_step_ms = 0, sampler_step_ms = 0,
+         vae_decode_ms = 0, png_encode_ms = 0;
+  double batch1_seconds_per_image = 0, batch1_it_per_s = 0;
+  std::vector<BenchBatch> batches;
+
+  std::string to_json() const;
+  std::string to_table() const;
+};
+
+BenchReport run_bench(const BenchOptions& options,
+                      const std::function<void(const std::string&)>& progress = {});
+
+}  // namespace sdserve::bench

@@ -1,0 +1,35 @@
+// Turns the user's --model path into configs and per-component weight sources, for both layouts
+// SD 1.x models come in:
+//  - a diffusers folder: model_index.json; unet/, vae/, text_encoder/ (config.json + weights);
+//    tokenizer/ (vocab.json, merges.txt); scheduler/scheduler_config.json;
+//  - an original-layout (A1111 / civitai) single .safetensors file, whose configs are inferred
+//    from tensor shapes and whose tensors are renamed to the diffusers names.
+// Everything else (other families, pickle checkpoints, broken files) is refused with a
+// ModelError that names the file and says what to do.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "pipeline/io/tensor_io.h"
+
+namespace sdserve::pipeline {
+
+struct ModelFiles {
+  std::string path;    // as given
+  std::string layout;  // "diffusers" | "single-file"
+  std::string family;  // "sd1"
+  // diffusers / transformers config.json contents (inferred for a single file).
+  nlohmann::json unet_config, vae_config, text_encoder_config, scheduler_config;
+  std::string vocab_path, merges_path;
+  // Tensors under the names the modules register: diffusers names for the UNet and VAE,
+  // transformers' CLIPTextModel names without the "text_model." prefix for the text encoder.
+  // Stored dtypes are kept (fp32/fp16/bf16); load_weights converts.
+  WeightSource unet, vae, text_encoder;
+};
+
+// `default_tokenizer_dir` holds vocab.json and merges.txt for single files, which carry no
+// tokenizer (SD 1.x always uses CLIP ViT-L/14's). Throws ModelError.
+ModelFiles open_model_files(const std::string& path, const std::string& default_tokenizer_dir);
+
+}  // namespace sdserve::pipeline

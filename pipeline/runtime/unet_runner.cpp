@@ -1,0 +1,122 @@
+#include "pipeline/runtime/unet_runner.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "pipeline/log.h"
+
+#ifdef SDSERVE_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace sdserve::pipeline {
+
+#ifdef SDSERVE_WITH_CUDA
+struct UNetRunner::Graphs {
+  struct Entry {
+    std::unique_ptr<at::cuda::CUDAGraph> graph;
+    torch::Tensor x, t, ctx, out;  // static buffers the graph reads and writes
+  };
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, Entry> entries;  // rows, h, w, L
+  // Shared by all graphs: only one replays at a time. (The pool id's type moved between torch
+  // versions; take it from the API.)
+  decltype(std::declval<at::cuda::CUDAGraph&>().pool()) pool{0, 0};
+};
+#else
+struct UNetRunner::Graphs {
+  size_t size() const { return 0; }
+};
+#endif
+
+UNetRunner::UNetRunner(UNet unet, torch::Device device, torch::Dtype dtype,
+                       UNetRunnerOptions options)
+    : unet_(std::move(unet)),
+      device_(device),
+      dtype_(dtype),
+      options_(std::move(options)),
+      graphs_(std::make_unique<Graphs>()) {
+  std::sort(options_.buckets.begin(), options_.buckets.end());
+  if (device_.is_cuda() && options_.fuse_projections)
+    for (auto& m : unet_->modules(/*include_self=*/false))
+      if (auto* attention = m->as<AttentionImpl>()) attention->fuse_projections();
+  if (device_.is_cuda() && options_.channels_last) {
+    // cuDNN's fastest fp16 convolutions are NHWC; keep the weights that way once.
+    torch::NoGradGuard no_grad;
+    for (auto& p : unet_->parameters())
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+  }
+}
+
+UNetRunner::~UNetRunner() = default;
+
+int64_t UNetRunner::bucket_for(int64_t rows) const {
+  for (int64_t b : options_.buckets)
+    if (b >= rows) return b;
+  return rows;
+}
+
+size_t UNetRunner::graphs_captured() const {
+#ifdef SDSERVE_WITH_CUDA
+  return graphs_->entries.size();
+#else
+  return 0;
+#endif
+}
+
+torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor& t_in,
+                                  const torch::Tensor& ctx_in) {
+  torch::NoGradGuard no_grad;
+  const bool cuda = device_.is_cuda();
+  auto x = x_in;
+  if (cuda && options_.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+#ifdef SDSERVE_WITH_CUDA
+  if (cuda && options_.cuda_graphs) {
+    const int64_t rows = x.size(0);
+    const int64_t padded = bucket_for(rows);
+    const auto key = std::make_tuple(padded, x.size(2), x.size(3), ctx_in.size(1));
+    auto it = graphs_->entries.find(key);
+    if (it == graphs_->entries.end()) {
+      Graphs::Entry e;
+      e.x = torch::zeros({padded, x.size(1), x.size(2), x.size(3)}, x.options());
+      if (options_.channels_last) e.x = e.x.contiguous(torch::MemoryFormat::ChannelsLast);
+      e.t = torch::zeros({padded}, t_in.options());
+      e.ctx = torch::zeros({padded, ctx_in.size(1), ctx_in.size(2)}, ctx_in.options());
+      e.x.narrow(0, 0, rows).copy_(x);
+      e.t.narrow(0, 0, rows).copy_(t_in);
+      e.ctx.narrow(0, 0, rows).copy_(ctx_in);
+      // Warm up on a side stream (cuDNN picks its algorithms here), then capture.
+      const auto t0 = std::chrono::steady_clock::now();
+      auto stream = c10::cuda::getStreamFromPool(false, device_.index());
+      {
+        c10::cuda::CUDAStreamGuard guard(stream);
+        for (int i = 0; i < 2; ++i) unet_->forward(e.x, e.t, e.ctx);
+        e.graph = std::make_unique<at::cuda::CUDAGraph>();
+        e.graph->capture_begin(graphs_->pool);
+        e.out = unet_->forward(e.x, e.t, e.ctx);
+        e.graph->capture_end();
+        graphs_->pool = e.graph->pool();
+      }
+      stream.synchronize();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      log(LogLevel::kInfo, "captured a CUDA graph for UNet batch " + std::to_string(padded) +
+                               " at " + std::to_string(x.size(3) * 8) + "x" +
+                               std::to_string(x.size(2) * 8) + " in " +
+                               std::to_string(static_cast<int>(ms)) + " ms");
+      it = graphs_->entries.emplace(key, std::move(e)).first;
+    }
+    auto& e = it->second;
+    e.x.narrow(0, 0, rows).copy_(x);
+    e.t.narrow(0, 0, rows).copy_(t_in);
+    e.ctx.narrow(0, 0, rows).copy_(ctx_in);
+    e.graph->replay();
+    // The graph overwrites `out` on its next replay, so hand the caller its own copy.
+    return e.out.narrow(0, 0, rows).clone();
+  }
+#endif
+  return unet_->forward(x, t_in, ctx_in);
+}
+
+}  // namespace sdserve::pipeline

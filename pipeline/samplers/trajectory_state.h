@@ -1,0 +1,36 @@
+// Torch-side state behind the public Embedding and Trajectory handles (internal header).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+
+#include "pipeline/pipeline.h"
+#include "pipeline/samplers/sampler.h"
+
+namespace sdserve::pipeline {
+
+class Embedding {
+ public:
+  explicit Embedding(torch::Tensor hidden) : hidden_(std::move(hidden)) {}
+  const torch::Tensor& hidden() const { return hidden_; }  // (1, 77, D), compute dtype, on device
+
+ private:
+  torch::Tensor hidden_;
+};
+
+struct Trajectory::State {
+  ImageSpec spec;
+  std::unique_ptr<Sampler> sampler;
+  at::Generator generator;  // CPU, seeded spec.seed: the initial noise and ancestral noise
+  EmbeddingPtr cond;
+  EmbeddingPtr uncond;   // null when guidance_scale <= 1
+  torch::Tensor latent;  // (1, C, h, w) float32 on the device; samplers run in float32
+  int evals_done = 0;
+  // The last evaluation's scaled model input and guided noise prediction (previews).
+  torch::Tensor last_input;
+  torch::Tensor last_eps;
+  double last_timestep = 0;
+};
+
+}  // namespace sdserve::pipeline

@@ -1,0 +1,62 @@
+#include "pipeline/validate.h"
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "pipeline/errors.h"
+#include "pipeline/sampler_names.h"
+
+namespace sdserve::pipeline {
+
+std::string rule(const std::string& field, int text_layers) {
+  using L = Limits;
+  const auto range = [](auto lo, auto hi) {
+    return " between " + nlohmann::json(lo).dump() + " and " + nlohmann::json(hi).dump();
+  };
+  if (field == "width" || field == "height")
+    return field + " must be a multiple of " + std::to_string(L::kSideMultiple) +
+           range(L::kMinSide, L::kMaxSide);
+  if (field == "steps") return "steps must be an integer" + range(1, L::kMaxSteps);
+  if (field == "guidance_scale")
+    return "guidance_scale must be a number" + range(0, static_cast<int>(L::kMaxGuidanceScale));
+  if (field == "num_images") return "num_images must be an integer" + range(1, L::kMaxImages);
+  if (field == "clip_skip") return "clip_skip must be an integer" + range(1, text_layers);
+  if (field == "sampler") return "sampler must be a string naming one of " + known_sampler_list();
+  if (field == "scheduler") return "scheduler must be one of normal, karras";
+  return field + " is invalid";
+}
+
+std::string got(long long value) {
+  return " (got " + std::to_string(value) + ")";
+}
+
+std::string got(double value) {
+  return " (got " + (std::isfinite(value) ? nlohmann::json(value).dump() : "not finite") + ")";
+}
+
+void validate(const ImageSpec& spec) {
+  using L = Limits;
+  for (const auto& [field, side] : {std::pair{"width", spec.width}, {"height", spec.height}})
+    if (side < L::kMinSide || side > L::kMaxSide || side % L::kSideMultiple != 0)
+      throw RequestError(field, rule(field) + got(static_cast<long long>(side)));
+  if (spec.steps < 1 || spec.steps > L::kMaxSteps)
+    throw RequestError("steps", rule("steps") + got(static_cast<long long>(spec.steps)));
+  if (!(spec.guidance_scale >= 0 && spec.guidance_scale <= L::kMaxGuidanceScale))
+    throw RequestError("guidance_scale", rule("guidance_scale") + got(spec.guidance_scale));
+  const SamplerChoice choice = resolve_sampler(spec.sampler, spec.scheduler);
+  if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)
+    throw RequestError("sampler", "sampler '" + spec.sampler + "' / scheduler '" + spec.scheduler +
+                                      "' must be canonical (use resolve_sampler first)");
+}
+
+void validate(const GenerateRequest& request, int text_layers) {
+  validate(request.image);
+  if (request.num_images < 1 || request.num_images > Limits::kMaxImages)
+    throw RequestError("num_images",
+                       rule("num_images") + got(static_cast<long long>(request.num_images)));
+  if (request.clip_skip < 1 || request.clip_skip > text_layers)
+    throw RequestError("clip_skip", rule("clip_skip", text_layers) +
+                                        got(static_cast<long long>(request.clip_skip)));
+}
+
+}  // namespace sdserve::pipeline

@@ -1,0 +1,33 @@
+// The request limits and the one place they are checked. Torch-free; the server's JSON layer uses
+// rule() for its type errors, the engine calls validate() when a job is submitted, the model
+// calls it again before it runs an image (the same function, as a precondition).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "pipeline/pipeline.h"
+
+namespace sdserve::pipeline {
+
+struct Limits {
+  static constexpr int kMinSide = 64, kMaxSide = 2048, kSideMultiple = 8;
+  static constexpr int kMaxSteps = 150;
+  static constexpr double kMaxGuidanceScale = 30;
+  static constexpr int kMaxImages = 16;
+};
+
+// The sentence an error about `field` starts with, e.g. "width must be a multiple of 8 between 64
+// and 2048". `text_layers` bounds clip_skip (the model's; SD 1.x has 12).
+std::string rule(const std::string& field, int text_layers = 12);
+
+// Each throws RequestError naming the first field that is out of range.
+void validate(const ImageSpec& spec);  // width, height, steps, guidance_scale, sampler, scheduler
+// + num_images and clip_skip (1..text_layers, the model's text-encoder depth).
+void validate(const GenerateRequest& request, int text_layers);
+
+// " (got 65)": the rejected value, for messages.
+std::string got(long long value);
+std::string got(double value);
+
+}  // namespace sdserve::pipeline
