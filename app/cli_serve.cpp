@@ -94,11 +94,15 @@ int run_serve(const std::vector<std::string>& args) {
     // Jobs queue during warm-up; /readyz turns ready once it has worked everywhere.
     while (!server.stop_requested() && !engine->warm_up_done())
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    if (const std::string error = engine->warm_up_error(); !error.empty()) {
-      spdlog::error("warm-up failed: {}; the model cannot run here, exiting", error);
+    if (!server.stop_requested() && !engine->ready()) {
+      spdlog::error("warm-up failed on every device ({}); the model cannot run here, exiting",
+                    engine->warm_up_error());
       server.shutdown();
       return 1;
     }
+    for (const auto& w : engine->workers())
+      if (w.state == "failed")
+        spdlog::error("worker on {} failed its warm-up and takes no jobs: {}", w.device, w.error);
     spdlog::info("accepting jobs (max_queue {}, max_batch {})", cfg.max_queue, cfg.max_batch);
   }
   server.wait_for_stop();

@@ -60,6 +60,13 @@ class Unavailable : public std::runtime_error {
 // backtrace with addresses), at most 500 bytes. The whole text goes to the log.
 std::string public_error(const std::string& what);
 
+// One worker (one device) as /readyz reports it.
+struct WorkerStatus {
+  std::string device;                // "cuda:0", "cpu"
+  std::string state = "warming_up";  // "warming_up" | "ready" | "failed"
+  std::string error;                 // why, when failed
+};
+
 enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kEvicted };
 
 struct ImageResult {
@@ -110,8 +117,11 @@ class Engine {
   void unsubscribe(const std::string& id, uint64_t token);
 
   EngineStats stats() const;
-  bool ready() const;  // every worker warmed up successfully
-  // Empty while warm-up goes well; else why a worker's warm-up failed (that worker takes no jobs).
+  // At least one worker warmed up and the engine is not shutting down. A worker whose warm-up
+  // failed takes no jobs; the others serve.
+  bool ready() const;
+  std::vector<WorkerStatus> workers() const;
+  // Empty while warm-up goes well; else the first failure, "device: why".
   std::string warm_up_error() const;
   // True once every worker has either warmed up or failed to.
   bool warm_up_done() const;

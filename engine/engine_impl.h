@@ -42,6 +42,7 @@ struct JobState {
   std::string error;
   std::map<uint64_t, EventCallback> subscribers;
   int preview_seq = 0;
+  std::vector<int> last_preview;  // per image: evaluations of the newest preview sent
 };
 
 // A unit of work for the encoder thread (PNG/JPEG encoding stays off the GPU thread).
@@ -68,8 +69,9 @@ struct Engine::Impl {
   bool cancel_all = false;  // shutdown deadline passed
   bool threads_exit = false;
   int workers_warm = 0;
-  int workers_failed = 0;     // warm-up threw: the worker takes no jobs
-  std::string warm_up_error;  // the first such failure
+  int workers_failed = 0;                   // warm-up threw: the worker takes no jobs
+  std::string warm_up_error;                // the first such failure
+  std::vector<WorkerStatus> worker_status;  // one per model, in order
   uint64_t next_token = 1;
 
   // Events go through one FIFO and one dispatcher thread, so every subscriber sees a job's
@@ -86,7 +88,7 @@ struct Engine::Impl {
 
   std::vector<std::thread> workers;
   std::thread dispatcher;
-  std::thread encoder;
+  std::vector<std::thread> encoders;
 
   Impl(const EngineOptions& o)
       : results(std::chrono::duration<double>(o.result_ttl_s), o.result_max_bytes) {}

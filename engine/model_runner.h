@@ -1,6 +1,7 @@
 // What the engine's workers need of a model, as an interface: the pipeline implements it
 // (pipeline_runner), and the engine's tests put a fake behind it to make every step of a job fail
-// on purpose. Torch-free; an implementation is used by one worker thread at a time.
+// on purpose. Torch-free. A worker's thread calls everything but decode(), which its decoder
+// thread calls, concurrently with step(): an implementation must allow that pair.
 #pragma once
 
 #include <memory>

@@ -1,13 +1,17 @@
 // One worker per device: a thread running step-level continuous batching over an active set of
 // images. Each turn: retire() images of cancelled jobs, admit() queued images up to max_batch
-// (one resolution per set), prepare() them (prompt embeddings, one ImageRun each), step() them
+// (of any resolution), prepare() them (prompt embeddings, one ImageRun each), step() them
 // all in one model call, publish() progress and previews, finish() the images that are done
-// (decode here, PNG encoding on the engine's encoder thread). A failure in any phase ends the jobs
-// it touched, never the thread.
+// (VAE decode on this worker's decoder thread, PNG encoding on the engine's encoder threads). One
+// UNet call holds one resolution: when the set holds several, the turns go round them. A failure in
+// any phase ends the jobs it touched, never the thread.
 #pragma once
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -18,7 +22,7 @@ namespace sdserve::engine {
 
 class Worker {
  public:
-  Worker(Engine::Impl& engine, ModelRunner& model);
+  Worker(Engine::Impl& engine, ModelRunner& model, size_t index);
   // The thread body: warm-up, then turns until the engine says exit.
   void run();
 
@@ -28,6 +32,7 @@ class Worker {
     int index = 0;  // image k of the job
     std::unique_ptr<ImageRun> run;
     pipeline::EmbeddingPtr cond, uncond;  // shared by the job's images on this worker
+    bool stepped = false;                 // in this turn's UNet call
   };
   using Admission = std::pair<std::shared_ptr<JobState>, int>;  // (job, image index)
 
@@ -37,17 +42,29 @@ class Worker {
   bool retire_and_admit(std::vector<Admission>* admitted);
   void admit(std::unique_lock<std::mutex>& lock, std::vector<Admission>* admitted);
   void prepare(const std::vector<Admission>& admitted);
+  std::pair<int, int> next_resolution();  // (width, height) of this turn's UNet call
   bool step();
   void publish();
   void send_previews();
   void finish();
+  void decoder_loop();
+  void decode(std::vector<Active> finished);
   void fail(const std::vector<std::shared_ptr<JobState>>& jobs, const std::string& error);
   pipeline::EmbeddingPtr embed(const std::string& prompt, int clip_skip);
 
   Engine::Impl& engine_;
   ModelRunner& model_;
+  const size_t index_;  // in Engine::Impl::models and worker_status
   const std::string device_;
   std::vector<Active> active_;
+  std::pair<int, int> last_resolution_{0, 0};
+
+  // Finished images wait here for the decoder thread (VAE decode overlaps the next UNet calls).
+  std::thread decoder_;
+  std::mutex decode_mutex_;
+  std::condition_variable decode_cv_;
+  std::vector<Active> to_decode_;  // guarded by decode_mutex_
+  bool decode_exit_ = false;       // guarded by decode_mutex_
 };
 
 }  // namespace sdserve::engine

@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include <optional>
+
 #include "pipeline/bench_support.h"
 #include "pipeline/io/tokenizer.h"
 #include "pipeline/nn/clip.h"
@@ -29,6 +31,11 @@ struct Model::Impl {
   double vae_scaling_factor = 0.18215;
   SchedulerConfig scheduler;
   std::vector<double> alphas_cumprod;  // for previews' predicted clean latent
+  // CUDA: a stream for decode() alone (not from torch's pool, which CUDA graph capture draws on).
+  std::optional<c10::Stream> decode_stream;
+  // CUDA: an at::cuda::CUDAEvent recorded after each step (type-erased: this header is also
+  // compiled without SDSERVE_WITH_CUDA).
+  std::shared_ptr<void> step_done;
 
   // Decoded images as float (B, 3, H, W) in [0, 1] on the CPU (parity tests compare these).
   torch::Tensor decode_float(const std::vector<Trajectory*>& batch);

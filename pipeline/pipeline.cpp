@@ -13,6 +13,12 @@
 #include "pipeline/runtime/device.h"
 #include "pipeline/sampler_names.h"
 #include "pipeline/samplers/schedule.h"
+
+#ifdef SDSERVE_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 #include "pipeline/validate.h"
 
 namespace sdserve::pipeline {
@@ -131,6 +137,14 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
                      impl->device.str() + "; use fp32 (or auto) on the CPU");
   impl->dtype = torch_dtype(precision);
   if (impl->device.is_cuda()) configure_cuda_for_inference(precision != Precision::kFloat32);
+#ifdef SDSERVE_WITH_CUDA
+  if (impl->device.is_cuda()) {
+    c10::cuda::CUDAGuard guard(impl->device);
+    cudaStream_t stream = nullptr;
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    impl->decode_stream = c10::cuda::getStreamFromExternal(stream, impl->device.index());
+  }
+#endif
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
                                         ? bundled_model_path() + "/tokenizer"
                                         : options.default_tokenizer_dir;
@@ -240,9 +254,24 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
   return std::make_unique<Trajectory>(std::move(state));
 }
 
+#ifdef SDSERVE_WITH_CUDA
+namespace {
+at::cuda::CUDAEvent& step_event(Model::Impl& impl) {
+  if (!impl.step_done) impl.step_done = std::make_shared<at::cuda::CUDAEvent>();
+  return *std::static_pointer_cast<at::cuda::CUDAEvent>(impl.step_done);
+}
+}  // namespace
+#endif
+
 void Model::step(const std::vector<Trajectory*>& batch) const {
   if (batch.empty()) return;
   torch::NoGradGuard no_grad;
+#ifdef SDSERVE_WITH_CUDA
+  // Launches are asynchronous: without a bound the host queues steps far ahead of the device,
+  // progress events run ahead of the pixels, and a decode waits for the whole backlog. Wait for
+  // the previous step here, so one step runs while the host prepares the next.
+  if (impl_->device.is_cuda()) step_event(*impl_).synchronize();
+#endif
   using SteadyClock = std::chrono::steady_clock;
   const bool profile = impl_->profiling;
   auto mark = SteadyClock::now();
@@ -298,6 +327,9 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
     s.latent = s.sampler->step(eps, s.evals_done, s.latent, s.generator);
     ++s.evals_done;
   }
+#ifdef SDSERVE_WITH_CUDA
+  if (impl_->device.is_cuda()) step_event(*impl_).record();
+#endif
   if (profile) {
     prof.sampler_ms = lap();
     impl_->last_profile = prof;
@@ -324,7 +356,19 @@ torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
 
 std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {
   if (batch.empty()) return {};
-  if (impl_->device.is_cuda()) return to_rgb8(impl_->decode_float(batch));
+#ifdef SDSERVE_WITH_CUDA
+  if (impl_->device.is_cuda()) {
+    // The engine decodes on a second thread while the worker steps the UNet: on a stream of its
+    // own the VAE overlaps the UNet. The device first finishes what the stepping thread (on the
+    // default stream) queued so far, so the latents are final.
+    const c10::cuda::CUDAStream side(c10::cuda::CUDAStream::UNCHECKED, *impl_->decode_stream);
+    at::cuda::CUDAEvent ready;
+    ready.record(c10::cuda::getDefaultCUDAStream(impl_->device.index()));
+    ready.block(side);
+    c10::cuda::CUDAStreamGuard guard(side);
+    return to_rgb8(impl_->decode_float(batch));
+  }
+#endif
   // On the CPU, decoding images one at a time keeps an image's bytes independent of what
   // finished beside it (a batched convolution may round differently); the GPU batches for speed.
   std::vector<RgbImage> out;

@@ -245,9 +245,21 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       const auto e = ctx.engine();
       if (ctx.shutting_down())
         return json_response(http::status::service_unavailable, {{"status", "shutting_down"}}, req);
-      if (!e || !e->ready())
-        return json_response(http::status::service_unavailable, {{"status", "loading"}}, req);
-      return json_response(http::status::ok, {{"status", "ready"}}, req);
+      if (!e) return json_response(http::status::service_unavailable, {{"status", "loading"}}, req);
+      // Each device's worker, so an operator sees which GPU failed its warm-up.
+      Json workers = Json::array();
+      bool any_warming = false;
+      for (const auto& w : e->workers()) {
+        Json one = {{"device", w.device}, {"state", w.state}};
+        if (!w.error.empty()) one["error"] = w.error;
+        workers.push_back(one);
+        any_warming = any_warming || w.state == "warming_up";
+      }
+      if (e->ready())
+        return json_response(http::status::ok, {{"status", "ready"}, {"workers", workers}}, req);
+      return json_response(
+          http::status::service_unavailable,
+          {{"status", any_warming ? "loading" : "unavailable"}, {"workers", workers}}, req);
     }
     case Route::kMetrics: {
       const auto e = ctx.engine();

@@ -32,9 +32,9 @@ class FakeRun : public ImageRun {
 // atomics say which call fails next (-1: none).
 class FakeRunner : public ModelRunner {
  public:
-  FakeRunner() {
+  explicit FakeRunner(const std::string& device = "cpu") {
     info_.name = "fake";
-    info_.device = "cpu";
+    info_.device = device;
     info_.native_size = 64;
   }
   const pipeline::ModelInfo& info() const override { return info_; }
@@ -58,6 +58,7 @@ class FakeRunner : public ModelRunner {
           "CUDA out of memory.\nException raised from malloc at alloc.cpp:1 (most recent call "
           "first):\nframe #0: 0x7f00deadbeef");
     }
+    if (step_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(step_ms.load()));
     for (ImageRun* r : batch) ++static_cast<FakeRun*>(r)->done_;
   }
   std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) override {
@@ -84,6 +85,7 @@ class FakeRunner : public ModelRunner {
   std::atomic<int> begins{0};
   std::atomic<int> fail_steps{0}, fail_decodes{0}, bad_images{0};
   std::atomic<bool> fail_warm_up{false};
+  std::atomic<int> step_ms{0};  // how long a step takes
 
  private:
   pipeline::ModelInfo info_;
@@ -184,6 +186,52 @@ TEST(EngineFaults, FailedWarmUpIsNotReadyAndRefusesJobs) {
   EXPECT_FALSE(engine->ready());
   EXPECT_NE(engine->warm_up_error().find("no device here"), std::string::npos);
   EXPECT_THROW(engine->submit(request("never")), Unavailable);
+}
+
+// Two devices, one of which cannot warm up: the service is ready on the other, says which device
+// failed, and never gives the broken one a job.
+TEST(EngineFaults, OneFailedWorkerOfTwoTakesNoJobs) {
+  auto broken = std::make_shared<FakeRunner>("cuda:0");
+  auto healthy = std::make_shared<FakeRunner>("cuda:1");
+  broken->fail_warm_up = true;
+  auto engine =
+      Engine::create(EngineOptions{}, std::vector<std::shared_ptr<ModelRunner>>{broken, healthy},
+                     std::make_shared<cache::PassThroughCache>());
+  wait_warm(*engine);
+  EXPECT_TRUE(engine->ready());
+  const auto workers = engine->workers();
+  ASSERT_EQ(workers.size(), 2u);
+  EXPECT_EQ(workers[0].device, "cuda:0");
+  EXPECT_EQ(workers[0].state, "failed");
+  EXPECT_NE(workers[0].error.find("no device here"), std::string::npos) << workers[0].error;
+  EXPECT_EQ(workers[1].state, "ready");
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(engine->submit(request("job", 2)).id);
+  for (const auto& id : ids) EXPECT_EQ(wait_final(*engine, id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(broken->begins.load(), 0);
+  EXPECT_EQ(healthy->begins.load(), 12);
+}
+
+// One UNet call holds one resolution; a job of another size no longer waits for the running set
+// to drain: the turns alternate, so a 3-step job finishes while a 150-step one still runs.
+TEST(EngineFaults, ShortJobOfAnotherResolutionRunsBesideALongOne) {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->step_ms = 5;
+  auto engine = make_engine(fake, 4);
+  wait_warm(*engine);
+  JobRequest long_job = request("long");
+  long_job.steps = 150;
+  const auto a = engine->submit(long_job);
+  for (int i = 0; i < 500 && engine->get(a.id)->status == JobStatus::kQueued; ++i)
+    std::this_thread::sleep_for(2ms);
+  JobRequest short_job = request("short");
+  short_job.width = short_job.height = 96;
+  const auto b = engine->submit(short_job);
+  EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
+  const auto long_now = engine->get(a.id);
+  EXPECT_EQ(long_now->status, JobStatus::kRunning);
+  EXPECT_LT(long_now->evaluations, 100);  // about 3-6 of its 150 turns have passed
+  EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
 }
 
 TEST(EngineFaults, SuccessfulWarmUpIsReady) {

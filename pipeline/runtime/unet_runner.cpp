@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <mutex>
 
 #include "pipeline/log.h"
 
@@ -92,8 +93,15 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
       {
         c10::cuda::CUDAStreamGuard guard(stream);
         for (int i = 0; i < 2; ++i) unet_->forward(e.x, e.t, e.ctx);
+        stream.synchronize();
+        // With one worker per GPU, another thread may allocate or synchronise while this one
+        // captures: thread-local capture mode keeps their calls from invalidating this capture
+        // (global mode failed every job on two GPUs), and one capture at a time in the process
+        // keeps library handles (cuBLAS workspaces) from being created inside two captures.
+        static std::mutex capture_mutex;
+        std::lock_guard<std::mutex> lock(capture_mutex);
         e.graph = std::make_unique<at::cuda::CUDAGraph>();
-        e.graph->capture_begin(graphs_->pool);
+        e.graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
         e.out = unet_->forward(e.x, e.t, e.ctx);
         e.graph->capture_end();
         graphs_->pool = e.graph->pool();
