@@ -9,6 +9,7 @@
 #include "engine/engine.h"
 #include "pipeline/image.h"
 #include "pipeline/io/tokenizer.h"
+#include "tests/random_text.h"
 
 namespace sdserve {
 namespace {
@@ -92,21 +93,10 @@ const pipeline::ClipTokenizer& tokenizer() {
   return tok;
 }
 
-std::string random_text(size_t words, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::string s;
-  for (size_t w = 0; w < words; ++w) {
-    const size_t len = 1 + rng() % 12;
-    for (size_t i = 0; i < len; ++i) s += static_cast<char>('a' + rng() % 26);
-    s += rng() % 7 == 0 ? ", " : " ";
-  }
-  return s;
-}
-
 TEST(TokenizerBounds, BoundedCallIsThePrefixOfTheWholeTokenization) {
   const auto& tok = tokenizer();
   for (uint32_t seed = 1; seed <= 5; ++seed) {
-    const std::string text = random_text(3000, seed);  // ~20 KB: several chunks
+    const std::string text = test::random_words(3000, seed);  // ~20 KB: several chunks
     const auto all = tok.tokenize(text);
     ASSERT_GT(all.size(), 200u);
     for (size_t limit : {0u, 1u, 2u, 75u, 150u}) {

@@ -1,6 +1,7 @@
 #include "harness.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket.hpp>
+#include <cerrno>
 #include <cstring>
 #include <regex>
 #include <sstream>
@@ -39,13 +41,12 @@ std::vector<std::string> child_env(const std::map<std::string, std::string>& ext
   return env;
 }
 
-// fork + exec with stdout and stderr on one pipe; returns the pid and the pipe's read end.
-std::pair<pid_t, int> spawn(const std::vector<std::string>& args,
+// fork + exec of argv_s (the program's path first) with stdout and stderr on one pipe; returns
+// the pid and the pipe's read end.
+std::pair<pid_t, int> spawn(const std::vector<std::string>& argv_s,
                             const std::map<std::string, std::string>& extra_env) {
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
-  std::vector<std::string> argv_s = {SDSERVE_BINARY, "serve"};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
   const auto env_s = child_env(extra_env);
   std::vector<char*> argv, envp;
   for (auto& a : argv_s) argv.push_back(const_cast<char*>(a.c_str()));
@@ -70,7 +71,8 @@ std::pair<pid_t, int> spawn(const std::vector<std::string>& args,
 // ServerProcess
 
 ServerProcess::ServerProcess(std::vector<std::string> args, bool wait_ready) {
-  std::vector<std::string> all = {"--host", "127.0.0.1", "--port", "0", "--device", "cpu"};
+  std::vector<std::string> all = {SDSERVE_BINARY, "serve", "--host",   "127.0.0.1",
+                                  "--port",       "0",     "--device", "cpu"};
   all.insert(all.end(), args.begin(), args.end());
   std::tie(pid_, out_fd_) = spawn(all, {});
   reader_ = std::thread([this] { read_output(); });
@@ -150,17 +152,42 @@ std::optional<int> ServerProcess::wait_exit(seconds timeout) {
   return std::nullopt;
 }
 
-std::pair<int, std::string> run_to_exit(const std::vector<std::string>& args,
-                                        const std::map<std::string, std::string>& env) {
-  auto [pid, fd] = spawn(args, env);
+std::pair<int, std::string> run_program(const std::vector<std::string>& argv,
+                                        const std::map<std::string, std::string>& env,
+                                        seconds timeout) {
+  auto [pid, fd] = spawn(argv, env);
   std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  bool killed = false;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          deadline - std::chrono::steady_clock::now())
+                          .count();
+    if (left <= 0) {
+      kill(pid, SIGKILL);
+      killed = true;
+      break;
+    }
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(left)) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
   close(fd);
   int status = 0;
   waitpid(pid, &status, 0);
+  if (killed) return {-1, out};
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+std::pair<int, std::string> run_to_exit(const std::vector<std::string>& args,
+                                        const std::map<std::string, std::string>& env) {
+  std::vector<std::string> argv = {SDSERVE_BINARY, "serve"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_program(argv, env, seconds(120));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -61,6 +61,11 @@ class ServerProcess {
   bool eof_ = false;
 };
 
+// Runs a program (argv[0] its path) with our environment minus SDSERVE_* plus `env`, killed after
+// `timeout`: its exit status (-1 when it had to be killed) and stdout+stderr.
+std::pair<int, std::string> run_program(const std::vector<std::string>& argv,
+                                        const std::map<std::string, std::string>& env,
+                                        seconds timeout);
 // Runs `sdserve serve ARGS` to completion (for start-up errors): exit status and output.
 std::pair<int, std::string> run_to_exit(const std::vector<std::string>& args,
                                         const std::map<std::string, std::string>& env = {});

@@ -83,56 +83,6 @@ class TempDir {
   fs::path path_;
 };
 
-// Runs `sdserve ARGS` (any sub-command; harness.h's run_to_exit only runs `serve`) with the
-// environment minus SDSERVE_*; killed after `timeout`. Returns the exit status (-1 when it had
-// to be killed) and stdout+stderr.
-std::pair<int, std::string> run_sdserve(const std::vector<std::string>& args, seconds timeout) {
-  int fds[2];
-  if (pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
-  std::vector<std::string> argv_s = {SDSERVE_BINARY};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  std::vector<std::string> env_s;
-  for (char** e = environ; e && *e; ++e)
-    if (std::strncmp(*e, "SDSERVE_", 8) != 0) env_s.emplace_back(*e);
-  std::vector<char*> argv, envp;
-  for (auto& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  for (auto& e : env_s) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  const pid_t pid = fork();
-  if (pid < 0) throw std::runtime_error("fork failed");
-  if (pid == 0) {
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    execve(argv[0], argv.data(), envp.data());
-    _exit(127);
-  }
-  close(fds[1]);
-  std::string out;
-  bool killed = false;
-  const auto deadline = Clock::now() + timeout;
-  for (;;) {
-    const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
-    if (left <= 0) {
-      kill(pid, SIGKILL);
-      killed = true;
-      break;
-    }
-    pollfd p{fds[0], POLLIN, 0};
-    if (poll(&p, 1, static_cast<int>(left)) <= 0) continue;
-    char buf[4096];
-    const ssize_t n = read(fds[0], buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    out.append(buf, static_cast<size_t>(n));
-  }
-  close(fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  if (killed) return {-1, out};
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
-}
-
 // A bare TCP client for requests that never complete (Beast's client always completes them).
 class RawConn {
  public:
@@ -525,10 +475,11 @@ TEST(PromisesTest, SecondSignalDuringTheDrainExitsAtOnce) {
 TEST(PromisesTest, BenchRunsOnTheCpuAndWritesJson) {
   TempDir dir;
   const fs::path report = dir.path() / "bench.json";
-  const auto [status, output] = run_sdserve(
-      {"bench", "--model", kTinyModel, "--device", "cpu", "--batches", "1,2", "--steps", "2",
-       "--width", "64", "--height", "64", "--repeats", "1", "--json", report.string()},
-      seconds(100));
+  const auto [status, output] =
+      run_program({SDSERVE_BINARY, "bench", "--model", kTinyModel, "--device", "cpu", "--batches",
+                   "1,2", "--steps", "2", "--width", "64", "--height", "64", "--repeats", "1",
+                   "--json", report.string()},
+                  {}, seconds(100));
   ASSERT_EQ(status, 0) << output;
   std::ifstream in(report);
   ASSERT_TRUE(in) << "no report written; output:\n" << output;

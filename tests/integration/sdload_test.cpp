@@ -4,10 +4,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <fstream>
 
 #include <gtest/gtest.h>
@@ -29,25 +27,12 @@ struct SdloadRun {
   std::string output;  // stdout and stderr
 };
 
-std::string shell_quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
-
+// sdload bounds itself (duration, drain timeout, deadlines); the kill is a backstop.
 SdloadRun run_sdload(const std::vector<std::string>& args) {
-  std::string command = shell_quote(kSdload);
-  for (const auto& a : args) command += " " + shell_quote(a);
-  command += " 2>&1";
-  SdloadRun run;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (!pipe) return run;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) run.output.append(buf, n);
-  const int status = pclose(pipe);
-  run.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return run;
+  std::vector<std::string> argv = {kSdload};
+  argv.insert(argv.end(), args.begin(), args.end());
+  const auto [status, output] = run_program(argv, {}, seconds(180));
+  return {status, output};
 }
 
 std::string url_of(int port) {

@@ -28,6 +28,7 @@
 #include "pipeline/io/file_io.h"
 #include "pipeline/io/safetensors.h"
 #include "pipeline/io/tokenizer.h"
+#include "tests/random_text.h"
 
 namespace sdserve {
 namespace {
@@ -241,17 +242,6 @@ const pipeline::ClipTokenizer& tokenizer() {
   return tok;
 }
 
-std::string random_words(size_t words, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::string s;
-  for (size_t w = 0; w < words; ++w) {
-    const size_t len = 1 + rng() % 12;
-    for (size_t i = 0; i < len; ++i) s += static_cast<char>('a' + rng() % 26);
-    s += rng() % 7 == 0 ? ", " : " ";
-  }
-  return s;
-}
-
 TEST(SanitizeTokenizer, EncodeIsAlwaysMaxLength) {
   const auto& tok = tokenizer();
   const std::vector<std::string> texts = {
@@ -266,7 +256,7 @@ TEST(SanitizeTokenizer, EncodeIsAlwaysMaxLength) {
       "1234567890 3.14 1,000,000",
       std::string(5000, ' '),
       std::string(5000, ','),
-      random_words(4000, 1),
+      test::random_words(4000, 1),
   };
   for (const auto& t : texts) {
     const auto ids = tok.encode(t);
@@ -307,14 +297,14 @@ TEST(SanitizeTokenizer, InvalidUtf8AndRandomBytesDoNotCrash) {
 
 TEST(SanitizeTokenizer, ConcurrentCallsAgree) {
   const auto& tok = tokenizer();
-  const std::string text = random_words(300, 9);
+  const std::string text = test::random_words(300, 9);
   const auto want = tok.encode(text);
   std::vector<std::thread> threads;
   std::vector<int> ok(4, 0);
   for (int t = 0; t < 4; ++t)
     threads.emplace_back([&, t] {
       for (int i = 0; i < 10; ++i)
-        ok[t] += tok.encode(random_words(50, 100 + t * 10 + i)).size() == 77u;
+        ok[t] += tok.encode(test::random_words(50, 100 + t * 10 + i)).size() == 77u;
       ok[t] += tok.encode(text) == want;
     });
   for (auto& th : threads) th.join();
