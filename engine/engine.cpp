@@ -63,12 +63,17 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   if (models.empty()) throw std::invalid_argument("the engine needs at least one model");
   if (options.max_queue < 1) throw std::invalid_argument("max_queue must be at least 1");
   if (options.max_batch < 1) throw std::invalid_argument("max_batch must be at least 1");
+  // Checked once here rather than with every job that takes the default.
+  if (!(options.default_timeout_s > 0 && options.default_timeout_s <= options.max_timeout_s))
+    throw std::invalid_argument(
+        "default_timeout_s must be greater than 0 and at most max_timeout_s");
   auto impl = std::make_unique<Impl>(options);
   impl->options = options;
   impl->models = std::move(models);
   impl->cache = cache ? std::move(cache) : std::make_shared<cache::PassThroughCache>();
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
-  for (const auto& m : impl->models) impl->worker_status.push_back({m->info().device, "warming_up", ""});
+  for (const auto& m : impl->models)
+    impl->worker_status.push_back({m->info().device, "warming_up", ""});
   Impl* raw = impl.get();
   impl->dispatcher = std::thread([raw] { raw->dispatcher_loop(); });
   // PNG encoding takes ~30 ms per 512x512 image: two threads keep it off the critical path up to
@@ -89,10 +94,8 @@ JobSnapshot Engine::submit(JobRequest request) {
   RequestBounds bounds;
   bounds.text_layers = impl_->models.front()->info().text_layers;
   bounds.max_timeout_s = impl_->options.max_timeout_s;
-  JobRequest effective = request;  // the configured default timeout must pass too
-  effective.timeout_s = request.timeout_s.value_or(impl_->options.default_timeout_s);
-  validate(effective, bounds);
-  const double timeout = *effective.timeout_s;
+  validate(request, bounds);
+  const double timeout = request.timeout_s.value_or(impl_->options.default_timeout_s);
   const int evals_per_image = impl_->models.front()->evals_total(image_spec(request));
 
   auto job = std::make_shared<JobState>();
@@ -109,8 +112,8 @@ JobSnapshot Engine::submit(JobRequest request) {
 
   std::unique_lock<std::mutex> lock(impl_->mutex);
   if (impl_->stopping) throw ShuttingDown("the service is shutting down and accepts no new jobs");
-  if (impl_->workers_failed == static_cast<int>(impl_->models.size()))
-    throw Unavailable("no worker can run jobs: warm-up failed (" + impl_->warm_up_error + ")");
+  if (impl_->workers_in("failed") == static_cast<int>(impl_->models.size()))
+    throw Unavailable("no worker can run jobs: warm-up failed (" + impl_->warm_up_error() + ")");
   if (!impl_->queue->push(job->id, job->request.priority)) {
     // A rough hint: how long until a slot frees, from the work queued ahead.
     throw QueueFull(
@@ -202,7 +205,7 @@ EngineStats Engine::stats() const {
 
 bool Engine::ready() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->workers_warm > 0 && !impl_->stopping;
+  return impl_->workers_in("ready") > 0 && !impl_->stopping;
 }
 
 std::vector<WorkerStatus> Engine::workers() const {
@@ -212,12 +215,12 @@ std::vector<WorkerStatus> Engine::workers() const {
 
 std::string Engine::warm_up_error() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->warm_up_error;
+  return impl_->warm_up_error();
 }
 
 bool Engine::warm_up_done() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->workers_warm + impl_->workers_failed == static_cast<int>(impl_->models.size());
+  return impl_->workers_in("warming_up") == 0;
 }
 
 void Engine::shutdown(SteadyClock::time_point deadline) {
@@ -263,6 +266,17 @@ void Engine::shutdown(SteadyClock::time_point deadline) {
 
 // ---------------------------------------------------------------------------------------------
 // State helpers (mutex held)
+
+int Engine::Impl::workers_in(const std::string& state) const {
+  return static_cast<int>(std::count_if(worker_status.begin(), worker_status.end(),
+                                        [&](const WorkerStatus& w) { return w.state == state; }));
+}
+
+std::string Engine::Impl::warm_up_error() const {
+  for (const auto& w : worker_status)
+    if (w.state == "failed") return w.device + ": " + w.error;
+  return "";
+}
 
 JobSnapshot Engine::Impl::snapshot(const JobState& job) const {
   JobSnapshot s;

@@ -1,4 +1,4 @@
-// The engine's shared state and threads (internal header, shared by engine.cpp and worker.cpp).
+// The engine's shared state and threads (internal header: engine.cpp, delivery.cpp, worker.cpp).
 #pragma once
 
 #include <atomic>
@@ -41,7 +41,6 @@ struct JobState {
   bool results_evicted = false;  // the result store dropped its images (TTL or byte cap)
   std::string error;
   std::map<uint64_t, EventCallback> subscribers;
-  int preview_seq = 0;
   std::vector<int> last_preview;  // per image: evaluations of the newest preview sent
 };
 
@@ -68,9 +67,6 @@ struct Engine::Impl {
   bool stopping = false;    // shutdown began: no new jobs
   bool cancel_all = false;  // shutdown deadline passed
   bool threads_exit = false;
-  int workers_warm = 0;
-  int workers_failed = 0;                   // warm-up threw: the worker takes no jobs
-  std::string warm_up_error;                // the first such failure
   std::vector<WorkerStatus> worker_status;  // one per model, in order
   uint64_t next_token = 1;
 
@@ -102,6 +98,8 @@ struct Engine::Impl {
   void expire_queued(SteadyClock::time_point now);
   void forget_old_jobs();
   void fail_images(JobState& job, int images, const std::string& error);
+  int workers_in(const std::string& state) const;  // "ready", "failed", "warming_up"
+  std::string warm_up_error() const;               // "device: why" of the first failed worker
 
   // --- thread bodies ---
   void worker_loop(size_t index);

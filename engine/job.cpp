@@ -74,9 +74,7 @@ std::string rule(const std::string& field, const RequestBounds& bounds, int step
 
 void validate(const JobRequest& request, const RequestBounds& bounds) {
   using pipeline::RequestError;
-  pipeline::GenerateRequest g;
-  g.prompt = request.prompt;
-  g.negative_prompt = request.negative_prompt;
+  pipeline::GenerateRequest g;  // without the prompts, which have no limits to check
   g.clip_skip = request.clip_skip;
   g.num_images = request.num_images;
   g.image = image_spec(request);

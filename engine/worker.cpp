@@ -1,6 +1,7 @@
 #include "engine/worker.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "pipeline/errors.h"
 #include "pipeline/log.h"
@@ -62,15 +63,11 @@ bool Worker::warm_up() {
     // the service does not report ready.
     log_error("warm-up failed on " + device_ + ", which takes no jobs: " + e.what());
     std::lock_guard<std::mutex> lock(engine_.mutex);
-    ++engine_.workers_failed;
-    if (engine_.warm_up_error.empty())
-      engine_.warm_up_error = device_ + ": " + public_error(e.what());
     engine_.worker_status[index_] = {device_, "failed", public_error(e.what())};
     engine_.work_cv.notify_all();
     return false;
   }
   std::lock_guard<std::mutex> lock(engine_.mutex);
-  ++engine_.workers_warm;
   engine_.worker_status[index_].state = "ready";
   return true;
 }
@@ -169,15 +166,15 @@ void Worker::prepare(const std::vector<Admission>& admitted) {
 // resolutions (each gets every G-th call), so a short job of another size runs beside a long one
 // instead of waiting for it, and none starves.
 std::pair<int, int> Worker::next_resolution() {
-  std::vector<std::pair<int, int>> sizes;
+  // The smallest size after the one stepped last, else the smallest: a stable order as sets
+  // change.
+  std::optional<std::pair<int, int>> smallest, after;
   for (const auto& a : active_) {
     const std::pair<int, int> size{a.job->request.width, a.job->request.height};
-    if (std::find(sizes.begin(), sizes.end(), size) == sizes.end()) sizes.push_back(size);
+    if (!smallest || size < *smallest) smallest = size;
+    if (size > last_resolution_ && (!after || size < *after)) after = size;
   }
-  std::sort(sizes.begin(), sizes.end());
-  // The first size after the one stepped last (wrapping), so the order is stable as sets change.
-  const auto next = std::upper_bound(sizes.begin(), sizes.end(), last_resolution_);
-  last_resolution_ = next == sizes.end() ? sizes.front() : *next;
+  last_resolution_ = after ? *after : *smallest;
   return last_resolution_;
 }
 

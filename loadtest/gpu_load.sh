@@ -3,7 +3,7 @@
 # pipeline's best images/s, then sdload's open-loop sweep against `serve --max-batch 16`, and the
 # same traffic against `--max-batch 1` (one job at a time, as ComfyUI and A1111 run).
 # SD 1.5 architecture with seeded random fp16 weights, 512x512, 30 steps, CFG 7.5, mixed samplers.
-#   loadtest/gpu_load.sh BUILD_DIR OUT_DIR RATES [COMPARE_RATES] [DEVICE]
+#   [BENCH=0] [DURATION=30] loadtest/gpu_load.sh BUILD_DIR OUT_DIR RATES [COMPARE_RATES] [DEVICE]
 # e.g. loadtest/gpu_load.sh build-gpu $OUT 3,6,9 3 auto
 set -euo pipefail
 build=${1:-build-gpu} out=${2:-/tmp/sdserve-load} rates=${3:-3,6,9} compare=${4:-} device=${5:-auto}
@@ -11,8 +11,12 @@ mkdir -p "$out"
 model=/tmp/sdserve-bench/sd15-random
 duration=${DURATION:-30}
 
-"$build/sdserve" bench --batches 8,16,32 --repeats 2 --json "$out/bench.json" >"$out/bench.txt" 2>&1
-grep -E "^\| (8|16|32) " "$out/bench.txt" || true
+if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0 skips it; the server still needs the model it writes
+  "$build/sdserve" bench --batches 8,16,32 --repeats 2 --json "$out/bench.json" >"$out/bench.txt" 2>&1
+  grep -E "^\| (8|16|32) " "$out/bench.txt" || true
+elif [ ! -d "$model" ]; then
+  "$build/sdserve" bench --batches 1 --steps 1 --repeats 1 >"$out/bench.txt" 2>&1
+fi
 
 serve() {  # port max_batch log
   "$build/sdserve" serve --model "$model" --device "$device" --port "$1" --max-batch "$2" \

@@ -3,8 +3,6 @@
 
 #include <torch/torch.h>
 
-#include <optional>
-
 #include "pipeline/bench_support.h"
 #include "pipeline/io/tokenizer.h"
 #include "pipeline/nn/clip.h"
@@ -31,8 +29,9 @@ struct Model::Impl {
   double vae_scaling_factor = 0.18215;
   SchedulerConfig scheduler;
   std::vector<double> alphas_cumprod;  // for previews' predicted clean latent
-  // CUDA: a stream for decode() alone (not from torch's pool, which CUDA graph capture draws on).
-  std::optional<c10::Stream> decode_stream;
+  // CUDA: a cudaStream_t for decode() alone (not from torch's pool, which CUDA graph capture
+  // draws on), destroyed with the model. Type-erased like step_done.
+  std::shared_ptr<void> decode_stream;
   // CUDA: an at::cuda::CUDAEvent recorded after each step (type-erased: this header is also
   // compiled without SDSERVE_WITH_CUDA).
   std::shared_ptr<void> step_done;

@@ -142,7 +142,8 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
     c10::cuda::CUDAGuard guard(impl->device);
     cudaStream_t stream = nullptr;
     C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    impl->decode_stream = c10::cuda::getStreamFromExternal(stream, impl->device.index());
+    impl->decode_stream.reset(stream,
+                              [](void* s) { cudaStreamDestroy(static_cast<cudaStream_t>(s)); });
   }
 #endif
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
@@ -361,7 +362,8 @@ std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const
     // The engine decodes on a second thread while the worker steps the UNet: on a stream of its
     // own the VAE overlaps the UNet. The device first finishes what the stepping thread (on the
     // default stream) queued so far, so the latents are final.
-    const c10::cuda::CUDAStream side(c10::cuda::CUDAStream::UNCHECKED, *impl_->decode_stream);
+    const auto side = c10::cuda::getStreamFromExternal(
+        static_cast<cudaStream_t>(impl_->decode_stream.get()), impl_->device.index());
     at::cuda::CUDAEvent ready;
     ready.record(c10::cuda::getDefaultCUDAStream(impl_->device.index()));
     ready.block(side);
