@@ -22,6 +22,9 @@ engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   engine::EngineOptions o;
   o.max_queue = c.max_queue;
   o.max_batch = c.max_batch;
+  o.light_load_efficiency = c.light_load_efficiency;
+  o.light_load_max_wait_s = c.light_load_max_wait_s;
+  o.decode_batch = c.decode_batch;
   o.batch_buckets = c.batch_buckets;
   o.default_timeout_s = c.default_timeout_s;
   o.max_timeout_s = c.max_timeout_s;

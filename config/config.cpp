@@ -84,6 +84,17 @@ const std::vector<Key>& table() {
       key("batch_buckets", Type::kIntList,
           "UNet batch sizes, ascending; a batch is padded up to the next one", 1, 1024,
           SDSERVE_MEMBER(batch_buckets)),
+      key("light_load_efficiency", Type::kNumber,
+          "under light load a worker batches up to the smallest batch size with this fraction of "
+          "the best images/s measured at warm-up",
+          0, 1, SDSERVE_MEMBER(light_load_efficiency)),
+      key("light_load_max_wait_s", Type::kNumber,
+          "heavy load (batch up to max_batch) begins when the next job has waited this long or "
+          "a light-load batch of images is queued; 0: always",
+          0, 3600, SDSERVE_MEMBER(light_load_max_wait_s)),
+      key("decode_batch", Type::kInt,
+          "finished images decoded by the VAE in one call (each size is warmed up at start)", 1, 64,
+          SDSERVE_MEMBER(decode_batch)),
       key("default_timeout_s", Type::kNumber,
           "a job still queued after this many seconds ends 'expired' (request: timeout_s)", 0, kBig,
           SDSERVE_MEMBER(default_timeout_s), {}, true),

@@ -41,6 +41,9 @@ struct ServiceConfig {
   // Engine
   int max_queue = 64;
   int max_batch = 8;
+  double light_load_efficiency = 0.9;  // the admission policy (engine/admission.h)
+  double light_load_max_wait_s = 0.25;
+  int decode_batch = 1;
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};
   double default_timeout_s = 600;
   double max_timeout_s = 3600;

@@ -63,6 +63,11 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   if (models.empty()) throw std::invalid_argument("the engine needs at least one model");
   if (options.max_queue < 1) throw std::invalid_argument("max_queue must be at least 1");
   if (options.max_batch < 1) throw std::invalid_argument("max_batch must be at least 1");
+  if (!(options.light_load_efficiency >= 0 && options.light_load_efficiency <= 1))
+    throw std::invalid_argument("light_load_efficiency must be between 0 and 1");
+  if (options.decode_batch < 1) throw std::invalid_argument("decode_batch must be at least 1");
+  if (!(options.light_load_max_wait_s >= 0))
+    throw std::invalid_argument("light_load_max_wait_s must be at least 0");
   // Checked once here rather than with every job that takes the default.
   if (!(options.default_timeout_s > 0 && options.default_timeout_s <= options.max_timeout_s))
     throw std::invalid_argument(
@@ -73,7 +78,7 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   impl->cache = cache ? std::move(cache) : std::make_shared<cache::PassThroughCache>();
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
   for (const auto& m : impl->models)
-    impl->worker_status.push_back({m->info().device, "warming_up", ""});
+    impl->worker_status.push_back({m->info().device, "warming_up", "", 0});
   Impl* raw = impl.get();
   impl->dispatcher = std::thread([raw] { raw->dispatcher_loop(); });
   // PNG encoding takes ~30 ms per 512x512 image: two threads keep it off the critical path up to
@@ -104,7 +109,8 @@ JobSnapshot Engine::submit(JobRequest request) {
   job->request = std::move(request);
   job->request.seed = job->seed;
   job->times.queued_at = WallClock::now();
-  job->queue_deadline = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
+  job->queued_steady = SteadyClock::now();
+  job->queue_deadline = job->queued_steady + std::chrono::duration_cast<SteadyClock::duration>(
                                                  std::chrono::duration<double>(timeout));
   job->evals_done.assign(job->request.num_images, 0);
   job->last_preview.assign(job->request.num_images, 0);

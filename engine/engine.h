@@ -31,6 +31,14 @@ class ModelRunner;  // engine/model_runner.h
 struct EngineOptions {
   int max_queue = 64;  // queued jobs; more -> QueueFull (HTTP 429)
   int max_batch = 8;   // images denoised together per worker
+  // The admission policy (admission.h): under light load a worker batches up to the smallest
+  // batch size within this fraction of the best images/s measured at warm-up ...
+  double light_load_efficiency = 0.9;
+  // ... and opens to max_batch when that many images queue or the next job has waited this long.
+  double light_load_max_wait_s = 0.25;
+  // Finished images per VAE decode call. Each size costs a cuDNN autotune at warm-up; decoding
+  // one at a time is ~10% slower per image than 8 at once (~1% of an image's GPU time).
+  int decode_batch = 1;
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};  // UNet batch sizes are padded up to one
   double default_timeout_s = 600;  // a job still queued after this ends `expired`
   double max_timeout_s = 3600;
@@ -65,6 +73,7 @@ struct WorkerStatus {
   std::string device;                // "cuda:0", "cpu"
   std::string state = "warming_up";  // "warming_up" | "ready" | "failed"
   std::string error;                 // why, when failed
+  int light_load_batch = 0;          // the admission policy's light-load cap, once ready
 };
 
 enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kEvicted };

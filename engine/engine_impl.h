@@ -30,6 +30,7 @@ struct JobState {
   uint64_t seed = 0;
   JobStatus status = JobStatus::kQueued;
   JobTimes times;
+  SteadyClock::time_point queued_steady;
   SteadyClock::time_point queue_deadline;
   SteadyClock::time_point started_steady;
   int images_admitted = 0;      // images handed to a worker so far

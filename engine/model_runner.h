@@ -1,7 +1,8 @@
 // What the engine's workers need of a model, as an interface: the pipeline implements it
 // (pipeline_runner), and the engine's tests put a fake behind it to make every step of a job fail
 // on purpose. Torch-free. A worker's thread calls everything but decode(), which its decoder
-// thread calls, concurrently with step(): an implementation must allow that pair.
+// thread calls, concurrently with step(): an implementation must allow that pair. (At warm-up the
+// decoder thread also calls encode_text() and begin(), while the worker's thread waits.)
 #pragma once
 
 #include <memory>
@@ -29,9 +30,11 @@ class ModelRunner {
   virtual const pipeline::ModelInfo& info() const = 0;
   // Model evaluations per image; throws pipeline::RequestError when the spec cannot run.
   virtual int evals_total(const pipeline::ImageSpec& spec) const = 0;
-  // Runs a short generation (and whatever else the device wants before the first user, such as
-  // one UNet call per batch size in `batch_sizes`); throws when the model cannot run here.
-  virtual void warm_up(const std::vector<int>& batch_sizes) = 0;
+  // Runs a short generation and whatever else the device wants before the first user (on a GPU,
+  // the CUDA graph of each of `batch_sizes`); throws when the model cannot run here. Returns
+  // the seconds one UNet step takes at each of `batch_sizes` (native size, with CFG), measured
+  // there, for the admission policy; empty when not measured.
+  virtual std::vector<double> warm_up(const std::vector<int>& batch_sizes) = 0;
   virtual pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) = 0;
   // `uncond` may be null when spec.guidance_scale <= 1.
   virtual std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec,

@@ -1,4 +1,6 @@
 // ModelRunner over pipeline::Model: the only engine file that calls the model's step API.
+#include <chrono>
+
 #include "engine/engine.h"
 #include "engine/model_runner.h"
 
@@ -29,7 +31,7 @@ class PipelineRunner : public ModelRunner {
     return model_->evals_total(spec);
   }
 
-  void warm_up(const std::vector<int>& batch_sizes) override {
+  std::vector<double> warm_up(const std::vector<int>& batch_sizes) override {
     // One short generation at the native size, so the first user does not pay for allocator
     // growth and kernel selection.
     pipeline::GenerateRequest warm;
@@ -37,20 +39,32 @@ class PipelineRunner : public ModelRunner {
     warm.image.width = warm.image.height = model_->info().native_size;
     warm.image.steps = 2;
     model_->generate(warm);
-    // On a GPU each batch size gets its CUDA graph on first use (~2 s): take that cost here.
-    if (model_->info().device.rfind("cuda", 0) != 0) return;
+    // Then one UNet call per batch size (on a GPU its first call captures its CUDA graph, ~2 s:
+    // that cost is taken here), timed for the admission policy.
+    const bool gpu = model_->info().device.rfind("cuda", 0) == 0;
     auto cond = model_->encode_text(warm.prompt);
     auto uncond = model_->encode_text("");
+    pipeline::ImageSpec timing = warm.image;
+    timing.steps = 3;  // a call to warm up (or capture) and two timed
+    std::vector<double> seconds;
     for (int size : batch_sizes) {
-      if (size <= 1) continue;
       std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
       std::vector<pipeline::Trajectory*> batch;
       for (int k = 0; k < size; ++k) {
-        owned.push_back(model_->begin(warm.image, cond, uncond));
+        owned.push_back(model_->begin(timing, cond, uncond));
         batch.push_back(owned.back().get());
       }
-      model_->step(batch);
+      // On the CPU a call returns when its step is done. On a GPU it returns once the step
+      // before it is done (Model::step bounds the queue to one step), so in steady state the
+      // returns of calls two apart are two step times apart.
+      const int timed = gpu ? 2 : 1;
+      if (gpu) model_->step(batch);
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < timed; ++i) model_->step(batch);
+      seconds.push_back(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / timed);
     }
+    return seconds;
   }
 
   pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) override {

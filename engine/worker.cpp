@@ -1,6 +1,8 @@
 #include "engine/worker.h"
 
 #include <algorithm>
+#include <chrono>
+#include <future>
 #include <optional>
 
 #include "pipeline/errors.h"
@@ -33,17 +35,18 @@ Worker::Worker(Engine::Impl& engine, ModelRunner& model, size_t index)
     : engine_(engine), model_(model), index_(index), device_(model.info().device) {}
 
 void Worker::run() {
-  if (!warm_up()) return;
-  decoder_ = std::thread([this] { decoder_loop(); });
-  for (;;) {
-    std::vector<Admission> admitted;
-    if (!retire_and_admit(&admitted)) break;
-    prepare(admitted);
-    if (active_.empty() || !step()) continue;
-    publish();
-    send_previews();
-    finish();
+  if (warm_up()) {
+    for (;;) {
+      std::vector<Admission> admitted;
+      if (!retire_and_admit(&admitted)) break;
+      prepare(admitted);
+      if (active_.empty() || !step()) continue;
+      publish();
+      send_previews();
+      finish();
+    }
   }
+  if (!decoder_.joinable()) return;
   {
     std::lock_guard<std::mutex> lock(decode_mutex_);
     decode_exit_ = true;  // after what is queued: the decoder drains first
@@ -53,22 +56,42 @@ void Worker::run() {
 }
 
 bool Worker::warm_up() {
+  std::vector<int> sizes;
+  for (int bucket : engine_.options.batch_buckets)
+    if (bucket <= engine_.options.max_batch) sizes.push_back(bucket);
+  std::vector<double> seconds;
   try {
-    std::vector<int> sizes;
-    for (int bucket : engine_.options.batch_buckets)
-      if (bucket <= engine_.options.max_batch) sizes.push_back(bucket);
-    model_.warm_up(sizes);
+    seconds = model_.warm_up(sizes);
+    // The decoder thread warms up too: PyTorch keeps cuDNN's autotuned convolution plans per
+    // thread, and the first decode of each batch size on a thread autotunes (~2 s at 512x512
+    // on an H200, which made the first minute of serving slow).
+    auto decoder_warm = std::make_shared<std::promise<void>>();
+    auto warmed = decoder_warm->get_future();
+    decoder_ = std::thread([this, decoder_warm] { decoder_loop(decoder_warm); });
+    warmed.get();  // rethrows what the decoder's warm-up threw
   } catch (const std::exception& e) {
     // A worker that cannot run a two-step generation would fail every job: it takes none, and
     // the service does not report ready.
     log_error("warm-up failed on " + device_ + ", which takes no jobs: " + e.what());
     std::lock_guard<std::mutex> lock(engine_.mutex);
-    engine_.worker_status[index_] = {device_, "failed", public_error(e.what())};
+    engine_.worker_status[index_] = {device_, "failed", public_error(e.what()), 0};
     engine_.work_cv.notify_all();
     return false;
   }
+  const auto& o = engine_.options;
+  const int light = light_load_batch(sizes, seconds, o.light_load_efficiency, o.max_batch);
+  admission_ =
+      AdmissionPolicy({o.max_batch, o.light_load_efficiency, o.light_load_max_wait_s}, light);
+  std::string times;
+  for (size_t i = 0; i < sizes.size() && i < seconds.size(); ++i)
+    times += (i ? ", " : "") + std::to_string(sizes[i]) + ": " +
+             std::to_string(static_cast<int>(seconds[i] * 1e4) / 10.0).substr(0, 6) + " ms";
+  pipeline::log(pipeline::LogLevel::kInfo, device_ + " ready; UNet step by batch size {" + times +
+                                               "}; light-load batch " + std::to_string(light) +
+                                               " of max_batch " + std::to_string(o.max_batch));
   std::lock_guard<std::mutex> lock(engine_.mutex);
   engine_.worker_status[index_].state = "ready";
+  engine_.worker_status[index_].light_load_batch = light;
   return true;
 }
 
@@ -96,10 +119,19 @@ bool Worker::retire_and_admit(std::vector<Admission>* admitted) {
 }
 
 void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitted) {
-  // Image by image: a job's images may start at different steps.
   auto& e = engine_;
-  while (!e.cancel_all &&
-         static_cast<int>(active_.size() + admitted->size()) < e.options.max_batch) {
+  int cap = e.options.max_batch;
+  if (const auto front = e.queue->front(); front && admission_) {
+    // Images waiting: the next job's not yet admitted, and at least one per other queued job.
+    const JobState& next = *e.jobs.at(*front);
+    const int queued =
+        next.request.num_images - next.images_admitted + static_cast<int>(e.queue->size()) - 1;
+    const double waited =
+        std::chrono::duration<double>(SteadyClock::now() - next.queued_steady).count();
+    cap = admission_->cap(queued, waited);
+  }
+  // Image by image: a job's images may start at different steps.
+  while (!e.cancel_all && static_cast<int>(active_.size() + admitted->size()) < cap) {
     const auto front = e.queue->front();
     if (!front) break;
     auto job = e.jobs.at(*front);
@@ -118,6 +150,7 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
     }
     admitted->emplace_back(std::move(job), k);
   }
+  if (admission_ && e.queue->size() == 0) admission_->queue_drained();
 }
 
 pipeline::EmbeddingPtr Worker::embed(const std::string& prompt, int clip_skip) {
@@ -187,6 +220,17 @@ bool Worker::step() {
   }
   try {
     model_.step(batch);
+    // A step call returns once the previous step is done on the device, so the time between
+    // returns is the device's step time while the worker is busy.
+    const auto now = SteadyClock::now();
+    pipeline::log(
+        pipeline::LogLevel::kDebug,
+        device_ + " step: " + std::to_string(batch.size()) + " images at " +
+            std::to_string(size.first) + "x" + std::to_string(size.second) + ", " +
+            std::to_string(active_.size()) + " active, " +
+            std::to_string(std::chrono::duration<double, std::milli>(now - last_step_).count()) +
+            " ms since the last");
+    last_step_ = now;
     return true;
   } catch (const std::exception& e) {
     log_error("model step failed on " + device_ + ": " + e.what());
@@ -300,16 +344,43 @@ void Worker::finish() {
   if (any) decode_cv_.notify_one();
 }
 
-void Worker::decoder_loop() {
+// One decode of each batch size the decoder uses, at the native size.
+void Worker::warm_up_decoder() {
+  pipeline::ImageSpec spec;
+  spec.width = spec.height = model_.info().native_size;
+  spec.steps = 1;
+  spec.guidance_scale = 1.0;  // no unconditional embedding needed
+  const auto cond = model_.encode_text("", 1);
+  for (int n = 1; n <= engine_.options.decode_batch; ++n) {
+    std::vector<std::unique_ptr<ImageRun>> owned;
+    std::vector<ImageRun*> batch;
+    for (int k = 0; k < n; ++k) {
+      owned.push_back(model_.begin(spec, cond, nullptr));
+      batch.push_back(owned.back().get());
+    }
+    model_.decode(batch);
+  }
+}
+
+void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
+  try {
+    warm_up_decoder();
+    warmed->set_value();
+  } catch (...) {
+    warmed->set_exception(std::current_exception());
+    return;
+  }
   for (;;) {
     std::vector<Active> finished;
     {
       std::unique_lock<std::mutex> lock(decode_mutex_);
       decode_cv_.wait(lock, [&] { return !to_decode_.empty() || decode_exit_; });
       if (to_decode_.empty()) return;
-      // Everything waiting goes in one decode call (the pipeline splits it to bound memory).
-      for (auto& a : to_decode_) finished.push_back(std::move(a));
-      to_decode_.clear();
+      // Up to decode_batch images per call, oldest first.
+      const size_t n = std::min(to_decode_.size(),
+                                static_cast<size_t>(std::max(1, engine_.options.decode_batch)));
+      for (size_t i = 0; i < n; ++i) finished.push_back(std::move(to_decode_[i]));
+      to_decode_.erase(to_decode_.begin(), to_decode_.begin() + static_cast<std::ptrdiff_t>(n));
     }
     decode(std::move(finished));
   }
@@ -321,7 +392,14 @@ void Worker::decode(std::vector<Active> finished) {
   for (auto& f : finished) to_decode.push_back(f.run.get());
   std::vector<pipeline::RgbImage> images;
   try {
+    const auto start = SteadyClock::now();
     images = model_.decode(to_decode);
+    pipeline::log(
+        pipeline::LogLevel::kDebug,
+        device_ + " decoded " + std::to_string(to_decode.size()) + " images in " +
+            std::to_string(
+                std::chrono::duration<double, std::milli>(SteadyClock::now() - start).count()) +
+            " ms");
   } catch (const std::exception& e) {
     log_error("decoding failed on " + device_ + ": " + e.what());
     std::vector<std::shared_ptr<JobState>> jobs;

@@ -1,20 +1,23 @@
 // One worker per device: a thread running step-level continuous batching over an active set of
-// images. Each turn: retire() images of cancelled jobs, admit() queued images up to max_batch
-// (of any resolution), prepare() them (prompt embeddings, one ImageRun each), step() them
-// all in one model call, publish() progress and previews, finish() the images that are done
-// (VAE decode on this worker's decoder thread, PNG encoding on the engine's encoder threads). One
-// UNet call holds one resolution: when the set holds several, the turns go round them. A failure in
-// any phase ends the jobs it touched, never the thread.
+// images. Each turn: retire() images of cancelled jobs, admit() queued images up to the
+// admission policy's cap (admission.h; of any resolution), prepare() them (prompt embeddings, one
+// ImageRun each), step() them all in one model call, publish() progress and previews, finish() the
+// images that are done (VAE decode on this worker's decoder thread, PNG encoding on the engine's
+// encoder threads). One UNet call holds one resolution: when the set holds several, the turns go
+// round them. A failure in any phase ends the jobs it touched, never the thread.
 #pragma once
 
 #include <condition_variable>
+#include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "engine/admission.h"
 #include "engine/engine_impl.h"
 #include "engine/model_runner.h"
 
@@ -47,7 +50,8 @@ class Worker {
   void publish();
   void send_previews();
   void finish();
-  void decoder_loop();
+  void decoder_loop(std::shared_ptr<std::promise<void>> warmed);
+  void warm_up_decoder();
   void decode(std::vector<Active> finished);
   void fail(const std::vector<std::shared_ptr<JobState>>& jobs, const std::string& error);
   pipeline::EmbeddingPtr embed(const std::string& prompt, int clip_skip);
@@ -58,6 +62,8 @@ class Worker {
   const std::string device_;
   std::vector<Active> active_;
   std::pair<int, int> last_resolution_{0, 0};
+  std::optional<AdmissionPolicy> admission_;  // from the step times measured at warm-up
+  SteadyClock::time_point last_step_;
 
   // Finished images wait here for the decoder thread (VAE decode overlaps the next UNet calls).
   std::thread decoder_;

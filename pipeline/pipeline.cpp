@@ -267,12 +267,6 @@ at::cuda::CUDAEvent& step_event(Model::Impl& impl) {
 void Model::step(const std::vector<Trajectory*>& batch) const {
   if (batch.empty()) return;
   torch::NoGradGuard no_grad;
-#ifdef SDSERVE_WITH_CUDA
-  // Launches are asynchronous: without a bound the host queues steps far ahead of the device,
-  // progress events run ahead of the pixels, and a decode waits for the whole backlog. Wait for
-  // the previous step here, so one step runs while the host prepares the next.
-  if (impl_->device.is_cuda()) step_event(*impl_).synchronize();
-#endif
   using SteadyClock = std::chrono::steady_clock;
   const bool profile = impl_->profiling;
   auto mark = SteadyClock::now();
@@ -309,6 +303,13 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   prof.rows = static_cast<int>(x.size(0));
   prof.prepare_ms = lap();
   auto out = impl_->unet_runner->forward(x, t, ctx).to(torch::kFloat32);
+#ifdef SDSERVE_WITH_CUDA
+  // Launches are asynchronous: without a bound the host queues steps far ahead of the device,
+  // progress events run ahead of the pixels, and a decode waits for the whole backlog. Wait for
+  // the previous step once this one's UNet is queued: the device never idles while the host
+  // prepares a step, and the host stays at most one step ahead.
+  if (impl_->device.is_cuda()) step_event(*impl_).synchronize();
+#endif
   prof.unet_ms = lap();
   int64_t row = 0;
   for (size_t i = 0; i < batch.size(); ++i) {

@@ -251,6 +251,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       bool any_warming = false;
       for (const auto& w : e->workers()) {
         Json one = {{"device", w.device}, {"state", w.state}};
+        if (w.light_load_batch > 0) one["light_load_batch"] = w.light_load_batch;
         if (!w.error.empty()) one["error"] = w.error;
         workers.push_back(one);
         any_warming = any_warming || w.state == "warming_up";

@@ -1,9 +1,11 @@
 // The engine's failure paths, with a fake model behind ModelRunner that fails where a test says:
 // a step, a decode, the text encoder, the image encoder, the warm-up. Each failure must end the
 // affected job with a clear error, never run a failed job's other images, never end the process,
-// and leave the engine serving the next job.
+// and leave the engine serving the next job. The same fake times the scheduling: resolutions
+// side by side, and the admission policy.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <thread>
@@ -39,8 +41,9 @@ class FakeRunner : public ModelRunner {
   }
   const pipeline::ModelInfo& info() const override { return info_; }
   int evals_total(const pipeline::ImageSpec& spec) const override { return spec.steps; }
-  void warm_up(const std::vector<int>&) override {
+  std::vector<double> warm_up(const std::vector<int>&) override {
     if (fail_warm_up) throw std::runtime_error("no device here");
+    return step_seconds;
   }
   pipeline::EmbeddingPtr encode_text(const std::string& prompt, int) override {
     if (prompt == "unencodable") throw std::runtime_error("text encoder broke");
@@ -59,6 +62,7 @@ class FakeRunner : public ModelRunner {
           "first):\nframe #0: 0x7f00deadbeef");
     }
     if (step_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(step_ms.load()));
+    largest_batch = std::max(largest_batch.load(), static_cast<int>(batch.size()));
     for (ImageRun* r : batch) ++static_cast<FakeRun*>(r)->done_;
   }
   std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) override {
@@ -86,6 +90,8 @@ class FakeRunner : public ModelRunner {
   std::atomic<int> fail_steps{0}, fail_decodes{0}, bad_images{0};
   std::atomic<bool> fail_warm_up{false};
   std::atomic<int> step_ms{0};  // how long a step takes
+  std::atomic<int> largest_batch{0};
+  std::vector<double> step_seconds;  // what warm-up says a step takes per batch size
 
  private:
   pipeline::ModelInfo info_;
@@ -101,9 +107,11 @@ JobRequest request(const std::string& prompt, int images = 1) {
   return r;
 }
 
-std::unique_ptr<Engine> make_engine(std::shared_ptr<FakeRunner> fake, int max_batch = 2) {
+std::unique_ptr<Engine> make_engine(std::shared_ptr<FakeRunner> fake, int max_batch = 2,
+                                    double max_wait_s = 0.25) {
   EngineOptions o;
   o.max_batch = max_batch;
+  o.light_load_max_wait_s = max_wait_s;
   return Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
                         std::make_shared<cache::PassThroughCache>());
 }
@@ -127,6 +135,7 @@ TEST(EngineFaults, FailedStepEndsTheJobAndItsOtherImagesNeverRun) {
   auto fake = std::make_shared<FakeRunner>();
   auto engine = make_engine(fake, 2);
   wait_warm(*engine);
+  fake->begins = 0;  // the decoder's warm-up began one
   fake->fail_steps = 1;
   const auto job = engine->submit(request("four images", 4));
   const auto end = wait_final(*engine, job.id);
@@ -188,6 +197,18 @@ TEST(EngineFaults, FailedWarmUpIsNotReadyAndRefusesJobs) {
   EXPECT_THROW(engine->submit(request("never")), Unavailable);
 }
 
+// The decoder thread warms up too (cuDNN plans are per thread); when it cannot decode, the
+// worker is as broken as when the UNet cannot run.
+TEST(EngineFaults, FailedDecoderWarmUpIsNotReady) {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->fail_decodes = 1;
+  auto engine = make_engine(fake);
+  wait_warm(*engine);
+  EXPECT_FALSE(engine->ready());
+  EXPECT_NE(engine->warm_up_error().find("VAE broke"), std::string::npos)
+      << engine->warm_up_error();
+}
+
 // Two devices, one of which cannot warm up: the service is ready on the other, says which device
 // failed, and never gives the broken one a job.
 TEST(EngineFaults, OneFailedWorkerOfTwoTakesNoJobs) {
@@ -198,6 +219,7 @@ TEST(EngineFaults, OneFailedWorkerOfTwoTakesNoJobs) {
       Engine::create(EngineOptions{}, std::vector<std::shared_ptr<ModelRunner>>{broken, healthy},
                      std::make_shared<cache::PassThroughCache>());
   wait_warm(*engine);
+  healthy->begins = 0;  // the decoder's warm-up began one
   EXPECT_TRUE(engine->ready());
   const auto workers = engine->workers();
   ASSERT_EQ(workers.size(), 2u);
@@ -231,6 +253,76 @@ TEST(EngineFaults, ShortJobOfAnotherResolutionRunsBesideALongOne) {
   const auto long_now = engine->get(a.id);
   EXPECT_EQ(long_now->status, JobStatus::kRunning);
   EXPECT_LT(long_now->evaluations, 100);  // about 3-6 of its 150 turns have passed
+  EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
+}
+
+void wait_running(const Engine& e, const std::string& id) {
+  for (int i = 0; i < 500 && e.get(id)->status == JobStatus::kQueued; ++i)
+    std::this_thread::sleep_for(2ms);
+  ASSERT_EQ(e.get(id)->status, JobStatus::kRunning);
+}
+
+// The admission policy (admission.h) through a worker. Warm-up says batches of 1, 2 and 4 take
+// 1, 1.1 and 2.2 s: 2 and 4 give the same images/s, so under light load the worker batches
+// at most 2 images.
+std::shared_ptr<FakeRunner> model_best_at_two() {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->step_seconds = {1.0, 1.1, 2.2};  // max_batch 4: the sizes are buckets 1, 2, 4
+  fake->step_ms = 10;
+  return fake;
+}
+
+TEST(EngineAdmission, LightLoadBatchesUpToTheEconomicalSize) {
+  auto fake = model_best_at_two();
+  auto engine = make_engine(fake, 4, 60);
+  wait_warm(*engine);
+  EXPECT_EQ(engine->workers().front().light_load_batch, 2);
+  JobRequest long_job = request("long");
+  long_job.steps = 60;  // ~0.6 s
+  const auto a = engine->submit(long_job);
+  wait_running(*engine, a.id);
+  const auto b = engine->submit(long_job);
+  wait_running(*engine, b.id);
+  // One image waits, under the light-load batch and for less than max_wait: it waits for a slot.
+  const auto c = engine->submit(request("third"));
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(engine->get(c.id)->status, JobStatus::kQueued);
+  EXPECT_EQ(engine->get(a.id)->status, JobStatus::kRunning);
+  for (const auto& id : {a.id, b.id, c.id})
+    EXPECT_EQ(wait_final(*engine, id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(fake->largest_batch.load(), 2);
+}
+
+TEST(EngineAdmission, AJobWaitingPastMaxWaitOpensTheBatch) {
+  auto fake = model_best_at_two();
+  auto engine = make_engine(fake, 4, 0.05);
+  wait_warm(*engine);
+  JobRequest long_job = request("long");
+  long_job.steps = 100;  // ~1 s
+  const auto a = engine->submit(long_job);
+  wait_running(*engine, a.id);
+  const auto b = engine->submit(long_job);
+  wait_running(*engine, b.id);
+  const auto c = engine->submit(request("third"));
+  // c runs after ~50 ms of waiting, beside the two long jobs, and ends long before them.
+  EXPECT_EQ(wait_final(*engine, c.id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(engine->get(a.id)->status, JobStatus::kRunning);
+  EXPECT_EQ(fake->largest_batch.load(), 3);
+  EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
+}
+
+TEST(EngineAdmission, ALightLoadBatchOfQueuedImagesOpensToMaxBatch) {
+  auto fake = model_best_at_two();
+  auto engine = make_engine(fake, 4, 60);
+  wait_warm(*engine);
+  JobRequest long_job = request("long");
+  long_job.steps = 60;
+  const auto a = engine->submit(long_job);
+  wait_running(*engine, a.id);
+  // Three images queue at once (>= the light-load batch of 2): heavy load, up to max_batch.
+  const auto b = engine->submit(request("three images", 3));
+  EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(fake->largest_batch.load(), 4);
   EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
 }
 

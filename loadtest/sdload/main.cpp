@@ -86,12 +86,32 @@ TargetResult run_target(const Options& o, const Server& server, const Workload& 
   return target;
 }
 
+// --from-report: the sweep tables and the chart of a report written earlier (say on a machine
+// without gnuplot); no traffic. As after a run, a chart that cannot be drawn is said on stderr
+// and does not change the exit status.
+int redraw(const Options& o) {
+  ReadReport report;
+  try {
+    report = read_report(o.from_report);
+  } catch (const std::exception& e) {
+    std::cerr << "sdload: " << e.what() << "\n";
+    return kExitUsage;
+  }
+  std::cout << "sdload: report " << o.from_report
+            << (report.workload.empty() ? "" : ", " + report.workload) << "\n";
+  print_sweep_tables(std::cout, report.targets);
+  std::cout.flush();
+  if (draw_chart(o.chart_file, report.targets)) std::cout << "chart: " << o.chart_file << "\n";
+  return 0;
+}
+
 int run(int argc, char** argv) {
   Options o;
   std::vector<Server> servers;
   std::unique_ptr<Workload> workload;
   try {
     if (!parse_options(argc, argv, o)) return 0;
+    if (!o.from_report.empty()) return redraw(o);
     const Millis timeout(static_cast<long>(o.request_timeout_s * 1000));
     servers.push_back(make_server(o.url, o.api_key, timeout));
     if (!o.compare_url.empty()) servers.push_back(make_server(o.compare_url, o.api_key, timeout));

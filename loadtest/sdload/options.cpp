@@ -7,6 +7,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <set>
 
 namespace sdload {
 namespace {
@@ -113,11 +114,29 @@ const std::map<std::string, Setter>& value_flags() {
       {"--api-key", [](Options& o, const std::string& v) { o.api_key = v; }},
       {"--report", [](Options& o, const std::string& v) { o.report_file = v; }},
       {"--chart", [](Options& o, const std::string& v) { o.chart_file = v; }},
+      {"--from-report", [](Options& o, const std::string& v) { o.from_report = v; }},
   };
   return flags;
 }
 
-void validate(Options& o) {
+// --from-report sends nothing: every flag about traffic, servers or a run's output is refused
+// rather than silently ignored (--quiet is harmless, there being no progress line anyway).
+void validate_from_report(const Options& o, const std::set<std::string>& given) {
+  if (o.from_report.empty()) throw UsageError("--from-report: expected a file name");
+  if (o.chart_file.empty())
+    throw UsageError("--from-report needs --chart FILE (redrawing the chart is all it does)");
+  if (o.chart_file == o.from_report) throw UsageError("--chart would overwrite the report");
+  for (const std::string& flag : given)
+    if (flag != "--from-report" && flag != "--chart" && flag != "--quiet")
+      throw UsageError(flag + " does not go with --from-report, which sends no traffic (only " +
+                       "--chart and --quiet do)");
+}
+
+void validate(Options& o, const std::set<std::string>& given) {
+  if (given.count("--from-report")) {
+    validate_from_report(o, given);
+    return;
+  }
   const int modes = (o.rate > 0) + (o.clients > 0) + !o.sweep.empty();
   if (modes != 1) throw UsageError("give exactly one of --rate R, --clients N, --sweep R1,R2,...");
   o.mode = o.rate > 0 ? Mode::kOpen : o.clients > 0 ? Mode::kClosed : Mode::kSweep;
@@ -135,6 +154,7 @@ void validate(Options& o) {
 
 std::string usage() {
   return R"(usage: sdload [--url URL] (--rate R | --clients N | --sweep R1,R2,...) [options]
+       sdload --from-report REPORT.json --chart CHART.png
 
 Load generator for sdserve: submits jobs (POST /v1/jobs), follows each over its WebSocket,
 fetches its images, and reports latency percentiles, throughput and outcome counts.
@@ -159,6 +179,8 @@ Checks and output
   --report FILE         JSON report;  --chart FILE  PNG chart of a sweep (through gnuplot)
   --compare URL2        afterwards, the same traffic against URL2; both side by side
   --quiet               no live progress line on stderr
+  --from-report FILE    no traffic: print the sweep tables of FILE (a --report of a --sweep)
+                        and redraw its --chart (needed); no other option but --quiet
 Connection
   --url URL             http://HOST[:PORT] (default http://127.0.0.1:8080)
   --api-key KEY         sent as 'Authorization: Bearer KEY'
@@ -166,12 +188,14 @@ Connection
   --ready-timeout S     wait for /readyz before a target's first run (default 30; 0: don't)
 
 Ctrl-C stops submissions and waits for jobs in flight (a second Ctrl-C abandons them), then
-reports. Exit status: 0; 1 when --check failed; 2 bad usage; 130 interrupted.
+reports. Exit status: 0; 1 when --check failed; 2 bad usage (or a --from-report that cannot be
+read); 130 interrupted.
 )";
 }
 
 bool parse_options(int argc, char** argv, Options& o) {
   const auto& flags = value_flags();
+  std::set<std::string> given;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     std::string value;
@@ -186,6 +210,7 @@ bool parse_options(int argc, char** argv, Options& o) {
       std::cout << usage();
       return false;
     }
+    given.insert(arg);
     if (arg == "--decode" || arg == "--check" || arg == "--quiet") {
       if (has_value) throw UsageError(arg + " takes no value");
       (arg == "--decode" ? o.decode : arg == "--check" ? o.check : o.quiet) = true;
@@ -199,7 +224,7 @@ bool parse_options(int argc, char** argv, Options& o) {
     }
     it->second(o, value);
   }
-  validate(o);
+  validate(o, given);
   return true;
 }
 

@@ -43,6 +43,8 @@ struct Options {
   std::string api_key;
   std::string report_file;
   std::string chart_file;
+  // --from-report: no traffic; the --chart (and the summary tables) of this earlier report.
+  std::string from_report;
 };
 
 // Parses argv. Throws UsageError. Returns false for --help (usage printed already).

@@ -1,9 +1,13 @@
 #include "sdload/report.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <set>
 
 namespace sdload {
@@ -134,6 +138,116 @@ std::string mode_line(const Options& o, const std::string& workload) {
          workload + ", seed " + std::to_string(o.seed);
 }
 
+// --- Reading a report back (--from-report) ---------------------------------------------------
+
+using in_json = nlohmann::json;  // as read back: the order of keys does not matter
+
+// A value of the report and where it is in it ("targets[0].runs[2].counts"), for messages.
+struct Node {
+  const in_json& value;
+  std::string where;  // "" for the whole report
+};
+
+std::string a(const in_json& v) {
+  switch (v.type()) {
+    case in_json::value_t::null:
+      return "null";
+    case in_json::value_t::object:
+    case in_json::value_t::array:
+      return std::string("an ") + v.type_name();
+    default:
+      return std::string("a ") + v.type_name();
+  }
+}
+
+// Typed access to a report's fields; anything missing or of the wrong type throws ReportError
+// naming the file and the field.
+class Reader {
+ public:
+  explicit Reader(std::string file) : file_(std::move(file)) {}
+
+  [[noreturn]] void fail(const Node& n, const std::string& what) const {
+    throw ReportError(file_ + ": " + (n.where.empty() ? "the report" : n.where) + " " + what);
+  }
+
+  const Node& object(const Node& n) const {
+    if (!n.value.is_object()) fail(n, "is " + a(n.value) + ", expected an object");
+    return n;
+  }
+  bool has(const Node& n, const char* name) const { return object(n).value.contains(name); }
+  Node at(const Node& n, const std::string& name) const {
+    const std::string where = n.where.empty() ? name : n.where + "." + name;
+    const auto it = object(n).value.find(name);
+    if (it == n.value.end()) throw ReportError(file_ + ": " + where + " is missing");
+    return {*it, where};
+  }
+  std::vector<Node> elements(const Node& n) const {
+    if (!n.value.is_array()) fail(n, "is " + a(n.value) + ", expected an array");
+    std::vector<Node> out;
+    for (size_t i = 0; i < n.value.size(); ++i)
+      out.push_back({n.value[i], n.where + "[" + std::to_string(i) + "]"});
+    return out;
+  }
+  std::string string(const Node& n) const {
+    if (!n.value.is_string()) fail(n, "is " + a(n.value) + ", expected a string");
+    return n.value.get<std::string>();
+  }
+  double number(const Node& n) const {
+    if (!n.value.is_number()) fail(n, "is " + a(n.value) + ", expected a number");
+    return n.value.get<double>();
+  }
+  long count(const Node& n) const {
+    const bool ok =
+        n.value.is_number_unsigned()
+            ? n.value.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<long>::max())
+            : n.value.is_number_integer() && n.value.get<int64_t>() >= 0;
+    if (!ok) fail(n, "is " + n.value.dump() + ", expected a count (an integer >= 0)");
+    return n.value.get<long>();
+  }
+
+ private:
+  std::string file_;
+};
+
+Percentiles read_percentiles(const Reader& r, const Node& n) {
+  Percentiles p;
+  p.n = static_cast<size_t>(r.count(r.at(n, "n")));
+  if (p.n == 0) return p;  // the report has no more (see stats.cpp)
+  p.p50 = r.number(r.at(n, "p50"));
+  p.p99 = r.number(r.at(n, "p99"));
+  return p;
+}
+
+RunSummary read_run(const Reader& r, const Node& n, const std::string& url) {
+  RunSummary s;
+  s.url = url;
+  const auto mode = r.object(n).value.find("mode");
+  if (mode != n.value.end() && *mode == "closed")
+    r.fail(n, "is a closed-loop run (--clients): a chart needs open-loop runs (--sweep)");
+  s.spec.rate = r.number(r.at(n, "offered_img_per_s"));
+  s.spec.label = fmt("%g img/s", s.spec.rate);
+  const Node counts = r.at(n, "counts");
+  s.submitted = r.count(r.at(counts, "submitted"));
+  s.succeeded = r.count(r.at(counts, "succeeded"));
+  s.failed = r.count(r.at(counts, "failed"));
+  s.rejected = r.count(r.at(counts, "rejected"));
+  s.cancelled = r.count(r.at(counts, "cancelled"));
+  s.expired = r.count(r.at(counts, "expired"));
+  s.completed_img_per_s = r.number(r.at(r.at(n, "throughput"), "completed_img_per_s"));
+  const Node latency = r.at(n, "latency_s");
+  s.e2e = read_percentiles(r, r.at(latency, "e2e"));
+  s.first_step = read_percentiles(r, r.at(latency, "first_step"));
+  if (r.has(n, "errors")) {
+    const Node errors = r.at(n, "errors");
+    for (const auto& cls : r.object(errors).value.items()) {
+      const Node by_key = r.at(errors, cls.key());
+      for (const auto& key : r.object(by_key).value.items())
+        s.errors[cls.key()][key.key()] = r.count(r.at(by_key, key.key()));
+    }
+  }
+  return s;
+}
+
 }  // namespace
 
 CheckResult check_results(const std::vector<TargetResult>& targets) {
@@ -168,10 +282,7 @@ void print_summary(std::ostream& out, const Options& options, const std::string&
                    const std::vector<TargetResult>& targets) {
   out << mode_line(options, workload) << "\n";
   if (options.mode == Mode::kSweep) {
-    for (const TargetResult& t : targets) {
-      out << "\n";
-      print_sweep(out, t);
-    }
+    print_sweep_tables(out, targets);
     return;
   }
   // Runs are aligned by position: with --compare, run i of each target had the same traffic.
@@ -210,6 +321,46 @@ bool write_report(const std::string& path, const Options& options, const std::st
     return false;
   }
   return true;
+}
+
+ReadReport read_report(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ReportError(path + ": cannot read it (" + std::strerror(errno) + ")");
+  in_json root;
+  try {
+    root = in_json::parse(in);
+  } catch (const in_json::parse_error& e) {
+    std::string why = e.what();  // "[json.exception.parse_error.101] parse error at line 1, ..."
+    if (const size_t end = why.find("] "); why.rfind("[json.", 0) == 0 && end != std::string::npos)
+      why = why.substr(end + 2);
+    throw ReportError(path + ": not valid JSON (" + why + ")");
+  } catch (const std::exception& e) {  // a folder, an I/O error
+    throw ReportError(path + ": cannot read it (" + e.what() + ")");
+  }
+  const Reader r(path);
+  const Node report{root, ""};
+  ReadReport out;
+  if (r.has(report, "workload")) out.workload = r.string(r.at(report, "workload"));
+  try {
+    for (const Node& target : r.elements(r.at(report, "targets"))) {
+      TargetResult t{r.string(r.at(target, "url")), {}};
+      for (const Node& run : r.elements(r.at(target, "runs")))
+        t.runs.push_back(read_run(r, run, t.url));
+      // A target whose first run was interrupted: nothing of it to draw.
+      if (!t.runs.empty()) out.targets.push_back(std::move(t));
+    }
+  } catch (const in_json::exception& e) {  // not expected: every access above is checked
+    throw ReportError(path + ": " + e.what());
+  }
+  if (out.targets.empty()) throw ReportError(path + ": the report has no runs: nothing to draw");
+  return out;
+}
+
+void print_sweep_tables(std::ostream& out, const std::vector<TargetResult>& targets) {
+  for (const TargetResult& t : targets) {
+    out << "\n";
+    print_sweep(out, t);
+  }
 }
 
 }  // namespace sdload
