@@ -5,6 +5,7 @@
 
 #include "app/cli.h"
 #include "bench/bench.h"
+#include "bench/embedding_cache.h"
 #include "server/logging.h"
 
 namespace sdserve {
@@ -30,6 +31,10 @@ fp16 weights to --work-dir first (same compute as the real checkpoint; not count
   --json FILE           also write the report as JSON
   --profile-batch N     CUDA: finally run one step and decode at batch N inside the CUDA
                         profiler range (ncu --profile-from-start off ... --profile-batch N)
+
+  --embedding-cache     instead: time a job's text encoding with a cold cache, an in-process
+                        LRU hit and (with --redis-url URL) a Redis hit; needs --model
+  --jobs N              jobs timed per tier (default 50)
 )";
 
 std::vector<int> parse_list(const std::string& flag, const std::string& v) {
@@ -46,7 +51,9 @@ std::vector<int> parse_list(const std::string& flag, const std::string& v) {
 int run_bench(const std::vector<std::string>& args) {
   bench::BenchOptions o;
   o.process_start = process_start_time();
-  std::string json_path;
+  std::string json_path, redis_url;
+  bool cache_mode = false;
+  int jobs = 50;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--help" || a == "-h") {
@@ -61,9 +68,17 @@ int run_bench(const std::vector<std::string>& args) {
       o.load.channels_last = false;
       continue;
     }
+    if (a == "--embedding-cache") {
+      cache_mode = true;
+      continue;
+    }
     if (i + 1 >= args.size()) throw UsageError(a + " needs a value");
     const std::string& v = args[++i];
-    if (a == "--model")
+    if (a == "--redis-url")
+      redis_url = v;
+    else if (a == "--jobs")
+      jobs = parse_int_arg(a, v, 1, 100000);
+    else if (a == "--model")
       o.model = v;
     else if (a == "--work-dir")
       o.work_dir = v;
@@ -95,6 +110,16 @@ int run_bench(const std::vector<std::string>& args) {
       throw UsageError("unknown option '" + a + "'");
   }
   setup_logging("warn");
+  if (cache_mode) {
+    if (o.model.empty()) throw UsageError("--embedding-cache needs --model");
+    const auto model = pipeline::Model::load(o.model, o.load);
+    const auto r = bench::run_cache_bench(*model, redis_url, jobs);
+    std::cout << "model " << model->info().name << " on " << model->info().device << " ("
+              << model->info().precision << ")\n"
+              << r.to_table();
+    if (!json_path.empty()) std::ofstream(json_path) << r.to_json() << "\n";
+    return 0;
+  }
   const auto report =
       bench::run_bench(o, [](const std::string& s) { std::cerr << "bench: " << s << "\n"; });
   std::cout << report.to_table();

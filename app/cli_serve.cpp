@@ -9,6 +9,7 @@
 
 #include "app/cli.h"
 #include "cache/embedding_cache.h"
+#include "cache/redis_client.h"
 #include "config/config.h"
 #include "engine/engine.h"
 #include "pipeline/pipeline.h"
@@ -33,6 +34,22 @@ engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   return o;
 }
 
+std::shared_ptr<cache::EmbeddingCache> make_cache(const config::ServiceConfig& c) {
+  cache::TieredCacheOptions o;
+  o.memory_bytes = static_cast<uint64_t>(c.embedding_cache_mb) << 20;
+  o.redis_url = c.redis_url;
+  o.redis_timeout = std::chrono::milliseconds(c.redis_timeout_ms);
+  o.redis_ttl = std::chrono::seconds(c.redis_ttl_s);
+  if (!o.redis_url.empty())
+    spdlog::info("embedding cache: {} MiB in memory, shared through Redis", c.embedding_cache_mb);
+  return std::make_shared<cache::TieredEmbeddingCache>(o, [](bool error, const std::string& line) {
+    if (error)
+      spdlog::warn("{}", line);
+    else
+      spdlog::info("{}", line);
+  });
+}
+
 }  // namespace
 
 int run_serve(const std::vector<std::string>& args) {
@@ -47,6 +64,13 @@ int run_serve(const std::vector<std::string>& args) {
     return 0;
   }
   const config::ServiceConfig& cfg = loaded.config;
+  if (!cfg.redis_url.empty()) {
+    try {
+      cache::parse_redis_url(cfg.redis_url);
+    } catch (const std::invalid_argument& e) {
+      throw UsageError(e.what());
+    }
+  }
   setup_logging(cfg.log_level, cfg.log_format);
   spdlog::info("sdserve {} starting", SDSERVE_VERSION);
   if (!loaded.config_file.empty()) spdlog::info("config file: {}", loaded.config_file);
@@ -91,8 +115,8 @@ int run_serve(const std::vector<std::string>& args) {
   const auto model = models.front();
 
   if (!server.stop_requested()) {
-    std::shared_ptr<engine::Engine> engine = engine::Engine::create(
-        engine_options(cfg), models, std::make_shared<cache::PassThroughCache>());
+    std::shared_ptr<engine::Engine> engine =
+        engine::Engine::create(engine_options(cfg), models, make_cache(cfg));
     server.set_backend(engine, model);
     // Jobs queue during warm-up; /readyz turns ready once it has worked everywhere.
     while (!server.stop_requested() && !engine->warm_up_done())

@@ -95,6 +95,18 @@ const std::vector<Key>& table() {
       key("decode_batch", Type::kInt,
           "finished images decoded by the VAE in one call (each size is warmed up at start)", 1, 64,
           SDSERVE_MEMBER(decode_batch)),
+      key("embedding_cache_mb", Type::kInt,
+          "prompt embeddings kept in memory (on each worker's device), MiB; 0: none", 0, 1 << 20,
+          SDSERVE_MEMBER(embedding_cache_mb)),
+      key("redis_url", Type::kString,
+          "redis://[[user]:password@]host[:port][/db] shared by replicas for embeddings; empty: "
+          "no Redis",
+          0, 0, SDSERVE_MEMBER(redis_url)),
+      key("redis_ttl_s", Type::kInt, "how long an embedding stays in Redis", 1, 365 * 86400,
+          SDSERVE_MEMBER(redis_ttl_s)),
+      key("redis_timeout_ms", Type::kInt,
+          "Redis connect and command timeout; slower means a miss, never an error", 1, 60000,
+          SDSERVE_MEMBER(redis_timeout_ms)),
       key("default_timeout_s", Type::kNumber,
           "a job still queued after this many seconds ends 'expired' (request: timeout_s)", 0, kBig,
           SDSERVE_MEMBER(default_timeout_s), {}, true),
@@ -499,6 +511,12 @@ std::string to_json(const ServiceConfig& c) {
   json masked = json::array();
   for (size_t i = 0; i < c.api_keys.size(); ++i) masked.push_back("***");
   out["api_keys"] = masked;
+  // A password in the Redis URL is a secret too: keep the rest, hide what is between :// and @.
+  if (const auto at = c.redis_url.rfind('@'); at != std::string::npos) {
+    const auto scheme = c.redis_url.find("://");
+    const auto from = scheme == std::string::npos ? 0 : scheme + 3;
+    if (at > from) out["redis_url"] = c.redis_url.substr(0, from) + "***" + c.redis_url.substr(at);
+  }
   return safe_json::dump(out);  // string settings may hold any bytes (paths)
 }
 

@@ -44,6 +44,10 @@ struct ServiceConfig {
   double light_load_efficiency = 0.9;  // the admission policy (engine/admission.h)
   double light_load_max_wait_s = 0.25;
   int decode_batch = 1;
+  int embedding_cache_mb = 256;  // the embedding cache (cache/embedding_cache.h)
+  std::string redis_url;
+  int redis_ttl_s = 7 * 24 * 3600;
+  int redis_timeout_ms = 50;
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};
   double default_timeout_s = 600;
   double max_timeout_s = 3600;

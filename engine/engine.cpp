@@ -196,16 +196,20 @@ void Engine::unsubscribe(const std::string& id, uint64_t token) {
 }
 
 EngineStats Engine::stats() const {
-  std::lock_guard<std::mutex> lock(impl_->mutex);
-  EngineStats s = impl_->stats;
-  s.queued = static_cast<int>(impl_->queue->size());
-  s.running_jobs = 0;
-  s.active_images = 0;
-  for (const auto& [id, job] : impl_->jobs) {
-    if (job->status == JobStatus::kRunning) ++s.running_jobs;
-    s.active_images += job->images_in_flight;
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    s = impl_->stats;
+    s.queued = static_cast<int>(impl_->queue->size());
+    s.running_jobs = 0;
+    s.active_images = 0;
+    for (const auto& [id, job] : impl_->jobs) {
+      if (job->status == JobStatus::kRunning) ++s.running_jobs;
+      s.active_images += job->images_in_flight;
+    }
+    s.result_bytes = impl_->results.bytes();
   }
-  s.result_bytes = impl_->results.bytes();
+  s.embedding_cache = impl_->cache->stats();  // the cache's own lock, outside the engine's
   return s;
 }
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/embedding_cache.h"
 #include "engine/job.h"
 
 namespace sdserve::pipeline {
@@ -92,6 +93,8 @@ struct EngineStats {
   uint64_t unet_steps = 0;  // UNet calls
   uint64_t images_done = 0;
   uint64_t result_bytes = 0;
+  cache::HistogramCounts text_encode{cache::fast_latency_buckets()};  // seconds per encoder call
+  cache::CacheStats embedding_cache;
 };
 
 using EventCallback = std::function<void(const JobEvent&)>;

@@ -5,8 +5,11 @@
 // decoder thread also calls encode_text() and begin(), while the worker's thread waits.)
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "engine/job.h"
@@ -36,6 +39,26 @@ class ModelRunner {
   // there, for the admission policy; empty when not measured.
   virtual std::vector<double> warm_up(const std::vector<int>& batch_sizes) = 0;
   virtual pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) = 0;
+  // Several prompts in one text-encoder call (by default, one call each).
+  virtual std::vector<pipeline::EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,
+                                                           int clip_skip) {
+    std::vector<pipeline::EmbeddingPtr> out;
+    for (const auto& p : prompts) out.push_back(encode_text(p, clip_skip));
+    return out;
+  }
+  // For the embedding cache: what the text encoder reads for a prompt (prompts with equal ids
+  // have equal embeddings), and embeddings as bytes and back (from_bytes throws on anything that
+  // is not this model's embedding). The defaults suit a model without a shared cache tier.
+  virtual std::vector<int32_t> text_input_ids(const std::string& prompt) const {
+    return std::vector<int32_t>(prompt.begin(), prompt.end());
+  }
+  virtual std::string embedding_to_bytes(const pipeline::Embedding&) const {
+    throw std::logic_error("this model's embeddings cannot be stored outside the process");
+  }
+  virtual pipeline::EmbeddingPtr embedding_from_bytes(std::string_view) const {
+    throw std::logic_error("this model's embeddings cannot be read from outside the process");
+  }
+  virtual uint64_t embedding_size(const pipeline::Embedding&) const { return 0; }
   // `uncond` may be null when spec.guidance_scale <= 1.
   virtual std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec,
                                           pipeline::EmbeddingPtr cond,

@@ -70,6 +70,22 @@ class PipelineRunner : public ModelRunner {
   pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) override {
     return model_->encode_text(prompt, clip_skip);
   }
+  std::vector<pipeline::EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,
+                                                   int clip_skip) override {
+    return model_->encode_texts(prompts, clip_skip);
+  }
+  std::vector<int32_t> text_input_ids(const std::string& prompt) const override {
+    return model_->text_input_ids(prompt);
+  }
+  std::string embedding_to_bytes(const pipeline::Embedding& e) const override {
+    return model_->embedding_to_bytes(e);
+  }
+  pipeline::EmbeddingPtr embedding_from_bytes(std::string_view bytes) const override {
+    return model_->embedding_from_bytes(bytes);
+  }
+  uint64_t embedding_size(const pipeline::Embedding& e) const override {
+    return pipeline::Model::embedding_size(e);
+  }
   std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec, pipeline::EmbeddingPtr cond,
                                   pipeline::EmbeddingPtr uncond) override {
     return std::make_unique<PipelineRun>(model_->begin(spec, std::move(cond), std::move(uncond)));

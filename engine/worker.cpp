@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <future>
+#include <map>
 #include <optional>
 
+#include "cache/sha256.h"
 #include "pipeline/errors.h"
 #include "pipeline/log.h"
 
@@ -32,7 +34,16 @@ void Engine::Impl::worker_loop(size_t index) {
 }
 
 Worker::Worker(Engine::Impl& engine, ModelRunner& model, size_t index)
-    : engine_(engine), model_(model), index_(index), device_(model.info().device) {}
+    : engine_(engine), model_(model), index_(index), device_(model.info().device) {
+  // The cache may call these on its own thread after this worker is gone: they hold the model.
+  std::shared_ptr<ModelRunner> runner = engine.models[index];
+  codec_.to_bytes = [runner](const void* value) {
+    return runner->embedding_to_bytes(*static_cast<const pipeline::Embedding*>(value));
+  };
+  codec_.from_bytes = [runner](std::string_view bytes) -> std::shared_ptr<const void> {
+    return runner->embedding_from_bytes(bytes);
+  };
+}
 
 void Worker::run() {
   if (warm_up()) {
@@ -153,20 +164,95 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
   if (admission_ && e.queue->size() == 0) admission_->queue_drained();
 }
 
-pipeline::EmbeddingPtr Worker::embed(const std::string& prompt, int clip_skip) {
-  const std::string key =
-      model_.info().name + "|" + device_ + "|" + std::to_string(clip_skip) + "|" + prompt;
-  if (auto hit = engine_.cache->find(key))
-    return std::static_pointer_cast<const pipeline::Embedding>(hit);
-  auto embedding = model_.encode_text(prompt, clip_skip);
-  engine_.cache->store(key, embedding);
-  return embedding;
+// The key of a prompt's embedding in every cache tier: what decides the embedding (the text
+// encoder's weights and config, the dtype, clip_skip and the token ids), never the raw prompt, so
+// two models never share entries and two spellings that tokenise alike do.
+std::string Worker::embedding_key(const std::string& prompt, int clip_skip) const {
+  const auto& info = model_.info();
+  std::string text = "sdserve embedding\n" + info.text_fingerprint + "\n" + info.family + "\n" +
+                     info.precision + "\nclip_skip " + std::to_string(clip_skip) + "\nids";
+  for (int32_t id : model_.text_input_ids(prompt)) text += " " + std::to_string(id);
+  return cache::sha256_hex(text);
+}
+
+// Embeddings for (prompt, clip_skip) pairs: the cache's where it has them; the misses encoded
+// together (one text-encoder call per clip_skip) and stored. A non-empty `errors` entry says why
+// that prompt could not be encoded.
+std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptKey>& prompts,
+                                                       std::vector<std::string>* errors) {
+  errors->assign(prompts.size(), "");
+  std::vector<std::string> keys;
+  for (const auto& p : prompts) keys.push_back(embedding_key(p.prompt, p.clip_skip));
+  std::vector<pipeline::EmbeddingPtr> out;
+  for (auto& v : engine_.cache->find_many(device_, keys, codec_))
+    out.push_back(std::static_pointer_cast<const pipeline::Embedding>(v));
+  std::map<int, std::vector<size_t>> misses;  // by clip_skip; each distinct key once
+  std::map<std::string, size_t> first;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if (!out[i] && first.emplace(keys[i], i).second) misses[prompts[i].clip_skip].push_back(i);
+  for (const auto& [clip_skip, idx] : misses) {
+    std::vector<std::string> texts;
+    for (size_t i : idx) texts.push_back(prompts[i].prompt);
+    const auto start = SteadyClock::now();
+    std::vector<pipeline::EmbeddingPtr> encoded;
+    try {
+      encoded = model_.encode_texts(texts, clip_skip);
+    } catch (const std::exception&) {
+      // One bad prompt must not fail the others: encode each alone to find it.
+      encoded.clear();
+      for (size_t j = 0; j < idx.size(); ++j) {
+        try {
+          encoded.push_back(model_.encode_text(texts[j], clip_skip));
+        } catch (const std::exception& e) {
+          encoded.push_back(nullptr);
+          (*errors)[idx[j]] = e.what();
+        }
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(engine_.mutex);
+      engine_.stats.text_encode.observe(
+          std::chrono::duration<double>(SteadyClock::now() - start).count());
+    }
+    for (size_t j = 0; j < idx.size(); ++j) {
+      out[idx[j]] = encoded[j];
+      if (encoded[j] && (*errors)[idx[j]].empty())
+        engine_.cache->store(device_, keys[idx[j]], encoded[j], model_.embedding_size(*encoded[j]),
+                             codec_);
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {  // repeats of a key encoded above
+    const size_t f = first.count(keys[i]) ? first.at(keys[i]) : i;
+    if (f == i) continue;
+    out[i] = out[f];
+    (*errors)[i] = (*errors)[f];
+  }
+  return out;
 }
 
 void Worker::prepare(const std::vector<Admission>& admitted) {
+  // A job's images share its prompt embeddings: looked up (or encoded) once per job on this
+  // worker, all of this turn's together.
+  std::vector<PromptKey> prompts;
+  std::map<const JobState*, std::pair<size_t, size_t>> slots;  // job -> (cond, uncond) indices
+  for (const auto& [job, k] : admitted) {
+    const bool running = std::any_of(active_.begin(), active_.end(),
+                                     [&job = job](const Active& a) { return a.job == job; });
+    if (running || slots.count(job.get())) continue;
+    const size_t none = static_cast<size_t>(-1);
+    std::pair<size_t, size_t> slot{prompts.size(), none};
+    prompts.push_back({job->request.prompt, job->request.clip_skip});
+    if (job->request.guidance_scale > 1.0) {
+      slot.second = prompts.size();
+      prompts.push_back({job->request.negative_prompt, job->request.clip_skip});
+    }
+    slots[job.get()] = slot;
+  }
+  std::vector<std::string> errors;
+  const auto found =
+      prompts.empty() ? std::vector<pipeline::EmbeddingPtr>{} : embeddings(prompts, &errors);
   for (const auto& [job, k] : admitted) {
     try {
-      // A job's images share its prompt embeddings: encode once per job on this worker.
       pipeline::EmbeddingPtr cond, uncond;
       const auto sibling = std::find_if(active_.begin(), active_.end(),
                                         [&job = job](const Active& a) { return a.job == job; });
@@ -174,9 +260,13 @@ void Worker::prepare(const std::vector<Admission>& admitted) {
         cond = sibling->cond;
         uncond = sibling->uncond;
       } else {
-        cond = embed(job->request.prompt, job->request.clip_skip);
-        if (job->request.guidance_scale > 1.0)
-          uncond = embed(job->request.negative_prompt, job->request.clip_skip);
+        const auto [c, u] = slots.at(job.get());
+        if (!errors[c].empty()) throw std::runtime_error(errors[c]);
+        cond = found[c];
+        if (u != static_cast<size_t>(-1)) {
+          if (!errors[u].empty()) throw std::runtime_error(errors[u]);
+          uncond = found[u];
+        }
       }
       Active a{job, k, model_.begin(image_spec(job->request, k), cond, uncond), cond, uncond};
       {

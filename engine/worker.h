@@ -54,12 +54,19 @@ class Worker {
   void warm_up_decoder();
   void decode(std::vector<Active> finished);
   void fail(const std::vector<std::shared_ptr<JobState>>& jobs, const std::string& error);
-  pipeline::EmbeddingPtr embed(const std::string& prompt, int clip_skip);
+  struct PromptKey {
+    std::string prompt;
+    int clip_skip = 1;
+  };
+  std::string embedding_key(const std::string& prompt, int clip_skip) const;
+  std::vector<pipeline::EmbeddingPtr> embeddings(const std::vector<PromptKey>& prompts,
+                                                 std::vector<std::string>* errors);
 
   Engine::Impl& engine_;
   ModelRunner& model_;
   const size_t index_;  // in Engine::Impl::models and worker_status
   const std::string device_;
+  cache::ValueCodec codec_;  // embeddings to bytes and back, for the cache's shared tier
   std::vector<Active> active_;
   std::pair<int, int> last_resolution_{0, 0};
   std::optional<AdmissionPolicy> admission_;  // from the step times measured at warm-up

@@ -15,6 +15,9 @@
 
 namespace sdserve::pipeline {
 
+// A digest of the text encoder's config and weights (ModelInfo::text_fingerprint).
+std::string text_encoder_fingerprint(const ClipTextModel& encoder, const std::string& config);
+
 struct Model::Impl {
   ModelInfo info;
   torch::Device device{torch::kCPU};

@@ -158,6 +158,8 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   impl->text_encoder = ClipTextModel(text_config);
   load_weights(*impl->text_encoder, files.text_encoder, impl->dtype, impl->device);
   impl->text_encoder->eval();
+  impl->info.text_fingerprint =
+      text_encoder_fingerprint(impl->text_encoder, files.text_encoder_config.dump());
 
   const auto unet_config = UNetConfig::from_json(files.unet_config);
   impl->unet = UNet(unet_config);

@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "pipeline/image.h"
@@ -54,6 +55,10 @@ struct ModelInfo {
   int text_layers = 12;   // clip_skip may be 1..text_layers
   int latent_channels = 4;
   double load_seconds = 0;
+  // A digest of the text encoder's config and weights (as loaded, in the compute dtype): equal on
+  // every replica that loads the same text encoder, different for any other. Embedding cache keys
+  // start from it.
+  std::string text_fingerprint;
 };
 
 // One image's settings. Sizes are pixels (multiples of 8).
@@ -113,7 +118,17 @@ class Model {
   // BPE token ids without BOS/EOS/padding (to warn about prompts past 75 tokens).
   std::vector<int32_t> tokenize(const std::string& text) const;
 
+  // The token ids the text encoder reads for `prompt` (start, the text truncated to the context,
+  // end, padding): prompts with the same ids have the same embedding.
+  std::vector<int32_t> text_input_ids(const std::string& prompt) const;
+
   EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1) const;
+  // Embeddings as bytes (a small versioned header, then the raw tensor) for caches outside the
+  // process, and back. embedding_from_bytes() checks everything against this model (format
+  // version, dtype, shape, length, finite values) and throws ModelError instead of trusting it.
+  std::string embedding_to_bytes(const Embedding& embedding) const;
+  EmbeddingPtr embedding_from_bytes(std::string_view bytes) const;
+  static size_t embedding_size(const Embedding& embedding);  // bytes it holds on its device
   // Several prompts in one text-encoder call.
   std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,
                                          int clip_skip = 1) const;

@@ -3,6 +3,7 @@
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
@@ -68,7 +69,65 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                      .Add({});
   images_ =
       &BuildCounter().Name("sdserve_images_total").Help("Images finished").Register(r).Add({});
+
+  cache_lookups_ = &BuildCounter()
+                        .Name("sdserve_embedding_cache_lookups_total")
+                        .Help("Prompt embedding lookups by tier (memory, redis) and result")
+                        .Register(r);
+  cache_bytes_ = &BuildGauge()
+                      .Name("sdserve_embedding_cache_bytes")
+                      .Help("Bytes of prompt embeddings in the in-process cache")
+                      .Register(r)
+                      .Add({});
+  cache_entries_ = &BuildGauge()
+                        .Name("sdserve_embedding_cache_entries")
+                        .Help("Prompt embeddings in the in-process cache")
+                        .Register(r)
+                        .Add({});
+  redis_up_ = &BuildGauge()
+                   .Name("sdserve_redis_up")
+                   .Help("1 while the shared embedding cache's Redis answers (0 also when unset)")
+                   .Register(r)
+                   .Add({});
+  redis_errors_ = &BuildCounter()
+                       .Name("sdserve_redis_errors_total")
+                       .Help("Redis failures by kind (connect, timeout, io, protocol, reply)")
+                       .Register(r);
+  redis_corrupt_ = &BuildCounter()
+                        .Name("sdserve_redis_corrupt_values_total")
+                        .Help("Values in Redis that were not a valid embedding (ignored)")
+                        .Register(r)
+                        .Add({});
+  redis_latency_ = &prometheus::BuildHistogram()
+                        .Name("sdserve_redis_latency_seconds")
+                        .Help("Redis command round trips")
+                        .Register(r)
+                        .Add({}, cache::fast_latency_buckets());
+  text_encode_ = &prometheus::BuildHistogram()
+                      .Name("sdserve_text_encode_seconds")
+                      .Help("Text-encoder calls (the cache's misses, batched)")
+                      .Register(r)
+                      .Add({}, cache::fast_latency_buckets());
 }
+
+namespace {
+
+// Adds to `h` what `now` holds beyond `seen` (counts only grow).
+void mirror(prometheus::Histogram& h, const cache::HistogramCounts& now, Metrics::Mirrored& seen) {
+  if (seen.counts.size() != now.counts.size()) seen.counts.assign(now.counts.size(), 0);
+  std::vector<double> delta(now.counts.size());
+  bool any = false;
+  for (size_t i = 0; i < now.counts.size(); ++i) {
+    delta[i] = static_cast<double>(now.counts[i] - seen.counts[i]);
+    any = any || delta[i] > 0;
+  }
+  if (!any) return;
+  h.ObserveMultiple(delta, now.sum - seen.sum);
+  seen.counts = now.counts;
+  seen.sum = now.sum;
+}
+
+}  // namespace
 
 Metrics::~Metrics() = default;
 
@@ -100,6 +159,18 @@ std::string Metrics::scrape(const engine::EngineStats* stats, bool ready) {
     advance(jobs_->Add({{"status", "expired"}}), stats->jobs_expired);
     advance(*unet_steps_, stats->unet_steps);
     advance(*images_, stats->images_done);
+    const auto& c = stats->embedding_cache;
+    advance(cache_lookups_->Add({{"tier", "memory"}, {"result", "hit"}}), c.memory_hits);
+    advance(cache_lookups_->Add({{"tier", "memory"}, {"result", "miss"}}), c.memory_misses);
+    advance(cache_lookups_->Add({{"tier", "redis"}, {"result", "hit"}}), c.redis_hits);
+    advance(cache_lookups_->Add({{"tier", "redis"}, {"result", "miss"}}), c.redis_misses);
+    cache_bytes_->Set(static_cast<double>(c.bytes));
+    cache_entries_->Set(static_cast<double>(c.entries));
+    redis_up_->Set(c.redis_up ? 1 : 0);
+    for (const auto& [kind, n] : c.redis_errors) advance(redis_errors_->Add({{"kind", kind}}), n);
+    advance(*redis_corrupt_, c.redis_corrupt);
+    mirror(*redis_latency_, c.redis_latency, redis_latency_seen_);
+    mirror(*text_encode_, stats->text_encode, text_encode_seen_);
   }
   return prometheus::TextSerializer().Serialize(registry_->Collect());
 }

@@ -5,6 +5,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "engine/engine.h"
 
@@ -12,6 +13,7 @@ namespace prometheus {
 class Registry;
 class Counter;
 class Gauge;
+class Histogram;
 template <typename T>
 class Family;
 }  // namespace prometheus
@@ -22,6 +24,12 @@ class Metrics {
  public:
   Metrics();
   ~Metrics();
+
+  // A histogram mirrored from counts kept below the server: what was already added.
+  struct Mirrored {
+    std::vector<uint64_t> counts;
+    double sum = 0;
+  };
 
   prometheus::Registry& registry() { return *registry_; }
 
@@ -42,6 +50,13 @@ class Metrics {
   prometheus::Gauge *ready_, *queue_depth_, *running_jobs_, *active_images_, *result_bytes_;
   prometheus::Family<prometheus::Counter>* jobs_;
   prometheus::Counter *unet_steps_, *images_;
+  // The embedding cache (issue #9).
+  prometheus::Family<prometheus::Counter>* cache_lookups_;
+  prometheus::Gauge *cache_bytes_, *cache_entries_, *redis_up_;
+  prometheus::Family<prometheus::Counter>* redis_errors_;
+  prometheus::Counter* redis_corrupt_;
+  prometheus::Histogram *redis_latency_, *text_encode_;
+  Mirrored redis_latency_seen_, text_encode_seen_;
   std::mutex scrape_mutex_;  // mirrored counters are advanced by deltas
 };
 
