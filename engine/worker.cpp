@@ -249,8 +249,13 @@ void Worker::prepare(const std::vector<Admission>& admitted) {
     slots[job.get()] = slot;
   }
   std::vector<std::string> errors;
-  const auto found =
-      prompts.empty() ? std::vector<pipeline::EmbeddingPtr>{} : embeddings(prompts, &errors);
+  std::vector<pipeline::EmbeddingPtr> found;
+  try {
+    if (!prompts.empty()) found = embeddings(prompts, &errors);
+  } catch (const std::exception& e) {  // the turn's jobs fail below; the worker goes on
+    found.assign(prompts.size(), nullptr);
+    errors.assign(prompts.size(), std::string("prompt embeddings failed: ") + e.what());
+  }
   for (const auto& [job, k] : admitted) {
     try {
       pipeline::EmbeddingPtr cond, uncond;
