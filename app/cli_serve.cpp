@@ -37,6 +37,7 @@ engine::EngineOptions engine_options(const config::ServiceConfig& c) {
 std::shared_ptr<cache::EmbeddingCache> make_cache(const config::ServiceConfig& c) {
   cache::TieredCacheOptions o;
   o.memory_bytes = static_cast<uint64_t>(c.embedding_cache_mb) << 20;
+  o.memory_on_host = c.embedding_cache_on_host;
   o.redis_url = c.redis_url;
   o.redis_timeout = std::chrono::milliseconds(c.redis_timeout_ms);
   o.redis_ttl = std::chrono::seconds(c.redis_ttl_s);

@@ -4,13 +4,13 @@
 #include "cache/redis_client.h"
 
 namespace sdserve::cache {
-namespace {
+namespace {}  // namespace
 
-std::string memory_key(const std::string& scope, const std::string& key) {
-  return scope + '\n' + key;
+// On a device, each device keeps its own tensors; host bytes serve every device.
+std::string TieredEmbeddingCache::memory_tier_key(const std::string& scope,
+                                                  const std::string& key) const {
+  return options_.memory_on_host ? key : scope + '\n' + key;
 }
-
-}  // namespace
 
 std::vector<std::shared_ptr<const void>> EmbeddingCache::find_many(
     const std::string& scope, const std::vector<std::string>& keys, const ValueCodec& codec) {
@@ -38,8 +38,10 @@ TieredEmbeddingCache::TieredEmbeddingCache(TieredCacheOptions options,
                     : "redis is down (" + reason + "); prompts are encoded here until it is back");
     });
     counts_.redis_configured = true;
-    writer_ = std::thread([this] { writer_loop(); });
   }
+  // The writer turns values into bytes off the caller's thread: for Redis, and for a memory tier
+  // kept in host memory.
+  if (redis_ || options_.memory_on_host) writer_ = std::thread([this] { writer_loop(); });
 }
 
 TieredEmbeddingCache::~TieredEmbeddingCache() {
@@ -63,7 +65,15 @@ std::vector<std::shared_ptr<const void>> TieredEmbeddingCache::find_many(
   std::vector<std::shared_ptr<const void>> out(keys.size());
   std::vector<size_t> missing;
   for (size_t i = 0; i < keys.size(); ++i) {
-    out[i] = memory_->find(memory_key(scope, keys[i]));
+    out[i] = memory_->find(memory_tier_key(scope, keys[i]));
+    if (out[i] && options_.memory_on_host) {
+      // Host bytes this process wrote; the upload to the caller's device happens here.
+      try {
+        out[i] = codec.from_bytes(*static_cast<const std::string*>(out[i].get()));
+      } catch (const std::exception&) {
+        out[i] = nullptr;
+      }
+    }
     if (!out[i]) missing.push_back(i);
   }
   {
@@ -104,7 +114,13 @@ std::vector<std::shared_ptr<const void>> TieredEmbeddingCache::find_many(
       continue;
     }
     ++hits;
-    memory_->insert(memory_key(scope, keys[i]), out[i], values[j]->size());
+    if (options_.memory_on_host) {
+      const auto size = values[j]->size();
+      memory_->insert(memory_tier_key(scope, keys[i]),
+                      std::make_shared<const std::string>(std::move(*values[j])), size);
+    } else {
+      memory_->insert(memory_tier_key(scope, keys[i]), out[i], values[j]->size());
+    }
   }
   std::lock_guard<std::mutex> lock(stats_mutex_);
   counts_.redis_latency.observe(seconds);
@@ -118,12 +134,12 @@ void TieredEmbeddingCache::store(const std::string& scope, const std::string& ke
                                  std::shared_ptr<const void> value, uint64_t bytes,
                                  const ValueCodec& codec) {
   if (!value) return;
-  memory_->insert(memory_key(scope, key), value, bytes);
-  if (!redis_) return;
+  if (!options_.memory_on_host) memory_->insert(memory_tier_key(scope, key), value, bytes);
+  if (!redis_ && !options_.memory_on_host) return;
   {
     std::lock_guard<std::mutex> lock(write_mutex_);
-    if (writes_.size() >= options_.max_pending_writes) return;  // Redis is behind: skip it
-    writes_.push_back({options_.key_prefix + key, std::move(value), codec});
+    if (writes_.size() >= options_.max_pending_writes) return;  // the writer is behind: skip
+    writes_.push_back({key, memory_tier_key(scope, key), std::move(value), codec});
   }
   write_cv_.notify_one();
 }
@@ -139,9 +155,11 @@ void TieredEmbeddingCache::writer_loop() {
       writes_.pop_front();
     }
     try {
-      const std::string bytes = w.codec.to_bytes(w.value.get());
+      auto bytes = std::make_shared<const std::string>(w.codec.to_bytes(w.value.get()));
+      if (options_.memory_on_host) memory_->insert(w.memory_key, bytes, bytes->size());
+      if (!redis_) continue;
       const auto start = std::chrono::steady_clock::now();
-      redis_->set(w.key, bytes, options_.redis_ttl);
+      redis_->set(options_.key_prefix + w.key, *bytes, options_.redis_ttl);
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::lock_guard<std::mutex> lock(stats_mutex_);

@@ -3,7 +3,8 @@
 // them into bytes and back for the shared tier.
 //
 // Two tiers (TieredEmbeddingCache): an in-process LRU bounded in bytes, holding values where
-// the caller made them (on a worker's GPU), keyed by (scope, key) so each device keeps its own;
+// the caller made them (on a worker's GPU), keyed by (scope, key) so each device keeps its own
+// (or, with memory_on_host, their bytes in host memory, shared by every device);
 // and, optionally, Redis shared by every replica, keyed by `key` alone. Redis is a bonus, never a
 // requirement: when it is absent, down, slow or holds garbage, a lookup is a miss and the text
 // encoder runs. Writes to Redis happen on a background thread, so a worker never waits for them.
@@ -80,7 +81,10 @@ class PassThroughCache final : public EmbeddingCache {
 
 struct TieredCacheOptions {
   uint64_t memory_bytes = 256ull << 20;  // 0: no memory tier
-  std::string redis_url;                 // empty: no Redis
+  // Keep the memory tier as bytes in host memory (shared by every device; a hit is copied to
+  // the device) instead of tensors on each device (no copy; costs device memory).
+  bool memory_on_host = false;
+  std::string redis_url;  // empty: no Redis
   std::chrono::milliseconds redis_timeout{50};
   std::chrono::seconds redis_ttl{7 * 24 * 3600};
   std::string key_prefix = "sdserve:emb:v1:";
@@ -106,11 +110,13 @@ class TieredEmbeddingCache final : public EmbeddingCache {
 
  private:
   struct Write {
-    std::string key;
+    std::string key;         // without the Redis prefix
+    std::string memory_key;  // in the memory tier (host mode)
     std::shared_ptr<const void> value;
     ValueCodec codec;
   };
   void writer_loop();
+  std::string memory_tier_key(const std::string& scope, const std::string& key) const;
   void count_error(const std::string& kind);
 
   TieredCacheOptions options_;

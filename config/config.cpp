@@ -98,6 +98,10 @@ const std::vector<Key>& table() {
       key("embedding_cache_mb", Type::kInt,
           "prompt embeddings kept in memory (on each worker's device), MiB; 0: none", 0, 1 << 20,
           SDSERVE_MEMBER(embedding_cache_mb)),
+      key("embedding_cache_on_host", Type::kBool,
+          "keep the in-memory embeddings in host memory (shared by all GPUs, copied on a hit) "
+          "instead of on each GPU",
+          0, 0, SDSERVE_MEMBER(embedding_cache_on_host)),
       key("redis_url", Type::kString,
           "redis://[[user]:password@]host[:port][/db] shared by replicas for embeddings; empty: "
           "no Redis",

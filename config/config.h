@@ -45,6 +45,7 @@ struct ServiceConfig {
   double light_load_max_wait_s = 0.25;
   int decode_batch = 1;
   int embedding_cache_mb = 256;  // the embedding cache (cache/embedding_cache.h)
+  bool embedding_cache_on_host = false;
   std::string redis_url;
   int redis_ttl_s = 7 * 24 * 3600;
   int redis_timeout_ms = 50;

@@ -89,6 +89,37 @@ TEST(EmbeddingBytes, RoundTripThroughRedisForEveryDtype) {
   }
 }
 
+// embedding_cache_on_host: the memory tier keeps bytes in host memory (written by the cache's
+// background thread) and a hit becomes a tensor on the model's device again, bit for bit.
+TEST(EmbeddingBytes, HostMemoryTierRoundTrips) {
+  const auto model = load();
+  cache::ValueCodec codec;
+  codec.to_bytes = [&](const void* v) {
+    return model->embedding_to_bytes(*static_cast<const Embedding*>(v));
+  };
+  codec.from_bytes = [&](std::string_view b) -> std::shared_ptr<const void> {
+    return model->embedding_from_bytes(b);
+  };
+  cache::TieredCacheOptions o;
+  o.memory_on_host = true;
+  cache::TieredEmbeddingCache host(o);
+  const auto e = embedding_like(*model, 5);
+  host.store("cpu", "k", e, Model::embedding_size(*e), codec);
+  std::shared_ptr<const void> got;
+  for (int i = 0; i < 200 && !got; ++i) {
+    got = host.find("cpu", "k", codec);
+    if (!got) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(got);
+  EXPECT_NE(got.get(), e.get());  // a new tensor made from the bytes
+  EXPECT_TRUE(torch::equal(static_cast<const Embedding*>(got.get())->hidden(), e->hidden()));
+  // Host bytes serve every device: another scope finds the same entry.
+  EXPECT_TRUE(host.find("cuda:1", "k", codec));
+  const auto stats = host.stats();
+  EXPECT_EQ(stats.entries, 1u);
+  EXPECT_GE(stats.bytes, model->embedding_to_bytes(*e).size());
+}
+
 TEST(EmbeddingBytes, AnythingElseIsRefused) {
   const auto model = load();
   const std::string good = model->embedding_to_bytes(*model->encode_text("a cat"));

@@ -72,6 +72,17 @@ TEST(EmbeddingCacheTest, RepeatedPromptsHitMemoryAndGiveTheSamePixels) {
   EXPECT_GE(metric(port, "sdserve_text_encode_seconds_count"), 1);
 }
 
+TEST(EmbeddingCacheTest, HostMemoryTierHitsAndGivesTheSamePixels) {
+  ServerProcess server({"--embedding-cache-on-host", "true"});
+  const int port = server.port();
+  const auto first = run_job(port, "a blue heron");
+  // The bytes are written in the background.
+  ASSERT_TRUE(wait_metric(port, "sdserve_embedding_cache_entries", 2));
+  const auto second = run_job(port, "a blue heron");
+  EXPECT_EQ(metric(port, lookups("memory", "hit")), 2);
+  EXPECT_TRUE(pixels(second) == pixels(first));
+}
+
 TEST(EmbeddingCacheTest, TwoServersShareOneRedis) {
   REQUIRE_REDIS();
   test::RedisServer redis;
