@@ -8,12 +8,12 @@ namespace sdserve::engine {
 namespace {
 
 // UNet step seconds measured by `sdserve bench` on an H200 at 512x512 with CFG
-// (docs/PERFORMANCE.md): images/s per size 100, 152, 165, 172, 174.
+// (docs/PERFORMANCE.md): image-steps per second (size / seconds) 100, 152, 165, 172, 174.
 const std::vector<int> kSizes = {1, 4, 8, 16, 32};
 const std::vector<double> kH200 = {0.0100, 0.02624, 0.04835, 0.09278, 0.18342};
 
 TEST(Admission, LightLoadBatchIsTheSmallestWithinTheEfficiency) {
-  // 90% of the best (174 images/s at 32) is 157: 8 (165) is the first to reach it.
+  // 90% of the best (174 at 32) is 157: 8 (165) is the first to reach it.
   EXPECT_EQ(light_load_batch(kSizes, kH200, 0.9, 32), 8);
   EXPECT_EQ(light_load_batch(kSizes, kH200, 0.97, 32), 16);
   EXPECT_EQ(light_load_batch(kSizes, kH200, 0.99, 32), 32);
