@@ -69,7 +69,7 @@ struct WeightHash {
       word(w);
     }
     uint64_t tail = 0;
-    std::memcpy(&tail, p + i, n - i);
+    if (n > i) std::memcpy(&tail, p + i, n - i);  // never memcpy from a null (empty) buffer
     word(tail ^ (static_cast<uint64_t>(n) << 56));
   }
   void text(const std::string& s) { bytes(s.data(), s.size()); }
