@@ -27,7 +27,6 @@ TieredEmbeddingCache::TieredEmbeddingCache(TieredCacheOptions options,
     RedisOptions r;
     r.url = options_.redis_url;
     r.timeout = options_.redis_timeout;
-    parse_redis_url(r.url);  // a malformed URL stops start-up, before any thread exists
     redis_ = std::make_unique<RedisClient>(r, [this, log](bool up, const std::string& reason) {
       {
         std::lock_guard<std::mutex> lock(stats_mutex_);

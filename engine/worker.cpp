@@ -222,8 +222,9 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
     }
   }
   for (size_t i = 0; i < prompts.size(); ++i) {  // repeats of a key encoded above
-    const size_t f = first.count(keys[i]) ? first.at(keys[i]) : i;
-    if (f == i) continue;
+    const auto it = first.find(keys[i]);
+    if (it == first.end() || it->second == i) continue;
+    const size_t f = it->second;
     out[i] = out[f];
     (*errors)[i] = (*errors)[f];
   }
@@ -233,14 +234,14 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
 void Worker::prepare(const std::vector<Admission>& admitted) {
   // A job's images share its prompt embeddings: looked up (or encoded) once per job on this
   // worker, all of this turn's together.
+  constexpr size_t kNone = static_cast<size_t>(-1);  // no unconditional prompt (no CFG)
   std::vector<PromptKey> prompts;
   std::map<const JobState*, std::pair<size_t, size_t>> slots;  // job -> (cond, uncond) indices
   for (const auto& [job, k] : admitted) {
     const bool running = std::any_of(active_.begin(), active_.end(),
                                      [&job = job](const Active& a) { return a.job == job; });
     if (running || slots.count(job.get())) continue;
-    const size_t none = static_cast<size_t>(-1);
-    std::pair<size_t, size_t> slot{prompts.size(), none};
+    std::pair<size_t, size_t> slot{prompts.size(), kNone};
     prompts.push_back({job->request.prompt, job->request.clip_skip});
     if (job->request.guidance_scale > 1.0) {
       slot.second = prompts.size();
@@ -268,7 +269,7 @@ void Worker::prepare(const std::vector<Admission>& admitted) {
         const auto [c, u] = slots.at(job.get());
         if (!errors[c].empty()) throw std::runtime_error(errors[c]);
         cond = found[c];
-        if (u != static_cast<size_t>(-1)) {
+        if (u != kNone) {
           if (!errors[u].empty()) throw std::runtime_error(errors[u]);
           uncond = found[u];
         }

@@ -27,6 +27,18 @@ EmbeddingPtr embedding_like(const Model& model, uint64_t seed) {
 
 // The tiny model on the CPU, set to compute in `dtype`. Only fp32 loads on the CPU; the byte
 // format depends on nothing but the model's dtype and shape, so the others are set directly.
+// The cache's view of the model's embeddings, as the engine's workers give it.
+cache::ValueCodec codec_for(const std::shared_ptr<Model>& model) {
+  cache::ValueCodec codec;
+  codec.to_bytes = [model](const void* v) {
+    return model->embedding_to_bytes(*static_cast<const Embedding*>(v));
+  };
+  codec.from_bytes = [model](std::string_view b) -> std::shared_ptr<const void> {
+    return model->embedding_from_bytes(b);
+  };
+  return codec;
+}
+
 std::shared_ptr<Model> load(torch::Dtype dtype = torch::kFloat32) {
   LoadOptions o;
   o.device = "cpu";
@@ -57,13 +69,7 @@ TEST(EmbeddingBytes, RoundTripThroughRedisForEveryDtype) {
   for (const auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
     SCOPED_TRACE(c10::toString(dtype));
     const auto model = load(dtype);
-    cache::ValueCodec codec;
-    codec.to_bytes = [&](const void* v) {
-      return model->embedding_to_bytes(*static_cast<const Embedding*>(v));
-    };
-    codec.from_bytes = [&](std::string_view b) -> std::shared_ptr<const void> {
-      return model->embedding_from_bytes(b);
-    };
+    const auto codec = codec_for(model);
     cache::TieredCacheOptions o;
     o.redis_url = redis.url();
     o.redis_timeout = std::chrono::milliseconds(2000);
@@ -93,13 +99,7 @@ TEST(EmbeddingBytes, RoundTripThroughRedisForEveryDtype) {
 // background thread) and a hit becomes a tensor on the model's device again, bit for bit.
 TEST(EmbeddingBytes, HostMemoryTierRoundTrips) {
   const auto model = load();
-  cache::ValueCodec codec;
-  codec.to_bytes = [&](const void* v) {
-    return model->embedding_to_bytes(*static_cast<const Embedding*>(v));
-  };
-  codec.from_bytes = [&](std::string_view b) -> std::shared_ptr<const void> {
-    return model->embedding_from_bytes(b);
-  };
+  const auto codec = codec_for(model);
   cache::TieredCacheOptions o;
   o.memory_on_host = true;
   cache::TieredEmbeddingCache host(o);

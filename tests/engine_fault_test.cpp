@@ -262,6 +262,15 @@ void wait_running(const Engine& e, const std::string& id) {
   ASSERT_EQ(e.get(id)->status, JobStatus::kRunning);
 }
 
+// Submits a one-image job of `steps` steps (10 ms each) and waits until it runs.
+std::string run_long_job(Engine& engine, int steps) {
+  JobRequest long_job = request("long");
+  long_job.steps = steps;
+  const auto id = engine.submit(long_job).id;
+  wait_running(engine, id);
+  return id;
+}
+
 // The admission policy (admission.h) through a worker. Warm-up says batches of 1, 2 and 4 take
 // 1, 1.1 and 2.2 s: 2 and 4 give the same images/s, so under light load the worker batches
 // at most 2 images.
@@ -277,18 +286,14 @@ TEST(EngineAdmission, LightLoadBatchesUpToTheEconomicalSize) {
   auto engine = make_engine(fake, 4, 60);
   wait_warm(*engine);
   EXPECT_EQ(engine->workers().front().light_load_batch, 2);
-  JobRequest long_job = request("long");
-  long_job.steps = 60;  // ~0.6 s
-  const auto a = engine->submit(long_job);
-  wait_running(*engine, a.id);
-  const auto b = engine->submit(long_job);
-  wait_running(*engine, b.id);
+  const auto a = run_long_job(*engine, 60);  // ~0.6 s
+  const auto b = run_long_job(*engine, 60);
   // One image waits, under the light-load batch and for less than max_wait: it waits for a slot.
   const auto c = engine->submit(request("third"));
   std::this_thread::sleep_for(200ms);
   EXPECT_EQ(engine->get(c.id)->status, JobStatus::kQueued);
-  EXPECT_EQ(engine->get(a.id)->status, JobStatus::kRunning);
-  for (const auto& id : {a.id, b.id, c.id})
+  EXPECT_EQ(engine->get(a)->status, JobStatus::kRunning);
+  for (const auto& id : {a, b, c.id})
     EXPECT_EQ(wait_final(*engine, id).status, JobStatus::kSucceeded);
   EXPECT_EQ(fake->largest_batch.load(), 2);
 }
@@ -297,33 +302,26 @@ TEST(EngineAdmission, AJobWaitingPastMaxWaitOpensTheBatch) {
   auto fake = model_best_at_two();
   auto engine = make_engine(fake, 4, 0.05);
   wait_warm(*engine);
-  JobRequest long_job = request("long");
-  long_job.steps = 100;  // ~1 s
-  const auto a = engine->submit(long_job);
-  wait_running(*engine, a.id);
-  const auto b = engine->submit(long_job);
-  wait_running(*engine, b.id);
+  const auto a = run_long_job(*engine, 100);  // ~1 s
+  run_long_job(*engine, 100);
   const auto c = engine->submit(request("third"));
   // c runs after ~50 ms of waiting, beside the two long jobs, and ends long before them.
   EXPECT_EQ(wait_final(*engine, c.id).status, JobStatus::kSucceeded);
-  EXPECT_EQ(engine->get(a.id)->status, JobStatus::kRunning);
+  EXPECT_EQ(engine->get(a)->status, JobStatus::kRunning);
   EXPECT_EQ(fake->largest_batch.load(), 3);
-  EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(wait_final(*engine, a).status, JobStatus::kSucceeded);
 }
 
 TEST(EngineAdmission, ALightLoadBatchOfQueuedImagesOpensToMaxBatch) {
   auto fake = model_best_at_two();
   auto engine = make_engine(fake, 4, 60);
   wait_warm(*engine);
-  JobRequest long_job = request("long");
-  long_job.steps = 60;
-  const auto a = engine->submit(long_job);
-  wait_running(*engine, a.id);
+  const auto a = run_long_job(*engine, 60);
   // Three images queue at once (>= the light-load batch of 2): heavy load, up to max_batch.
   const auto b = engine->submit(request("three images", 3));
   EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
   EXPECT_EQ(fake->largest_batch.load(), 4);
-  EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(wait_final(*engine, a).status, JobStatus::kSucceeded);
 }
 
 TEST(EngineFaults, SuccessfulWarmUpIsReady) {
