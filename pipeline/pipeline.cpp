@@ -180,6 +180,14 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
                                                                     : impl->dtype;
   load_weights(*impl->vae, files.vae, vae_dtype, impl->device);
   impl->vae->eval();
+  // Channels-last on CUDA, as the UNet: cuDNN's fast convolutions are NHWC, and the NCHW VAE
+  // spent ~16% of its decode converting layouts (docs/PERFORMANCE.md). Convolutions follow the
+  // weights' layout, so the activations become channels-last too.
+  if (impl->device.is_cuda() && options.channels_last) {
+    for (auto& p : impl->vae->parameters()) {
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+  }
   impl->vae_scaling_factor = vae_config.scaling_factor;
 
   impl->scheduler = SchedulerConfig::from_json(files.scheduler_config);

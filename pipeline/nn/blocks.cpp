@@ -1,6 +1,7 @@
 #include "pipeline/nn/blocks.h"
 
 #include "pipeline/nn/attention.h"
+#include "pipeline/nn/fused.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -88,21 +89,20 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options) : opti
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
   // In-place ops below only touch tensors created in this function (inference-only module).
-  auto h = conv1_(silu_inplace(group_norm_forward(norm1_, x)));
+  auto h = conv1_(group_norm_fused(norm1_, x, {}, /*silu=*/true));
+  torch::Tensor t;
   if (time_emb_proj_) {
     TORCH_CHECK(temb.defined(), "ResnetBlock2D: a time embedding is required");
-    auto t = time_emb_proj_(options_.skip_time_act ? temb : torch::silu(temb));
-    t = t.unsqueeze(-1).unsqueeze(-1);
-    if (options_.scale_shift) {
-      auto scale_shift = t.chunk(2, 1);
-      h = group_norm_forward(norm2_, h).mul_(scale_shift[0] + 1).add_(scale_shift[1]);
-    } else {
-      h = group_norm_forward(norm2_, h.add_(t));
-    }
-  } else {
-    h = group_norm_forward(norm2_, h);
+    t = time_emb_proj_(options_.skip_time_act ? temb : torch::silu(temb));  // (B, C or 2C)
   }
-  h = conv2_(silu_inplace(h));
+  if (t.defined() && options_.scale_shift) {
+    auto scale_shift = t.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+    h = silu_inplace(group_norm_forward(norm2_, h).mul_(scale_shift[0] + 1).add_(scale_shift[1]));
+  } else {
+    // The time embedding is added before the norm; the fused kernel folds it into the norm.
+    h = group_norm_fused(norm2_, h, t, /*silu=*/true);
+  }
+  h = conv2_(h);
   h.add_(conv_shortcut_ ? conv_shortcut_(x) : x);
   if (options_.output_scale_factor != 1.0) h.div_(options_.output_scale_factor);
   return h;
@@ -160,7 +160,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   const bool spatial = x.dim() == 4;
   torch::Tensor tokens;  // (B, L, C)
   if (spatial) {
-    auto h = group_norm_ ? group_norm_forward(group_norm_, x) : x;
+    auto h = group_norm_ ? group_norm_fused(group_norm_, x, {}, /*silu=*/false) : x;
     tokens = h.flatten(2).transpose(1, 2);
   } else {
     tokens = group_norm_ ? group_norm_(x.transpose(1, 2)).transpose(1, 2) : x;
@@ -239,8 +239,7 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
 }
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
-  auto parts = proj_(x).chunk(2, -1);
-  return parts[0] * torch::gelu(parts[1]);
+  return geglu_fused(proj_(x));
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
@@ -326,7 +325,9 @@ Transformer2DImpl::Transformer2DImpl(const Transformer2DOptions& options) : opti
 torch::Tensor Transformer2DImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
   const auto b = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
   // NCHW -> (B, H*W, C): the one layout copy on the way in.
-  auto h = group_norm_forward(norm_, x).permute({0, 2, 3, 1}).reshape({b, height * width, c});
+  auto h = group_norm_fused(norm_, x, {}, /*silu=*/false)
+               .permute({0, 2, 3, 1})
+               .reshape({b, height * width, c});
   // A 1x1 conv is a matmul over channels; applying it to the tokens avoids a second transpose.
   h = proj_in_linear_ ? proj_in_linear_(h)
                       : torch::linear(h, proj_in_conv_->weight.flatten(1), proj_in_conv_->bias);

@@ -6,6 +6,7 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/io/config_json.h"
+#include "pipeline/nn/fused.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -279,7 +280,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
     }
     x = up_blocks_[i](x, emb, context, &skips, size);
   }
-  return conv_out_(silu_inplace(group_norm_forward(conv_norm_out_, x)));
+  return conv_out_(group_norm_fused(conv_norm_out_, x, {}, /*silu=*/true));
 }
 
 }  // namespace sdserve::pipeline

@@ -4,6 +4,7 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/io/config_json.h"
+#include "pipeline/nn/fused.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -119,7 +120,7 @@ torch::Tensor VaeEncoderImpl::forward(const torch::Tensor& x) {
   auto h = conv_in_(x);
   for (auto& block : down_blocks_) h = block->forward(h, {}, {}, nullptr);
   h = mid_block_(h);
-  return conv_out_(silu_inplace(group_norm_forward(conv_norm_out_, h)));
+  return conv_out_(group_norm_fused(conv_norm_out_, h, {}, /*silu=*/true));
 }
 
 VaeDecoderImpl::VaeDecoderImpl(const VaeConfig& c) {
@@ -148,7 +149,7 @@ VaeDecoderImpl::VaeDecoderImpl(const VaeConfig& c) {
 torch::Tensor VaeDecoderImpl::forward(const torch::Tensor& z) {
   auto h = mid_block_(conv_in_(z));
   for (auto& block : up_blocks_) h = block->forward(h, {}, {}, nullptr);
-  return conv_out_(silu_inplace(group_norm_forward(conv_norm_out_, h)));
+  return conv_out_(group_norm_fused(conv_norm_out_, h, {}, /*silu=*/true));
 }
 
 // ---------------------------------------------------------------------------------------------
