@@ -200,9 +200,11 @@ __global__ void gn_apply(const T* x, T* y, const float* scale, const float* shif
     const int64_t n = base / (hw * c);
     // NHWC: V consecutive channels of one pixel (c % V == 0); NCHW: V pixels of one channel.
     const int64_t ch0 = kChannelsLast ? base % c : (base / hw) % c;
-    T in[V], out[V];
+    Vec<T> in_vec, out_vec;  // aligned storage for the 16-byte moves
+    T* in = in_vec.v;
+    T* out = out_vec.v;
     if constexpr (kVector) {
-      *reinterpret_cast<Vec<T>*>(in) = reinterpret_cast<const Vec<T>*>(x)[i];
+      in_vec = reinterpret_cast<const Vec<T>*>(x)[i];
     } else {
       in[0] = x[base];
     }
@@ -214,7 +216,7 @@ __global__ void gn_apply(const T* x, T* y, const float* scale, const float* shif
       out[k] = from_float<T>(v);
     }
     if constexpr (kVector) {
-      reinterpret_cast<Vec<T>*>(y)[i] = *reinterpret_cast<Vec<T>*>(out);
+      reinterpret_cast<Vec<T>*>(y)[i] = out_vec;
     } else {
       y[base] = out[0];
     }
@@ -283,10 +285,13 @@ __global__ void geglu_kernel(const T* p, T* y, int64_t rows, int64_t inner) {
     const int64_t r = base / inner, col = base % inner;
     const T* value = p + r * 2 * inner + col;
     const T* gate = value + inner;
-    T a[V], g[V], out[V];
+    Vec<T> a_vec, g_vec, out_vec;
+    T* a = a_vec.v;
+    T* g = g_vec.v;
+    T* out = out_vec.v;
     if constexpr (kVector) {
-      *reinterpret_cast<Vec<T>*>(a) = *reinterpret_cast<const Vec<T>*>(value);
-      *reinterpret_cast<Vec<T>*>(g) = *reinterpret_cast<const Vec<T>*>(gate);
+      a_vec = *reinterpret_cast<const Vec<T>*>(value);
+      g_vec = *reinterpret_cast<const Vec<T>*>(gate);
     } else {
       a[0] = value[0];
       g[0] = gate[0];
@@ -294,7 +299,7 @@ __global__ void geglu_kernel(const T* p, T* y, int64_t rows, int64_t inner) {
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = from_float<T>(to_float(a[k]) * gelu(to_float(g[k])));
     if constexpr (kVector) {
-      reinterpret_cast<Vec<T>*>(y)[i] = *reinterpret_cast<Vec<T>*>(out);
+      reinterpret_cast<Vec<T>*>(y)[i] = out_vec;
     } else {
       y[base] = out[0];
     }
