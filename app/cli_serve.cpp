@@ -91,6 +91,7 @@ int run_serve(const std::vector<std::string>& args) {
   pipeline::LoadOptions load;
   load.device = cfg.device;
   load.precision = cfg.precision;
+  load.vae_precision = cfg.vae_precision;
   // Buckets are counted in images; a UNet batch has one row per image, two with guidance.
   load.batch_buckets.clear();
   for (int b : cfg.batch_buckets)

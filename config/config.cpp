@@ -77,6 +77,11 @@ const std::vector<Key>& table() {
       key("precision", Type::kString, "compute dtype; auto: fp16 on CUDA, fp32 on the CPU", 0, 0,
           SDSERVE_MEMBER(precision),
           {"auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"}),
+      key("vae_precision", Type::kString,
+          "VAE dtype; auto: the compute dtype, redone in fp32 if an fp16 decode overflows "
+          "where the VAE's config asks for fp32 (force_upcast); fp32: as diffusers decodes those",
+          0, 0, SDSERVE_MEMBER(vae_precision),
+          {"auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"}),
       key("max_queue", Type::kInt, "jobs that may wait; one more is refused with 429", 1, 1e6,
           SDSERVE_MEMBER(max_queue)),
       key("max_batch", Type::kInt, "images denoised together in one UNet batch", 1, 1024,

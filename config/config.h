@@ -38,6 +38,7 @@ struct ServiceConfig {
   std::string model;  // empty: the bundled tiny model
   std::string device = "auto";
   std::string precision = "auto";
+  std::string vae_precision = "auto";
   // Engine
   int max_queue = 64;
   int max_batch = 8;

@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
+
 #include "pipeline/bench_support.h"
 #include "pipeline/io/tokenizer.h"
 #include "pipeline/nn/clip.h"
@@ -29,6 +31,10 @@ struct Model::Impl {
   bool profiling = false;
   bench_support::StepProfile last_profile;
   Vae vae{nullptr};
+  // Set when `vae` decodes in fp16 although the config asks for float32 (force_upcast): this
+  // float32 copy decodes again any output with inf/NaN, and every decode after the first such.
+  Vae vae_fp32{nullptr};
+  std::atomic<bool> vae_overflowed{false};
   double vae_scaling_factor = 0.18215;
   SchedulerConfig scheduler;
   std::vector<double> alphas_cumprod;  // for previews' predicted clean latent
@@ -41,6 +47,9 @@ struct Model::Impl {
 
   // Decoded images as float (B, 3, H, W) in [0, 1] on the CPU (parity tests compare these).
   torch::Tensor decode_float(const std::vector<Trajectory*>& batch);
+  // The VAE's output (B, 3, H, W) in [-1, 1] as float32 on the model's device, for latents
+  // already divided by the scaling factor.
+  torch::Tensor vae_decode(const torch::Tensor& z);
   torch::Tensor predicted_x0(const Trajectory::State& s) const;
 };
 

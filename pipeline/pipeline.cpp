@@ -173,19 +173,28 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
 
   const auto vae_config = VaeConfig::from_json(files.vae_config);
   impl->vae = Vae(vae_config);
-  // The SD 1.x VAE overflows in fp16 (diffusers' force_upcast); bf16 has fp32's range.
+  // fp16 decodes twice as fast as float32 (docs/PERFORMANCE.md). diffusers decodes in float32
+  // when the config says force_upcast, because some VAEs (SDXL's) overflow in fp16: here an
+  // overflow is detected instead, and a float32 copy takes over.
+  const bool explicit_precision = options.vae_precision != "auto";
   const torch::Dtype vae_dtype =
-      options.vae_precision != "auto" ? torch_dtype(parse_precision(options.vae_precision))
-      : (impl->dtype == torch::kFloat16 && vae_config.force_upcast) ? torch::kFloat32
-                                                                    : impl->dtype;
+      explicit_precision ? torch_dtype(parse_precision(options.vae_precision)) : impl->dtype;
   load_weights(*impl->vae, files.vae, vae_dtype, impl->device);
   impl->vae->eval();
+  if (!explicit_precision && vae_dtype == torch::kFloat16 && vae_config.force_upcast) {
+    impl->vae_fp32 = Vae(vae_config);
+    load_weights(*impl->vae_fp32, files.vae, torch::kFloat32, impl->device);
+    impl->vae_fp32->eval();
+  }
   // Channels-last on CUDA, as the UNet: cuDNN's fast convolutions are NHWC, and the NCHW VAE
   // spent ~16% of its decode converting layouts (docs/PERFORMANCE.md). Convolutions follow the
   // weights' layout, so the activations become channels-last too.
   if (impl->device.is_cuda() && options.channels_last) {
-    for (auto& p : impl->vae->parameters()) {
-      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+    for (auto* vae : {&impl->vae, &impl->vae_fp32}) {
+      if (!*vae) continue;
+      for (auto& p : (*vae)->parameters()) {
+        if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+      }
     }
   }
   impl->vae_scaling_factor = vae_config.scaling_factor;
@@ -353,17 +362,32 @@ torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
   std::vector<torch::Tensor> latents;
   for (auto* t : batch) latents.push_back(t->state().latent);
   auto z = torch::cat(latents) / vae_scaling_factor;
-  auto vae_dtype = vae->parameters().front().scalar_type();
   // The fp32 VAE's activations at 512x512 are ~1 GiB per image: decoding in chunks bounds the
   // peak (batch 32 peaked at 40 GiB in one piece) at no cost in speed (8 images decode at the
   // same per-image rate as 16 or 32; docs/PERFORMANCE.md).
   constexpr int64_t kDecodeChunk = 8;
   std::vector<torch::Tensor> images;
   for (int64_t i = 0; i < z.size(0); i += kDecodeChunk) {
-    auto part = vae->decode(z.narrow(0, i, std::min(kDecodeChunk, z.size(0) - i)).to(vae_dtype));
-    images.push_back(((part.to(torch::kFloat32) / 2 + 0.5).clamp(0, 1)).cpu());
+    auto part = vae_decode(z.narrow(0, i, std::min(kDecodeChunk, z.size(0) - i)));
+    images.push_back(((part / 2 + 0.5).clamp(0, 1)).cpu());
   }
   return torch::cat(images);
+}
+
+torch::Tensor Model::Impl::vae_decode(const torch::Tensor& z) {
+  if (vae_fp32 && vae_overflowed.load()) return vae_fp32->decode(z.to(torch::kFloat32));
+  const auto dtype = vae->parameters().front().scalar_type();
+  auto out = vae->decode(z.to(dtype)).to(torch::kFloat32);
+  // One device sync per chunk; the caller copies the pixels to the host next anyway.
+  if (vae_fp32 && !torch::isfinite(out).all().item<bool>()) {
+    if (!vae_overflowed.exchange(true)) {
+      log(LogLevel::kWarn,
+          "the VAE overflowed in fp16 (inf/NaN in its output): decoding in "
+          "float32 from now on (vae_precision fp32 chooses that at start)");
+    }
+    out = vae_fp32->decode(z.to(torch::kFloat32));
+  }
+  return out;
 }
 
 std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {
@@ -420,8 +444,7 @@ RgbImage Model::preview(const Trajectory& trajectory, int max_side) const {
 RgbImage Model::preview_vae(const Trajectory& trajectory, int max_side) const {
   torch::NoGradGuard no_grad;
   auto x0 = impl_->predicted_x0(trajectory.state()) / impl_->vae_scaling_factor;
-  auto vae_dtype = impl_->vae->parameters().front().scalar_type();
-  auto images = impl_->vae->decode(x0.to(vae_dtype)).to(torch::kFloat32);
+  auto images = impl_->vae_decode(x0);
   return shrink_to(to_rgb8((images / 2 + 0.5).clamp(0, 1).cpu())[0], max_side);
 }
 

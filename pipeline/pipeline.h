@@ -34,8 +34,9 @@ struct LoadOptions {
   std::string precision = "auto";
   // Tokenizer used for single-file checkpoints (which carry none); empty = the bundled SD 1.x one.
   std::string default_tokenizer_dir;
-  // VAE dtype: "auto" = fp32 when the compute dtype is fp16 (the SD 1.x VAE overflows in fp16),
-  // else the compute dtype.
+  // VAE dtype: "auto" = the compute dtype; when that is fp16 and the VAE's config asks for
+  // float32 (force_upcast, as SD 1.x and SDXL do), a decode with inf/NaN is redone in float32,
+  // and so is every later one. "fp32" decodes as diffusers does for such VAEs.
   std::string vae_precision = "auto";
   // CUDA only: replay a CUDA graph per (padded batch, resolution) for the UNet, keep
   // convolutions channels-last, pad UNet batches up to these sizes (rows: images x 2 with CFG).

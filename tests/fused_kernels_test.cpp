@@ -79,6 +79,22 @@ double tolerance(torch::ScalarType t) {
   return t == torch::kFloat16 ? 2e-3 : t == torch::kBFloat16 ? 1.6e-2 : 2e-5;
 }
 
+// Float32 statistics carry half an ulp of the group mean, which normalising multiplies by
+// rstd * gamma: a group whose values nearly coincide (rstd up to 1/sqrt(eps)) with a mean far
+// from 0 makes that the dominant error, for torch's kernel as for ours. This is that term with
+// a 4x margin: 4 * 2^-24 * max |mean| * rstd * |gamma| over the groups.
+double statistics_error(const torch::nn::GroupNorm& norm, const torch::Tensor& x,
+                        const torch::Tensor& bias) {
+  auto xd = x.cpu().to(torch::kFloat64).contiguous();
+  if (bias.defined()) xd = xd + bias.cpu().to(torch::kFloat64).view({x.size(0), x.size(1), 1, 1});
+  const auto& o = norm->options;
+  auto grouped = xd.reshape({x.size(0), o.num_groups(), -1});
+  auto [var, mean] = torch::var_mean(grouped, {2}, /*unbiased=*/false);
+  auto cond = mean.abs() * torch::rsqrt(var + o.eps());
+  const double gamma = norm->weight.abs().max().item<double>();
+  return 4 * std::ldexp(1.0, -24) * cond.max().item<double>() * gamma;
+}
+
 double relative_error(const torch::Tensor& got, const torch::Tensor& ref) {
   const double scale = std::max(1.0, ref.abs().max().item<double>());
   return (got.cpu().to(torch::kFloat64) - ref).abs().max().item<double>() / scale;
@@ -113,7 +129,7 @@ TEST(FusedKernelsCuda, GroupNormMatchesFloat64Reference) {
               EXPECT_TRUE(got.is_contiguous(torch::MemoryFormat::ChannelsLast));
             }
             const double err = relative_error(got, reference_norm(norm, xi, bias, silu));
-            EXPECT_LE(err, tolerance(dtype))
+            EXPECT_LE(err, tolerance(dtype) + statistics_error(norm, xi, bias))
                 << dtype << " " << n << "x" << c << "x" << h << "x" << w << " g" << groups
                 << " channels_last " << channels_last << " silu " << silu << " bias " << with_bias;
           }

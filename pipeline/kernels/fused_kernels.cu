@@ -153,12 +153,12 @@ __device__ __forceinline__ Moments merge(Moments a, const Moments& b) {
   return a;
 }
 
-// One block per (group, sample): merges the group's partials and writes, per channel, the scale
-// and shift that normalising becomes (the bias added before the norm folded into the shift).
+// One block per (group, sample): merges the group's partials and writes, per channel, the
+// centre, scale and shift of normalising (the bias added before the norm folded into the centre).
 template <typename T>
 __global__ void gn_finalize(const float* partial, const T* bias, const T* gamma, const T* beta,
-                            float* scale, float* shift, int64_t c, int64_t hw, int64_t groups,
-                            int64_t chunks, int64_t chunk_px, float eps) {
+                            float* params, int64_t c, int64_t hw, int64_t groups, int64_t chunks,
+                            int64_t chunk_px, float eps) {
   const int64_t g = blockIdx.x, n = blockIdx.y, cg = c / groups;
   Moments m{0.0f, 0.0f, 0.0f};
   for (int64_t k = threadIdx.x; k < chunks * cg; k += blockDim.x) {
@@ -179,19 +179,20 @@ __global__ void gn_finalize(const float* partial, const T* bias, const T* gamma,
   const Moments total = shared[0];
   const float mean = total.mean;
   const float rstd = rsqrtf(total.m2 / total.count + eps);
+  // y = (x + bias - mean) * rstd * gamma + beta, kept centred: folding the mean into a shift
+  // (x * a + b) cancels catastrophically in float32 when |mean| * rstd is large.
   for (int64_t j = threadIdx.x; j < cg; j += blockDim.x) {
     const int64_t ch = g * cg + j;
-    const float a = rstd * (gamma ? to_float(gamma[ch]) : 1.0f);
-    float b = (beta ? to_float(beta[ch]) : 0.0f) - mean * a;
-    if (bias) b += to_float(bias[n * c + ch]) * a;
-    scale[n * c + ch] = a;
-    shift[n * c + ch] = b;
+    float* out = params + (n * c + ch) * 3;
+    out[0] = mean - (bias ? to_float(bias[n * c + ch]) : 0.0f);
+    out[1] = rstd * (gamma ? to_float(gamma[ch]) : 1.0f);
+    out[2] = beta ? to_float(beta[ch]) : 0.0f;
   }
 }
 
 template <typename T, bool kChannelsLast, bool kSilu, bool kVector>
-__global__ void gn_apply(const T* x, T* y, const float* scale, const float* shift, int64_t total,
-                         int64_t c, int64_t hw) {
+__global__ void gn_apply(const T* x, T* y, const float* params, int64_t total, int64_t c,
+                         int64_t hw) {
   constexpr int V = kVector ? Vec<T>::kSize : 1;
   const int64_t vectors = total / V;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vectors;
@@ -211,7 +212,8 @@ __global__ void gn_apply(const T* x, T* y, const float* scale, const float* shif
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int64_t ch = kChannelsLast ? ch0 + k : ch0;
-      float v = to_float(in[k]) * scale[n * c + ch] + shift[n * c + ch];
+      const float* p = params + (n * c + ch) * 3;
+      float v = (to_float(in[k]) - p[0]) * p[1] + p[2];
       if (kSilu) v = silu(v);
       out[k] = from_float<T>(v);
     }
@@ -234,8 +236,7 @@ int group_norm_typed(const GroupNormArgs& a, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* bias = static_cast<const T*>(a.bias);
   float* partial = a.workspace;
-  float* scale = partial + a.n * p.chunks * a.c * 2;
-  float* shift = scale + a.n * a.c;
+  float* params = partial + a.n * p.chunks * a.c * 2;
   if (a.channels_last) {
     gn_stats_nhwc<T><<<dim3(p.chunks, a.n), kThreads, 0, stream>>>(x, bias, partial, a.c, a.hw,
                                                                    p.chunks, p.chunk_px);
@@ -244,8 +245,8 @@ int group_norm_typed(const GroupNormArgs& a, cudaStream_t stream) {
                                                                         p.chunks, p.chunk_px);
   }
   gn_finalize<T><<<dim3(a.groups, a.n), kThreads, 0, stream>>>(
-      partial, bias, static_cast<const T*>(a.gamma), static_cast<const T*>(a.beta), scale, shift,
-      a.c, a.hw, a.groups, p.chunks, p.chunk_px, static_cast<float>(a.eps));
+      partial, bias, static_cast<const T*>(a.gamma), static_cast<const T*>(a.beta), params, a.c,
+      a.hw, a.groups, p.chunks, p.chunk_px, static_cast<float>(a.eps));
 
   const int64_t total = a.n * a.c * a.hw;
   constexpr int V = Vec<T>::kSize;
@@ -254,13 +255,11 @@ int group_norm_typed(const GroupNormArgs& a, cudaStream_t stream) {
   T* y = static_cast<T*>(a.y);
   const int blocks = blocks_for(vector ? total / V : total);
   // One instantiation per (layout, activation, vector width).
-#define SDSERVE_GN_APPLY(CL, SILU)                                               \
-  if (vector) {                                                                  \
-    gn_apply<T, CL, SILU, true>                                                  \
-        <<<blocks, kThreads, 0, stream>>>(x, y, scale, shift, total, a.c, a.hw); \
-  } else {                                                                       \
-    gn_apply<T, CL, SILU, false>                                                 \
-        <<<blocks, kThreads, 0, stream>>>(x, y, scale, shift, total, a.c, a.hw); \
+#define SDSERVE_GN_APPLY(CL, SILU)                                                                 \
+  if (vector) {                                                                                    \
+    gn_apply<T, CL, SILU, true><<<blocks, kThreads, 0, stream>>>(x, y, params, total, a.c, a.hw);  \
+  } else {                                                                                         \
+    gn_apply<T, CL, SILU, false><<<blocks, kThreads, 0, stream>>>(x, y, params, total, a.c, a.hw); \
   }
   if (a.channels_last && a.silu) {
     SDSERVE_GN_APPLY(true, true)
@@ -325,7 +324,7 @@ int geglu_typed(const void* p, void* y, int64_t rows, int64_t inner, cudaStream_
 
 int64_t group_norm_workspace_floats(const GroupNormArgs& args) {
   const Plan p = plan_for(args);
-  return args.n * p.chunks * args.c * 2 + args.n * args.c * 2;
+  return args.n * p.chunks * args.c * 2 + args.n * args.c * 3;
 }
 
 int group_norm(const GroupNormArgs& args, void* stream) {
