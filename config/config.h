@@ -43,7 +43,7 @@ struct ServiceConfig {
   int max_queue = 64;
   int max_batch = 8;
   double light_load_efficiency = 0.9;  // the admission policy (engine/admission.h)
-  double light_load_max_wait_s = 0.25;
+  double light_load_max_wait_s = 0.35;
   int decode_batch = 1;
   int embedding_cache_mb = 256;  // the embedding cache (cache/embedding_cache.h)
   bool embedding_cache_on_host = false;

@@ -19,7 +19,7 @@ struct AdmissionOptions {
   double efficiency = 0.9;
   // Heavy load: the queued work reaches one light-load batch, or its oldest job has waited this
   // long. 0 admits up to max_batch whenever anything waits (pure throughput).
-  double max_wait_s = 0.25;
+  double max_wait_s = 0.35;
 };
 
 // The smallest of `sizes` (ascending, each <= max_batch) whose images per second

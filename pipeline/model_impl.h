@@ -4,8 +4,10 @@
 #include <torch/torch.h>
 
 #include <atomic>
+#include <mutex>
 
 #include "pipeline/bench_support.h"
+#include "pipeline/io/tensor_io.h"
 #include "pipeline/io/tokenizer.h"
 #include "pipeline/nn/clip.h"
 #include "pipeline/nn/unet.h"
@@ -31,9 +33,15 @@ struct Model::Impl {
   bool profiling = false;
   bench_support::StepProfile last_profile;
   Vae vae{nullptr};
-  // Set when `vae` decodes in fp16 although the config asks for float32 (force_upcast): this
-  // float32 copy decodes again any output with inf/NaN, and every decode after the first such.
-  Vae vae_fp32{nullptr};
+  // When `vae` decodes in fp16 although its config asks for float32 (force_upcast): a decode
+  // with inf/NaN is redone by a float32 copy, loaded from these weights at the first overflow,
+  // and every later decode uses that copy.
+  bool vae_overflow_check = false;
+  VaeConfig vae_config;
+  WeightSource vae_weights;  // keeps the checkpoint's mapping open while checking
+  bool vae_channels_last = false;
+  std::mutex vae_fp32_mutex;
+  Vae vae_fp32{nullptr};  // guarded by vae_fp32_mutex until vae_overflowed is set
   std::atomic<bool> vae_overflowed{false};
   double vae_scaling_factor = 0.18215;
   SchedulerConfig scheduler;

@@ -64,6 +64,14 @@ torch::Dtype torch_dtype(Precision p) {
 }
 
 // (B, 3, H, W) float in [0, 1] -> 8-bit RGB images, rounding as diffusers' numpy_to_pil does.
+// cuDNN's fast convolutions are NHWC; convolutions follow their weights' layout, so the
+// activations become channels-last too.
+void to_channels_last(torch::nn::Module& module) {
+  for (auto& p : module.parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+  }
+}
+
 std::vector<RgbImage> to_rgb8(const torch::Tensor& images) {
   auto bytes = (images * 255.0)
                    .round()
@@ -182,21 +190,14 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   load_weights(*impl->vae, files.vae, vae_dtype, impl->device);
   impl->vae->eval();
   if (!explicit_precision && vae_dtype == torch::kFloat16 && vae_config.force_upcast) {
-    impl->vae_fp32 = Vae(vae_config);
-    load_weights(*impl->vae_fp32, files.vae, torch::kFloat32, impl->device);
-    impl->vae_fp32->eval();
+    impl->vae_overflow_check = true;
+    impl->vae_config = vae_config;
+    impl->vae_weights = files.vae;
   }
-  // Channels-last on CUDA, as the UNet: cuDNN's fast convolutions are NHWC, and the NCHW VAE
-  // spent ~16% of its decode converting layouts (docs/PERFORMANCE.md). Convolutions follow the
-  // weights' layout, so the activations become channels-last too.
-  if (impl->device.is_cuda() && options.channels_last) {
-    for (auto* vae : {&impl->vae, &impl->vae_fp32}) {
-      if (!*vae) continue;
-      for (auto& p : (*vae)->parameters()) {
-        if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
-      }
-    }
-  }
+  impl->vae_channels_last = impl->device.is_cuda() && options.channels_last;
+  // Channels-last on CUDA, as the UNet: the NCHW VAE spent ~16% of its decode converting
+  // layouts (docs/PERFORMANCE.md).
+  if (impl->vae_channels_last) to_channels_last(*impl->vae);
   impl->vae_scaling_factor = vae_config.scaling_factor;
 
   impl->scheduler = SchedulerConfig::from_json(files.scheduler_config);
@@ -375,19 +376,26 @@ torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
 }
 
 torch::Tensor Model::Impl::vae_decode(const torch::Tensor& z) {
-  if (vae_fp32 && vae_overflowed.load()) return vae_fp32->decode(z.to(torch::kFloat32));
+  if (vae_overflowed.load()) return vae_fp32->decode(z.to(torch::kFloat32));
   const auto dtype = vae->parameters().front().scalar_type();
   auto out = vae->decode(z.to(dtype)).to(torch::kFloat32);
   // One device sync per chunk; the caller copies the pixels to the host next anyway.
-  if (vae_fp32 && !torch::isfinite(out).all().item<bool>()) {
-    if (!vae_overflowed.exchange(true)) {
+  if (!vae_overflow_check || torch::isfinite(out).all().item<bool>()) return out;
+  {
+    std::lock_guard<std::mutex> lock(vae_fp32_mutex);
+    if (!vae_fp32) {
       log(LogLevel::kWarn,
           "the VAE overflowed in fp16 (inf/NaN in its output): decoding in "
           "float32 from now on (vae_precision fp32 chooses that at start)");
+      Vae copy(vae_config);
+      load_weights(*copy, vae_weights, torch::kFloat32, device);
+      copy->eval();
+      if (vae_channels_last) to_channels_last(*copy);
+      vae_fp32 = copy;
+      vae_overflowed.store(true);
     }
-    out = vae_fp32->decode(z.to(torch::kFloat32));
   }
-  return out;
+  return vae_fp32->decode(z.to(torch::kFloat32));
 }
 
 std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {

@@ -167,5 +167,30 @@ TEST(CudaParity, Fp32GraphsMatchReferenceUnet) {
   }
 }
 
+TEST(CudaVae, Fp16OverflowIsRedoneInFloat32) {
+  SKIP_WITHOUT_CUDA();
+  // The fixture's VAE config asks for float32 (force_upcast), so fp16 decodes are checked.
+  // Latents scaled far beyond any sampler's output overflow fp16 inside the decoder; the
+  // float32 copy must take over, give finite pixels, and equal a float32 model's decode (to
+  // 1e-2: the fp16 model's process allows TF32 for float32 work, 10-bit products).
+  auto model = cuda_model("fp16");
+  auto& impl = model->impl();
+  ASSERT_TRUE(impl.vae_overflow_check);
+  torch::NoGradGuard no_grad;
+  auto z = torch::randn({1, 4, 8, 8}, torch::TensorOptions().device(torch::kCUDA)) * 3e4;
+  ASSERT_FALSE(torch::isfinite(impl.vae->decode(z.to(torch::kFloat16))).all().item<bool>())
+      << "the test's latents no longer overflow fp16; scale them up";
+  EXPECT_FALSE(impl.vae_overflowed.load());
+  const auto out = impl.vae_decode(z);
+  EXPECT_TRUE(impl.vae_overflowed.load());
+  EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+  auto fp32 = cuda_model("fp32");
+  EXPECT_LE(test::rel_diff(out.cpu(), fp32->impl().vae_decode(z).cpu()), 1e-2);
+  // Normal latents now decode in float32 as well.
+  const auto normal = impl.vae_decode(z / 3e4);
+  EXPECT_EQ(normal.scalar_type(), torch::kFloat32);
+  EXPECT_LE(test::rel_diff(normal.cpu(), fp32->impl().vae_decode(z / 3e4).cpu()), 1e-2);
+}
+
 }  // namespace
 }  // namespace sdserve::pipeline
