@@ -47,15 +47,30 @@ Worker::Worker(Engine::Impl& engine, ModelRunner& model, size_t index)
 
 void Worker::run() {
   if (warm_up()) {
+    text_ = std::thread([this] { text_loop(); });
     for (;;) {
       std::vector<Admission> admitted;
       if (!retire_and_admit(&admitted)) break;
-      prepare(admitted);
+      if (!admitted.empty()) {
+        preparing_ += admitted.size();
+        {
+          std::lock_guard<std::mutex> lock(text_mutex_);
+          for (auto& a : admitted) to_prepare_.push_back(std::move(a));
+        }
+        text_cv_.notify_one();
+      }
+      activate();
       if (active_.empty() || !step()) continue;
       publish();
       send_previews();
       finish();
     }
+    {
+      std::lock_guard<std::mutex> lock(text_mutex_);
+      text_exit_ = true;  // nothing is left to prepare: the loop ends only then
+    }
+    text_cv_.notify_all();
+    text_.join();
   }
   if (!decoder_.joinable()) return;
   {
@@ -120,11 +135,13 @@ bool Worker::retire_and_admit(std::vector<Admission>* admitted) {
       ++it;
     }
   }
+  // Images with the text thread keep the worker alive; it wakes when they are ready.
   engine_.work_cv.wait(lock, [&] {
-    return engine_.threads_exit || !active_.empty() ||
+    return (engine_.threads_exit && preparing_ == 0) || !active_.empty() ||
+           prepared_count_.load() > 0 ||
            (engine_.queue->front().has_value() && !engine_.cancel_all);
   });
-  if (engine_.threads_exit && active_.empty()) return false;
+  if (engine_.threads_exit && active_.empty() && preparing_ == 0) return false;
   admit(lock, admitted);
   return true;
 }
@@ -142,7 +159,7 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
     cap = admission_->cap(queued, waited);
   }
   // Image by image: a job's images may start at different steps.
-  while (!e.cancel_all && static_cast<int>(active_.size() + admitted->size()) < cap) {
+  while (!e.cancel_all && static_cast<int>(active_.size() + preparing_ + admitted->size()) < cap) {
     const auto front = e.queue->front();
     if (!front) break;
     auto job = e.jobs.at(*front);
@@ -231,16 +248,14 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
   return out;
 }
 
-void Worker::prepare(const std::vector<Admission>& admitted) {
-  // A job's images share its prompt embeddings: looked up (or encoded) once per job on this
-  // worker, all of this turn's together.
+std::vector<Worker::Prepared> Worker::prepare(const std::vector<Admission>& admitted) {
+  // A job's images share its prompt embeddings: looked up (or encoded) once per job in a batch,
+  // all of the batch's together. (Its images in later batches hit the in-memory cache.)
   constexpr size_t kNone = static_cast<size_t>(-1);  // no unconditional prompt (no CFG)
   std::vector<PromptKey> prompts;
   std::map<const JobState*, std::pair<size_t, size_t>> slots;  // job -> (cond, uncond) indices
   for (const auto& [job, k] : admitted) {
-    const bool running = std::any_of(active_.begin(), active_.end(),
-                                     [&job = job](const Active& a) { return a.job == job; });
-    if (running || slots.count(job.get())) continue;
+    if (slots.count(job.get())) continue;
     std::pair<size_t, size_t> slot{prompts.size(), kNone};
     prompts.push_back({job->request.prompt, job->request.clip_skip});
     if (job->request.guidance_scale > 1.0) {
@@ -253,26 +268,76 @@ void Worker::prepare(const std::vector<Admission>& admitted) {
   std::vector<pipeline::EmbeddingPtr> found;
   try {
     if (!prompts.empty()) found = embeddings(prompts, &errors);
-  } catch (const std::exception& e) {  // the turn's jobs fail below; the worker goes on
+  } catch (const std::exception& e) {  // the batch's jobs fail; the thread goes on
     found.assign(prompts.size(), nullptr);
     errors.assign(prompts.size(), std::string("prompt embeddings failed: ") + e.what());
   }
-  for (const auto& [job, k] : admitted) {
+  std::vector<Prepared> out;
+  for (const auto& admission : admitted) {
+    Prepared p{admission, nullptr, nullptr, {}};
+    const auto [c, u] = slots.at(admission.first.get());
+    p.error = errors[c];
+    p.cond = found[c];
+    if (u != kNone) {
+      if (p.error.empty()) p.error = errors[u];
+      p.uncond = found[u];
+    }
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void Worker::text_loop() {
+  for (;;) {
+    std::vector<Admission> batch;
+    {
+      std::unique_lock<std::mutex> lock(text_mutex_);
+      text_cv_.wait(lock, [&] { return !to_prepare_.empty() || text_exit_; });
+      if (to_prepare_.empty()) return;
+      batch.swap(to_prepare_);
+    }
+    auto prepared = prepare(batch);
+    {
+      std::lock_guard<std::mutex> lock(text_mutex_);
+      for (auto& p : prepared) prepared_.push_back(std::move(p));
+      prepared_count_ = prepared_.size();
+    }
+    // The worker may be waiting for work with nothing active.
+    std::lock_guard<std::mutex> lock(engine_.mutex);
+    engine_.work_cv.notify_all();
+  }
+}
+
+void Worker::activate() {
+  if (prepared_count_.load() == 0) return;
+  std::vector<Prepared> ready;
+  {
+    std::lock_guard<std::mutex> lock(text_mutex_);
+    ready.swap(prepared_);
+    prepared_count_ = 0;
+  }
+  preparing_ -= ready.size();
+  for (auto& p : ready) {
+    const auto& [job, k] = p.admission;
+    {
+      std::lock_guard<std::mutex> lock(engine_.mutex);
+      if (job->cancel_requested || is_final(job->status)) {  // as retire() does
+        --job->images_in_flight;
+        if (job->images_in_flight == 0)
+          engine_.finish(*job, JobStatus::kCancelled,
+                         engine_.cancel_all ? "the service shut down" : "");
+        continue;
+      }
+    }
     try {
-      pipeline::EmbeddingPtr cond, uncond;
+      pipeline::EmbeddingPtr cond = p.cond, uncond = p.uncond;
       const auto sibling = std::find_if(active_.begin(), active_.end(),
                                         [&job = job](const Active& a) { return a.job == job; });
       if (sibling != active_.end()) {
         cond = sibling->cond;
         uncond = sibling->uncond;
-      } else {
-        const auto [c, u] = slots.at(job.get());
-        if (!errors[c].empty()) throw std::runtime_error(errors[c]);
-        cond = found[c];
-        if (u != kNone) {
-          if (!errors[u].empty()) throw std::runtime_error(errors[u]);
-          uncond = found[u];
-        }
+      } else if (!p.error.empty()) {
+        throw std::runtime_error(p.error);
       }
       Active a{job, k, model_.begin(image_spec(job->request, k), cond, uncond), cond, uncond};
       {

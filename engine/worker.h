@@ -1,12 +1,16 @@
 // One worker per device: a thread running step-level continuous batching over an active set of
 // images. Each turn: retire() images of cancelled jobs, admit() queued images up to the
-// admission policy's cap (admission.h; of any resolution), prepare() them (prompt embeddings, one
-// ImageRun each), step() them all in one model call, publish() progress and previews, finish() the
-// images that are done (VAE decode on this worker's decoder thread, PNG encoding on the engine's
-// encoder threads). One UNet call holds one resolution: when the set holds several, the turns go
-// round them. A failure in any phase ends the jobs it touched, never the thread.
+// admission policy's cap (admission.h; of any resolution) and hand them to this worker's text
+// thread (prompt embeddings: cache lookups, then the misses encoded together), activate() the
+// images whose embeddings are ready (one ImageRun each), step() the active set in one model call,
+// publish() progress and previews, finish() the images that are done (VAE decode on this
+// worker's decoder thread, PNG encoding on the engine's encoder threads). So the loop only
+// denoises: text encoding and decoding overlap it. One UNet call holds one resolution: when the
+// set holds several, the turns go round them. A failure in any phase ends the jobs it touched,
+// never the thread.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <future>
 #include <memory>
@@ -44,7 +48,15 @@ class Worker {
   // takes queued images. False when the thread should exit.
   bool retire_and_admit(std::vector<Admission>* admitted);
   void admit(std::unique_lock<std::mutex>& lock, std::vector<Admission>* admitted);
-  void prepare(const std::vector<Admission>& admitted);
+  // An admitted image with its job's prompt embeddings, or why they could not be made.
+  struct Prepared {
+    Admission admission;
+    pipeline::EmbeddingPtr cond, uncond;
+    std::string error;
+  };
+  std::vector<Prepared> prepare(const std::vector<Admission>& admitted);  // on the text thread
+  void text_loop();
+  void activate();                        // the prepared images join the active set
   std::pair<int, int> next_resolution();  // (width, height) of this turn's UNet call
   bool step();
   void publish();
@@ -78,6 +90,17 @@ class Worker {
   std::condition_variable decode_cv_;
   std::vector<Active> to_decode_;  // guarded by decode_mutex_
   bool decode_exit_ = false;       // guarded by decode_mutex_
+
+  // Admitted images wait here for their prompt embeddings (the text thread), then in prepared_
+  // for the worker to activate them.
+  std::thread text_;
+  std::mutex text_mutex_;
+  std::condition_variable text_cv_;
+  std::vector<Admission> to_prepare_;      // guarded by text_mutex_
+  std::vector<Prepared> prepared_;         // guarded by text_mutex_
+  bool text_exit_ = false;                 // guarded by text_mutex_
+  std::atomic<size_t> prepared_count_{0};  // prepared_.size(), read under the engine's mutex
+  size_t preparing_ = 0;  // images handed to the text thread and not yet activated (worker)
 };
 
 }  // namespace sdserve::engine

@@ -49,6 +49,8 @@ struct Model::Impl {
   // CUDA: a cudaStream_t for decode() alone (not from torch's pool, which CUDA graph capture
   // draws on), destroyed with the model. Type-erased like step_done.
   std::shared_ptr<void> decode_stream;
+  // CUDA: the same for encode_texts(), which the engine calls on a thread of its own.
+  std::shared_ptr<void> text_stream;
   // CUDA: an at::cuda::CUDAEvent recorded after each step (type-erased: this header is also
   // compiled without SDSERVE_WITH_CUDA).
   std::shared_ptr<void> step_done;

@@ -152,6 +152,9 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
     C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     impl->decode_stream.reset(stream,
                               [](void* s) { cudaStreamDestroy(static_cast<cudaStream_t>(s)); });
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    impl->text_stream.reset(stream,
+                            [](void* s) { cudaStreamDestroy(static_cast<cudaStream_t>(s)); });
   }
 #endif
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
@@ -245,7 +248,25 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
     ids.insert(ids.end(), one.begin(), one.end());
   }
   auto input = torch::tensor(ids, torch::kInt64).view({static_cast<int64_t>(prompts.size()), -1});
-  auto hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
+  torch::Tensor hidden;
+#ifdef SDSERVE_WITH_CUDA
+  if (impl_->device.is_cuda()) {
+    // The engine encodes on a thread of its own while the worker steps the UNet: on a stream
+    // of its own the encoder overlaps the UNet. The result is complete on return, and the
+    // allocator learns that the stepping thread's (default) stream uses it.
+    const auto index = impl_->device.index();
+    const auto side = c10::cuda::getStreamFromExternal(
+        static_cast<cudaStream_t>(impl_->text_stream.get()), index);
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
+    }
+    side.synchronize();
+    hidden.record_stream(c10::cuda::getDefaultCUDAStream(index));
+  }
+#endif
+  if (!hidden.defined())
+    hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
   std::vector<EmbeddingPtr> out;
   for (int64_t i = 0; i < hidden.size(0); ++i)
     out.push_back(std::make_shared<Embedding>(hidden.narrow(0, i, 1)));

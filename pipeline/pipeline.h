@@ -8,9 +8,10 @@
 // Image k of a request draws from its own CPU generator seeded seed + k, so an image's pixels do
 // not depend on what else shares its batch.
 //
-// Thread safety: a Model may be used from one thread at a time for step()/decode()/encode_text()
-// (the engine's GPU worker); info() and tokenize() are safe from any thread. Requests are checked
-// by validate() in pipeline/validate.h.
+// Thread safety: step(), decode() and encode_text(s)() may each run on their own thread (the
+// engine's worker, decoder and text threads; on CUDA each of the latter two on a stream of its
+// own), each of them from one thread at a time; info() and tokenize() are safe from any thread.
+// Requests are checked by validate() in pipeline/validate.h.
 #pragma once
 
 #include <cstdint>

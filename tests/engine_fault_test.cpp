@@ -47,6 +47,7 @@ class FakeRunner : public ModelRunner {
   }
   pipeline::EmbeddingPtr encode_text(const std::string& prompt, int) override {
     if (prompt == "unencodable") throw std::runtime_error("text encoder broke");
+    if (prompt == "slow to encode") std::this_thread::sleep_for(std::chrono::milliseconds(800));
     return nullptr;
   }
   std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec, pipeline::EmbeddingPtr,
@@ -253,6 +254,29 @@ TEST(EngineFaults, ShortJobOfAnotherResolutionRunsBesideALongOne) {
   const auto long_now = engine->get(a.id);
   EXPECT_EQ(long_now->status, JobStatus::kRunning);
   EXPECT_LT(long_now->evaluations, 100);  // about 3-6 of its 150 turns have passed
+  EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
+}
+
+TEST(EngineFaults, TextEncodingDoesNotStallTheImagesBeingDenoised) {
+  // Encoding a new job's prompts (800 ms here) happens beside the denoising loop: the running
+  // job keeps stepping (10 ms a step) meanwhile. Encoded on the worker thread, it would stall.
+  auto fake = std::make_shared<FakeRunner>();
+  fake->step_ms = 10;
+  auto engine = make_engine(fake, 4);
+  wait_warm(*engine);
+  JobRequest long_job = request("long");
+  long_job.steps = 150;
+  const auto a = engine->submit(long_job);
+  for (int i = 0; i < 500 && engine->get(a.id)->evaluations == 0; ++i)
+    std::this_thread::sleep_for(2ms);
+  const auto b = engine->submit(request("slow to encode"));
+  std::this_thread::sleep_for(100ms);  // the text thread is encoding now
+  const int before = engine->get(a.id)->evaluations;
+  std::this_thread::sleep_for(400ms);
+  const int after = engine->get(a.id)->evaluations;
+  EXPECT_EQ(engine->get(b.id)->evaluations, 0);  // still encoding
+  EXPECT_GE(after - before, 20) << "~40 steps of 10 ms fit in 400 ms";
+  EXPECT_EQ(wait_final(*engine, b.id).status, JobStatus::kSucceeded);
   EXPECT_EQ(wait_final(*engine, a.id).status, JobStatus::kSucceeded);
 }
 
