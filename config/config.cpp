@@ -140,6 +140,10 @@ const std::vector<Key>& table() {
           0, 0, SDSERVE_MEMBER(api_keys)),
       key("metrics_auth", Type::kBool, "whether /metrics needs an API key too (when keys are set)",
           0, 0, SDSERVE_MEMBER(metrics_auth)),
+      key("gpu_metrics_interval_s", Type::kNumber,
+          "how often GPU utilisation, memory, power, temperature and clock are read through "
+          "NVML for /metrics; 0: never (without NVML the GPU metrics are absent)",
+          0, 3600, SDSERVE_MEMBER(gpu_metrics_interval_s)),
       key("shutdown_grace_s", Type::kNumber,
           "on SIGTERM/SIGINT, running and queued jobs get this long to finish", 0, 86400,
           SDSERVE_MEMBER(shutdown_grace_s)),

@@ -33,7 +33,9 @@ struct ServiceConfig {
   double read_timeout_s = 30;  // a request must arrive within this; idle keep-alive closes then
   int ws_queue_limit = 64;     // events queued per WebSocket before progress/previews are dropped
   std::vector<std::string> api_keys;  // empty: no authentication
-  bool metrics_auth = false;          // /metrics needs an API key too (when keys are set)
+  bool metrics_auth = false;
+  double gpu_metrics_interval_s = 5;  // NVML sampling for /metrics; 0: off          // /metrics
+                                      // needs an API key too (when keys are set)
   // Model
   std::string model;  // empty: the bundled tiny model
   std::string device = "auto";

@@ -117,10 +117,16 @@ JobSnapshot Engine::submit(JobRequest request) {
   job->evals_per_image = evals_per_image;
 
   std::unique_lock<std::mutex> lock(impl_->mutex);
-  if (impl_->stopping) throw ShuttingDown("the service is shutting down and accepts no new jobs");
-  if (impl_->workers_in("failed") == static_cast<int>(impl_->models.size()))
+  if (impl_->stopping) {
+    ++impl_->stats.jobs_rejected_unavailable;
+    throw ShuttingDown("the service is shutting down and accepts no new jobs");
+  }
+  if (impl_->workers_in("failed") == static_cast<int>(impl_->models.size())) {
+    ++impl_->stats.jobs_rejected_unavailable;
     throw Unavailable("no worker can run jobs: warm-up failed (" + impl_->warm_up_error() + ")");
+  }
   if (!impl_->queue->push(job->id, job->request.priority)) {
+    ++impl_->stats.jobs_rejected_queue_full;
     // A rough hint: how long until a slot frees, from the work queued ahead.
     throw QueueFull(
         "the queue is full (" + std::to_string(impl_->queue->capacity()) + " jobs); retry later",
@@ -221,6 +227,15 @@ bool Engine::ready() const {
 std::vector<WorkerStatus> Engine::workers() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   return impl_->worker_status;
+}
+
+std::vector<DeviceMemory> Engine::device_memory() const {
+  std::vector<DeviceMemory> out;
+  for (const auto& m : impl_->models) {  // set at creation, never changed
+    const auto mem = m->memory();
+    out.push_back({m->info().device, mem.allocated, mem.reserved});
+  }
+  return out;
 }
 
 std::string Engine::warm_up_error() const {
@@ -368,9 +383,13 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
   cut_utf8(job.request.prompt, kKeptPromptBytes);
   cut_utf8(job.request.negative_prompt, kKeptPromptBytes);
   switch (status) {
-    case JobStatus::kSucceeded:
+    case JobStatus::kSucceeded: {
       ++stats.jobs_succeeded;
+      const auto now = SteadyClock::now();
+      stats.latency.observe(std::chrono::duration<double>(now - job.queued_steady).count());
+      stats.run_time.observe(std::chrono::duration<double>(now - job.started_steady).count());
       break;
+    }
     case JobStatus::kFailed:
       ++stats.jobs_failed;
       break;

@@ -77,6 +77,12 @@ struct WorkerStatus {
   int light_load_batch = 0;          // the admission policy's light-load cap, once ready
 };
 
+// The torch allocator's bytes on one worker's device (zero on the CPU).
+struct DeviceMemory {
+  std::string device;
+  uint64_t allocated = 0, reserved = 0;
+};
+
 enum class ImageLookup { kOk, kUnknownJob, kNotReady, kNoSuchImage, kEvicted };
 
 struct ImageResult {
@@ -84,16 +90,35 @@ struct ImageResult {
   std::shared_ptr<const std::vector<uint8_t>> png;
 };
 
+// Seconds from 10 ms to 10 min: a job's waits and latencies.
+inline std::vector<double> job_latency_buckets() {
+  return {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600};
+}
+// Images per UNet call: the batch buckets' sizes.
+inline std::vector<double> batch_size_buckets() {
+  return {1, 2, 4, 8, 16, 32, 64};
+}
+
 struct EngineStats {
   int queued = 0;
   int running_jobs = 0;
   int active_images = 0;
   uint64_t jobs_submitted = 0, jobs_succeeded = 0, jobs_failed = 0, jobs_cancelled = 0,
            jobs_expired = 0;
-  uint64_t unet_steps = 0;  // UNet calls
+  uint64_t jobs_rejected_queue_full = 0, jobs_rejected_unavailable = 0;  // refused by submit()
+  uint64_t unet_steps = 0;                                               // UNet calls
+  uint64_t image_steps = 0;  // images stepped, summed over UNet calls
   uint64_t images_done = 0;
   uint64_t result_bytes = 0;
   cache::HistogramCounts text_encode{cache::fast_latency_buckets()};  // seconds per encoder call
+  // Per job, seconds: queued -> first image admitted, queued -> first progress event, queued ->
+  // succeeded (end to end), admitted -> succeeded.
+  cache::HistogramCounts queue_wait{job_latency_buckets()}, first_step{job_latency_buckets()},
+      latency{job_latency_buckets()}, run_time{job_latency_buckets()};
+  // Per UNet call: images in it, and the call's seconds (the device's step time under load: a
+  // call returns when the previous step is done); per VAE decode call, seconds.
+  cache::HistogramCounts unet_batch_images{batch_size_buckets()},
+      unet_step{cache::fast_latency_buckets()}, vae_decode{cache::fast_latency_buckets()};
   cache::CacheStats embedding_cache;
 };
 
@@ -133,6 +158,7 @@ class Engine {
   // failed takes no jobs; the others serve.
   bool ready() const;
   std::vector<WorkerStatus> workers() const;
+  std::vector<DeviceMemory> device_memory() const;  // one per worker, any thread
   // Empty while warm-up goes well; else the first failure, "device: why".
   std::string warm_up_error() const;
   // True once every worker has either warmed up or failed to.

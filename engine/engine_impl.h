@@ -39,6 +39,7 @@ struct JobState {
   std::vector<int> evals_done;  // per image
   int evals_per_image = 0;
   bool cancel_requested = false;
+  bool first_step_seen = false;  // the first progress event went out (a metric's moment)
   bool results_evicted = false;  // the result store dropped its images (TTL or byte cap)
   std::string error;
   std::map<uint64_t, EventCallback> subscribers;

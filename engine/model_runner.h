@@ -1,8 +1,10 @@
 // What the engine's workers need of a model, as an interface: the pipeline implements it
 // (pipeline_runner), and the engine's tests put a fake behind it to make every step of a job fail
 // on purpose. Torch-free. A worker's thread calls everything but decode(), which its decoder
-// thread calls, concurrently with step(): an implementation must allow that pair. (At warm-up the
-// decoder thread also calls encode_text() and begin(), while the worker's thread waits.)
+// thread calls, and encode_text(s)(), which its text thread calls, each concurrently with
+// step(): an implementation must allow that. (At warm-up the decoder thread also calls
+// encode_text() and begin(), while the worker's thread waits.) memory() may be called from any
+// thread.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +40,11 @@ class ModelRunner {
   // the seconds one UNet step takes at each of `batch_sizes` (native size, with CFG), measured
   // there, for the admission policy; empty when not measured.
   virtual std::vector<double> warm_up(const std::vector<int>& batch_sizes) = 0;
+  // The torch allocator's bytes on the model's device (zero on the CPU), for the metrics.
+  struct Memory {
+    uint64_t allocated = 0, reserved = 0;
+  };
+  virtual Memory memory() const { return {}; }
   virtual pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) = 0;
   // Several prompts in one text-encoder call (by default, one call each).
   virtual std::vector<pipeline::EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,

@@ -3,6 +3,7 @@
 
 #include "engine/engine.h"
 #include "engine/model_runner.h"
+#include "pipeline/bench_support.h"
 
 namespace sdserve::engine {
 namespace {
@@ -27,6 +28,10 @@ class PipelineRunner : public ModelRunner {
   explicit PipelineRunner(std::shared_ptr<pipeline::Model> model) : model_(std::move(model)) {}
 
   const pipeline::ModelInfo& info() const override { return model_->info(); }
+  Memory memory() const override {
+    const auto m = pipeline::bench_support::memory(*model_);
+    return {m.allocated, m.reserved};
+  }
   int evals_total(const pipeline::ImageSpec& spec) const override {
     return model_->evals_total(spec);
   }

@@ -174,6 +174,8 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
       job->status = JobStatus::kRunning;
       job->times.started_at = WallClock::now();
       job->started_steady = SteadyClock::now();
+      e.stats.queue_wait.observe(
+          std::chrono::duration<double>(job->started_steady - job->queued_steady).count());
       e.emit(*job, e.state_event(*job));
     }
     admitted->emplace_back(std::move(job), k);
@@ -380,10 +382,16 @@ bool Worker::step() {
     if (a.stepped) batch.push_back(a.run.get());
   }
   try {
+    const auto start = SteadyClock::now();
     model_.step(batch);
     // A step call returns once the previous step is done on the device, so the time between
     // returns is the device's step time while the worker is busy.
     const auto now = SteadyClock::now();
+    {
+      std::lock_guard<std::mutex> lock(engine_.mutex);
+      engine_.stats.unet_batch_images.observe(static_cast<double>(batch.size()));
+      engine_.stats.unet_step.observe(std::chrono::duration<double>(now - start).count());
+    }
     pipeline::log(
         pipeline::LogLevel::kDebug,
         device_ + " step: " + std::to_string(batch.size()) + " images at " +
@@ -422,11 +430,17 @@ void Worker::publish() {
   std::vector<JobState*> progressed;
   for (auto& a : active_) {
     if (!a.stepped) continue;
+    ++engine_.stats.image_steps;
     a.job->evals_done[a.index] = a.run->evals_done();
     if (std::find(progressed.begin(), progressed.end(), a.job.get()) == progressed.end())
       progressed.push_back(a.job.get());
   }
   for (JobState* job : progressed) {
+    if (!job->first_step_seen) {
+      job->first_step_seen = true;
+      engine_.stats.first_step.observe(
+          std::chrono::duration<double>(SteadyClock::now() - job->queued_steady).count());
+    }
     const double secs =
         std::chrono::duration<double>(SteadyClock::now() - job->started_steady).count();
     JobEvent e;
@@ -555,6 +569,11 @@ void Worker::decode(std::vector<Active> finished) {
   try {
     const auto start = SteadyClock::now();
     images = model_.decode(to_decode);
+    {
+      std::lock_guard<std::mutex> lock(engine_.mutex);
+      engine_.stats.vae_decode.observe(
+          std::chrono::duration<double>(SteadyClock::now() - start).count());
+    }
     pipeline::log(
         pipeline::LogLevel::kDebug,
         device_ + " decoded " + std::to_string(to_decode.size()) + " images in " +

@@ -22,7 +22,8 @@ class WsSession;
 
 class Context {
  public:
-  explicit Context(config::ServiceConfig config) : config_(std::move(config)) {}
+  explicit Context(config::ServiceConfig config)
+      : config_(std::move(config)), metrics_(config_.gpu_metrics_interval_s, config_.max_queue) {}
 
   const config::ServiceConfig& config() const { return config_; }
   Metrics& metrics() { return metrics_; }

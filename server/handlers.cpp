@@ -148,6 +148,36 @@ Route match_route(const std::string& target) {
   return r;
 }
 
+const char* route_template(Route::Kind kind) {
+  switch (kind) {
+    case Route::kHealthz:
+      return "/healthz";
+    case Route::kReadyz:
+      return "/readyz";
+    case Route::kMetrics:
+      return "/metrics";
+    case Route::kModels:
+      return "/v1/models";
+    case Route::kSamplers:
+      return "/v1/samplers";
+    case Route::kJobs:
+      return "/v1/jobs";
+    case Route::kJob:
+      return "/v1/jobs/{id}";
+    case Route::kJobImage:
+      return "/v1/jobs/{id}/images/{k}";
+    case Route::kJobEvents:
+      return "/v1/jobs/{id}/events";
+    case Route::kEvents:
+      return "/v1/events";
+    case Route::kGenerate:
+      return "/v1/generate";
+    case Route::kNotFound:
+      break;
+  }
+  return "other";
+}
+
 std::string allowed_methods(Route::Kind kind) {
   switch (kind) {
     case Route::kJobs:
@@ -221,7 +251,13 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
   engine::RequestBounds bounds;
   bounds.max_timeout_s = ctx.config().max_timeout_s;
   if (model) bounds.text_layers = model->info().text_layers;
-  engine::JobRequest request = parse_job_request(req.body(), bounds);
+  engine::JobRequest request;
+  try {
+    request = parse_job_request(req.body(), bounds);
+  } catch (const ApiError&) {  // malformed JSON, a wrong type, a value out of range
+    ctx.metrics().job_rejected("invalid");
+    throw;
+  }
   try {
     return engine->submit(std::move(request));
   } catch (const engine::QueueFull& e) {
@@ -264,11 +300,20 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
     }
     case Route::kMetrics: {
       const auto e = ctx.engine();
+      const auto model = ctx.model();
       std::optional<engine::EngineStats> stats;
-      if (e) stats = e->stats();
+      Metrics::ScrapeInput in;
+      if (e) {
+        stats = e->stats();
+        in.stats = &*stats;
+        in.ready = e->ready();
+        in.workers = e->workers();
+        in.memory = e->device_memory();
+      }
+      if (model) in.model = &model->info();
       Response res{http::status::ok, req.version()};
       res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
-      res.body() = ctx.metrics().scrape(stats ? &*stats : nullptr, e && e->ready());
+      res.body() = ctx.metrics().scrape(in);
       return res;
     }
     case Route::kModels: {

@@ -36,6 +36,8 @@ struct Route {
 };
 
 Route match_route(const std::string& target);
+// "/v1/jobs/{id}": the route's template for metrics (bounded label values); "other" for none.
+const char* route_template(Route::Kind kind);
 // "GET, DELETE": the methods a route answers (for 405 and Allow).
 std::string allowed_methods(Route::Kind kind);
 bool method_allowed(Route::Kind kind, http::verb method);

@@ -167,7 +167,7 @@ void HttpSession::on_request() {
       spdlog::info("{} {} 101 {:.1f}ms{}", std::string(req_.method_string()),
                    path_of(std::string(req_.target())), ms,
                    job_id_.empty() ? "" : " job=" + job_id_);
-      ctx_->metrics().count_request(101);
+      ctx_->metrics().count_request(route_template(route.kind), 101, ms / 1000);
       end_request();
       stream_.expires_never();
       auto ws = std::make_shared<WsSession>(
@@ -243,7 +243,7 @@ void HttpSession::on_client_gone() {
           .count();
   spdlog::info("POST /v1/generate 499 {:.1f}ms job={} (client went away; job {})", ms,
                waiting_->job_id, waiting_->cancel_on_disconnect ? "cancelled" : "continues");
-  ctx_->metrics().count_request(499);
+  ctx_->metrics().count_request(route_template(Route::kGenerate), 499, ms / 1000);
   end_request();
   close();
 }
@@ -334,7 +334,10 @@ void HttpSession::send(Response res, bool close_after) {
   const std::string path = req_.target().empty() ? "-" : path_of(std::string(req_.target()));
   spdlog::info("{} {} {} {:.1f}ms{}", method, path, status, ms,
                job_id_.empty() ? "" : " job=" + job_id_);
-  ctx_->metrics().count_request(status);
+  ctx_->metrics().count_request(req_.target().empty()
+                                    ? "other"
+                                    : route_template(match_route(std::string(req_.target())).kind),
+                                status, ms / 1000);
   res_ = std::make_shared<Response>(std::move(res));
   stream_.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
       std::chrono::duration<double>(std::max(60.0, ctx_->config().read_timeout_s))));

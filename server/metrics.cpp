@@ -7,6 +7,11 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <chrono>
+#include <map>
+
+#include "pipeline/bench_support.h"
+
 namespace sdserve::server {
 namespace {
 
@@ -18,7 +23,8 @@ void advance(prometheus::Counter& c, uint64_t value) {
 
 }  // namespace
 
-Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+Metrics::Metrics(double gpu_interval_s, int max_queue)
+    : registry_(std::make_shared<prometheus::Registry>()) {
   using prometheus::BuildCounter;
   using prometheus::BuildGauge;
   auto& r = *registry_;
@@ -58,10 +64,108 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                        .Help("PNG bytes held for finished jobs")
                        .Register(r)
                        .Add({});
-  jobs_ = &BuildCounter()
-               .Name("sdserve_jobs_total")
-               .Help("Jobs by outcome (submitted, succeeded, failed, cancelled, expired)")
-               .Register(r);
+  jobs_submitted_ = &BuildCounter()
+                         .Name("sdserve_jobs_submitted_total")
+                         .Help("Jobs accepted into the queue")
+                         .Register(r)
+                         .Add({});
+  jobs_finished_ = &BuildCounter()
+                        .Name("sdserve_jobs_finished_total")
+                        .Help("Jobs ended, by status (succeeded, failed, cancelled, expired)")
+                        .Register(r);
+  jobs_rejected_ = &BuildCounter()
+                        .Name("sdserve_jobs_rejected_total")
+                        .Help(
+                            "Jobs refused at submission, by reason (queue_full, invalid, "
+                            "unavailable)")
+                        .Register(r);
+  auto histogram = [&](const char* name, const char* help, const std::vector<double>& bounds) {
+    return &prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add({}, bounds);
+  };
+  const auto job_buckets = engine::job_latency_buckets();
+  queue_wait_ = histogram("sdserve_job_queue_wait_seconds",
+                          "Per job: queued until its first image was admitted", job_buckets);
+  first_step_ = histogram("sdserve_job_first_step_seconds",
+                          "Per job: queued until its first progress event", job_buckets);
+  latency_ = histogram("sdserve_job_latency_seconds",
+                       "Per succeeded job: queued until its last image was stored (end to end)",
+                       job_buckets);
+  run_time_ =
+      histogram("sdserve_job_run_seconds",
+                "Per succeeded job: first image admitted until the last was stored", job_buckets);
+  unet_batch_images_ =
+      histogram("sdserve_unet_batch_images", "Images per UNet call", engine::batch_size_buckets());
+  unet_step_ =
+      histogram("sdserve_unet_step_seconds", "UNet calls (under load: the device's step time)",
+                cache::fast_latency_buckets());
+  vae_decode_ =
+      histogram("sdserve_vae_decode_seconds", "VAE decode calls", cache::fast_latency_buckets());
+  images_per_second_ = &BuildGauge()
+                            .Name("sdserve_images_per_second")
+                            .Help("Images finished per second over the last minute")
+                            .Register(r)
+                            .Add({});
+  iterations_per_second_ = &BuildGauge()
+                                .Name("sdserve_iterations_per_second")
+                                .Help(
+                                    "Denoising steps per second, summed over the images, over "
+                                    "the last minute")
+                                .Register(r)
+                                .Add({});
+  http_duration_ = &prometheus::BuildHistogram()
+                        .Name("sdserve_http_request_duration_seconds")
+                        .Help(
+                            "HTTP requests, header read to response queued, by route "
+                            "template and status class")
+                        .Register(r);
+  worker_ready_ = &BuildGauge()
+                       .Name("sdserve_worker_ready")
+                       .Help("Per device: 1 when its worker has warmed up and takes jobs")
+                       .Register(r);
+  BuildGauge()
+      .Name("sdserve_max_queue")
+      .Help("The configured bound of waiting jobs (max_queue)")
+      .Register(r)
+      .Add({})
+      .Set(max_queue);
+  const std::string torch = pipeline::bench_support::torch_version();
+  const auto cu = torch.find("+cu");
+  BuildGauge()
+      .Name("sdserve_build_info")
+      .Help("Always 1; the labels say what was built")
+      .Register(r)
+      .Add({{"version", SDSERVE_VERSION},
+            {"torch", torch},
+            {"cuda", cu == std::string::npos ? "none" : torch.substr(cu + 3)}})
+      .Set(1);
+  model_info_ = &BuildGauge()
+                     .Name("sdserve_model_info")
+                     .Help("Always 1 once the model is loaded; the labels describe it")
+                     .Register(r);
+  torch_allocated_ = &BuildGauge()
+                          .Name("sdserve_torch_allocated_bytes")
+                          .Help("Per device: bytes torch's allocator has handed out")
+                          .Register(r);
+  torch_reserved_ = &BuildGauge()
+                         .Name("sdserve_torch_reserved_bytes")
+                         .Help("Per device: bytes torch's allocator holds from the driver")
+                         .Register(r);
+  gpus_ = std::make_unique<GpuMonitor>(gpu_interval_s);
+  if (gpus_->available()) {
+    auto gpu_gauge = [&](const char* name, const char* help) {
+      return &BuildGauge().Name(name).Help(help).Register(r);
+    };
+    gpu_utilization_ = gpu_gauge("sdserve_gpu_utilization_ratio",
+                                 "Per GPU (NVML): share of the last sample period with a kernel "
+                                 "running");
+    gpu_memory_used_ = gpu_gauge("sdserve_gpu_memory_used_bytes", "Per GPU (NVML): memory used");
+    gpu_memory_total_ =
+        gpu_gauge("sdserve_gpu_memory_total_bytes", "Per GPU (NVML): memory installed");
+    gpu_power_ = gpu_gauge("sdserve_gpu_power_watts", "Per GPU (NVML): power draw");
+    gpu_temperature_ =
+        gpu_gauge("sdserve_gpu_temperature_celsius", "Per GPU (NVML): core temperature");
+    gpu_sm_clock_ = gpu_gauge("sdserve_gpu_sm_clock_hertz", "Per GPU (NVML): SM clock");
+  }
   unet_steps_ = &BuildCounter()
                      .Name("sdserve_unet_steps_total")
                      .Help("UNet batch evaluations")
@@ -131,8 +235,15 @@ void mirror(prometheus::Histogram& h, const cache::HistogramCounts& now, Metrics
 
 Metrics::~Metrics() = default;
 
-void Metrics::count_request(int status) {
+void Metrics::count_request(const std::string& route, int status, double seconds) {
   http_requests_->Add({{"code", std::to_string(status)}}).Increment();
+  static const std::vector<double> bounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                             0.5,   1,      2.5,   5,    10,    30,   60,  300};
+  http_duration_->Add({{"route", route}, {"code", std::to_string(status / 100) + "xx"}}, bounds)
+      .Observe(seconds);
+}
+void Metrics::job_rejected(const std::string& reason) {
+  jobs_rejected_->Add({{"reason", reason}}).Increment();
 }
 void Metrics::websocket_opened() {
   websockets_->Increment();
@@ -144,19 +255,67 @@ void Metrics::events_dropped(uint64_t n) {
   dropped_->Increment(static_cast<double>(n));
 }
 
-std::string Metrics::scrape(const engine::EngineStats* stats, bool ready) {
+std::string Metrics::scrape(const ScrapeInput& in) {
   std::lock_guard<std::mutex> lock(scrape_mutex_);
-  ready_->Set(ready ? 1 : 0);
-  if (stats) {
+  ready_->Set(in.ready ? 1 : 0);
+  for (const auto& w : in.workers)
+    worker_ready_->Add({{"device", w.device}}).Set(w.state == "ready" ? 1 : 0);
+  for (const auto& m : in.memory) {
+    torch_allocated_->Add({{"device", m.device}}).Set(static_cast<double>(m.allocated));
+    torch_reserved_->Add({{"device", m.device}}).Set(static_cast<double>(m.reserved));
+  }
+  if (in.model) {
+    const auto& i = *in.model;
+    model_info_
+        ->Add(
+            {{"name", i.name}, {"family", i.family}, {"dtype", i.precision}, {"device", i.device}})
+        .Set(1);
+  }
+  if (gpus_->available()) {
+    for (const auto& g : gpus_->latest()) {
+      const std::map<std::string, std::string> labels = {{"gpu", std::to_string(g.index)},
+                                                         {"name", g.name}};
+      auto set = [&](prometheus::Family<prometheus::Gauge>* f, double v) {
+        if (v >= 0) f->Add(labels).Set(v);
+      };
+      set(gpu_utilization_, g.utilization);
+      set(gpu_memory_used_, g.memory_used);
+      set(gpu_memory_total_, g.memory_total);
+      set(gpu_power_, g.power_watts);
+      set(gpu_temperature_, g.temperature_celsius);
+      set(gpu_sm_clock_, g.sm_clock_hertz);
+    }
+  }
+  if (const engine::EngineStats* stats = in.stats) {
     queue_depth_->Set(stats->queued);
     running_jobs_->Set(stats->running_jobs);
     active_images_->Set(stats->active_images);
     result_bytes_->Set(static_cast<double>(stats->result_bytes));
-    advance(jobs_->Add({{"status", "submitted"}}), stats->jobs_submitted);
-    advance(jobs_->Add({{"status", "succeeded"}}), stats->jobs_succeeded);
-    advance(jobs_->Add({{"status", "failed"}}), stats->jobs_failed);
-    advance(jobs_->Add({{"status", "cancelled"}}), stats->jobs_cancelled);
-    advance(jobs_->Add({{"status", "expired"}}), stats->jobs_expired);
+    advance(*jobs_submitted_, stats->jobs_submitted);
+    advance(jobs_finished_->Add({{"status", "succeeded"}}), stats->jobs_succeeded);
+    advance(jobs_finished_->Add({{"status", "failed"}}), stats->jobs_failed);
+    advance(jobs_finished_->Add({{"status", "cancelled"}}), stats->jobs_cancelled);
+    advance(jobs_finished_->Add({{"status", "expired"}}), stats->jobs_expired);
+    advance(jobs_rejected_->Add({{"reason", "queue_full"}}), stats->jobs_rejected_queue_full);
+    advance(jobs_rejected_->Add({{"reason", "unavailable"}}), stats->jobs_rejected_unavailable);
+    mirror(*queue_wait_, stats->queue_wait, queue_wait_seen_);
+    mirror(*first_step_, stats->first_step, first_step_seen_);
+    mirror(*latency_, stats->latency, latency_seen_);
+    mirror(*run_time_, stats->run_time, run_time_seen_);
+    mirror(*unet_batch_images_, stats->unet_batch_images, unet_batch_images_seen_);
+    mirror(*unet_step_, stats->unet_step, unet_step_seen_);
+    mirror(*vae_decode_, stats->vae_decode, vae_decode_seen_);
+    // Rates over the last minute of scrapes (the first scrape has none yet).
+    const double now =
+        std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    progress_.push_back({now, stats->images_done, stats->image_steps});
+    while (progress_.size() > 2 && now - progress_[1].t >= 60) progress_.pop_front();
+    const auto& first = progress_.front();
+    const double dt = now - first.t;
+    images_per_second_->Set(dt > 0 ? static_cast<double>(stats->images_done - first.images) / dt
+                                   : 0);
+    iterations_per_second_->Set(
+        dt > 0 ? static_cast<double>(stats->image_steps - first.image_steps) / dt : 0);
     advance(*unet_steps_, stats->unet_steps);
     advance(*images_, stats->images_done);
     const auto& c = stats->embedding_cache;

@@ -2,12 +2,15 @@
 // counters, and gauges/counters mirrored from the engine's stats on every scrape.
 #pragma once
 
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "engine/engine.h"
+#include "pipeline/pipeline.h"
+#include "server/gpu_monitor.h"
 
 namespace prometheus {
 class Registry;
@@ -22,7 +25,9 @@ namespace sdserve::server {
 
 class Metrics {
  public:
-  Metrics();
+  // gpu_interval_s: how often NVML is sampled for the GPU families (0: never); max_queue: the
+  // configured queue bound, exported so that dashboards and alerts can compare depth with it.
+  explicit Metrics(double gpu_interval_s = 0, int max_queue = 0);
   ~Metrics();
 
   // A histogram mirrored from counts kept below the server: what was already added.
@@ -33,14 +38,24 @@ class Metrics {
 
   prometheus::Registry& registry() { return *registry_; }
 
-  void count_request(int status);
+  // One answered HTTP request: `route` is the route's template ("/v1/jobs/{id}"), never the
+  // raw path.
+  void count_request(const std::string& route, int status, double seconds);
+  // A job refused before it reached the engine (the engine counts its own refusals).
+  void job_rejected(const std::string& reason);
   void websocket_opened();
   void websocket_closed();
   void events_dropped(uint64_t n);
 
-  // Refreshes the engine-derived metrics (stats may be null before the model is loaded) and
-  // renders the Prometheus text exposition format.
-  std::string scrape(const engine::EngineStats* stats, bool ready);
+  struct ScrapeInput {
+    const engine::EngineStats* stats = nullptr;  // null before the model is loaded
+    bool ready = false;
+    std::vector<engine::WorkerStatus> workers;
+    std::vector<engine::DeviceMemory> memory;
+    const pipeline::ModelInfo* model = nullptr;
+  };
+  // Refreshes the engine-derived metrics and renders the Prometheus text exposition format.
+  std::string scrape(const ScrapeInput& in);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -48,8 +63,28 @@ class Metrics {
   prometheus::Gauge* websockets_;
   prometheus::Counter* dropped_;
   prometheus::Gauge *ready_, *queue_depth_, *running_jobs_, *active_images_, *result_bytes_;
-  prometheus::Family<prometheus::Counter>* jobs_;
+  prometheus::Counter* jobs_submitted_;
+  prometheus::Family<prometheus::Counter>*jobs_finished_, *jobs_rejected_;
   prometheus::Counter *unet_steps_, *images_;
+  prometheus::Family<prometheus::Histogram>* http_duration_;
+  // Per job and per model call (engine stats), mirrored like the cache's histograms.
+  prometheus::Histogram *queue_wait_, *first_step_, *latency_, *run_time_, *unet_batch_images_,
+      *unet_step_, *vae_decode_;
+  Mirrored queue_wait_seen_, first_step_seen_, latency_seen_, run_time_seen_,
+      unet_batch_images_seen_, unet_step_seen_, vae_decode_seen_;
+  prometheus::Gauge *images_per_second_, *iterations_per_second_;
+  struct Progress {
+    double t;  // seconds on the steady clock
+    uint64_t images, image_steps;
+  };
+  std::deque<Progress> progress_;  // the rate window
+  prometheus::Family<prometheus::Gauge>*worker_ready_, *model_info_, *torch_allocated_,
+      *torch_reserved_;
+  // GPU families: registered only when NVML is there.
+  std::unique_ptr<GpuMonitor> gpus_;
+  prometheus::Family<prometheus::Gauge>*gpu_utilization_ = nullptr, *gpu_memory_used_ = nullptr,
+  *gpu_memory_total_ = nullptr, *gpu_power_ = nullptr, *gpu_temperature_ = nullptr,
+  *gpu_sm_clock_ = nullptr;
   // The embedding cache (issue #9).
   prometheus::Family<prometheus::Counter>* cache_lookups_;
   prometheus::Gauge *cache_bytes_, *cache_entries_, *redis_up_;

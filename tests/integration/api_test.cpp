@@ -45,7 +45,7 @@ TEST_F(ApiTest, HealthReadyModelsSamplersMetrics) {
   ASSERT_EQ(metrics.status, 200);
   EXPECT_NE(metrics.header("content-type").find("text/plain"), std::string::npos);
   for (const char* name : {"sdserve_queue_depth", "sdserve_running_jobs", "sdserve_active_images",
-                           "sdserve_jobs_total", "sdserve_http_requests_total"})
+                           "sdserve_jobs_submitted_total", "sdserve_http_requests_total"})
     EXPECT_NE(metrics.body.find(name), std::string::npos) << name;
 }
 

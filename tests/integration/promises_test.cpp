@@ -300,7 +300,7 @@ TEST(PromisesTest, GenerateAnswers503WhenItsJobExpiresInTheQueue) {
   EXPECT_FALSE(r.header("retry-after").empty());
   // It expired while the long job still ran (the only way it could have waited).
   EXPECT_EQ(job_view(port, hog).value("status", ""), "running");
-  EXPECT_EQ(metric(port, "sdserve_jobs_total{status=\"expired\"}"), 1);
+  EXPECT_EQ(metric(port, "sdserve_jobs_finished_total{status=\"expired\"}"), 1);
 
   EXPECT_EQ(http(port, verb::delete_, "/v1/jobs/" + hog).status, 200);
   const auto final_event =

@@ -119,7 +119,7 @@ TEST(RobustnessTest, GenerateClientHangingUpCancelsItsJob) {
   client.send_post("/v1/generate", body.dump());
   ASSERT_TRUE(wait_metric(port, "sdserve_running_jobs", 1)) << "the job never ran";
   client.drop();
-  EXPECT_TRUE(wait_metric(port, "sdserve_jobs_total{status=\"cancelled\"}", 1));
+  EXPECT_TRUE(wait_metric(port, "sdserve_jobs_finished_total{status=\"cancelled\"}", 1));
   EXPECT_TRUE(wait_metric(port, "sdserve_running_jobs", 0));
 }
 

@@ -1,0 +1,77 @@
+// /metrics after real traffic (issue #10): a succeeded, a cancelled and two rejected jobs move
+// the job counters, the histograms and the HTTP families as they should.
+#include <gtest/gtest.h>
+
+#include "tests/integration/harness.h"
+
+namespace sdserve::itest {
+namespace {
+
+std::string id_of(const json& job) {
+  return job.value("id", "");
+}
+
+TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
+  // One waiting job at most, one image per UNet call: the second waiting job is refused.
+  ServerProcess server({"--max-queue", "1", "--max-batch", "1"});
+  const int port = server.port();
+  EXPECT_EQ(metric(port, "sdserve_max_queue"), 1);
+  EXPECT_EQ(metric(port, "sdserve_worker_ready{device=\"cpu\"}"), 1);
+
+  const std::string a = id_of(submit(port, small_job("long, then cancelled", 150, 21)));
+  ASSERT_TRUE(wait_metric(port, "sdserve_job_first_step_seconds_count", 1))
+      << "the first job never stepped";
+  const std::string b = id_of(submit(port, small_job("waits, then succeeds", 2, 22)));
+  EXPECT_EQ(post(port, "/v1/jobs", small_job("no room", 2, 23)).status, 429);
+  json invalid = small_job("invalid", 2, 24);
+  invalid["steps"] = 0;
+  EXPECT_EQ(post(port, "/v1/jobs", invalid).status, 400);
+  EXPECT_EQ(http(port, verb::delete_, "/v1/jobs/" + a).status, 200);
+  EXPECT_EQ(wait_final(port, a), "cancelled");
+  EXPECT_EQ(wait_final(port, b), "succeeded");
+
+  EXPECT_EQ(metric(port, "sdserve_jobs_submitted_total"), 2);
+  EXPECT_EQ(metric(port, "sdserve_jobs_finished_total{status=\"succeeded\"}"), 1);
+  EXPECT_EQ(metric(port, "sdserve_jobs_finished_total{status=\"cancelled\"}"), 1);
+  EXPECT_EQ(metric(port, "sdserve_jobs_finished_total{status=\"failed\"}"), 0);
+  EXPECT_EQ(metric(port, "sdserve_jobs_rejected_total{reason=\"queue_full\"}"), 1);
+  EXPECT_EQ(metric(port, "sdserve_jobs_rejected_total{reason=\"invalid\"}"), 1);
+  // Both jobs waited in the queue and stepped; only the succeeded one has an end-to-end time.
+  EXPECT_EQ(metric(port, "sdserve_job_queue_wait_seconds_count"), 2);
+  EXPECT_EQ(metric(port, "sdserve_job_first_step_seconds_count"), 2);
+  EXPECT_EQ(metric(port, "sdserve_job_latency_seconds_count"), 1);
+  EXPECT_EQ(metric(port, "sdserve_job_run_seconds_count"), 1);
+  EXPECT_GT(metric(port, "sdserve_job_latency_seconds_sum"), 0);
+  // Every UNet call held one image (max_batch 1): a call per step of b, at least one of a.
+  const double calls = metric(port, "sdserve_unet_batch_images_count");
+  EXPECT_GE(calls, 3);
+  EXPECT_EQ(metric(port, "sdserve_unet_batch_images_sum"), calls);
+  EXPECT_EQ(metric(port, "sdserve_unet_batch_images_bucket{le=\"1\"}"), calls);
+  EXPECT_EQ(metric(port, "sdserve_unet_step_seconds_count"), calls);
+  EXPECT_EQ(metric(port, "sdserve_unet_steps_total"), calls);
+  EXPECT_GE(metric(port, "sdserve_vae_decode_seconds_count"), 1);
+  // HTTP by route template and status class, never by raw path.
+  EXPECT_EQ(
+      metric(port, "sdserve_http_request_duration_seconds_count{code=\"2xx\",route=\"/v1/jobs\"}"),
+      2);
+  EXPECT_EQ(
+      metric(port, "sdserve_http_request_duration_seconds_count{code=\"4xx\",route=\"/v1/jobs\"}"),
+      2);
+  EXPECT_GE(
+      metric(port,
+             "sdserve_http_request_duration_seconds_count{code=\"2xx\",route=\"/v1/jobs/{id}\"}"),
+      1);
+  const std::string body = get(port, "/metrics").body;
+  EXPECT_EQ(body.find("/v1/jobs/" + a), std::string::npos) << "a raw path became a label";
+  EXPECT_NE(body.find("sdserve_build_info{"), std::string::npos);
+  EXPECT_NE(body.find("sdserve_model_info{"), std::string::npos);
+  EXPECT_NE(body.find("device=\"cpu\""), std::string::npos);
+  // The CPU has no allocator statistics: zero, not absent.
+  EXPECT_EQ(metric(port, "sdserve_torch_allocated_bytes{device=\"cpu\"}"), 0);
+  // Scrapes above spanned the whole run: images finished per second is a positive rate.
+  EXPECT_GT(metric(port, "sdserve_images_per_second"), 0);
+  EXPECT_GT(metric(port, "sdserve_iterations_per_second"), 0);
+}
+
+}  // namespace
+}  // namespace sdserve::itest
