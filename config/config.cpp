@@ -165,7 +165,10 @@ const std::vector<Key>& table() {
 
 // Environment variables with the prefix that are not keys but are still ours.
 bool is_meta_env(const std::string& name) {
-  return name == "SDSERVE_CONFIG" || name == "SDSERVE_MODELS_DIR";
+  // Not configuration keys: where the config file and bundled models are, and the benchmark's
+  // switch for the fused CUDA kernels (read by the pipeline).
+  return name == "SDSERVE_CONFIG" || name == "SDSERVE_MODELS_DIR" ||
+         name == "SDSERVE_FUSED_KERNELS";
 }
 
 const Key* find_key(const std::string& name) {

@@ -55,7 +55,10 @@ void Engine::Impl::post_encode(EncodeTask task) {
     if (task.droppable) {
       size_t pending = 0;
       for (const auto& t : encode_tasks) pending += t.droppable ? 1 : 0;
-      if (pending >= kMaxPendingPreviews) return;
+      if (pending >= kMaxPendingPreviews) {
+        ++previews_dropped_behind;
+        return;
+      }
     }
     encode_tasks.push_back(std::move(task));
   }

@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <ctime>
 #include <mutex>
 #include <random>
@@ -211,10 +212,15 @@ EngineStats Engine::stats() const {
     s.active_images = 0;
     for (const auto& [id, job] : impl_->jobs) {
       if (job->status == JobStatus::kRunning) ++s.running_jobs;
+      if (job->status == JobStatus::kQueued) {
+        const int level = static_cast<int>(job->request.priority);
+        if (level >= 0 && level < 3) ++s.queued_by_priority[level];
+      }
       s.active_images += job->images_in_flight;
     }
     s.result_bytes = impl_->results.bytes();
   }
+  s.previews_dropped += impl_->previews_dropped_behind.load();
   s.embedding_cache = impl_->cache->stats();  // the cache's own lock, outside the engine's
   return s;
 }
@@ -403,6 +409,29 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
       break;
   }
   if (status != JobStatus::kSucceeded) results.erase(job.id);
+  {
+    // One line per job at its end, with fields (the server's log sink splits them at \x1f:
+    // separate members in JSON logs): what a user's report is checked against.
+    const auto now = SteadyClock::now();
+    const bool started = job.images_admitted > 0;
+    const auto secs = [](SteadyClock::duration d) {
+      char buf[32];
+      std::snprintf(buf, sizeof(buf), "%.3f", std::chrono::duration<double>(d).count());
+      return std::string(buf);
+    };
+    std::string line = "job " + job.id + " " + to_string(status);
+    const auto field = [&line](const std::string& key, const std::string& value) {
+      line += '\x1f' + key + '=' + value;
+    };
+    field("req", job.request.request_id);
+    field("queue_wait_s", secs((started ? job.started_steady : now) - job.queued_steady));
+    field("run_s", secs(started ? now - job.started_steady : SteadyClock::duration{}));
+    field("images", std::to_string(job.images_finished));
+    field("images_requested", std::to_string(job.request.num_images));
+    if (!error.empty()) field("error", error);
+    pipeline::log(
+        status == JobStatus::kFailed ? pipeline::LogLevel::kWarn : pipeline::LogLevel::kInfo, line);
+  }
   emit(job, state_event(job));
   work_cv.notify_all();  // shutdown() waits on it for the last job
 }

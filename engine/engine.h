@@ -110,6 +110,10 @@ struct EngineStats {
   uint64_t image_steps = 0;  // images stepped, summed over UNet calls
   uint64_t images_done = 0;
   uint64_t result_bytes = 0;
+  // Previews: sent to the job's subscribers; dropped (the encoder fell behind, or a newer one
+  // was already sent).
+  uint64_t previews_sent = 0, previews_dropped = 0;
+  int queued_by_priority[3] = {0, 0, 0};  // queued jobs, index = Priority (high, normal, low)
   cache::HistogramCounts text_encode{cache::fast_latency_buckets()};  // seconds per encoder call
   // Per job, seconds: queued -> first image admitted, queued -> first progress event, queued ->
   // succeeded (end to end), admitted -> succeeded.

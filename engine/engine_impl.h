@@ -81,7 +81,8 @@ struct Engine::Impl {
 
   std::mutex encode_mutex;
   std::condition_variable encode_cv;
-  std::deque<EncodeTask> encode_tasks;  // guarded by encode_mutex
+  std::deque<EncodeTask> encode_tasks;               // guarded by encode_mutex
+  std::atomic<uint64_t> previews_dropped_behind{0};  // the encoder's preview backlog was full
   bool encode_exit = false;
 
   std::vector<std::thread> workers;

@@ -43,6 +43,7 @@ struct JobRequest {
   Priority priority = Priority::kNormal;
   std::optional<double> timeout_s;  // absent: the configured default
   bool cancel_on_disconnect = false;
+  std::string request_id;  // the HTTP request that submitted it (X-Request-Id), for logs
 };
 
 // What the limits of some fields depend on: the model and the service's configuration.

@@ -479,8 +479,12 @@ void Worker::send_previews() {
                       std::lock_guard<std::mutex> lock(e->mutex);
                       // Encoder threads may finish previews out of order: never send an older
                       // one after a newer.
-                      if (is_final(job->status) || done <= job->last_preview[k]) return;
+                      if (is_final(job->status) || done <= job->last_preview[k]) {
+                        ++e->stats.previews_dropped;
+                        return;
+                      }
                       job->last_preview[k] = done;
+                      if (!job->subscribers.empty()) ++e->stats.previews_sent;
                       JobEvent ev;
                       ev.job_id = job->id;
                       ev.type = EventType::kPreview;

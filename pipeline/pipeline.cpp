@@ -504,9 +504,20 @@ int cuda_device_count() {
   return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;
 }
 
+// $SDSERVE_MODELS_DIR, else the source tree's models/, else PREFIX/share/sdserve/models beside
+// an installed PREFIX/bin/sdserve.
 std::string bundled_model_path() {
   if (const char* env = std::getenv("SDSERVE_MODELS_DIR")) return std::string(env) + "/tiny-sd15";
-  return std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
+  const std::string source_tree = std::string(SDSERVE_DEFAULT_MODELS_DIR) + "/tiny-sd15";
+  std::error_code ec;
+  if (std::filesystem::exists(source_tree, ec)) return source_tree;
+  // Installed by `cmake --install`: PREFIX/bin/sdserve beside PREFIX/share/sdserve/models.
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const auto installed = exe.parent_path().parent_path() / "share/sdserve/models/tiny-sd15";
+    if (std::filesystem::exists(installed, ec)) return installed.string();
+  }
+  return source_tree;  // named in the error message when it is missing
 }
 
 }  // namespace sdserve::pipeline

@@ -338,6 +338,7 @@ Json job_json(const engine::JobSnapshot& job) {
   j["images"] = images;
   j["error"] = job.error.empty() ? Json(nullptr) : Json(job.error);
   j["request"] = request_json(job.request);
+  j["request_id"] = job.request.request_id.empty() ? Json(nullptr) : Json(job.request.request_id);
   return j;
 }
 

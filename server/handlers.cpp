@@ -254,6 +254,7 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
   engine::JobRequest request;
   try {
     request = parse_job_request(req.body(), bounds);
+    request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
   } catch (const ApiError&) {  // malformed JSON, a wrong type, a value out of range
     ctx.metrics().job_rejected("invalid");
     throw;

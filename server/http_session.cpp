@@ -2,7 +2,12 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cctype>
 #include <cerrno>
+#include <cstdio>
+#include <random>
 
 #include <spdlog/spdlog.h>
 
@@ -10,10 +15,28 @@
 #include <boost/asio/post.hpp>
 #include <boost/beast/websocket.hpp>
 
+#include "server/logging.h"
 #include "server/ws_session.h"
 
 namespace sdserve::server {
 namespace {
+
+// Printable, no spaces, bounded: safe in a header, a log line and JSON.
+bool valid_request_id(const std::string& id) {
+  if (id.empty() || id.size() > 128) return false;
+  return std::all_of(id.begin(), id.end(), [](unsigned char c) {
+    return std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == ':';
+  });
+}
+
+std::string new_request_id() {
+  static std::atomic<uint64_t> counter{0};
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  char buf[33];
+  std::snprintf(buf, sizeof(buf), "%016llx%016llx", static_cast<unsigned long long>(rng()),
+                static_cast<unsigned long long>(counter.fetch_add(1)));
+  return buf;
+}
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
@@ -96,6 +119,7 @@ void HttpSession::on_body(beast::error_code ec) {
 }
 
 void HttpSession::on_read_error(beast::error_code ec) {
+  request_id_.clear();  // this request never got one; not the previous request's
   // Whatever of the header arrived, for the response's version and the log line.
   if (quiet_error(ec)) return close();
   if (parser_) {
@@ -136,6 +160,13 @@ void HttpSession::on_read_error(beast::error_code ec) {
 
 void HttpSession::on_request() {
   req_ = parser_->release();
+  // Honour the client's X-Request-Id when it is a sane token, else make one: it goes back in
+  // the response, into the log line, and into a submitted job (its JSON and its log lines).
+  request_id_ = std::string(req_["X-Request-Id"]);
+  if (!valid_request_id(request_id_)) {
+    request_id_ = new_request_id();
+    req_.set("X-Request-Id", request_id_);
+  }
   const Route route = match_route(std::string(req_.target()));
   try {
     if (route.kind == Route::kNotFound)
@@ -164,9 +195,8 @@ void HttpSession::on_request() {
       const double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
               .count();
-      spdlog::info("{} {} 101 {:.1f}ms{}", std::string(req_.method_string()),
-                   path_of(std::string(req_.target())), ms,
-                   job_id_.empty() ? "" : " job=" + job_id_);
+      log_request(std::string(req_.method_string()), path_of(std::string(req_.target())),
+                  route.kind, 101, ms, 0);
       ctx_->metrics().count_request(route_template(route.kind), 101, ms / 1000);
       end_request();
       stream_.expires_never();
@@ -241,8 +271,10 @@ void HttpSession::on_client_gone() {
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
           .count();
-  spdlog::info("POST /v1/generate 499 {:.1f}ms job={} (client went away; job {})", ms,
-               waiting_->job_id, waiting_->cancel_on_disconnect ? "cancelled" : "continues");
+  job_id_ = waiting_->job_id;
+  log_request("POST", "/v1/generate", Route::kGenerate, 499, ms, 0,
+              waiting_->cancel_on_disconnect ? "client went away; job cancelled"
+                                             : "client went away; job continues");
   ctx_->metrics().count_request(route_template(Route::kGenerate), 499, ms / 1000);
   end_request();
   close();
@@ -320,6 +352,26 @@ Response HttpSession::generate_response(const Request& req) {
   return res;
 }
 
+// One line per request: "METHOD path status" and fields (separate members in JSON logs).
+// Probes and scrapes every few seconds would drown the log: they go at debug level.
+void HttpSession::log_request(const std::string& method, const std::string& path, Route::Kind kind,
+                              int status, double ms, uint64_t bytes, const std::string& note) {
+  const bool probe = status < 400 &&
+                     (kind == Route::kHealthz || kind == Route::kReadyz || kind == Route::kMetrics);
+  char ms_text[32];
+  std::snprintf(ms_text, sizeof(ms_text), "%.1f", ms);
+  std::vector<LogField> fields = {{"method", method, false, false},
+                                  {"route", route_template(kind), false, false},
+                                  {"status", std::to_string(status), true, false},
+                                  {"ms", ms_text, true},
+                                  {"bytes", std::to_string(bytes), true},
+                                  {"req", request_id_.empty() ? "-" : request_id_}};
+  if (!job_id_.empty()) fields.push_back({"job", job_id_});
+  if (!note.empty()) fields.push_back({"note", note});
+  log_fields(probe ? LogLevel::kDebug : LogLevel::kInfo,
+             method + " " + path + " " + std::to_string(status), fields);
+}
+
 void HttpSession::send(Response res, bool close_after) {
   res.set(http::field::server, "sdserve/" SDSERVE_VERSION);
   const bool keep = req_.keep_alive() && !close_after && !ctx_->shutting_down();
@@ -332,12 +384,11 @@ void HttpSession::send(Response res, bool close_after) {
   const std::string method =
       req_.method() == http::verb::unknown ? std::string("-") : std::string(req_.method_string());
   const std::string path = req_.target().empty() ? "-" : path_of(std::string(req_.target()));
-  spdlog::info("{} {} {} {:.1f}ms{}", method, path, status, ms,
-               job_id_.empty() ? "" : " job=" + job_id_);
-  ctx_->metrics().count_request(req_.target().empty()
-                                    ? "other"
-                                    : route_template(match_route(std::string(req_.target())).kind),
-                                status, ms / 1000);
+  if (!request_id_.empty()) res.set("X-Request-Id", request_id_);
+  const Route::Kind kind =
+      req_.target().empty() ? Route::kNotFound : match_route(std::string(req_.target())).kind;
+  log_request(method, path, kind, status, ms, res.payload_size().value_or(0));
+  ctx_->metrics().count_request(route_template(kind), status, ms / 1000);
   res_ = std::make_shared<Response>(std::move(res));
   stream_.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
       std::chrono::duration<double>(std::max(60.0, ctx_->config().read_timeout_s))));

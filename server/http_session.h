@@ -37,6 +37,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   Response generate_response(const Request& req);
 
   void send(Response res, bool close_after = false);
+  void log_request(const std::string& method, const std::string& path, Route::Kind kind, int status,
+                   double ms, uint64_t bytes, const std::string& note = "");
   void on_write(boost::beast::error_code ec, bool close);
   void lingering_close();
   void do_drain();
@@ -49,7 +51,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   std::optional<http::request_parser<http::string_body>> parser_;
   Request req_;  // the request being answered
   std::shared_ptr<Response> res_;
-  std::string job_id_;  // for the log line
+  std::string job_id_;      // for the log line
+  std::string request_id_;  // X-Request-Id: the client's (when well-formed) or ours
   std::chrono::steady_clock::time_point started_;
   bool in_flight_ = false;  // counted in ctx_->requests_in_flight
 

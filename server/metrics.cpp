@@ -112,6 +112,16 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                                     "the last minute")
                                 .Register(r)
                                 .Add({});
+  queued_by_priority_ = &BuildGauge()
+                             .Name("sdserve_queued_jobs")
+                             .Help("Jobs waiting to start, by priority (high, normal, low)")
+                             .Register(r);
+  previews_ = &BuildCounter()
+                   .Name("sdserve_previews_total")
+                   .Help(
+                       "Step previews: sent to subscribers, or dropped (the encoder fell "
+                       "behind, or a newer one was sent)")
+                   .Register(r);
   http_duration_ = &prometheus::BuildHistogram()
                         .Name("sdserve_http_request_duration_seconds")
                         .Help(
@@ -298,6 +308,13 @@ std::string Metrics::scrape(const ScrapeInput& in) {
     advance(jobs_finished_->Add({{"status", "expired"}}), stats->jobs_expired);
     advance(jobs_rejected_->Add({{"reason", "queue_full"}}), stats->jobs_rejected_queue_full);
     advance(jobs_rejected_->Add({{"reason", "unavailable"}}), stats->jobs_rejected_unavailable);
+    for (int level = 0; level < 3; ++level) {
+      queued_by_priority_
+          ->Add({{"priority", engine::to_string(static_cast<engine::Priority>(level))}})
+          .Set(stats->queued_by_priority[level]);
+    }
+    advance(previews_->Add({{"result", "sent"}}), stats->previews_sent);
+    advance(previews_->Add({{"result", "dropped"}}), stats->previews_dropped);
     mirror(*queue_wait_, stats->queue_wait, queue_wait_seen_);
     mirror(*first_step_, stats->first_step, first_step_seen_);
     mirror(*latency_, stats->latency, latency_seen_);

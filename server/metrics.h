@@ -73,6 +73,8 @@ class Metrics {
   Mirrored queue_wait_seen_, first_step_seen_, latency_seen_, run_time_seen_,
       unet_batch_images_seen_, unet_step_seen_, vae_decode_seen_;
   prometheus::Gauge *images_per_second_, *iterations_per_second_;
+  prometheus::Family<prometheus::Gauge>* queued_by_priority_;
+  prometheus::Family<prometheus::Counter>* previews_;
   struct Progress {
     double t;  // seconds on the steady clock
     uint64_t images, image_steps;

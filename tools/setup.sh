@@ -10,7 +10,6 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
   libutf8proc-dev libpng-dev libturbojpeg0-dev redis-server)
 tools/install_packages.sh setup "${PACKAGES[@]}"
 
-if [ ! -f build/build.ninja ]; then
-  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release ${SDSERVE_CMAKE_ARGS:-}
-fi
-cmake --build build -j"$(nproc)"
+# Configure (when build/build.ninja is missing; Ninja, Release, $SDSERVE_CMAKE_ARGS) and build with
+# -j$(nproc): the same script the Dockerfiles use (deploy/docker/).
+deploy/docker/build.sh build

@@ -18,10 +18,19 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   EXPECT_EQ(metric(port, "sdserve_max_queue"), 1);
   EXPECT_EQ(metric(port, "sdserve_worker_ready{device=\"cpu\"}"), 1);
 
-  const std::string a = id_of(submit(port, small_job("long, then cancelled", 150, 21)));
+  json long_job = small_job("long, then cancelled", 150, 21);
+  long_job["preview"] = {{"every", 1}, {"format", "png"}};
+  const std::string a = id_of(submit(port, long_job));
+  WsClient watcher;  // previews count as sent when someone follows the job
+  ASSERT_TRUE(watcher.connect(port, "/v1/jobs/" + a + "/events"));
+  ASSERT_TRUE(watcher.next_json([](const json& e) { return e.value("type", "") == "preview"; }));
   ASSERT_TRUE(wait_metric(port, "sdserve_job_first_step_seconds_count", 1))
       << "the first job never stepped";
-  const std::string b = id_of(submit(port, small_job("waits, then succeeds", 2, 22)));
+  json low = small_job("waits, then succeeds", 2, 22);
+  low["priority"] = "low";
+  const std::string b = id_of(submit(port, low));
+  EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"low\"}"), 1);
+  EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"normal\"}"), 0);
   EXPECT_EQ(post(port, "/v1/jobs", small_job("no room", 2, 23)).status, 429);
   json invalid = small_job("invalid", 2, 24);
   invalid["steps"] = 0;
@@ -50,6 +59,8 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   EXPECT_EQ(metric(port, "sdserve_unet_step_seconds_count"), calls);
   EXPECT_EQ(metric(port, "sdserve_unet_steps_total"), calls);
   EXPECT_GE(metric(port, "sdserve_vae_decode_seconds_count"), 1);
+  EXPECT_GE(metric(port, "sdserve_previews_total{result=\"sent\"}"), 1);  // a's, every step
+  EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"low\"}"), 0);
   // HTTP by route template and status class, never by raw path.
   EXPECT_EQ(
       metric(port, "sdserve_http_request_duration_seconds_count{code=\"2xx\",route=\"/v1/jobs\"}"),
@@ -71,6 +82,34 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   // Scrapes above spanned the whole run: images finished per second is a positive rate.
   EXPECT_GT(metric(port, "sdserve_images_per_second"), 0);
   EXPECT_GT(metric(port, "sdserve_iterations_per_second"), 0);
+}
+
+TEST(MetricsTest, RequestIdsAreEchoedLoggedAndKeptWithTheJob) {
+  ServerProcess server;
+  const int port = server.port();
+  EXPECT_EQ(get(port, "/v1/models", {{"X-Request-Id", "client-id.7"}}).header("x-request-id"),
+            "client-id.7");
+  // None, or one unfit for a header and a log line: the server makes one.
+  for (const Headers& h : {Headers{}, Headers{{"X-Request-Id", "has spaces \"and quotes\""}}}) {
+    const std::string made = get(port, "/v1/models", h).header("x-request-id");
+    EXPECT_EQ(made.size(), 32u) << made;
+    EXPECT_EQ(made.find_first_not_of("0123456789abcdef"), std::string::npos) << made;
+  }
+  const auto r = post(port, "/v1/jobs", small_job("traced", 2, 31), {{"X-Request-Id", "trace-42"}});
+  ASSERT_EQ(r.status, 202) << r.body;
+  EXPECT_EQ(r.header("x-request-id"), "trace-42");
+  EXPECT_EQ(r.body_json()["request_id"], "trace-42");
+  const std::string id = r.body_json()["id"];
+  EXPECT_EQ(wait_final(port, id), "succeeded");
+  EXPECT_EQ(get(port, "/v1/jobs/" + id).body_json()["request_id"], "trace-42");
+  EXPECT_TRUE(server.wait_log("POST /v1/jobs 202"));
+  EXPECT_TRUE(server.wait_log("req=trace-42 job=" + id));                 // the request's line
+  EXPECT_TRUE(server.wait_log("job " + id + " succeeded req=trace-42"));  // the job's last line
+  // Probes stay out of the info-level log.
+  ASSERT_EQ(get(port, "/healthz").status, 200);
+  ASSERT_EQ(get(port, "/v1/samplers").status, 200);
+  ASSERT_TRUE(server.wait_log("GET /v1/samplers 200"));
+  EXPECT_EQ(server.log().find("GET /healthz"), std::string::npos);
 }
 
 }  // namespace

@@ -203,19 +203,43 @@ TEST(StartupTest, BadConfigurationStopsWithExit2) {
 
 TEST(StartupTest, JsonLogLines) {
   ServerProcess server({"--log-format", "json"});
-  ASSERT_EQ(get(server.port(), "/healthz").status, 200);
-  ASSERT_TRUE(server.wait_log("GET /healthz 200"));
+  ASSERT_EQ(get(server.port(), "/v1/models", {{"X-Request-Id", "json-1"}}).status, 200);
+  const auto job = submit(server.port(), small_job("logged as json", 2, 41));
+  ASSERT_EQ(wait_final(server.port(), job["id"]), "succeeded");
+  ASSERT_TRUE(server.wait_log("GET /v1/models 200"));
+  const std::string job_line = "job " + job["id"].get<std::string>() + " succeeded";
+  ASSERT_TRUE(server.wait_log(job_line));
   std::istringstream lines(server.log());
   std::string line;
   int parsed = 0;
+  bool request_line = false, job_end_line = false;
   while (std::getline(lines, line)) {
     if (line.rfind("{\"time\"", 0) != 0) continue;  // not ours (a library's own output)
     const json j = json::parse(line);
     EXPECT_TRUE(j.contains("level"));
     EXPECT_TRUE(j["msg"].is_string());
     ++parsed;
+    // The request's and the job's lines carry their facts as separate fields.
+    if (j["msg"] == "GET /v1/models 200") {
+      request_line = true;
+      EXPECT_EQ(j["method"], "GET");
+      EXPECT_EQ(j["route"], "/v1/models");
+      EXPECT_EQ(j["status"], 200);
+      EXPECT_TRUE(j["ms"].is_number());
+      EXPECT_TRUE(j["bytes"].is_number());
+      EXPECT_EQ(j["req"], "json-1");
+    }
+    if (j["msg"] == job_line) {
+      job_end_line = true;
+      EXPECT_EQ(j["req"].get<std::string>().size(), 32u);  // the server made this request's id
+      EXPECT_TRUE(j["queue_wait_s"].is_number());
+      EXPECT_TRUE(j["run_s"].is_number());
+      EXPECT_EQ(j["images"], 1);
+    }
   }
   EXPECT_GE(parsed, 3);
+  EXPECT_TRUE(request_line);
+  EXPECT_TRUE(job_end_line);
 }
 
 }  // namespace
