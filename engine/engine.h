@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -122,7 +123,10 @@ struct EngineStats {
   // Per UNet call: images in it, and the call's seconds (the device's step time under load: a
   // call returns when the previous step is done); per VAE decode call, seconds.
   cache::HistogramCounts unet_batch_images{batch_size_buckets()},
-      unet_step{cache::fast_latency_buckets()}, vae_decode{cache::fast_latency_buckets()};
+      vae_decode{cache::fast_latency_buckets()};
+  // UNet call seconds by batch bucket (the smallest of batch_buckets holding the call's images;
+  // 0 past the largest): step times are only comparable within one.
+  std::map<int, cache::HistogramCounts> unet_step;
   cache::CacheStats embedding_cache;
 };
 

@@ -390,7 +390,15 @@ bool Worker::step() {
     {
       std::lock_guard<std::mutex> lock(engine_.mutex);
       engine_.stats.unet_batch_images.observe(static_cast<double>(batch.size()));
-      engine_.stats.unet_step.observe(std::chrono::duration<double>(now - start).count());
+      int bucket = 0;
+      for (int b : engine_.options.batch_buckets) {
+        if (b >= static_cast<int>(batch.size())) {
+          bucket = b;
+          break;
+        }
+      }
+      engine_.stats.unet_step.try_emplace(bucket, cache::fast_latency_buckets())
+          .first->second.observe(std::chrono::duration<double>(now - start).count());
     }
     pipeline::log(
         pipeline::LogLevel::kDebug,

@@ -95,9 +95,10 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                 "Per succeeded job: first image admitted until the last was stored", job_buckets);
   unet_batch_images_ =
       histogram("sdserve_unet_batch_images", "Images per UNet call", engine::batch_size_buckets());
-  unet_step_ =
-      histogram("sdserve_unet_step_seconds", "UNet calls (under load: the device's step time)",
-                cache::fast_latency_buckets());
+  unet_step_ = &prometheus::BuildHistogram()
+                    .Name("sdserve_unet_step_seconds")
+                    .Help("UNet calls by batch bucket (under load: the device's step time)")
+                    .Register(r);
   vae_decode_ =
       histogram("sdserve_vae_decode_seconds", "VAE decode calls", cache::fast_latency_buckets());
   images_per_second_ = &BuildGauge()
@@ -320,7 +321,10 @@ std::string Metrics::scrape(const ScrapeInput& in) {
     mirror(*latency_, stats->latency, latency_seen_);
     mirror(*run_time_, stats->run_time, run_time_seen_);
     mirror(*unet_batch_images_, stats->unet_batch_images, unet_batch_images_seen_);
-    mirror(*unet_step_, stats->unet_step, unet_step_seen_);
+    for (const auto& [bucket, counts] : stats->unet_step) {
+      mirror(unet_step_->Add({{"bucket", std::to_string(bucket)}}, cache::fast_latency_buckets()),
+             counts, unet_step_seen_[bucket]);
+    }
     mirror(*vae_decode_, stats->vae_decode, vae_decode_seen_);
     // Rates over the last minute of scrapes (the first scrape has none yet).
     const double now =

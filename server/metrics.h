@@ -3,6 +3,7 @@
 #pragma once
 
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -69,9 +70,11 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* http_duration_;
   // Per job and per model call (engine stats), mirrored like the cache's histograms.
   prometheus::Histogram *queue_wait_, *first_step_, *latency_, *run_time_, *unet_batch_images_,
-      *unet_step_, *vae_decode_;
+      *vae_decode_;
   Mirrored queue_wait_seen_, first_step_seen_, latency_seen_, run_time_seen_,
-      unet_batch_images_seen_, unet_step_seen_, vae_decode_seen_;
+      unet_batch_images_seen_, vae_decode_seen_;
+  prometheus::Family<prometheus::Histogram>* unet_step_;
+  std::map<int, Mirrored> unet_step_seen_;  // by batch bucket
   prometheus::Gauge *images_per_second_, *iterations_per_second_;
   prometheus::Family<prometheus::Gauge>* queued_by_priority_;
   prometheus::Family<prometheus::Counter>* previews_;

@@ -56,7 +56,7 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   EXPECT_GE(calls, 3);
   EXPECT_EQ(metric(port, "sdserve_unet_batch_images_sum"), calls);
   EXPECT_EQ(metric(port, "sdserve_unet_batch_images_bucket{le=\"1\"}"), calls);
-  EXPECT_EQ(metric(port, "sdserve_unet_step_seconds_count"), calls);
+  EXPECT_EQ(metric(port, "sdserve_unet_step_seconds_count{bucket=\"1\"}"), calls);
   EXPECT_EQ(metric(port, "sdserve_unet_steps_total"), calls);
   EXPECT_GE(metric(port, "sdserve_vae_decode_seconds_count"), 1);
   EXPECT_GE(metric(port, "sdserve_previews_total{result=\"sent\"}"), 1);  // a's, every step
