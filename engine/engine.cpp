@@ -14,22 +14,6 @@
 namespace sdserve::engine {
 namespace {
 
-// 128 bits from the operating system's CSPRNG (std::random_device reads getrandom/urandom on
-// Linux): without API keys, a job id is all that stands between one user's job and another's.
-std::string new_job_id() {
-  static std::random_device device;
-  static std::mutex mutex;
-  static const char* hex = "0123456789abcdef";
-  std::string id;
-  id.reserve(32);
-  std::lock_guard<std::mutex> lock(mutex);
-  for (int word = 0; word < 4; ++word) {
-    uint32_t bits = device();
-    for (int i = 0; i < 8; ++i, bits >>= 4) id += hex[bits & 15];
-  }
-  return id;
-}
-
 // Finished jobs keep their request for GET /v1/jobs/{id}; prompts beyond this are cut there, so
 // the job table stays small whatever prompts clients send (the PNG keeps the full text).
 constexpr size_t kKeptPromptBytes = 2048;
@@ -105,7 +89,7 @@ JobSnapshot Engine::submit(JobRequest request) {
   const int evals_per_image = impl_->models.front()->evals_total(image_spec(request));
 
   auto job = std::make_shared<JobState>();
-  job->id = new_job_id();
+  job->id = random_id();
   job->seed = request.seed.value_or(pipeline::random_seed());
   job->request = std::move(request);
   job->request.seed = job->seed;

@@ -1,11 +1,28 @@
 #include "engine/job.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <random>
 
 #include "pipeline/errors.h"
 #include "pipeline/validate.h"
 
 namespace sdserve::engine {
+
+std::string random_id() {
+  static std::random_device device;
+  static std::mutex mutex;
+  static const char* hex = "0123456789abcdef";
+  std::string id;
+  id.reserve(32);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (int word = 0; word < 4; ++word) {
+    uint32_t bits = device();
+    for (int i = 0; i < 8; ++i, bits >>= 4) id += hex[bits & 15];
+  }
+  return id;
+}
 
 std::string to_string(JobStatus s) {
   switch (s) {

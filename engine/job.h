@@ -15,6 +15,11 @@ namespace sdserve::engine {
 enum class JobStatus { kQueued, kRunning, kSucceeded, kFailed, kCancelled, kExpired };
 enum class Priority { kHigh = 0, kNormal = 1, kLow = 2 };
 
+// 32 hex digits, 128 bits from the operating system's CSPRNG (std::random_device reads
+// getrandom/urandom on Linux): job ids (without API keys, a job id is all that stands between one
+// user's job and another's) and the request ids the server makes. Thread-safe.
+std::string random_id();
+
 std::string to_string(JobStatus s);  // "queued", "running", ...
 std::string to_string(Priority p);   // "high", "normal", "low"
 bool is_final(JobStatus s);

@@ -64,14 +64,6 @@ torch::Dtype torch_dtype(Precision p) {
 }
 
 // (B, 3, H, W) float in [0, 1] -> 8-bit RGB images, rounding as diffusers' numpy_to_pil does.
-// cuDNN's fast convolutions are NHWC; convolutions follow their weights' layout, so the
-// activations become channels-last too.
-void to_channels_last(torch::nn::Module& module) {
-  for (auto& p : module.parameters()) {
-    if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
-  }
-}
-
 std::vector<RgbImage> to_rgb8(const torch::Tensor& images) {
   auto bytes = (images * 255.0)
                    .round()
@@ -248,6 +240,9 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
     ids.insert(ids.end(), one.begin(), one.end());
   }
   auto input = torch::tensor(ids, torch::kInt64).view({static_cast<int64_t>(prompts.size()), -1});
+  const auto encode = [&] {
+    return impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
+  };
   torch::Tensor hidden;
 #ifdef SDSERVE_WITH_CUDA
   if (impl_->device.is_cuda()) {
@@ -259,14 +254,13 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
         static_cast<cudaStream_t>(impl_->text_stream.get()), index);
     {
       c10::cuda::CUDAStreamGuard guard(side);
-      hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
+      hidden = encode();
     }
     side.synchronize();
     hidden.record_stream(c10::cuda::getDefaultCUDAStream(index));
   }
 #endif
-  if (!hidden.defined())
-    hidden = impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
+  if (!hidden.defined()) hidden = encode();
   std::vector<EmbeddingPtr> out;
   for (int64_t i = 0; i < hidden.size(0); ++i)
     out.push_back(std::make_shared<Embedding>(hidden.narrow(0, i, 1)));

@@ -23,12 +23,6 @@ std::vector<std::string> split_path(const std::string& path) {
   return parts;
 }
 
-bool valid_id(const std::string& id) {
-  return !id.empty() && id.size() <= 128 && std::all_of(id.begin(), id.end(), [](unsigned char c) {
-    return std::isalnum(c) || c == '-' || c == '_' || c == '.';
-  });
-}
-
 // Constant time in the key's length, so that timing does not reveal a key's prefix.
 bool same_key(const std::string& a, const std::string& b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
@@ -105,6 +99,12 @@ Response image_response(Context& ctx, const Request& req, const Route& route) {
 }
 
 }  // namespace
+
+bool valid_id(const std::string& id) {
+  return !id.empty() && id.size() <= 128 && std::all_of(id.begin(), id.end(), [](unsigned char c) {
+    return std::isalnum(c) || c == '-' || c == '_' || c == '.';
+  });
+}
 
 std::string path_of(const std::string& target) {
   return target.substr(0, target.find('?'));

@@ -35,6 +35,8 @@ struct Route {
   std::string query;  // after '?'
 };
 
+// An id token: 1-128 characters of [A-Za-z0-9._-] (job ids in paths, X-Request-Id).
+bool valid_id(const std::string& id);
 Route match_route(const std::string& target);
 // "/v1/jobs/{id}": the route's template for metrics (bounded label values); "other" for none.
 const char* route_template(Route::Kind kind);

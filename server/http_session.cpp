@@ -21,23 +21,6 @@
 namespace sdserve::server {
 namespace {
 
-// Printable, no spaces, bounded: safe in a header, a log line and JSON.
-bool valid_request_id(const std::string& id) {
-  if (id.empty() || id.size() > 128) return false;
-  return std::all_of(id.begin(), id.end(), [](unsigned char c) {
-    return std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == ':';
-  });
-}
-
-std::string new_request_id() {
-  static std::atomic<uint64_t> counter{0};
-  thread_local std::mt19937_64 rng{std::random_device{}()};
-  char buf[33];
-  std::snprintf(buf, sizeof(buf), "%016llx%016llx", static_cast<unsigned long long>(rng()),
-                static_cast<unsigned long long>(counter.fetch_add(1)));
-  return buf;
-}
-
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
@@ -120,6 +103,7 @@ void HttpSession::on_body(beast::error_code ec) {
 
 void HttpSession::on_read_error(beast::error_code ec) {
   request_id_.clear();  // this request never got one; not the previous request's
+  route_kind_ = Route::kNotFound;
   // Whatever of the header arrived, for the response's version and the log line.
   if (quiet_error(ec)) return close();
   if (parser_) {
@@ -127,6 +111,7 @@ void HttpSession::on_read_error(beast::error_code ec) {
     req_.version(h.version() ? h.version() : 11);
     if (h.method() != http::verb::unknown) req_.method(h.method());
     req_.target(h.target());
+    route_kind_ = match_route(std::string(req_.target())).kind;
   }
   if (ec == http::error::body_limit) {
     if (!in_flight_) {
@@ -163,11 +148,12 @@ void HttpSession::on_request() {
   // Honour the client's X-Request-Id when it is a sane token, else make one: it goes back in
   // the response, into the log line, and into a submitted job (its JSON and its log lines).
   request_id_ = std::string(req_["X-Request-Id"]);
-  if (!valid_request_id(request_id_)) {
-    request_id_ = new_request_id();
+  if (!valid_id(request_id_)) {
+    request_id_ = engine::random_id();
     req_.set("X-Request-Id", request_id_);
   }
   const Route route = match_route(std::string(req_.target()));
+  route_kind_ = route.kind;
   try {
     if (route.kind == Route::kNotFound)
       throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req_.target())));
@@ -385,10 +371,8 @@ void HttpSession::send(Response res, bool close_after) {
       req_.method() == http::verb::unknown ? std::string("-") : std::string(req_.method_string());
   const std::string path = req_.target().empty() ? "-" : path_of(std::string(req_.target()));
   if (!request_id_.empty()) res.set("X-Request-Id", request_id_);
-  const Route::Kind kind =
-      req_.target().empty() ? Route::kNotFound : match_route(std::string(req_.target())).kind;
-  log_request(method, path, kind, status, ms, res.payload_size().value_or(0));
-  ctx_->metrics().count_request(route_template(kind), status, ms / 1000);
+  log_request(method, path, route_kind_, status, ms, res.payload_size().value_or(0));
+  ctx_->metrics().count_request(route_template(route_kind_), status, ms / 1000);
   res_ = std::make_shared<Response>(std::move(res));
   stream_.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
       std::chrono::duration<double>(std::max(60.0, ctx_->config().read_timeout_s))));

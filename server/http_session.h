@@ -53,6 +53,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   std::shared_ptr<Response> res_;
   std::string job_id_;      // for the log line
   std::string request_id_;  // X-Request-Id: the client's (when well-formed) or ours
+  Route::Kind route_kind_ = Route::kNotFound;  // of the request being answered
   std::chrono::steady_clock::time_point started_;
   bool in_flight_ = false;  // counted in ctx_->requests_in_flight
 

@@ -45,4 +45,11 @@ void configure_cuda_for_inference(bool allow_tf32) {
 #endif
 }
 
+void to_channels_last(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+  }
+}
+
 }  // namespace sdserve::pipeline

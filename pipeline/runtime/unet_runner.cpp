@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "pipeline/log.h"
+#include "pipeline/runtime/device.h"
 
 #ifdef SDSERVE_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -42,12 +43,7 @@ UNetRunner::UNetRunner(UNet unet, torch::Device device, torch::Dtype dtype,
   if (device_.is_cuda() && options_.fuse_projections)
     for (auto& m : unet_->modules(/*include_self=*/false))
       if (auto* attention = m->as<AttentionImpl>()) attention->fuse_projections();
-  if (device_.is_cuda() && options_.channels_last) {
-    // cuDNN's fastest fp16 convolutions are NHWC; keep the weights that way once.
-    torch::NoGradGuard no_grad;
-    for (auto& p : unet_->parameters())
-      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
-  }
+  if (device_.is_cuda() && options_.channels_last) to_channels_last(*unet_);
 }
 
 UNetRunner::~UNetRunner() = default;
