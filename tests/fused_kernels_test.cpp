@@ -1,6 +1,7 @@
-// The fused group norm and GEGLU (pipeline/nn/fused.h). On the CPU (and in CI) their fallback
-// must be exactly the unfused arithmetic; the *Cuda* tests check the CUDA kernels against a
-// float64 reference computed by torch on the CPU from the same inputs, and skip without a GPU.
+// The fused group norm, GEGLU and convolution epilogue (pipeline/nn/fused.h). On the CPU (and in
+// CI) their fallback must be exactly the unfused arithmetic; the *Cuda* tests check the CUDA
+// kernels against a float64 reference computed by torch on the CPU from the same inputs, and skip
+// without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -66,6 +67,52 @@ TEST(FusedFallback, GegluIsValueTimesGeluOfGate) {
   auto parts = p.chunk(2, -1);
   EXPECT_TRUE(torch::equal(got, parts[0] * torch::gelu(parts[1])));
   EXPECT_LE(test::max_abs_diff(got, reference_geglu(p)), 1e-5);
+}
+
+TEST(FusedFallback, BiasResidualIsTheUnfusedArithmetic) {
+  torch::manual_seed(7);
+  auto y = torch::randn({2, 6, 3, 5});
+  auto bias = torch::randn({6});
+  auto residual = torch::randn({2, 6, 3, 5});
+  const auto want = (y + bias.view({1, 6, 1, 1}) + residual) * 0.5;
+  const auto got = add_bias_residual_(y.clone(), bias, residual, 0.5);
+  EXPECT_TRUE(torch::equal(got, want));
+  EXPECT_TRUE(torch::equal(add_bias_residual_(y.clone(), {}, {}), y));
+}
+
+TEST(FusedFallback, ConvAndLinearAreTheModulesOffCuda) {
+  torch::manual_seed(8);
+  torch::NoGradGuard no_grad;
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(4, 6, 3).stride(2).padding(1));
+  auto x = torch::randn({2, 4, 9, 7});
+  EXPECT_TRUE(torch::equal(conv2d_fused(conv, x), conv(x)));
+  // Without the bias, then with it added back: torch's own arithmetic, so equal up to the one
+  // rounding of the bias add that the module fuses into its convolution (float32 epsilon).
+  auto no_bias = conv2d_no_bias(conv, x);
+  EXPECT_LE(test::max_abs_diff(add_bias_residual_(no_bias, conv->bias, {}), conv(x)), 1e-5);
+}
+
+TEST(FusedFallback, LinearAndGegluBiasAreTheUnfusedArithmetic) {
+  torch::manual_seed(11);
+  auto x = torch::randn({2, 5, 8});
+  auto w = torch::randn({6, 8});
+  auto b = torch::randn({6});
+  auto r = torch::randn({2, 5, 6});
+  EXPECT_TRUE(torch::equal(linear_fused(x, w, b, r), torch::linear(x, w, b) + r));
+  EXPECT_TRUE(torch::equal(linear_fused(x, w, b, {}), torch::linear(x, w, b)));
+  auto p = torch::randn({3, 10});
+  auto pb = torch::randn({10});
+  auto parts = (p + pb).chunk(2, -1);
+  EXPECT_TRUE(torch::equal(geglu_fused(p, pb), parts[0] * torch::gelu(parts[1])));
+  auto y = torch::randn({4, 6});
+  EXPECT_TRUE(torch::equal(add_bias_residual_(y.clone(), b, {}), y + b));
+}
+
+TEST(FusedFallback, LayerNormIsTheModule) {
+  torch::manual_seed(14);
+  torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({16}).eps(1e-5));
+  auto x = torch::randn({3, 4, 16});
+  EXPECT_TRUE(torch::equal(layer_norm_fused(norm, x), norm(x)));
 }
 
 #define SKIP_WITHOUT_CUDA() \
@@ -153,8 +200,175 @@ TEST(FusedKernelsCuda, GegluMatchesFloat64Reference) {
       ASSERT_EQ(got.sizes(), want_sizes);
       EXPECT_LE(relative_error(got, reference_geglu(p)), tolerance(dtype))
           << dtype << " last dim " << shape.back();
+      // With the projection's bias folded in: the reference adds it in float64 first.
+      auto bias = torch::randn({shape.back()}).to(torch::kCUDA, dtype);
+      const auto with_bias = geglu_fused(p, bias);
+      const auto ref =
+          reference_geglu(p.cpu().to(torch::kFloat64) + bias.cpu().to(torch::kFloat64));
+      EXPECT_LE(relative_error(with_bias, ref), tolerance(dtype))
+          << dtype << " last dim " << shape.back() << " with bias";
     }
   }
+}
+
+TEST(FusedKernelsCuda, BiasResidualMatchesFloat64Reference) {
+  SKIP_WITHOUT_CUDA();
+  if (!fused_kernels_enabled()) GTEST_SKIP() << "this build has no fused CUDA kernels";
+  torch::manual_seed(9);
+  // (n, c, h, w): UNet-like (vector loads in both layouts), odd sizes (scalar paths), one pixel.
+  const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> shapes = {
+      {2, 320, 16, 16}, {1, 128, 8, 8}, {3, 5, 7, 3}, {2, 16, 1, 1}};
+  for (auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
+    for (const auto& [n, c, h, w] : shapes) {
+      for (bool channels_last : {false, true}) {
+        const auto format =
+            channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+        auto y = torch::randn({n, c, h, w}).to(torch::kCUDA, dtype).contiguous(format);
+        auto r = torch::randn({n, c, h, w}).to(torch::kCUDA, dtype).contiguous(format);
+        auto b = torch::randn({c}).to(torch::kCUDA, dtype);
+        for (int variant = 0; variant < 3; ++variant) {  // bias + residual, bias, residual
+          const auto bias = variant == 2 ? torch::Tensor() : b;
+          const auto residual = variant == 1 ? torch::Tensor() : r;
+          const double scale = variant == 0 ? 0.5 : 1.0;
+          auto ref = y.cpu().to(torch::kFloat64);
+          if (bias.defined()) ref = ref + b.cpu().to(torch::kFloat64).view({1, c, 1, 1});
+          if (residual.defined()) ref = ref + r.cpu().to(torch::kFloat64);
+          ref = ref * scale;
+          const auto got = add_bias_residual_(y.clone(), bias, residual, scale);
+          EXPECT_EQ(got.is_contiguous(torch::MemoryFormat::ChannelsLast),
+                    channels_last || h * w == 1);
+          // One rounding of the float32 sum to the dtype: half an ulp (tolerance()).
+          EXPECT_LE(relative_error(got, ref), tolerance(dtype))
+              << dtype << " " << n << "x" << c << "x" << h << "x" << w << " channels_last "
+              << channels_last << " variant " << variant;
+        }
+      }
+    }
+  }
+}
+
+TEST(FusedKernelsCuda, LayerNormMatchesFloat64Reference) {
+  SKIP_WITHOUT_CUDA();
+  if (!fused_kernels_enabled()) GTEST_SKIP() << "this build has no fused CUDA kernels";
+  torch::manual_seed(15);
+  torch::NoGradGuard no_grad;
+  // The UNet's widths, one row shorter than a warp's vectors, the kernel's widest row, and
+  // widths the kernel refuses (torch's module takes them: the result must be the same).
+  for (auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
+    for (int64_t c : {320, 640, 1280, 24, 1024, 2048, 20, 4104}) {
+      torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({c}).eps(1e-5));
+      norm->weight.uniform_(0.5, 1.5);
+      norm->bias.uniform_(-0.5, 0.5);
+      norm->to(torch::kCUDA, dtype);
+      // An offset mean checks the variance against cancellation.
+      auto x = (torch::randn({2, 37, c}) * 0.7 + 3).to(torch::kCUDA, dtype);
+      const auto got = layer_norm_fused(norm, x);
+      ASSERT_EQ(got.sizes(), x.sizes());
+      auto ref = torch::layer_norm(x.cpu().to(torch::kFloat64), {c},
+                                   norm->weight.cpu().to(torch::kFloat64),
+                                   norm->bias.cpu().to(torch::kFloat64), 1e-5);
+      // Float32 statistics over <= 4104 values from registers (~1e-6 relative) and one rounding
+      // to the dtype: tolerance() as for the group norm.
+      EXPECT_LE(relative_error(got, ref), tolerance(dtype)) << dtype << " width " << c;
+    }
+  }
+}
+
+// A linear layer's output (..., C): the bias runs over the last dim.
+TEST(FusedKernelsCuda, LinearEpilogueMatchesFloat64Reference) {
+  SKIP_WITHOUT_CUDA();
+  if (!fused_kernels_enabled()) GTEST_SKIP() << "this build has no fused CUDA kernels";
+  torch::manual_seed(12);
+  for (auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
+    for (auto shape : {std::vector<int64_t>{2, 77, 320}, {3, 5, 6}, {1, 4096, 640}}) {
+      auto y = torch::randn(shape).to(torch::kCUDA, dtype);
+      auto r = torch::randn(shape).to(torch::kCUDA, dtype);
+      auto b = torch::randn({shape.back()}).to(torch::kCUDA, dtype);
+      auto ref =
+          y.cpu().to(torch::kFloat64) + b.cpu().to(torch::kFloat64) + r.cpu().to(torch::kFloat64);
+      EXPECT_LE(relative_error(add_bias_residual_(y.clone(), b, r), ref), tolerance(dtype))
+          << dtype << " last dim " << shape.back();
+    }
+  }
+}
+
+// The resnet's fused path (conv biases folded into the norm and the residual add) against the
+// same block run by torch's ops in float64 on the CPU.
+TEST(FusedKernelsCuda, ResnetBlockEpilogueMatchesTheUnfusedBlock) {
+  SKIP_WITHOUT_CUDA();
+  if (!fused_kernels_enabled()) GTEST_SKIP() << "this build has no fused CUDA kernels";
+  torch::manual_seed(10);
+  torch::NoGradGuard no_grad;
+  // TF32 convolutions would round inputs to 10 bits: compare float32 arithmetic.
+  const bool tf32 = at::globalContext().allowTF32CuDNN();
+  at::globalContext().setAllowTF32CuDNN(false);
+  for (int64_t temb_channels : {int64_t{0}, int64_t{24}}) {
+    for (int64_t out : {int64_t{32}, int64_t{64}}) {  // same channels; a shortcut conv
+      ResnetBlock2DOptions o;
+      o.in_channels = 32;
+      o.out_channels = out;
+      o.temb_channels = temb_channels;
+      o.groups = 8;
+      o.output_scale_factor = temb_channels > 0 ? 1.0 : 2.0;
+      ResnetBlock2D block(o);
+      for (auto& p : block->parameters()) p.uniform_(-0.3, 0.3);
+      auto x = torch::randn({2, 32, 12, 10});
+      auto temb = temb_channels > 0 ? torch::randn({2, temb_channels}) : torch::Tensor();
+      block->to(torch::kFloat64);
+      const auto want =
+          block->forward(x.to(torch::kFloat64), temb.defined() ? temb.to(torch::kFloat64) : temb);
+      block->to(torch::kCUDA, torch::kFloat32);
+      for (bool channels_last : {false, true}) {
+        auto xc = x.to(torch::kCUDA);
+        if (channels_last) xc = xc.contiguous(torch::MemoryFormat::ChannelsLast);
+        const auto got = block->forward(xc, temb.defined() ? temb.to(torch::kCUDA) : temb);
+        // Float32 throughout: convolutions over 9 * 64 products and the norms' statistics round
+        // at ~1e-6 relative; 1e-4 leaves room for cuDNN's algorithm choice (Winograd, FFT).
+        EXPECT_LE(relative_error(got, want), 1e-4)
+            << "temb " << temb_channels << " out " << out << " channels_last " << channels_last;
+      }
+    }
+  }
+  at::globalContext().setAllowTF32CuDNN(tf32);
+}
+
+// The spatial transformer's fused path (linear biases in the epilogues with the residuals, the
+// GEGLU bias in its kernel) against the same module run by torch's ops in float64 on the CPU.
+TEST(FusedKernelsCuda, TransformerEpiloguesMatchTheUnfusedBlock) {
+  SKIP_WITHOUT_CUDA();
+  if (!fused_kernels_enabled()) GTEST_SKIP() << "this build has no fused CUDA kernels";
+  torch::manual_seed(13);
+  torch::NoGradGuard no_grad;
+  const bool tf32_blas = at::globalContext().allowTF32CuBLAS();
+  const bool tf32_dnn = at::globalContext().allowTF32CuDNN();
+  at::globalContext().setAllowTF32CuBLAS(false);
+  at::globalContext().setAllowTF32CuDNN(false);
+  for (bool linear_projection : {false, true}) {
+    Transformer2DOptions o;
+    o.channels = 32;
+    o.heads = 2;
+    o.dim_head = 16;
+    o.cross_attention_dim = 24;
+    o.groups = 8;
+    o.use_linear_projection = linear_projection;
+    Transformer2D block(o);
+    for (auto& p : block->parameters()) p.uniform_(-0.3, 0.3);
+    auto x = torch::randn({2, 32, 6, 5});
+    auto context = torch::randn({2, 7, 24});
+    block->to(torch::kFloat64);
+    const auto want = block->forward(x.to(torch::kFloat64), context.to(torch::kFloat64));
+    block->to(torch::kCUDA, torch::kFloat32);
+    for (bool channels_last : {false, true}) {
+      auto xc = x.to(torch::kCUDA);
+      if (channels_last) xc = xc.contiguous(torch::MemoryFormat::ChannelsLast);
+      const auto got = block->forward(xc, context.to(torch::kCUDA));
+      // Float32 GEMMs and norms over <= 128 values: ~1e-6 relative; 1e-4 as for the resnet.
+      EXPECT_LE(relative_error(got, want), 1e-4)
+          << "linear_projection " << linear_projection << " channels_last " << channels_last;
+    }
+  }
+  at::globalContext().setAllowTF32CuBLAS(tf32_blas);
+  at::globalContext().setAllowTF32CuDNN(tf32_dnn);
 }
 
 // Inside CUDA graphs: the UNet runner captures these kernels; CudaGraphs tests in cuda_test.cpp

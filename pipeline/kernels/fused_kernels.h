@@ -35,8 +35,36 @@ struct GroupNormArgs {
 int64_t group_norm_workspace_floats(const GroupNormArgs& args);
 int group_norm(const GroupNormArgs& args, void* stream);
 
-// GEGLU on a projection (rows, 2 * inner), row-major: y[r, i] = p[r, i] * gelu(p[r, inner + i])
-// with the exact (erf) GELU, computed in float32; y is (rows, inner).
-int geglu(const void* p, void* y, DType dtype, int64_t rows, int64_t inner, void* stream);
+// GEGLU on a projection (rows, 2 * inner), row-major, with the projection's bias (2 * inner
+// values, or null) added first: with q = p + bias, y[r, i] = q[r, i] * gelu(q[r, inner + i]),
+// the exact (erf) GELU, computed in float32; y is (rows, inner).
+int geglu(const void* p, const void* bias, void* y, DType dtype, int64_t rows, int64_t inner,
+          void* stream);
+
+// LayerNorm over the last dim of x (rows, c), row-major, with gamma and beta (c values, x's
+// dtype), statistics in float32 (mean, then the variance about it, from registers), as torch's
+// layer_norm. One warp per row: torch's kernel gives each 320-640 wide row a whole block and
+// runs at ~1/4 of memory bandwidth on the UNet's token rows. layer_norm_supported says which
+// widths it takes (c a multiple of 16 bytes, up to 2048 fp16/bf16 or 1024 fp32 values).
+bool layer_norm_supported(DType dtype, int64_t c);
+int layer_norm(const void* x, void* y, const void* gamma, const void* beta, DType dtype,
+               int64_t rows, int64_t c, double eps, void* stream);
+
+// A convolution's or linear layer's epilogue, in place: y = (y + bias[c] + residual) * scale
+// for y (n, c, hw) in NCHW (`channels_last` false) or NHWC memory (a linear layer's (rows, c)
+// output is NHWC with n = 1, hw = rows), computed in float32 and rounded once. `bias`
+// (c values, y's dtype) and `residual` (y's shape, dtype and layout) are optional. torch adds
+// a cuDNN convolution's bias (and a large GEMM's) as a separate broadcast add that cannot use
+// vector loads; this takes the bias, the residual and an output scale in the same pass.
+struct BiasResidualArgs {
+  void* y = nullptr;
+  const void* bias = nullptr;
+  const void* residual = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t n = 0, c = 0, hw = 0;
+  bool channels_last = false;
+  float scale = 1.0f;
+};
+int bias_residual(const BiasResidualArgs& args, void* stream);
 
 }  // namespace sdserve::pipeline::kernels

@@ -89,12 +89,33 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(const ResnetBlock2DOptions& options) : opti
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
   // In-place ops below only touch tensors created in this function (inference-only module).
-  auto h = conv1_(group_norm_fused(norm1_, x, {}, /*silu=*/true));
   torch::Tensor t;
   if (time_emb_proj_) {
     TORCH_CHECK(temb.defined(), "ResnetBlock2D: a time embedding is required");
     t = time_emb_proj_(options_.skip_time_act ? temb : torch::silu(temb));  // (B, C or 2C)
   }
+  if (fused_epilogues(x) && !options_.scale_shift) {
+    // The convolutions' biases ride on passes that happen anyway: conv1's joins the time
+    // embedding the norm adds, conv2's and the shortcut's join the residual add (one pass
+    // where torch makes four over h; docs/PERFORMANCE.md).
+    auto h = conv2d_no_bias(conv1_, group_norm_fused(norm1_, x, {}, /*silu=*/true));
+    auto shift = t;
+    if (conv1_->bias.defined()) {
+      shift = t.defined() ? t + conv1_->bias
+                          : conv1_->bias.unsqueeze(0).expand({x.size(0), -1}).contiguous();
+    }
+    h = conv2d_no_bias(conv2_, group_norm_fused(norm2_, h, shift, /*silu=*/true));
+    auto bias = conv2_->bias;
+    torch::Tensor residual = x;
+    if (conv_shortcut_) {
+      residual = conv2d_no_bias(conv_shortcut_, x);
+      if (conv_shortcut_->bias.defined()) {
+        bias = bias.defined() ? bias + conv_shortcut_->bias : conv_shortcut_->bias;
+      }
+    }
+    return add_bias_residual_(h, bias, residual, 1.0 / options_.output_scale_factor);
+  }
+  auto h = conv1_(group_norm_fused(norm1_, x, {}, /*silu=*/true));
   if (t.defined() && options_.scale_shift) {
     auto scale_shift = t.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
     h = silu_inplace(group_norm_forward(norm2_, h).mul_(scale_shift[0] + 1).add_(scale_shift[1]));
@@ -116,8 +137,8 @@ Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t out_channels, int64
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
   // diffusers pads right/bottom only when the conv has no padding of its own (the VAE encoder).
-  if (padding_ == 0) return conv_(F::pad(x, F::PadFuncOptions({0, 1, 0, 1})));
-  return conv_(x);
+  if (padding_ == 0) return conv2d_fused(conv_, F::pad(x, F::PadFuncOptions({0, 1, 0, 1})));
+  return conv2d_fused(conv_, x);
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
@@ -134,10 +155,10 @@ torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, const std::vector<
 #if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 1)
   // Nearest upsampling has no bfloat16 kernel before torch 2.1 (diffusers casts the same way).
   if (x.scalar_type() == torch::kBFloat16) {
-    return conv_(F::interpolate(x.to(torch::kFloat32), options).to(torch::kBFloat16));
+    return conv2d_fused(conv_, F::interpolate(x.to(torch::kFloat32), options).to(torch::kBFloat16));
   }
 #endif
-  return conv_(F::interpolate(x, options));
+  return conv2d_fused(conv_, F::interpolate(x, options));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,8 +177,11 @@ AttentionImpl::AttentionImpl(const AttentionOptions& options) : options_(options
   register_module("to_out", to_out_);
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context,
+                                     const torch::Tensor& residual) {
   const bool spatial = x.dim() == 4;
+  TORCH_CHECK(!residual.defined() || (!spatial && !options_.residual),
+              "Attention: a residual argument is for token inputs without a residual of their own");
   torch::Tensor tokens;  // (B, L, C)
   if (spatial) {
     auto h = group_norm_ ? group_norm_fused(group_norm_, x, {}, /*silu=*/false) : x;
@@ -193,7 +217,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     out = attention(q, k, v);
   }
   // (B, heads, L, d) -> (B, L, heads * d)
-  out = out_proj_(out.transpose(1, 2).reshape({tokens.size(0), tokens.size(1), -1}));
+  out = linear_fused(out.transpose(1, 2).reshape({tokens.size(0), tokens.size(1), -1}),
+                     out_proj_->weight, out_proj_->bias, residual);
 
   if (spatial) out = out.transpose(1, 2).view(x.sizes());
   if (options_.residual) out = x + out;  // x first: the sum takes x's (contiguous) layout
@@ -239,6 +264,8 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
 }
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
+  // The bias joins the GEGLU pass (torch adds it with a strided kernel at large row counts).
+  if (fused_epilogues(x)) return geglu_fused(torch::linear(x, proj_->weight), proj_->bias);
   return geglu_fused(proj_(x));
 }
 
@@ -253,8 +280,8 @@ FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
   register_module("net", net_);
 }
 
-torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
-  return out_(geglu_(x));
+torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x, const torch::Tensor& residual) {
+  return linear_fused(geglu_(x), out_->weight, out_->bias, residual);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,10 +314,11 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(const TransformerBlockOptio
 
 torch::Tensor BasicTransformerBlockImpl::forward(const torch::Tensor& x,
                                                  const torch::Tensor& context) {
-  // Each sub-layer's output is a fresh tensor, so the residual is added in place.
-  auto h = attn1_(norm1_(x), only_cross_attention_ ? context : torch::Tensor()).add_(x);
-  if (attn2_) h = attn2_(norm2_(h), context).add_(h);
-  return ff_(norm3_(h)).add_(h);
+  // Each sub-layer adds its residual in its output projection's epilogue.
+  auto h =
+      attn1_(layer_norm_fused(norm1_, x), only_cross_attention_ ? context : torch::Tensor(), x);
+  if (attn2_) h = attn2_(layer_norm_fused(norm2_, h), context, h);
+  return ff_(layer_norm_fused(norm3_, h), h);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,8 +360,16 @@ torch::Tensor Transformer2DImpl::forward(const torch::Tensor& x, const torch::Te
   h = proj_in_linear_ ? proj_in_linear_(h)
                       : torch::linear(h, proj_in_conv_->weight.flatten(1), proj_in_conv_->bias);
   for (auto& block : blocks_) h = block(h, context);
-  h = proj_out_linear_ ? proj_out_linear_(h)
-                       : torch::linear(h, proj_out_conv_->weight.flatten(1), proj_out_conv_->bias);
+  const auto& w_out = proj_out_linear_ ? proj_out_linear_->weight : proj_out_conv_->weight;
+  const auto& b_out = proj_out_linear_ ? proj_out_linear_->bias : proj_out_conv_->bias;
+  if (fused_epilogues(x) && !x.is_contiguous() &&
+      x.is_contiguous(torch::MemoryFormat::ChannelsLast)) {
+    // Channels-last x is (B, H*W, C) in memory: the residual joins proj_out's epilogue.
+    auto residual = x.permute({0, 2, 3, 1}).reshape({b, height * width, c});
+    h = linear_fused(h, w_out.flatten(1), b_out, residual);
+    return h.view({b, height, width, c}).permute({0, 3, 1, 2});
+  }
+  h = torch::linear(h, w_out.flatten(1), b_out);
   // Back to NCHW as a strided view; x first so the sum is written contiguously.
   return x + h.view({b, height, width, c}).permute({0, 3, 1, 2});
 }

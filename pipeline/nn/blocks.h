@@ -100,8 +100,10 @@ class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const AttentionOptions& options);
   // x: (B, L, query_dim) tokens or (B, C, H, W) feature maps (attended as H*W tokens).
-  // context: (B, Lk, context_dim); undefined for self-attention.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {});
+  // context: (B, Lk, context_dim); undefined for self-attention. residual (token inputs
+  // only): added to the output (in the output projection's epilogue on CUDA).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {},
+                        const torch::Tensor& residual = {});
 
   // After loading: one GEMM for q, k and v (self-attention) or for k and v (cross-attention)
   // instead of three or two. The separate weights become views into the fused one, so this
@@ -133,7 +135,8 @@ TORCH_MODULE(GEGLU);
 class FeedForwardImpl : public torch::nn::Module {
  public:
   FeedForwardImpl(int64_t dim, int64_t mult = 4);
-  torch::Tensor forward(const torch::Tensor& x);
+  // residual: added to the output when defined (in the output projection's epilogue on CUDA).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& residual = {});
 
  private:
   GEGLU geglu_{nullptr};

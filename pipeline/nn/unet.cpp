@@ -267,7 +267,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
   const auto emb = time_embedding_(t_emb);
 
   auto x = config_.center_input_sample ? sample * 2 - 1.0 : sample;
-  x = conv_in_(x);
+  x = conv2d_fused(conv_in_, x);
   std::vector<torch::Tensor> skips{x};
   for (auto& block : down_blocks_) x = block(x, emb, context, &skips);
   if (mid_block_) x = mid_block_(x, emb, context);
@@ -280,7 +280,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
     }
     x = up_blocks_[i](x, emb, context, &skips, size);
   }
-  return conv_out_(group_norm_fused(conv_norm_out_, x, {}, /*silu=*/true));
+  return conv2d_fused(conv_out_, group_norm_fused(conv_norm_out_, x, {}, /*silu=*/true));
 }
 
 }  // namespace sdserve::pipeline

@@ -117,10 +117,10 @@ VaeEncoderImpl::VaeEncoderImpl(const VaeConfig& c) {
 }
 
 torch::Tensor VaeEncoderImpl::forward(const torch::Tensor& x) {
-  auto h = conv_in_(x);
+  auto h = conv2d_fused(conv_in_, x);
   for (auto& block : down_blocks_) h = block->forward(h, {}, {}, nullptr);
   h = mid_block_(h);
-  return conv_out_(group_norm_fused(conv_norm_out_, h, {}, /*silu=*/true));
+  return conv2d_fused(conv_out_, group_norm_fused(conv_norm_out_, h, {}, /*silu=*/true));
 }
 
 VaeDecoderImpl::VaeDecoderImpl(const VaeConfig& c) {
@@ -147,9 +147,9 @@ VaeDecoderImpl::VaeDecoderImpl(const VaeConfig& c) {
 }
 
 torch::Tensor VaeDecoderImpl::forward(const torch::Tensor& z) {
-  auto h = mid_block_(conv_in_(z));
+  auto h = mid_block_(conv2d_fused(conv_in_, z));
   for (auto& block : up_blocks_) h = block->forward(h, {}, {}, nullptr);
-  return conv_out_(group_norm_fused(conv_norm_out_, h, {}, /*silu=*/true));
+  return conv2d_fused(conv_out_, group_norm_fused(conv_norm_out_, h, {}, /*silu=*/true));
 }
 
 // ---------------------------------------------------------------------------------------------
