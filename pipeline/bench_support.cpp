@@ -1,5 +1,7 @@
 #include "pipeline/bench_support.h"
 
+#include <ATen/detail/CUDAHooksInterface.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -106,6 +108,17 @@ std::string device_name(const std::string& device) {
 
 std::string torch_version() {
   return TORCH_VERSION;
+}
+
+std::string cuda_version() {
+  try {
+    const auto& hooks = at::detail::getCUDAHooks();
+    if (!hooks.hasCUDA()) return "none";
+    const long v = hooks.versionCUDART();  // e.g. 13000
+    return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+  } catch (const std::exception&) {  // a torch without its CUDA library
+    return "none";
+  }
 }
 
 void write_random_sd15(const std::string& dir, uint64_t seed) {

@@ -36,6 +36,8 @@ void stop_trace();
 // The GPU's marketing name for "cuda:N"; the device string itself otherwise.
 std::string device_name(const std::string& device);
 std::string torch_version();
+// The CUDA runtime torch was built with ("13.0"), or "none" for a CPU-only torch.
+std::string cuda_version();
 
 // Writes a diffusers folder with SD 1.5's architecture and seeded random fp16 weights.
 void write_random_sd15(const std::string& dir, uint64_t seed);

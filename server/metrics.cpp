@@ -23,6 +23,12 @@ void advance(prometheus::Counter& c, uint64_t value) {
 
 }  // namespace
 
+namespace {
+double steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
 Metrics::Metrics(double gpu_interval_s, int max_queue)
     : registry_(std::make_shared<prometheus::Registry>()) {
   using prometheus::BuildCounter;
@@ -139,15 +145,13 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
       .Register(r)
       .Add({})
       .Set(max_queue);
-  const std::string torch = pipeline::bench_support::torch_version();
-  const auto cu = torch.find("+cu");
   BuildGauge()
       .Name("sdserve_build_info")
       .Help("Always 1; the labels say what was built")
       .Register(r)
       .Add({{"version", SDSERVE_VERSION},
-            {"torch", torch},
-            {"cuda", cu == std::string::npos ? "none" : torch.substr(cu + 3)}})
+            {"torch", pipeline::bench_support::torch_version()},
+            {"cuda", pipeline::bench_support::cuda_version()}})
       .Set(1);
   model_info_ = &BuildGauge()
                      .Name("sdserve_model_info")
@@ -223,6 +227,9 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                       .Help("Text-encoder calls (the cache's misses, batched)")
                       .Register(r)
                       .Add({}, cache::fast_latency_buckets());
+  // The rate window starts at zero work now, so the first scrape reports the rate since start
+  // rather than nothing; later scrapes slide it to the last minute.
+  progress_.push_back({steady_seconds(), 0, 0});
 }
 
 namespace {
@@ -326,9 +333,8 @@ std::string Metrics::scrape(const ScrapeInput& in) {
              counts, unet_step_seen_[bucket]);
     }
     mirror(*vae_decode_, stats->vae_decode, vae_decode_seen_);
-    // Rates over the last minute of scrapes (the first scrape has none yet).
-    const double now =
-        std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    // Rates over the last minute of scrapes (since start on the first).
+    const double now = steady_seconds();
     progress_.push_back({now, stats->images_done, stats->image_steps});
     while (progress_.size() > 2 && now - progress_[1].t >= 60) progress_.pop_front();
     const auto& first = progress_.front();
