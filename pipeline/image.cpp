@@ -43,6 +43,37 @@ void check_image(const RgbImage& image) {
     throw std::invalid_argument("image buffer does not match its size");
 }
 
+// UTF-8 whose code points all fit in Latin-1, converted; false for anything else (including
+// invalid UTF-8, which then goes out unchanged in iTXt).
+bool utf8_to_latin1(const std::string& in, std::string* out) {
+  out->clear();
+  for (size_t i = 0; i < in.size(); ++i) {
+    const auto c = static_cast<unsigned char>(in[i]);
+    if (c < 0x80) {
+      *out += static_cast<char>(c);
+    } else if ((c == 0xC2 || c == 0xC3) && i + 1 < in.size() &&
+               (static_cast<unsigned char>(in[i + 1]) & 0xC0) == 0x80) {
+      *out += static_cast<char>(((c & 0x03) << 6) | (static_cast<unsigned char>(in[++i]) & 0x3F));
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string latin1_to_utf8(const std::string& in) {
+  std::string out;
+  for (const unsigned char c : in) {
+    if (c < 0x80) {
+      out += static_cast<char>(c);
+    } else {
+      out += static_cast<char>(0xC0 | (c >> 6));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<uint8_t> encode_png(const RgbImage& image,
@@ -62,13 +93,26 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
                PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
   // Level 1 is ~5x faster than the default for ~10% larger files: encoding runs per image.
   png_set_compression_level(png, 1);
+  // tEXt is Latin-1 by the PNG spec: text that fits it goes there (converted from UTF-8, as
+  // A1111 does), anything else into an uncompressed iTXt chunk, which is UTF-8. Readers (PIL,
+  // A1111's PNG Info, civitai) then show the prompt as written.
   std::vector<png_text> chunks(text.size());
+  std::vector<std::string> latin1(text.size());
+  static char empty[] = "";
   for (size_t i = 0; i < text.size(); ++i) {
     chunks[i] = {};
-    chunks[i].compression = PNG_TEXT_COMPRESSION_NONE;
     chunks[i].key = const_cast<char*>(text[i].first.c_str());
-    chunks[i].text = const_cast<char*>(text[i].second.c_str());
-    chunks[i].text_length = text[i].second.size();
+    if (utf8_to_latin1(text[i].second, &latin1[i])) {
+      chunks[i].compression = PNG_TEXT_COMPRESSION_NONE;
+      chunks[i].text = const_cast<char*>(latin1[i].c_str());
+      chunks[i].text_length = latin1[i].size();
+    } else {
+      chunks[i].compression = PNG_ITXT_COMPRESSION_NONE;
+      chunks[i].text = const_cast<char*>(text[i].second.c_str());
+      chunks[i].itxt_length = text[i].second.size();
+      chunks[i].lang = empty;
+      chunks[i].lang_key = empty;
+    }
   }
   if (!chunks.empty()) png_set_text(png, info, chunks.data(), static_cast<int>(chunks.size()));
   png_write_info(png, info);
@@ -107,8 +151,13 @@ RgbImage decode_png(const std::vector<uint8_t>& bytes,
   if (text != nullptr) {
     png_textp chunks = nullptr;
     int n = png_get_text(png, info, &chunks, nullptr);
-    for (int i = 0; i < n; ++i)
-      text->emplace_back(chunks[i].key, std::string(chunks[i].text, chunks[i].text_length));
+    for (int i = 0; i < n; ++i) {
+      const auto& t = chunks[i];
+      const bool itxt =
+          t.compression == PNG_ITXT_COMPRESSION_NONE || t.compression == PNG_ITXT_COMPRESSION_zTXt;
+      std::string value(t.text, itxt ? t.itxt_length : t.text_length);
+      text->emplace_back(t.key, itxt ? value : latin1_to_utf8(value));
+    }
   }
   return image;
 }

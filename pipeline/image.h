@@ -14,11 +14,13 @@ struct RgbImage {
   std::vector<uint8_t> pixels;  // row-major RGB, width * height * 3 bytes
 };
 
-// PNG with optional tEXt chunks (A1111 stores the generation settings under "parameters").
+// PNG with optional text chunks (A1111 stores the generation settings under "parameters"): tEXt
+// where the UTF-8 text fits Latin-1, iTXt otherwise.
 std::vector<uint8_t> encode_png(const RgbImage& image,
                                 const std::vector<std::pair<std::string, std::string>>& text = {});
 
-// Decodes a PNG to RGB (tests, round trips); `text` receives its text chunks when non-null.
+// Decodes a PNG to RGB (tests, round trips); `text` receives its text chunks when non-null, as
+// UTF-8 (tEXt converted from Latin-1; iTXt as stored).
 RgbImage decode_png(const std::vector<uint8_t>& bytes,
                     std::vector<std::pair<std::string, std::string>>* text = nullptr);
 

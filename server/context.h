@@ -14,6 +14,7 @@
 #include "config/config.h"
 #include "engine/engine.h"
 #include "pipeline/pipeline.h"
+#include "server/a1111.h"
 #include "server/metrics.h"
 
 namespace sdserve::server {
@@ -27,6 +28,7 @@ class Context {
 
   const config::ServiceConfig& config() const { return config_; }
   Metrics& metrics() { return metrics_; }
+  a1111::Tracker& a1111() { return a1111_; }
 
   void set_backend(std::shared_ptr<engine::Engine> engine, std::shared_ptr<pipeline::Model> model);
   // Drops the server's reference: the engine is destroyed here unless someone holds another.
@@ -54,6 +56,7 @@ class Context {
  private:
   const config::ServiceConfig config_;
   Metrics metrics_;
+  a1111::Tracker a1111_;
   std::atomic<bool> shutting_down_{false};
   mutable std::mutex mutex_;
   std::shared_ptr<engine::Engine> engine_;

@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "pipeline/errors.h"
+#include "server/a1111.h"
 
 namespace sdserve::server {
 namespace {
@@ -131,6 +132,22 @@ Route match_route(const std::string& target) {
     r.kind = Route::kEvents;
   else if (path == "/v1/generate")
     r.kind = Route::kGenerate;
+  else if (path == "/sdapi/v1/txt2img")
+    r.kind = Route::kSdTxt2Img;
+  else if (path == "/sdapi/v1/samplers")
+    r.kind = Route::kSdSamplers;
+  else if (path == "/sdapi/v1/schedulers")
+    r.kind = Route::kSdSchedulers;
+  else if (path == "/sdapi/v1/sd-models")
+    r.kind = Route::kSdModels;
+  else if (path == "/sdapi/v1/options")
+    r.kind = Route::kSdOptions;
+  else if (path == "/sdapi/v1/progress")
+    r.kind = Route::kSdProgress;
+  else if (path == "/sdapi/v1/interrupt")
+    r.kind = Route::kSdInterrupt;
+  else if (path == "/sdapi/v1/png-info")
+    r.kind = Route::kSdPngInfo;
   else if (path.rfind("/v1/jobs/", 0) == 0) {
     const auto parts = split_path(path);  // v1, jobs, id, ...
     if (parts.size() >= 3 && valid_id(parts[2])) {
@@ -172,6 +189,22 @@ const char* route_template(Route::Kind kind) {
       return "/v1/events";
     case Route::kGenerate:
       return "/v1/generate";
+    case Route::kSdTxt2Img:
+      return "/sdapi/v1/txt2img";
+    case Route::kSdSamplers:
+      return "/sdapi/v1/samplers";
+    case Route::kSdSchedulers:
+      return "/sdapi/v1/schedulers";
+    case Route::kSdModels:
+      return "/sdapi/v1/sd-models";
+    case Route::kSdOptions:
+      return "/sdapi/v1/options";
+    case Route::kSdProgress:
+      return "/sdapi/v1/progress";
+    case Route::kSdInterrupt:
+      return "/sdapi/v1/interrupt";
+    case Route::kSdPngInfo:
+      return "/sdapi/v1/png-info";
     case Route::kNotFound:
       break;
   }
@@ -182,6 +215,9 @@ std::string allowed_methods(Route::Kind kind) {
   switch (kind) {
     case Route::kJobs:
     case Route::kGenerate:
+    case Route::kSdTxt2Img:
+    case Route::kSdInterrupt:
+    case Route::kSdPngInfo:
       return "POST";
     case Route::kJob:
       return "GET, DELETE";
@@ -196,6 +232,9 @@ bool method_allowed(Route::Kind kind, http::verb method) {
   switch (kind) {
     case Route::kJobs:
     case Route::kGenerate:
+    case Route::kSdTxt2Img:
+    case Route::kSdInterrupt:
+    case Route::kSdPngInfo:
       return method == http::verb::post;
     case Route::kJob:
       return method == http::verb::get || method == http::verb::delete_;
@@ -242,7 +281,7 @@ Response error_response(const ApiError& e, const Request& req) {
   return res;
 }
 
-engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
+engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::string& body) {
   if (ctx.shutting_down()) {
     throw ApiError(503, "shutting_down", "the server is shutting down and takes no new jobs");
   }
@@ -253,7 +292,7 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req) {
   if (model) bounds.text_layers = model->info().text_layers;
   engine::JobRequest request;
   try {
-    request = parse_job_request(req.body(), bounds);
+    request = parse_job_request(body, bounds);
     request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
   } catch (const ApiError&) {  // malformed JSON, a wrong type, a value out of range
     ctx.metrics().job_rejected("invalid");
@@ -326,7 +365,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
     case Route::kSamplers:
       return json_response(http::status::ok, samplers_json(), req);
     case Route::kJobs: {
-      const auto snap = submit_job(ctx, req);
+      const auto snap = submit_job(ctx, req, req.body());
       job_id = snap.id;
       Response res = json_response(http::status::accepted, job_json(snap), req);
       res.set(http::field::location, job_path(snap.id));
@@ -361,7 +400,24 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       res.set(http::field::upgrade, "websocket");
       return res;
     }
+    case Route::kSdSamplers:
+      return json_response(http::status::ok, a1111::samplers(), req);
+    case Route::kSdSchedulers:
+      return json_response(http::status::ok, a1111::schedulers(), req);
+    case Route::kSdModels: {
+      const auto m = ctx.model();
+      return json_response(http::status::ok, a1111::sd_models(m ? &m->info() : nullptr), req);
+    }
+    case Route::kSdOptions: {
+      const auto m = ctx.model();
+      return json_response(http::status::ok, a1111::options(m ? &m->info() : nullptr), req);
+    }
+    case Route::kSdPngInfo:
+      return json_response(http::status::ok, a1111::png_info(req.body()), req);
     case Route::kGenerate:
+    case Route::kSdTxt2Img:
+    case Route::kSdProgress:
+    case Route::kSdInterrupt:
     case Route::kNotFound:
       break;
   }

@@ -29,6 +29,15 @@ struct Route {
     kJobEvents,  // /v1/jobs/{id}/events (WebSocket)
     kEvents,     // /v1/events (WebSocket)
     kGenerate,   // /v1/generate
+    // AUTOMATIC1111's API (server/a1111.h)
+    kSdTxt2Img,     // POST /sdapi/v1/txt2img (waits for its job, as /v1/generate)
+    kSdSamplers,    // /sdapi/v1/samplers
+    kSdSchedulers,  // /sdapi/v1/schedulers
+    kSdModels,      // /sdapi/v1/sd-models
+    kSdOptions,     // /sdapi/v1/options
+    kSdProgress,    // /sdapi/v1/progress (the caller's jobs)
+    kSdInterrupt,   // POST /sdapi/v1/interrupt (the caller's jobs)
+    kSdPngInfo,     // POST /sdapi/v1/png-info
   } kind = kNotFound;
   std::string job_id;
   std::string image;  // {k} as written
@@ -54,8 +63,9 @@ Response error_response(const ApiError& error, const Request& req);
 // Everything but generate and the upgrades. `job_id` receives the job a request concerns (log).
 Response handle_request(Context& ctx, const Request& req, const Route& route, std::string& job_id);
 
-// Shared by POST /v1/jobs and /v1/generate: validate, submit, map engine exceptions.
-engine::JobSnapshot submit_job(Context& ctx, const Request& req);
+// Shared by POST /v1/jobs, /v1/generate and /sdapi/v1/txt2img: validate, submit, map engine
+// exceptions. `body` is a /v1 job body (the request's own, or one translated from A1111's).
+engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::string& body);
 
 std::string base64(const std::vector<uint8_t>& bytes);
 

@@ -194,6 +194,19 @@ void HttpSession::on_request() {
       return;
     }
     if (route.kind == Route::kGenerate) return start_generate(req_);
+    if (route.kind == Route::kSdTxt2Img) return start_txt2img(req_);
+    if (route.kind == Route::kSdProgress) {
+      const auto engine = ctx_->engine();
+      return send(
+          json_response(http::status::ok, ctx_->a1111().progress(caller(), engine.get()), req_));
+    }
+    if (route.kind == Route::kSdInterrupt) {
+      // The caller's queued and running jobs stop (their txt2img calls answer with no images).
+      if (const auto engine = ctx_->engine()) {
+        for (const auto& id : ctx_->a1111().active_jobs(caller(), engine.get())) engine->cancel(id);
+      }
+      return send(json_response(http::status::ok, Json::object(), req_));
+    }
     send(handle_request(*ctx_, req_, route, job_id_));
   } catch (const ApiError& e) {
     send(error_response(e, req_));
@@ -206,25 +219,59 @@ void HttpSession::on_request() {
 }
 
 void HttpSession::start_generate(const Request& req) {
-  const engine::JobSnapshot snap = submit_job(*ctx_, req);
-  job_id_ = snap.id;
+  const engine::JobSnapshot snap = submit_job(*ctx_, req, req.body());
   Waiting w;
-  w.job_id = snap.id;
-  w.cancel_on_disconnect = snap.request.cancel_on_disconnect;
   const auto accept = req[http::field::accept];
   w.want_json =
       snap.request.num_images > 1 || (accept.find("application/json") != beast::string_view::npos &&
                                       accept.find("image/png") == beast::string_view::npos);
   waiting_ = w;
+  wait_for_job(snap);
+}
+
+void HttpSession::start_txt2img(const Request& req) {
+  const auto model = ctx_->model();
+  auto t = a1111::translate_txt2img(req.body(), model ? &model->info() : nullptr);
+  engine::JobSnapshot snap;
+  try {
+    snap = submit_job(*ctx_, req, t.native.dump());
+  } catch (const ApiError& e) {
+    throw a1111::renamed(e);
+  }
+  ctx_->a1111().started(caller(), snap.id);
+  Waiting w;
+  w.txt2img = std::move(t);
+  waiting_ = std::move(w);
+  wait_for_job(snap);
+}
+
+std::string HttpSession::caller() const {
+  const auto auth = req_[http::field::authorization];
+  if (!ctx_->config().api_keys.empty() && auth.size() > 7)
+    return "key " + std::string(auth.substr(7));
+  beast::error_code ec;
+  const auto remote = stream_.socket().remote_endpoint(ec);
+  return ec ? std::string("unknown") : "address " + remote.address().to_string();
+}
+
+void HttpSession::wait_for_job(const engine::JobSnapshot& snap) {
+  job_id_ = snap.id;
+  waiting_->job_id = snap.id;
+  waiting_->cancel_on_disconnect = snap.request.cancel_on_disconnect;
   stream_.expires_never();  // generation takes as long as it takes
   auto self = shared_from_this();
   auto executor = stream_.get_executor();
-  // Only the final event matters here; it is posted so that the engine thread never waits.
-  // The callback keeps the session alive until unsubscribe (job done or client gone).
-  const uint64_t token = ctx_->subscribe(snap.id, [self, executor](const engine::JobEvent& e) {
-    if (!engine::is_final(e.type)) return;
-    asio::post(executor, [self] { self->on_job_final(); });
-  });
+  const bool a1111 = waiting_->txt2img.has_value();
+  auto ctx = ctx_;
+  // Only the final event matters here (A1111's progress also follows steps and previews); it
+  // is posted so that the engine thread never waits. The callback keeps the session alive until
+  // unsubscribe (job done or client gone).
+  const uint64_t token =
+      ctx_->subscribe(snap.id, [self, executor, a1111, ctx](const engine::JobEvent& e) {
+        if (a1111) ctx->a1111().event(e);
+        if (!engine::is_final(e.type)) return;
+        asio::post(executor, [self] { self->on_job_final(); });
+      });
   if (token == 0) throw ApiError(500, "internal", "job '" + snap.id + "' vanished after submit");
   if (waiting_) waiting_->token = token;
   watch_disconnect();
@@ -258,10 +305,11 @@ void HttpSession::on_client_gone() {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
           .count();
   job_id_ = waiting_->job_id;
-  log_request("POST", "/v1/generate", Route::kGenerate, 499, ms, 0,
+  const Route::Kind kind = waiting_->txt2img ? Route::kSdTxt2Img : Route::kGenerate;
+  log_request("POST", route_template(kind), kind, 499, ms, 0,
               waiting_->cancel_on_disconnect ? "client went away; job cancelled"
                                              : "client went away; job continues");
-  ctx_->metrics().count_request(route_template(Route::kGenerate), 499, ms / 1000);
+  ctx_->metrics().count_request(route_template(kind), 499, ms / 1000);
   end_request();
   close();
 }
@@ -298,6 +346,14 @@ Response HttpSession::generate_response(const Request& req) {
       if (ctx_->shutting_down())
         throw ApiError(503, "shutting_down",
                        "job '" + id + "' was cancelled because the server is shutting down");
+      // A1111 answers an interrupted txt2img with what it has: here, no images.
+      if (waiting_->txt2img) {
+        const auto model = ctx_->model();
+        return json_response(
+            http::status::ok,
+            a1111::txt2img_answer(*waiting_->txt2img, *job, {}, model ? &model->info() : nullptr),
+            req);
+      }
       throw ApiError(409, "cancelled", "job '" + id + "' was cancelled");
     case engine::JobStatus::kExpired: {
       ApiError err(503, "expired",
@@ -317,6 +373,15 @@ Response HttpSession::generate_response(const Request& req) {
       throw ApiError(500, "internal",
                      "image " + std::to_string(k) + " of job '" + id + "' is missing");
     pngs.push_back(img.png);
+  }
+  if (waiting_->txt2img) {
+    const auto model = ctx_->model();
+    Response res = json_response(
+        http::status::ok,
+        a1111::txt2img_answer(*waiting_->txt2img, *job, pngs, model ? &model->info() : nullptr),
+        req);
+    res.set("X-Job-Id", id);
+    return res;
   }
   if (!waiting_->want_json && pngs.size() == 1) {
     Response res{http::status::ok, req.version()};

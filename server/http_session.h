@@ -31,6 +31,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void on_read_error(boost::beast::error_code ec);
 
   void start_generate(const Request& req);
+  void start_txt2img(const Request& req);  // A1111's POST /sdapi/v1/txt2img
+  void wait_for_job(const engine::JobSnapshot& snap);
+  std::string caller() const;  // who an A1111 progress / interrupt is about
   void watch_disconnect();
   void on_job_final();
   void on_client_gone();
@@ -57,13 +60,14 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   std::chrono::steady_clock::time_point started_;
   bool in_flight_ = false;  // counted in ctx_->requests_in_flight
 
-  // POST /v1/generate while waiting for its job
+  // POST /v1/generate (or A1111's txt2img) while waiting for its job
   struct Waiting {
     std::string job_id;
     uint64_t token = 0;
     bool want_json = false;
     bool cancel_on_disconnect = false;
     bool done = false;
+    std::optional<a1111::Txt2Img> txt2img;  // answer in A1111's shape
   };
   std::optional<Waiting> waiting_;
 

@@ -33,6 +33,43 @@ TEST(Image, PngRoundTripKeepsPixelsAndText) {
   EXPECT_EQ(text[0].second, params);
 }
 
+// The chunk type that carries `key` ("tEXt", "iTXt"), read from the bytes.
+std::string chunk_type_of(const std::vector<uint8_t>& png, const std::string& key) {
+  for (size_t at = 8; at + 12 <= png.size();) {
+    const size_t length = (size_t{png[at]} << 24) | (size_t{png[at + 1]} << 16) |
+                          (size_t{png[at + 2]} << 8) | png[at + 3];
+    const std::string type(png.begin() + at + 4, png.begin() + at + 8);
+    const std::string data(png.begin() + at + 8, png.begin() + at + 8 + length);
+    if (data.rfind(key + std::string(1, '\0'), 0) == 0) return type;
+    at += 12 + length;
+  }
+  return "";
+}
+
+TEST(Image, TextOutsideLatin1GoesIntoUtf8Itxt) {
+  const auto img = gradient(8, 8);
+  const std::string utf8 = "caf\xc3\xa9 \xe6\x9d\xb1\xe4\xba\xac";  // "café 東京"
+  const auto png = encode_png(img, {{"parameters", utf8}});
+  EXPECT_EQ(chunk_type_of(png, "parameters"), "iTXt");
+  std::vector<std::pair<std::string, std::string>> text;
+  decode_png(png, &text);
+  ASSERT_EQ(text.size(), 1u);
+  EXPECT_EQ(text[0].second, utf8);
+}
+
+TEST(Image, Latin1TextStaysInTextChunkAsLatin1) {
+  const auto img = gradient(8, 8);
+  const std::string utf8 = "caf\xc3\xa9";  // "café": é is U+00E9, one Latin-1 byte
+  const auto png = encode_png(img, {{"parameters", utf8}});
+  EXPECT_EQ(chunk_type_of(png, "parameters"), "tEXt");
+  const std::string raw(png.begin(), png.end());
+  EXPECT_NE(raw.find("caf\xe9"), std::string::npos) << "tEXt holds Latin-1 bytes";
+  std::vector<std::pair<std::string, std::string>> text;
+  decode_png(png, &text);
+  ASSERT_EQ(text.size(), 1u);
+  EXPECT_EQ(text[0].second, utf8) << "read back as UTF-8";
+}
+
 TEST(Image, DecodeRejectsTruncatedPng) {
   auto png = encode_png(gradient(16, 16));
   png.resize(png.size() / 2);

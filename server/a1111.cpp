@@ -1,0 +1,642 @@
+#include "server/a1111.h"
+
+#include <algorithm>
+#include <ctime>
+#include <set>
+
+#include "pipeline/errors.h"
+#include "pipeline/pipeline.h"
+#include "pipeline/sampler_names.h"
+#include "server/handlers.h"
+
+namespace sdserve::server::a1111 {
+namespace {
+
+// Defaults of A1111's API (StableDiffusionProcessingTxt2Img), except the size: the model's own.
+constexpr int kDefaultSteps = 50;
+constexpr double kDefaultCfg = 7.0;
+const char* const kDefaultSampler = "Euler";
+
+[[noreturn]] void refuse(const std::string& field, const std::string& message) {
+  throw ApiError(400, "validation_error", message, field);
+}
+
+// Accepted and ignored: they decide where A1111 saves files or how it reports, not the image.
+const std::set<std::string>& ignored_fields() {
+  static const std::set<std::string> fields = {"save_images",
+                                               "do_not_save_samples",
+                                               "do_not_save_grid",
+                                               "comments",
+                                               "force_task_id",
+                                               "infotext",
+                                               "user",
+                                               "script_args",
+                                               "override_settings_restore_afterwards",
+                                               "firstpass_image",
+                                               "disable_extra_networks",
+                                               "subseed",
+                                               "refiner_switch_at"};
+  return fields;
+}
+
+// The hires fix's own fields: meaningless (and ignored) unless enable_hr, which is refused.
+bool is_hires_field(const std::string& name) {
+  static const std::set<std::string> fields = {"hr_scale",
+                                               "hr_upscaler",
+                                               "hr_second_pass_steps",
+                                               "hr_resize_x",
+                                               "hr_resize_y",
+                                               "hr_checkpoint_name",
+                                               "hr_sampler_name",
+                                               "hr_scheduler",
+                                               "hr_prompt",
+                                               "hr_negative_prompt",
+                                               "hr_cfg",
+                                               "hr_distilled_cfg",
+                                               "denoising_strength",
+                                               "firstphase_width",
+                                               "firstphase_height",
+                                               "hr_additional_modules"};
+  return fields.count(name) > 0;
+}
+
+bool is_false(const Json& v) {
+  return v.is_null() || (v.is_boolean() && !v.get<bool>());
+}
+bool is_number_equal(const Json& v, double want) {
+  return v.is_number() && v.get<double>() == want;
+}
+bool is_empty(const Json& v) {
+  return v.is_null() || (v.is_string() && v.get<std::string>().empty()) ||
+         ((v.is_array() || v.is_object()) && v.empty());
+}
+
+// Fields A1111 has that would change the image: accepted only at the value that means "off"
+// (or sdserve's own behaviour), refused by name otherwise.
+void check_image_changing(const std::string& name, const Json& v, const std::string& sampler) {
+  auto off = [&](bool ok, const std::string& why) {
+    if (!ok) refuse(name, why);
+  };
+  if (name == "styles") {
+    off(is_empty(v), "styles are not supported: put the style's text into prompt");
+  } else if (name == "subseed_strength") {
+    off(v.is_null() || is_number_equal(v, 0),
+        "variation seeds (subseed_strength > 0) are not supported");
+  } else if (name == "seed_resize_from_h" || name == "seed_resize_from_w") {
+    off(v.is_null() || (v.is_number() && v.get<double>() <= 0),
+        name + " (resizing a seed's noise) is not supported; use -1");
+  } else if (name == "restore_faces") {
+    off(is_false(v), "face restoration (restore_faces) is not supported");
+  } else if (name == "tiling") {
+    off(is_false(v), "tiling is not supported");
+  } else if (name == "enable_hr") {
+    off(is_false(v),
+        "the hires fix (enable_hr) is not supported; ask for the final width and height");
+  } else if (name == "refiner_checkpoint") {
+    off(is_empty(v), "a refiner (refiner_checkpoint) is not supported");
+  } else if (name == "script_name") {
+    off(is_empty(v), "scripts (script_name) are not supported");
+  } else if (name == "alwayson_scripts") {
+    if (!is_empty(v)) {
+      const std::string first = v.is_object() ? v.begin().key() : std::string("?");
+      refuse(name, "extension scripts (alwayson_scripts: '" + first + "') are not supported");
+    }
+  } else if (name == "eta") {
+    // sdserve's DDIM runs with eta 0 and its ancestral samplers with eta 1, as A1111's defaults.
+    const double ours = sampler == "ddim" ? 0.0 : 1.0;
+    off(v.is_null() || is_number_equal(v, ours), "eta other than " +
+                                                     std::string(ours == 0 ? "0" : "1") +
+                                                     " is not supported for this sampler");
+  } else if (name == "s_churn" || name == "s_tmin" || name == "s_min_uncond") {
+    off(v.is_null() || is_number_equal(v, 0), name + " other than 0 is not supported");
+  } else if (name == "s_tmax") {
+    off(v.is_null() || is_number_equal(v, 0), name + " is not supported (leave it unset)");
+  } else if (name == "s_noise") {
+    off(v.is_null() || is_number_equal(v, 1), "s_noise other than 1 is not supported");
+  } else if (name == "distilled_cfg_scale") {
+    off(v.is_null(), "distilled_cfg_scale (Flux) is not supported");
+  } else {
+    refuse(name, "unknown field '" + name +
+                     "': not an A1111 txt2img field sdserve takes (a typo would silently "
+                     "change the image, so it is refused)");
+  }
+}
+
+std::string model_title(const pipeline::ModelInfo* model) {
+  return model ? model->name : std::string("sdserve");
+}
+
+// override_settings: the few settings that decide the image here, checked; harmless ones
+// ignored; the rest refused by name.
+void apply_overrides(const Json& o, const pipeline::ModelInfo* model, Json& native) {
+  if (o.is_null()) return;
+  if (!o.is_object()) refuse("override_settings", "override_settings must be a JSON object");
+  static const std::set<std::string> harmless = {"show_progress_every_n_steps",
+                                                 "live_previews_enable",
+                                                 "enable_pnginfo",
+                                                 "samples_save",
+                                                 "grid_save",
+                                                 "save_to_dirs",
+                                                 "randn_source",
+                                                 "sd_vae_overrides_per_model_preferences"};
+  for (auto it = o.begin(); it != o.end(); ++it) {
+    const std::string& key = it.key();
+    const std::string field = "override_settings." + key;
+    const Json& v = it.value();
+    if (key == "CLIP_stop_at_last_layers") {
+      native["clip_skip"] = v;
+    } else if (key == "sd_model_checkpoint") {
+      if (!v.is_string()) refuse(field, field + " must be a string");
+      const std::string want = v.get<std::string>();
+      const std::string name = model_title(model);
+      // A1111 titles are "name.safetensors [hash]": the name is what identifies it here.
+      if (want.rfind(name, 0) != 0)
+        refuse(field, "model '" + want + "' is not loaded; this server runs '" + name +
+                          "' (see GET /sdapi/v1/sd-models)");
+    } else if (key == "sd_vae") {
+      if (!(v.is_null() || (v.is_string() && (v == "Automatic" || v == "None"))))
+        refuse(field, "a separate VAE is not supported; use 'Automatic'");
+    } else if (key == "samples_format") {
+      if (!(v.is_string() && v == "png")) refuse(field, "images are PNG; use 'png'");
+    } else if (key == "eta_noise_seed_delta") {
+      if (!(v.is_null() || is_number_equal(v, 0)))
+        refuse(field, "eta_noise_seed_delta other than 0 is not supported");
+    } else if (harmless.count(key) == 0 && key.rfind("outdir", 0) != 0) {
+      refuse(field, "the setting '" + key + "' is not supported by sdserve's A1111 API");
+    }
+  }
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+// A1111's scheduler label -> ours. "Automatic" is each sampler's own default (A1111 gives
+// DPM++ 2M the Karras schedule).
+std::string scheduler_for(const Json& v, const std::string& sampler_name, std::string* label) {
+  if (!v.is_null() && !v.is_string()) refuse("scheduler", "scheduler must be a string");
+  const std::string s = v.is_string() ? lower(v.get<std::string>()) : "automatic";
+  if (s == "karras") {
+    *label = "Karras";
+    return "karras";
+  }
+  if (s == "automatic" || s.empty()) {
+    *label = "Automatic";
+    const auto name = lower(sampler_name);
+    const bool karras_default = name == "dpm++ 2m" || name == "dpmpp_2m";
+    return karras_default ? "karras" : "";
+  }
+  refuse("scheduler",
+         "scheduler '" + v.get<std::string>() + "' is not supported; use 'Automatic' or 'Karras'");
+}
+
+const char* scheduler_label(const std::string& ours) {
+  return ours == "karras" ? "Karras" : "Automatic";
+}
+
+std::string timestamp() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[16];
+  std::strftime(buf, sizeof(buf), "%Y%m%d%H%M%S", &tm);
+  return buf;
+}
+
+uint32_t be32(const uint8_t* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
+}
+
+std::string latin1_to_utf8(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c < 0x80) {
+      out += static_cast<char>(c);
+    } else {
+      out += static_cast<char>(0xC0 | (c >> 6));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Txt2Img translate_txt2img(const std::string& body, const pipeline::ModelInfo* model) {
+  Json doc;
+  try {
+    doc = Json::parse(body);
+  } catch (const Json::parse_error& e) {
+    throw ApiError(400, "invalid_json", std::string("the body is not valid JSON: ") + e.what());
+  }
+  if (!doc.is_object())
+    throw ApiError(400, "invalid_json", "the body must be a JSON object (a txt2img request)");
+  Txt2Img t;
+  Json& n = t.native;
+  n = Json::object();
+  n["prompt"] = doc.value("prompt", Json("")).is_null() ? Json("") : doc.value("prompt", Json(""));
+  if (doc.contains("negative_prompt") && !doc["negative_prompt"].is_null())
+    n["negative_prompt"] = doc["negative_prompt"];
+  const int native = model ? model->native_size : 512;
+  n["width"] = doc.contains("width") && !doc["width"].is_null() ? doc["width"] : Json(native);
+  n["height"] = doc.contains("height") && !doc["height"].is_null() ? doc["height"] : Json(native);
+  n["steps"] =
+      doc.contains("steps") && !doc["steps"].is_null() ? doc["steps"] : Json(kDefaultSteps);
+  n["guidance_scale"] = doc.contains("cfg_scale") && !doc["cfg_scale"].is_null()
+                            ? doc["cfg_scale"]
+                            : Json(kDefaultCfg);
+  // Seed -1 (or none) is random: /v1 picks one and reports it.
+  if (doc.contains("seed") && !doc["seed"].is_null() &&
+      !(doc["seed"].is_number() && doc["seed"].get<double>() == -1))
+    n["seed"] = doc["seed"];
+
+  Json sampler =
+      doc.contains("sampler_name") && !doc["sampler_name"].is_null()     ? doc["sampler_name"]
+      : doc.contains("sampler_index") && !doc["sampler_index"].is_null() ? doc["sampler_index"]
+                                                                         : Json(kDefaultSampler);
+  if (!sampler.is_string()) refuse("sampler_name", "sampler_name must be a string, e.g. 'Euler a'");
+  t.sampler_name = sampler.get<std::string>();
+  const std::string scheduler =
+      scheduler_for(doc.value("scheduler", Json(nullptr)), t.sampler_name, &t.scheduler);
+  // "DPM++ 2M Karras" (A1111 before 1.9) carries its schedule in the name.
+  try {
+    const auto choice = pipeline::resolve_sampler(t.sampler_name, scheduler);
+    n["sampler"] = choice.sampler;
+    n["scheduler"] = choice.scheduler;
+    t.scheduler = scheduler_label(choice.scheduler);
+  } catch (const pipeline::RequestError& e) {
+    refuse(e.field() == "scheduler" ? "scheduler" : "sampler_name", e.what());
+  }
+
+  auto count = [&](const char* name) {
+    if (!doc.contains(name) || doc[name].is_null()) return 1;
+    const Json& v = doc[name];
+    if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > 64)
+      refuse(name, std::string(name) + " must be an integer from 1 to 64");
+    return static_cast<int>(v.get<int64_t>());
+  };
+  t.batch_size = count("batch_size");
+  t.n_iter = count("n_iter");
+  n["num_images"] = t.batch_size * t.n_iter;
+  if (doc.contains("send_images") && !doc["send_images"].is_null()) {
+    if (!doc["send_images"].is_boolean())
+      refuse("send_images", "send_images must be true or false");
+    t.send_images = doc["send_images"].get<bool>();
+  }
+  apply_overrides(doc.value("override_settings", Json(nullptr)), model, n);
+  // Step previews for GET /sdapi/v1/progress's current_image (A1111 shows one every few steps).
+  n["preview"] = {
+      {"every", n["steps"].is_number_integer() && n["steps"].get<int64_t>() > 10 ? 5 : 1},
+      {"format", "png"},
+      {"max_size", 256}};
+
+  const bool hires = doc.contains("enable_hr") && !is_false(doc["enable_hr"]);
+  static const std::set<std::string> mapped = {
+      "prompt",      "negative_prompt",  "width",         "height",    "steps",      "cfg_scale",
+      "seed",        "sampler_name",     "sampler_index", "scheduler", "batch_size", "n_iter",
+      "send_images", "override_settings"};
+  for (auto it = doc.begin(); it != doc.end(); ++it) {
+    const std::string& name = it.key();
+    if (mapped.count(name) || ignored_fields().count(name)) continue;
+    if (is_hires_field(name) && !hires) continue;
+    check_image_changing(name, it.value(), n.value("sampler", std::string()));
+  }
+
+  t.echo = doc;
+  const Json filled = {{"prompt", n["prompt"]},
+                       {"negative_prompt", n.value("negative_prompt", Json(""))},
+                       {"seed", doc.value("seed", Json(-1))},
+                       {"sampler_name", t.sampler_name},
+                       {"scheduler", t.scheduler},
+                       {"batch_size", t.batch_size},
+                       {"n_iter", t.n_iter},
+                       {"steps", n["steps"]},
+                       {"cfg_scale", n["guidance_scale"]},
+                       {"width", n["width"]},
+                       {"height", n["height"]},
+                       {"send_images", t.send_images}};
+  for (auto it = filled.begin(); it != filled.end(); ++it) t.echo[it.key()] = it.value();
+  return t;
+}
+
+ApiError renamed(const ApiError& e) {
+  static const std::map<std::string, std::string> names = {
+      {"guidance_scale", "cfg_scale"},
+      {"sampler", "sampler_name"},
+      {"num_images", "batch_size"},
+      {"clip_skip", "override_settings.CLIP_stop_at_last_layers"}};
+  const auto it = names.find(e.field);
+  if (it == names.end()) return e;
+  std::string message = e.what();
+  // The message names the /v1 field; say the A1111 one (num_images is batch_size x n_iter).
+  const auto at = message.find(it->first);
+  if (at != std::string::npos)
+    message.replace(at, it->first.size(),
+                    it->first == "num_images" ? "batch_size x n_iter" : it->second);
+  ApiError out(e.status, e.type, message, it->second);
+  out.retry_after_s = e.retry_after_s;
+  return out;
+}
+
+Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
+                    const std::vector<std::shared_ptr<const std::vector<uint8_t>>>& pngs,
+                    const pipeline::ModelInfo* model) {
+  const auto& r = job.request;
+  const int n = static_cast<int>(pngs.size());
+  Json images = Json::array();
+  Json infotexts = Json::array();
+  Json seeds = Json::array();
+  for (int k = 0; k < r.num_images; ++k) seeds.push_back(job.seed + k);
+  for (const auto& png : pngs) {
+    if (t.send_images) images.push_back(base64(*png));
+    infotexts.push_back(png_text(*png, "parameters"));
+  }
+  Json parameters = t.echo;
+  parameters["seed"] = job.seed;
+  Json info = {{"prompt", r.prompt},
+               {"all_prompts", Json::array()},
+               {"negative_prompt", r.negative_prompt},
+               {"all_negative_prompts", Json::array()},
+               {"seed", job.seed},
+               {"all_seeds", seeds},
+               {"subseed", job.seed},
+               {"all_subseeds", seeds},
+               {"subseed_strength", 0},
+               {"width", r.width},
+               {"height", r.height},
+               {"sampler_name", t.sampler_name},
+               {"cfg_scale", r.guidance_scale},
+               {"steps", r.steps},
+               {"batch_size", t.batch_size},
+               {"restore_faces", false},
+               {"face_restoration_model", nullptr},
+               {"sd_model_name", model_title(model)},
+               {"sd_model_hash", nullptr},
+               {"sd_vae_name", nullptr},
+               {"sd_vae_hash", nullptr},
+               {"seed_resize_from_w", -1},
+               {"seed_resize_from_h", -1},
+               {"denoising_strength", nullptr},
+               {"extra_generation_params", {{"Schedule type", scheduler_label(r.scheduler)}}},
+               {"index_of_first_image", 0},
+               {"infotexts", infotexts},
+               {"styles", Json::array()},
+               {"job_timestamp", timestamp()},
+               {"clip_skip", r.clip_skip},
+               {"is_using_inpainting_conditioning", false},
+               {"version", "sdserve"},
+               {"job_id", job.id},
+               {"interrupted", job.status == engine::JobStatus::kCancelled}};
+  for (int k = 0; k < std::max(n, r.num_images); ++k) {
+    info["all_prompts"].push_back(r.prompt);
+    info["all_negative_prompts"].push_back(r.negative_prompt);
+  }
+  return {{"images", images}, {"parameters", parameters}, {"info", info.dump()}};
+}
+
+Json samplers() {
+  Json out = Json::array();
+  for (const auto& s : pipeline::sampler_catalog()) {
+    Json options = Json::object();
+    if (s.name == "dpmpp_2m") options["scheduler"] = "karras";
+    out.push_back({{"name", s.display_name}, {"aliases", {s.name}}, {"options", options}});
+  }
+  return out;
+}
+
+Json schedulers() {
+  return Json::array({{{"name", "automatic"},
+                       {"label", "Automatic"},
+                       {"aliases", nullptr},
+                       {"default_rho", -1},
+                       {"need_inner_model", false}},
+                      {{"name", "karras"},
+                       {"label", "Karras"},
+                       {"aliases", nullptr},
+                       {"default_rho", 7.0},
+                       {"need_inner_model", false}}});
+}
+
+Json sd_models(const pipeline::ModelInfo* model) {
+  Json out = Json::array();
+  if (!model) return out;
+  out.push_back({{"title", model->name},
+                 {"model_name", model->name},
+                 {"hash", nullptr},
+                 {"sha256", nullptr},
+                 {"filename", model->name},
+                 {"config", nullptr}});
+  return out;
+}
+
+Json options(const pipeline::ModelInfo* model) {
+  return {{"sd_model_checkpoint", model_title(model)},
+          {"sd_checkpoint_hash", nullptr},
+          {"sd_vae", "Automatic"},
+          {"CLIP_stop_at_last_layers", 1},
+          {"samples_format", "png"},
+          {"eta_noise_seed_delta", 0},
+          {"live_previews_enable", true},
+          {"show_progress_every_n_steps", 5},
+          {"enable_pnginfo", true}};
+}
+
+std::string png_text(const std::vector<uint8_t>& png, const std::string& key) {
+  size_t at = 8;  // after the signature
+  while (at + 12 <= png.size()) {
+    const uint32_t length = be32(&png[at]);
+    if (length > png.size() - at - 12) break;
+    const std::string type(reinterpret_cast<const char*>(&png[at + 4]), 4);
+    const std::string data(reinterpret_cast<const char*>(&png[at + 8]), length);
+    at += 12 + length;
+    const auto nul = data.find('\0');
+    if (nul == std::string::npos || data.compare(0, nul, key) != 0 || nul != key.size()) continue;
+    if (type == "tEXt") return latin1_to_utf8(data.substr(nul + 1));
+    if (type == "iTXt" && data.size() > nul + 2 && data[nul + 1] == 0) {
+      // compression flag 0, method, language tag\0, translated keyword\0, text
+      const auto lang_end = data.find('\0', nul + 3);
+      if (lang_end == std::string::npos) continue;
+      const auto translated_end = data.find('\0', lang_end + 1);
+      if (translated_end == std::string::npos) continue;
+      return data.substr(translated_end + 1);
+    }
+  }
+  return "";
+}
+
+namespace {
+
+std::vector<uint8_t> unbase64(const std::string& in) {
+  std::vector<uint8_t> out;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (const unsigned char c : in) {
+    int v;
+    if (c >= 'A' && c <= 'Z')
+      v = c - 'A';
+    else if (c >= 'a' && c <= 'z')
+      v = c - 'a' + 26;
+    else if (c >= '0' && c <= '9')
+      v = c - '0' + 52;
+    else if (c == '+' || c == '-')
+      v = 62;
+    else if (c == '/' || c == '_')
+      v = 63;
+    else if (c == '=' || c == '\n' || c == '\r' || c == ' ')
+      continue;
+    else
+      refuse("image", "image is not base64");
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<uint8_t>((acc >> bits) & 0xFF));
+    }
+  }
+  return out;
+}
+
+// "Steps: 4, Sampler: Euler a, ..." (the infotext's last line) as {"Steps": "4", ...}.
+Json infotext_fields(const std::string& text) {
+  Json fields = Json::object();
+  const auto line_start = text.rfind('\n');
+  const std::string line = line_start == std::string::npos ? text : text.substr(line_start + 1);
+  size_t at = 0;
+  while (at < line.size()) {
+    size_t end = line.find(", ", at);
+    if (end == std::string::npos) end = line.size();
+    const std::string item = line.substr(at, end - at);
+    const auto colon = item.find(": ");
+    if (colon != std::string::npos) fields[item.substr(0, colon)] = item.substr(colon + 2);
+    at = end + 2;
+  }
+  return fields;
+}
+
+}  // namespace
+
+Json png_info(const std::string& body) {
+  Json doc;
+  try {
+    doc = Json::parse(body);
+  } catch (const Json::parse_error& e) {
+    throw ApiError(400, "invalid_json", std::string("the body is not valid JSON: ") + e.what());
+  }
+  if (!doc.is_object() || !doc.contains("image") || !doc["image"].is_string())
+    refuse("image", "image is required: a base64 PNG, optionally as a data: URL");
+  std::string data = doc["image"].get<std::string>();
+  const auto comma = data.find(',');
+  if (data.rfind("data:", 0) == 0 && comma != std::string::npos) data = data.substr(comma + 1);
+  const auto png = unbase64(data);
+  static const uint8_t kSignature[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  if (png.size() < 8 || !std::equal(png.begin(), png.begin() + 8, kSignature))
+    refuse("image", "image is not a PNG");
+  const std::string parameters = png_text(png, "parameters");
+  Json items = Json::object();
+  if (!parameters.empty()) items["parameters"] = parameters;
+  return {{"info", parameters}, {"items", items}, {"parameters", infotext_fields(parameters)}};
+}
+
+// ---------------------------------------------------------------------------------------------
+void Tracker::started(const std::string& caller, const std::string& job_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  jobs_[job_id].caller = caller;
+  auto& mine = owned_[caller];
+  mine.push_back(job_id);
+  while (mine.size() > kJobsPerCaller) {
+    jobs_.erase(mine.front());
+    mine.pop_front();
+  }
+  callers_.erase(std::remove(callers_.begin(), callers_.end(), caller), callers_.end());
+  callers_.push_back(caller);
+  while (callers_.size() > kCallers) {
+    for (const auto& id : owned_[callers_.front()]) jobs_.erase(id);
+    owned_.erase(callers_.front());
+    callers_.pop_front();
+  }
+}
+
+void Tracker::event(const engine::JobEvent& e) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = jobs_.find(e.job_id);
+  if (it == jobs_.end()) return;
+  JobRecord& j = it->second;
+  switch (e.type) {
+    case engine::EventType::kStarted:
+      j.running = true;
+      j.started = std::chrono::steady_clock::now();
+      [[fallthrough]];
+    case engine::EventType::kProgress:
+      j.evaluations = e.evaluations;
+      j.evaluations_total = e.evaluations_total;
+      j.steps = e.steps;
+      break;
+    case engine::EventType::kPreview:
+      if (e.image == 0 && e.binary) j.preview = e.binary;  // the first image, as A1111 shows
+      j.evaluations = e.evaluations;
+      j.evaluations_total = e.evaluations_total;
+      break;
+    default:
+      j.running = false;
+      break;
+  }
+}
+
+std::vector<std::string> Tracker::active_jobs(const std::string& caller,
+                                              const engine::Engine* engine) const {
+  std::deque<std::string> mine;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = owned_.find(caller);
+    if (it != owned_.end()) mine = it->second;
+  }
+  std::vector<std::string> out;
+  for (const auto& id : mine) {
+    const auto job = engine ? engine->get(id) : std::nullopt;
+    if (job &&
+        (job->status == engine::JobStatus::kQueued || job->status == engine::JobStatus::kRunning))
+      out.push_back(id);
+  }
+  return out;
+}
+
+Json Tracker::progress(const std::string& caller, const engine::Engine* engine) const {
+  const auto active = active_jobs(caller, engine);
+  Json state = {{"skipped", false}, {"interrupted", false},       {"stopping_generation", false},
+                {"job", ""},        {"job_count", active.size()}, {"job_timestamp", timestamp()},
+                {"job_no", 0},      {"sampling_step", 0},         {"sampling_steps", 0}};
+  Json out = {{"progress", 0.0},
+              {"eta_relative", 0.0},
+              {"state", state},
+              {"current_image", nullptr},
+              {"textinfo", nullptr}};
+  if (active.empty()) return out;
+  const std::string& id = active.front();  // the oldest: the one A1111 would be running
+  const auto job = engine->get(id);
+  JobRecord j;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = jobs_.find(id);
+    if (it != jobs_.end()) j = it->second;
+  }
+  out["state"]["job"] = id;
+  if (job && job->status == engine::JobStatus::kQueued) {
+    out["textinfo"] = "queued at position " + std::to_string(job->queue_position + 1);
+    return out;
+  }
+  const double progress =
+      j.evaluations_total > 0 ? static_cast<double>(j.evaluations) / j.evaluations_total : 0.0;
+  out["progress"] = progress;
+  out["state"]["sampling_steps"] = j.steps;
+  out["state"]["sampling_step"] = engine::steps_done(j.evaluations, j.evaluations_total, j.steps);
+  if (j.running && progress > 0) {
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - j.started).count();
+    out["eta_relative"] = elapsed / progress - elapsed;
+  }
+  if (j.preview) out["current_image"] = base64(*j.preview);
+  return out;
+}
+
+}  // namespace sdserve::server::a1111
