@@ -138,6 +138,10 @@ const std::vector<Key>& table() {
       key("api_keys", Type::kStringList,
           "accepted 'Authorization: Bearer KEY' keys (comma-separated in env/flags); empty: open",
           0, 0, SDSERVE_MEMBER(api_keys)),
+      key("cors_allow_origins", Type::kStringList,
+          "browser origins (scheme://host[:port], or '*' for any) whose pages may call the API "
+          "(CORS; comma-separated in env/flags); empty: same-origin pages only",
+          0, 0, SDSERVE_MEMBER(cors_allow_origins)),
       key("metrics_auth", Type::kBool, "whether /metrics needs an API key too (when keys are set)",
           0, 0, SDSERVE_MEMBER(metrics_auth)),
       key("gpu_metrics_interval_s", Type::kNumber,
@@ -423,6 +427,17 @@ void validate(const ServiceConfig& c) {
   if (c.default_timeout_s > c.max_timeout_s)
     throw ConfigError("default_timeout_s (" + num(c.default_timeout_s) +
                       ") must not exceed max_timeout_s (" + num(c.max_timeout_s) + ")");
+  for (const auto& o : c.cors_allow_origins) {
+    // An origin is scheme://host[:port] with nothing after: what browsers send in Origin.
+    const auto scheme = o.find("://");
+    const bool web = (o.rfind("http://", 0) == 0 || o.rfind("https://", 0) == 0) &&
+                     o.size() > scheme + 3 && o.find('/', scheme + 3) == std::string::npos;
+    if (o != "*" && !web)
+      throw ConfigError(
+          "cors_allow_origins entries are origins like https://app.example.com "
+          "(no path) or '*', got \"" +
+          o + "\"");
+  }
   const std::string& d = c.device;
   const bool cuda_n = d.rfind("cuda:", 0) == 0 && d.size() > 5 &&
                       d.find_first_not_of("0123456789", 5) == std::string::npos;

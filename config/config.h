@@ -33,6 +33,9 @@ struct ServiceConfig {
   double read_timeout_s = 30;  // a request must arrive within this; idle keep-alive closes then
   int ws_queue_limit = 64;     // events queued per WebSocket before progress/previews are dropped
   std::vector<std::string> api_keys;  // empty: no authentication
+  // Browser origins ("https://app.example.com", or "*") whose pages may call the API (CORS);
+  // empty: none, so only same-origin pages (the one at /) can.
+  std::vector<std::string> cors_allow_origins;
   bool metrics_auth = false;
   double gpu_metrics_interval_s = 5;  // NVML sampling for /metrics; 0: off          // /metrics
                                       // needs an API key too (when keys are set)

@@ -1,6 +1,8 @@
 #include "server/handlers.h"
 
 #include <algorithm>
+#include <boost/url/params_encoded_view.hpp>  // implementation: cache/redis_client.cpp
+#include <boost/url/parse_query.hpp>
 #include <cmath>
 #include <optional>
 
@@ -11,6 +13,7 @@ namespace sdserve::server {
 namespace {
 
 using json = Json;
+namespace urls = boost::urls;
 
 std::vector<std::string> split_path(const std::string& path) {
   std::vector<std::string> parts;
@@ -29,18 +32,6 @@ bool same_key(const std::string& a, const std::string& b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
   for (size_t i = 0; i < a.size(); ++i) diff |= a[i] ^ b[i % std::max<size_t>(b.size(), 1)];
   return diff == 0 && !b.empty();
-}
-
-std::string query_param(const std::string& query, const std::string& name) {
-  size_t start = 0;
-  while (start <= query.size()) {
-    size_t end = query.find('&', start);
-    if (end == std::string::npos) end = query.size();
-    const std::string item = query.substr(start, end - start);
-    if (item.rfind(name + "=", 0) == 0) return item.substr(name.size() + 1);
-    start = end + 1;
-  }
-  return "";
 }
 
 ApiError not_found_job(const std::string& id) {
@@ -100,6 +91,43 @@ Response image_response(Context& ctx, const Request& req, const Route& route) {
 }
 
 }  // namespace
+
+std::string query_param(const std::string& query, const std::string& name) {
+  auto parsed = urls::parse_query(query);
+  if (!parsed) return "";
+  // Percent-decoding only: browsers encode '+' as %2B, and a key typed into a URL keeps its '+'.
+  for (const auto& p : urls::params_encoded_view(*parsed)) {
+    if (p.key.decode() == name && p.has_value) return p.value.decode();
+  }
+  return "";
+}
+
+void add_cors_headers(const Context& ctx, const Request& req, Response& res) {
+  const auto& allowed = ctx.config().cors_allow_origins;
+  const auto origin = req[http::field::origin];
+  if (allowed.empty() || origin.empty()) return;
+  const bool any = std::find(allowed.begin(), allowed.end(), "*") != allowed.end();
+  if (!any && std::find(allowed.begin(), allowed.end(), std::string(origin)) == allowed.end())
+    return;
+  res.set(http::field::access_control_allow_origin, any ? std::string("*") : std::string(origin));
+  if (!any) res.set(http::field::vary, "Origin");
+  res.set(http::field::access_control_expose_headers,
+          "X-Job-Id, X-Seed, X-Request-Id, Retry-After, Location");
+}
+
+Response options_response(const Context& ctx, const Request& req, const Route& route) {
+  Response res{http::status::no_content, req.version()};
+  const std::string methods = allowed_methods(route.kind) + ", OPTIONS";
+  res.set(http::field::allow, methods);
+  add_cors_headers(ctx, req, res);
+  if (res.find(http::field::access_control_allow_origin) != res.end()) {
+    res.set(http::field::access_control_allow_methods, methods);
+    res.set(http::field::access_control_allow_headers,
+            "Authorization, Content-Type, Accept, X-Request-Id");
+    res.set(http::field::access_control_max_age, "600");
+  }
+  return res;
+}
 
 bool valid_id(const std::string& id) {
   return !id.empty() && id.size() <= 128 && std::all_of(id.begin(), id.end(), [](unsigned char c) {

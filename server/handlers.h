@@ -54,6 +54,16 @@ std::string allowed_methods(Route::Kind kind);
 bool method_allowed(Route::Kind kind, http::verb method);
 std::string path_of(const std::string& target);  // target without the query
 
+// CORS (config cors_allow_origins): adds Access-Control-Allow-Origin and friends to `res` when the
+// request's Origin is allowed; nothing otherwise (browsers then keep the answer from the page).
+void add_cors_headers(const Context& ctx, const Request& req, Response& res);
+// OPTIONS on a route: 204 with Allow, plus the preflight's Access-Control-Allow-Methods /
+// -Headers / -Max-Age when the Origin is allowed. No API key needed (browsers send none).
+Response options_response(const Context& ctx, const Request& req, const Route& route);
+
+// A query parameter, percent-decoded ("a%2Bb" -> "a+b"; '+' stays '+'); "" when absent.
+std::string query_param(const std::string& query, const std::string& name);
+
 // Throws ApiError 401 when API keys are configured and the request carries none of them.
 void check_auth(const Context& ctx, const Request& req, const Route& route);
 

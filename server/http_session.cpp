@@ -157,6 +157,7 @@ void HttpSession::on_request() {
   try {
     if (route.kind == Route::kNotFound)
       throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req_.target())));
+    if (req_.method() == http::verb::options) return send(options_response(*ctx_, req_, route));
     check_auth(*ctx_, req_, route);
     if (!method_allowed(route.kind, req_.method())) {
       Response res =
@@ -425,6 +426,8 @@ void HttpSession::log_request(const std::string& method, const std::string& path
 
 void HttpSession::send(Response res, bool close_after) {
   res.set(http::field::server, "sdserve/" SDSERVE_VERSION);
+  if (res.find(http::field::access_control_allow_origin) == res.end())
+    add_cors_headers(*ctx_, req_, res);
   const bool keep = req_.keep_alive() && !close_after && !ctx_->shutting_down();
   res.keep_alive(keep);
   res.prepare_payload();
