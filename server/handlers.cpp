@@ -8,6 +8,7 @@
 
 #include "pipeline/errors.h"
 #include "server/a1111.h"
+#include "server/web_page.h"
 
 namespace sdserve::server {
 namespace {
@@ -144,7 +145,9 @@ Route match_route(const std::string& target) {
   const auto q = target.find('?');
   if (q != std::string::npos) r.query = target.substr(q + 1);
   const std::string path = path_of(target);
-  if (path == "/healthz")
+  if (path == "/" || path == "/index.html")
+    r.kind = Route::kPage;
+  else if (path == "/healthz")
     r.kind = Route::kHealthz;
   else if (path == "/readyz")
     r.kind = Route::kReadyz;
@@ -217,6 +220,8 @@ const char* route_template(Route::Kind kind) {
       return "/v1/events";
     case Route::kGenerate:
       return "/v1/generate";
+    case Route::kPage:
+      return "/";
     case Route::kSdTxt2Img:
       return "/sdapi/v1/txt2img";
     case Route::kSdSamplers:
@@ -274,7 +279,9 @@ bool method_allowed(Route::Kind kind, http::verb method) {
 void check_auth(const Context& ctx, const Request& req, const Route& route) {
   const auto& keys = ctx.config().api_keys;
   if (keys.empty()) return;
-  if (route.kind == Route::kHealthz || route.kind == Route::kReadyz) return;
+  // The page asks for the key itself; probes must work without one.
+  if (route.kind == Route::kHealthz || route.kind == Route::kReadyz || route.kind == Route::kPage)
+    return;
   if (route.kind == Route::kMetrics && !ctx.config().metrics_auth) return;
   std::string presented;
   const auto auth = req[http::field::authorization];
@@ -426,6 +433,17 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
                    "this endpoint is a WebSocket: connect with 'Upgrade: websocket'");
       Response res = error_response(err, req);
       res.set(http::field::upgrade, "websocket");
+      return res;
+    }
+    case Route::kPage: {
+      Response res{http::status::ok, req.version()};
+      res.set(http::field::content_type, "text/html; charset=utf-8");
+      res.set(http::field::cache_control, "no-cache");
+      // Everything the page needs is in it or behind this origin (and blob: URLs it makes).
+      res.set("Content-Security-Policy",
+              "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+              "img-src 'self' blob:; connect-src 'self' ws: wss:");
+      res.body() = std::string(web_page());
       return res;
     }
     case Route::kSdSamplers:

@@ -29,6 +29,7 @@ struct Route {
     kJobEvents,  // /v1/jobs/{id}/events (WebSocket)
     kEvents,     // /v1/events (WebSocket)
     kGenerate,   // /v1/generate
+    kPage,       // / (server/web/index.html)
     // AUTOMATIC1111's API (server/a1111.h)
     kSdTxt2Img,     // POST /sdapi/v1/txt2img (waits for its job, as /v1/generate)
     kSdSamplers,    // /sdapi/v1/samplers
