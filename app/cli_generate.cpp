@@ -1,5 +1,7 @@
 // `sdserve generate`: one request straight through the pipeline, images written as PNG.
 #include <unistd.h>
+#include <algorithm>
+#include <cctype>
 
 #include <chrono>
 #include <cstdio>
@@ -33,9 +35,20 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
   --clip-skip N       1 = last CLIP layer (default), 2 = penultimate (A1111's convention)
   --device D          auto | cpu | cuda | cuda:N (default auto)
   --precision P       auto | fp32 | fp16 | bf16 (default auto: fp16 on CUDA, fp32 on CPU)
-  -o, --output FILE   output PNG path (required)
+  -o, --output FILE   output path, .png or .jpg/.jpeg (required); the settings go into the
+                      PNG's "parameters" text or the JPEG's Exif UserComment, as A1111 writes
   -q, --quiet         no progress bar
 )";
+
+// The output format from -o's extension: "png" or "jpeg"; "" for anything else.
+std::string output_format(const std::string& path) {
+  std::string ext = std::filesystem::path(path).extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
+  if (ext == ".png") return "png";
+  if (ext == ".jpg" || ext == ".jpeg") return "jpeg";
+  return "";
+}
 
 std::string output_path(const std::string& first, int k) {
   if (k == 0) return first;
@@ -116,6 +129,8 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
   }
   if (!have_prompt) throw UsageError("--prompt is required");
   if (g.output.empty()) throw UsageError("-o/--output is required");
+  if (output_format(g.output).empty())
+    throw UsageError("-o '" + g.output + "': sdserve writes .png or .jpg/.jpeg images");
   for (const char* flag : {"--width", "--height"}) {
     const int v = std::string(flag) == "--width" ? request.image.width : request.image.height;
     if (v % L::kSideMultiple != 0)
@@ -156,11 +171,14 @@ int run_generate(const std::vector<std::string>& args) {
   });
   for (size_t k = 0; k < images.size(); ++k) {
     const uint64_t seed = request.image.seed + k;
-    const auto png = pipeline::encode_png(
-        images[k], {{"parameters", pipeline::a1111_parameters(request, seed, m->info())}});
+    const std::string parameters = pipeline::a1111_parameters(request, seed, m->info());
+    const auto bytes = output_format(output) == "jpeg"
+                           ? pipeline::encode_jpeg(images[k], 95, parameters)
+                           : pipeline::encode_png(images[k], {{"parameters", parameters}});
     const std::string path = output_path(output, static_cast<int>(k));
     std::ofstream file(path, std::ios::binary | std::ios::trunc);
-    file.write(reinterpret_cast<const char*>(png.data()), static_cast<std::streamsize>(png.size()));
+    file.write(reinterpret_cast<const char*>(bytes.data()),
+               static_cast<std::streamsize>(bytes.size()));
     if (!file) throw std::runtime_error("cannot write '" + path + "'");
     std::cout << path << "  (seed " << seed << ")\n";
   }

@@ -74,6 +74,81 @@ std::string latin1_to_utf8(const std::string& in) {
   return out;
 }
 
+// UTF-8 as UTF-16 code units (invalid bytes become U+FFFD).
+std::vector<uint16_t> utf8_to_utf16(const std::string& in) {
+  std::vector<uint16_t> out;
+  for (size_t i = 0; i < in.size();) {
+    const auto c = static_cast<unsigned char>(in[i]);
+    const int extra = c < 0x80         ? 0
+                      : (c >> 5) == 6  ? 1
+                      : (c >> 4) == 14 ? 2
+                      : (c >> 3) == 30 ? 3
+                                       : -1;
+    uint32_t cp = extra == 0 ? c : extra == 1 ? c & 0x1F : extra == 2 ? c & 0x0F : c & 0x07;
+    bool ok = extra >= 0;
+    for (int k = 1; ok && k <= extra; ++k) {
+      if (i + k >= in.size() || (static_cast<unsigned char>(in[i + k]) & 0xC0) != 0x80) {
+        ok = false;
+      } else {
+        cp = (cp << 6) | (static_cast<unsigned char>(in[i + k]) & 0x3F);
+      }
+    }
+    if (!ok || cp > 0x10FFFF) {
+      out.push_back(0xFFFD);
+      ++i;
+      continue;
+    }
+    i += static_cast<size_t>(extra) + 1;
+    if (cp >= 0x10000) {
+      cp -= 0x10000;
+      out.push_back(static_cast<uint16_t>(0xD800 | (cp >> 10)));
+      out.push_back(static_cast<uint16_t>(0xDC00 | (cp & 0x3FF)));
+    } else {
+      out.push_back(static_cast<uint16_t>(cp));
+    }
+  }
+  return out;
+}
+
+// An APP1 Exif segment holding one tag, UserComment, as A1111 writes it for JPEGs (piexif's
+// "unicode" encoding: the 8-byte charset code "UNICODE\0", then UTF-16 big-endian). Big-endian
+// TIFF ("MM"); IFD0 holds only the pointer to the Exif IFD.
+std::vector<uint8_t> exif_user_comment(const std::string& text) {
+  std::vector<uint8_t> tiff;
+  auto u16 = [&](uint32_t v) {
+    tiff.push_back(static_cast<uint8_t>(v >> 8));
+    tiff.push_back(static_cast<uint8_t>(v));
+  };
+  auto u32 = [&](uint32_t v) {
+    u16(v >> 16);
+    u16(v & 0xFFFF);
+  };
+  auto units = utf8_to_utf16(text);
+  constexpr size_t kMaxUnits = (65535 - 2 - 6 - 44 - 8) / 2;  // one APP1 segment
+  if (units.size() > kMaxUnits) units.resize(kMaxUnits);
+  const uint32_t count = static_cast<uint32_t>(8 + units.size() * 2);
+  tiff.insert(tiff.end(), {'M', 'M'});
+  u16(42);
+  u32(8);                                    // IFD0
+  u16(1);                                    // one entry:
+  u16(0x8769), u16(4), u32(1), u32(26);      // ExifIFDPointer, LONG -> the Exif IFD at 26
+  u32(0);                                    // no IFD1
+  u16(1);                                    // Exif IFD, one entry:
+  u16(0x9286), u16(7), u32(count), u32(44);  // UserComment, UNDEFINED, its bytes at 44
+  u32(0);
+  const char code[8] = {'U', 'N', 'I', 'C', 'O', 'D', 'E', '\0'};
+  tiff.insert(tiff.end(), code, code + 8);
+  for (const uint16_t u : units) u16(u);
+  std::vector<uint8_t> seg = {0xFF, 0xE1};
+  const size_t length = 2 + 6 + tiff.size();
+  seg.push_back(static_cast<uint8_t>(length >> 8));
+  seg.push_back(static_cast<uint8_t>(length));
+  const char header[6] = {'E', 'x', 'i', 'f', '\0', '\0'};
+  seg.insert(seg.end(), header, header + 6);
+  seg.insert(seg.end(), tiff.begin(), tiff.end());
+  return seg;
+}
+
 }  // namespace
 
 std::vector<uint8_t> encode_png(const RgbImage& image,
@@ -162,7 +237,8 @@ RgbImage decode_png(const std::vector<uint8_t>& bytes,
   return image;
 }
 
-std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality) {
+std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality,
+                                 const std::string& user_comment) {
   check_image(image);
   std::unique_ptr<void, int (*)(tjhandle)> tj(tjInitCompress(), tjDestroy);
   if (!tj) throw std::runtime_error("JPEG: cannot create compressor");
@@ -175,6 +251,12 @@ std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality) {
   }
   std::vector<uint8_t> out(buf, buf + size);
   tjFree(buf);
+  if (user_comment.empty()) return out;
+  // The Exif segment goes right after SOI and JFIF's APP0, where readers look for it.
+  size_t at = 2;
+  if (out.size() > 4 && out[2] == 0xFF && out[3] == 0xE0) at = 4 + ((out[4] << 8) | out[5]);
+  const auto exif = exif_user_comment(user_comment);
+  out.insert(out.begin() + static_cast<std::ptrdiff_t>(at), exif.begin(), exif.end());
   return out;
 }
 

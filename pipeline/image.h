@@ -24,8 +24,10 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
 RgbImage decode_png(const std::vector<uint8_t>& bytes,
                     std::vector<std::pair<std::string, std::string>>* text = nullptr);
 
-// Baseline JPEG (previews), quality 1..100.
-std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality = 80);
+// Baseline JPEG (previews; `sdserve generate -o x.jpg`), quality 1..100. A non-empty
+// `user_comment` goes into an Exif UserComment, where A1111 keeps a JPEG's generation settings.
+std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality = 80,
+                                 const std::string& user_comment = "");
 
 // Box-filter downscale so that neither side exceeds max_side (no-op when already small enough).
 RgbImage shrink_to(const RgbImage& image, int max_side);

@@ -71,6 +71,23 @@ TEST_F(CliGenerate, WritesPngsWithParameters) {
   EXPECT_NE(p.find("Clip skip: 2"), std::string::npos) << p;
 }
 
+TEST_F(CliGenerate, JpegOutputKeepsParametersInExif) {
+  const auto r =
+      run("generate --prompt 'caf\xc3\xa9 au lait' --seed 5 --steps 2 --width 64 --height 64 "
+          "-q -o " +
+          path("out.JPG"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  const auto jpeg = read_file(path("out.JPG"));
+  ASSERT_GT(jpeg.size(), 2u);
+  EXPECT_EQ(jpeg[0], 0xFF);
+  EXPECT_EQ(jpeg[1], 0xD8);
+  // UserComment = "UNICODE\0" + UTF-16BE: the prompt's "café" as 00 63 00 61 00 66 00 E9.
+  const std::string raw(jpeg.begin(), jpeg.end());
+  EXPECT_NE(raw.find(std::string("UNICODE\0", 8)), std::string::npos);
+  EXPECT_NE(raw.find(std::string("\0c\0a\0f\0\xe9", 8)), std::string::npos);
+  EXPECT_NE(raw.find(std::string("\0S\0e\0e\0d\0:\0 \0005", 14)), std::string::npos);
+}
+
 TEST_F(CliGenerate, SameSeedSameBytesFromSingleFile) {
   const std::string common = " --prompt cat --seed 9 --steps 3 --width 64 --height 64 -q -o ";
   ASSERT_EQ(run("generate" + common + path("a.png")).code, 0);
@@ -99,6 +116,7 @@ TEST_F(CliGenerate, BadArgumentsExitNonZeroWithMessage) {
       {"generate --prompt x --model /nonexistent" + o, "does not exist"},
       {"generate --prompt x --model " + test::fixture("README.md") + o, "safetensors"},
       {"generate --prompt x -o /nonexistent-dir/x.png", "does not exist"},
+      {"generate --prompt x -o " + path("x.webp"), "writes .png or .jpg/.jpeg"},
       {"frobnicate", "unknown command 'frobnicate'"},
   };
   for (const auto& c : cases) {

@@ -1,6 +1,9 @@
 #include "pipeline/image.h"
 
 #include <gtest/gtest.h>
+#include <turbojpeg.h>
+
+#include <memory>
 
 namespace sdserve::pipeline {
 namespace {
@@ -68,6 +71,74 @@ TEST(Image, Latin1TextStaysInTextChunkAsLatin1) {
   decode_png(png, &text);
   ASSERT_EQ(text.size(), 1u);
   EXPECT_EQ(text[0].second, utf8) << "read back as UTF-8";
+}
+
+std::vector<uint8_t> decode_jpeg_rgb(const std::vector<uint8_t>& jpeg) {
+  std::unique_ptr<void, int (*)(tjhandle)> tj(tjInitDecompress(), tjDestroy);
+  int w = 0, h = 0, sub = 0, space = 0;
+  auto* data = const_cast<unsigned char*>(jpeg.data());
+  if (tjDecompressHeader3(tj.get(), data, jpeg.size(), &w, &h, &sub, &space) != 0) return {};
+  std::vector<uint8_t> rgb(static_cast<size_t>(w) * h * 3);
+  if (tjDecompress2(tj.get(), data, jpeg.size(), rgb.data(), w, 0, h, TJPF_RGB, 0) != 0) return {};
+  return rgb;
+}
+
+// The Exif UserComment of a JPEG as written by encode_jpeg, read back from the bytes per the
+// Exif layout (big-endian TIFF, IFD0 -> Exif IFD -> tag 0x9286), as UTF-8.
+std::string exif_user_comment_of(const std::vector<uint8_t>& jpeg) {
+  const std::string raw(jpeg.begin(), jpeg.end());
+  const auto exif = raw.find(std::string("Exif\0\0", 6));
+  if (exif == std::string::npos) return "<no Exif>";
+  const uint8_t* t = jpeg.data() + exif + 6;
+  auto u16 = [&](size_t o) { return static_cast<uint32_t>((t[o] << 8) | t[o + 1]); };
+  auto u32 = [&](size_t o) { return (u16(o) << 16) | u16(o + 2); };
+  if (t[0] != 'M' || u16(2) != 42) return "<not big-endian TIFF>";
+  const size_t ifd0 = u32(4);
+  if (u16(ifd0 + 2) != 0x8769) return "<no Exif IFD pointer>";
+  const size_t exif_ifd = u32(ifd0 + 10);
+  if (u16(exif_ifd + 2) != 0x9286 || u16(exif_ifd + 4) != 7) return "<no UserComment>";
+  const size_t count = u32(exif_ifd + 6), at = u32(exif_ifd + 10);
+  if (std::string(reinterpret_cast<const char*>(t + at), 8) != std::string("UNICODE\0", 8))
+    return "<not UNICODE>";
+  std::string out;
+  for (size_t o = at + 8; o + 1 < at + count; o += 2) {
+    uint32_t cp = u16(o);
+    if (cp >= 0xD800 && cp < 0xDC00) {
+      cp = 0x10000 + ((cp - 0xD800) << 10) + (u16(o + 2) - 0xDC00);
+      o += 2;
+    }
+    if (cp < 0x80) {
+      out += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+      out += static_cast<char>(0xC0 | (cp >> 6));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+      out += static_cast<char>(0xE0 | (cp >> 12));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (cp >> 18));
+      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+  }
+  return out;
+}
+
+TEST(Image, JpegCarriesParametersInExifUserComment) {
+  const auto img = gradient(16, 16);
+  // "café 東京 🦊": Latin-1, CJK and a character outside the BMP (a surrogate pair).
+  const std::string text = "caf\xc3\xa9 \xe6\x9d\xb1\xe4\xba\xac \xf0\x9f\xa6\x8a\nSteps: 4";
+  const auto jpeg = encode_jpeg(img, 90, text);
+  ASSERT_GT(jpeg.size(), 4u);
+  EXPECT_EQ(jpeg[0], 0xFF);
+  EXPECT_EQ(jpeg[1], 0xD8);
+  EXPECT_EQ(exif_user_comment_of(jpeg), text);
+  EXPECT_EQ(exif_user_comment_of(encode_jpeg(img, 90)), "<no Exif>");
+  // Still a valid JPEG that decodes to the same pixels as one without the comment.
+  EXPECT_EQ(decode_jpeg_rgb(jpeg), decode_jpeg_rgb(encode_jpeg(img, 90)));
+  EXPECT_EQ(decode_jpeg_rgb(jpeg).size(), 16u * 16 * 3);
 }
 
 TEST(Image, DecodeRejectsTruncatedPng) {

@@ -8,7 +8,7 @@ PACKAGES=(build-essential cmake ninja-build pkg-config
   libtorch-dev libboost1.81-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libhiredis-dev prometheus-cpp-dev libgtest-dev libgmock-dev
   libutf8proc-dev libpng-dev libturbojpeg0-dev redis-server
-  python3 python3-requests python3-websocket chromium)
+  python3 python3-requests python3-pil python3-websocket chromium)
 tools/install_packages.sh setup "${PACKAGES[@]}"
 
 # Configure (when build/build.ninja is missing; Ninja, Release, $SDSERVE_CMAKE_ARGS) and build with

@@ -5,7 +5,7 @@ images with the exact UTF-8 prompt and A1111's fields in A1111's order, progress
 and an interrupt that stops the caller's job.
 
     a1111_client_test.py SDSERVE_BINARY
-Exit 77 (ctest: skipped) where Python's `requests` is missing; CI installs it.
+Exit 77 (ctest: skipped) where python3-requests or python3-pil is missing; CI installs them.
 """
 import os
 import re
@@ -18,8 +18,10 @@ import urllib.request
 
 try:
     import requests  # noqa: F401  (the client needs it)
+    from PIL import Image  # a PNG library reads the metadata back
 except ImportError:
-    print("skipped: python3-requests is not installed (Debian: apt-get install python3-requests)")
+    print("skipped: needs python3-requests and python3-pil (Debian: apt-get install "
+          "python3-requests python3-pil)")
     sys.exit(77)
 
 binary = sys.argv[1]
@@ -77,6 +79,10 @@ with tempfile.TemporaryDirectory() as out:
                     + r", Size: 64x64, Model: tiny-sd15, Clip skip: 2, Version: sdserve")
             if info.group(1) != want:
                 fail(f"image {k}'s infotext is\n  {info.group(1)}\nnot\n  {want}", text)
+            # The same text as a PNG library reads it from the file (iTXt: UTF-8, exact).
+            read = Image.open(path).info.get("parameters")
+            if read != want.replace("\\n", "\n"):
+                fail(f"PIL reads image {k}'s parameters as {read!r}", text)
         if not re.search(r"^progress 0\.\d+, eta [\d.]+ s, step \d+/150, preview \d+ bytes$", text, re.M):
             fail("no progress with a preview image while the long job ran", text)
         if "interrupted: True images: 0" not in text:
