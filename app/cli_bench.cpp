@@ -18,13 +18,14 @@ and images/s per batch size. Without --model it writes SD 1.5's architecture wit
 fp16 weights to --work-dir first (same compute as the real checkpoint; not counted as start-up).
 
   --model PATH          model to time (default: random-weight SD 1.5)
+  --sdxl                the random model has SDXL base's architecture (default size 1024)
   --work-dir DIR        where the random model is written (default /tmp/sdserve-bench)
   --device D            auto | cpu | cuda | cuda:N (default auto)
   --precision P         auto | fp32 | fp16 | bf16 (default auto)
   --vae-precision P     auto | fp32 | fp16 | bf16 (default auto: fp32 under fp16)
   --batches LIST        comma-separated batch sizes (default 1,2,4,8,16,32)
   --steps N             (default 30)   --cfg X (default 7.5)   --sampler NAME (default euler)
-  --width N --height N  (default 512)
+  --width N --height N  (default 512; 1024 with --sdxl)
   --repeats N           timed runs per measurement, median reported (default 3)
   --no-cuda-graphs      run the UNet eagerly
   --no-channels-last    keep NCHW convolutions
@@ -52,7 +53,7 @@ int run_bench(const std::vector<std::string>& args) {
   bench::BenchOptions o;
   o.process_start = process_start_time();
   std::string json_path, redis_url;
-  bool cache_mode = false;
+  bool cache_mode = false, size_given = false;
   int jobs = 50;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
@@ -70,6 +71,10 @@ int run_bench(const std::vector<std::string>& args) {
     }
     if (a == "--embedding-cache") {
       cache_mode = true;
+      continue;
+    }
+    if (a == "--sdxl") {
+      o.sdxl = true;
       continue;
     }
     if (i + 1 >= args.size()) throw UsageError(a + " needs a value");
@@ -97,9 +102,9 @@ int run_bench(const std::vector<std::string>& args) {
     else if (a == "--sampler")
       o.sampler = v;
     else if (a == "--width")
-      o.width = parse_int_arg(a, v, 64, 2048);
+      o.width = parse_int_arg(a, v, 64, 2048), size_given = true;
     else if (a == "--height")
-      o.height = parse_int_arg(a, v, 64, 2048);
+      o.height = parse_int_arg(a, v, 64, 2048), size_given = true;
     else if (a == "--repeats")
       o.repeats = parse_int_arg(a, v, 1, 100);
     else if (a == "--json")
@@ -109,6 +114,7 @@ int run_bench(const std::vector<std::string>& args) {
     else
       throw UsageError("unknown option '" + a + "'");
   }
+  if (o.sdxl && !size_given) o.width = o.height = 1024;  // SDXL's native size
   setup_logging("warn");
   if (cache_mode) {
     if (o.model.empty()) throw UsageError("--embedding-cache needs --model");

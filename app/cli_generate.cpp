@@ -30,9 +30,12 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
                       (A1111 names such as "DPM++ 2M Karras" work too; default euler)
   --scheduler NAME    normal | karras (default normal)
   --seed N            seed of the first image; image k uses seed + k (default: random)
-  --width N --height N  multiples of 8, 64..2048 (default 512)
+  --width N --height N  multiples of 8, 64..2048 (default: the model's native size, 512 for
+                        SD 1.x, 1024 for SDXL)
   -n N                number of images, 1..16 (default 1): out.png, out-1.png, ...
   --clip-skip N       1 = last CLIP layer (default), 2 = penultimate (A1111's convention)
+  --single-file-config DIR  a diffusers folder whose configs a single-file model uses
+                      instead of ones inferred from its shapes
   --device D          auto | cpu | cuda | cuda:N (default auto)
   --precision P       auto | fp32 | fp16 | bf16 (default auto: fp16 on CUDA, fp32 on CPU)
   -o, --output FILE   output path, .png or .jpg/.jpeg (required); the settings go into the
@@ -68,6 +71,7 @@ void draw_progress(int done, int total, double seconds) {
 }
 
 struct GenerateArgs {
+  GenerateArgs() { request.image.width = request.image.height = 0; }  // 0: the model's size
   pipeline::GenerateRequest request;
   pipeline::LoadOptions load;
   std::string model = pipeline::bundled_model_path(), output;
@@ -118,6 +122,8 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
       request.num_images = parse_int_arg(a, v, 1, L::kMaxImages);
     else if (a == "--clip-skip")
       request.clip_skip = parse_int_arg(a, v, 1, 64);  // the model's depth is checked once loaded
+    else if (a == "--single-file-config")
+      g.load.single_file_config = v;
     else if (a == "--device")
       g.load.device = v;
     else if (a == "--precision")
@@ -133,7 +139,7 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
     throw UsageError("-o '" + g.output + "': sdserve writes .png or .jpg/.jpeg images");
   for (const char* flag : {"--width", "--height"}) {
     const int v = std::string(flag) == "--width" ? request.image.width : request.image.height;
-    if (v % L::kSideMultiple != 0)
+    if (v != 0 && v % L::kSideMultiple != 0)
       throw UsageError(std::string(flag) + " must be a multiple of " +
                        std::to_string(L::kSideMultiple) + ", got " + std::to_string(v));
   }
@@ -156,11 +162,14 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
 int run_generate(const std::vector<std::string>& args) {
   GenerateArgs g;
   if (!parse_generate_args(args, g)) return 0;
-  const auto& request = g.request;
   const auto& output = g.output;
   const bool quiet = g.quiet;
   setup_logging(quiet ? "warn" : "info");
   auto m = pipeline::Model::load(g.model, g.load);
+  // Sizes not given default to the model's own.
+  if (g.request.image.width == 0) g.request.image.width = m->info().native_size;
+  if (g.request.image.height == 0) g.request.image.height = m->info().native_size;
+  const auto& request = g.request;
   const bool bar = !quiet && ::isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
   auto images = m->generate(request, [&](int done, int total) {

@@ -92,6 +92,7 @@ int run_serve(const std::vector<std::string>& args) {
   load.device = cfg.device;
   load.precision = cfg.precision;
   load.vae_precision = cfg.vae_precision;
+  load.single_file_config = cfg.single_file_config;
   // Buckets are counted in images; a UNet batch has one row per image, two with guidance.
   load.batch_buckets.clear();
   for (int b : cfg.batch_buckets)
@@ -111,8 +112,9 @@ int run_serve(const std::vector<std::string>& args) {
     load.device = device;
     models.push_back(pipeline::Model::load(model_path, load));
     const auto& info = models.back()->info();
-    spdlog::info("model {} ({}, {}) on {} in {}, loaded in {:.1f} s", info.name, info.family,
-                 info.layout, info.device, info.precision, info.load_seconds);
+    spdlog::info("model {} ({}, {}, native {} px) on {} in {}, loaded in {:.1f} s", info.name,
+                 pipeline::family_display_name(info.family), info.layout, info.native_size,
+                 info.device, info.precision, info.load_seconds);
   }
   const auto model = models.front();
 

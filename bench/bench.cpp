@@ -49,11 +49,15 @@ BenchReport run_bench(const BenchOptions& o,
   BenchReport r;
   std::string model_path = o.model;
   if (model_path.empty()) {
-    model_path = o.work_dir + "/sd15-random";
+    model_path = o.work_dir + (o.sdxl ? "/sdxl-random" : "/sd15-random");
     if (!fs::exists(fs::path(model_path) / "unet/diffusion_pytorch_model.safetensors")) {
-      say("writing SD 1.5 with seeded random weights to " + model_path);
+      say(std::string("writing ") + (o.sdxl ? "SDXL" : "SD 1.5") +
+          " with seeded random weights to " + model_path);
       const auto t0 = SteadyClock::now();
-      bs::write_random_sd15(model_path, 0);
+      if (o.sdxl)
+        bs::write_random_sdxl(model_path, 0);
+      else
+        bs::write_random_sd15(model_path, 0);
       r.write_model_s = std::chrono::duration<double>(SteadyClock::now() - t0).count();
     }
   }
@@ -66,7 +70,9 @@ BenchReport run_bench(const BenchOptions& o,
   r.device_name = bs::device_name(info.device);
   r.precision = info.precision;
   r.torch_version = bs::torch_version();
-  r.model = o.model.empty() ? "SD 1.5 architecture, seeded random fp16 weights" : o.model;
+  r.model = !o.model.empty() ? o.model
+            : o.sdxl         ? "SDXL base architecture, seeded random fp16 weights"
+                             : "SD 1.5 architecture, seeded random fp16 weights";
   r.width = o.width;
   r.height = o.height;
   r.steps = o.steps;

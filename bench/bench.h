@@ -14,7 +14,8 @@
 namespace sdserve::bench {
 
 struct BenchOptions {
-  std::string model;  // empty: random-weight SD 1.5 written under work_dir
+  std::string model;  // empty: random-weight SD 1.5 (or SDXL) written under work_dir
+  bool sdxl = false;  // the random model has SDXL base's architecture
   std::string work_dir = "/tmp/sdserve-bench";
   pipeline::LoadOptions load;
   int width = 512, height = 512, steps = 30;

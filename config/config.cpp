@@ -72,6 +72,10 @@ const std::vector<Key>& table() {
       key("model", Type::kString,
           "diffusers folder or single-file .safetensors; empty: the bundled tiny model", 0, 0,
           SDSERVE_MEMBER(model)),
+      key("single_file_config", Type::kString,
+          "for a single-file model: a diffusers folder of the same architecture whose configs "
+          "and tokenizers to use instead of inferred ones; empty: inferred from shapes",
+          0, 0, SDSERVE_MEMBER(single_file_config)),
       key("device", Type::kString, "auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N", 0, 0,
           SDSERVE_MEMBER(device)),
       key("precision", Type::kString, "compute dtype; auto: fp16 on CUDA, fp32 on the CPU", 0, 0,

@@ -40,7 +40,8 @@ struct ServiceConfig {
   double gpu_metrics_interval_s = 5;  // NVML sampling for /metrics; 0: off          // /metrics
                                       // needs an API key too (when keys are set)
   // Model
-  std::string model;  // empty: the bundled tiny model
+  std::string model;               // empty: the bundled tiny model
+  std::string single_file_config;  // pipeline::LoadOptions::single_file_config
   std::string device = "auto";
   std::string precision = "auto";
   std::string vae_precision = "auto";

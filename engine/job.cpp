@@ -58,6 +58,12 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   pipeline::ImageSpec spec;
   spec.width = request.width;
   spec.height = request.height;
+  spec.original_width = request.original_width;
+  spec.original_height = request.original_height;
+  spec.crop_top = request.crop_top;
+  spec.crop_left = request.crop_left;
+  spec.target_width = request.target_width;
+  spec.target_height = request.target_height;
   spec.steps = request.steps;
   spec.guidance_scale = request.guidance_scale;
   spec.sampler = request.sampler;

@@ -35,8 +35,12 @@ struct PreviewOptions {
 struct JobRequest {
   std::string prompt;
   std::string negative_prompt;
-  int width = 512;
+  int width = 512;  // parse_job_request starts from the model's native size
   int height = 512;
+  // SDXL's size conditioning (pipeline::ImageSpec; 0: diffusers' defaults).
+  int original_width = 0, original_height = 0;
+  int crop_top = 0, crop_left = 0;
+  int target_width = 0, target_height = 0;
   int steps = 30;
   double guidance_scale = 7.5;
   std::string sampler = "euler";     // canonical name (pipeline::resolve_sampler)
@@ -55,6 +59,7 @@ struct JobRequest {
 struct RequestBounds {
   int text_layers = 12;  // clip_skip may be 1..text_layers
   double max_timeout_s = 3600;
+  int native_size = 512;  // width and height default to it (the model's)
 };
 
 // The sentence users read when `field` is rejected ("steps must be an integer between 1 and

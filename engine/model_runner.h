@@ -53,6 +53,13 @@ class ModelRunner {
     for (const auto& p : prompts) out.push_back(encode_text(p, clip_skip));
     return out;
   }
+  // encode_texts() for a role: SDXL encodes negatives differently (pipeline::TextRole). The
+  // default suits models that do not.
+  virtual std::vector<pipeline::EmbeddingPtr> encode_for(const std::vector<std::string>& prompts,
+                                                         int clip_skip, pipeline::TextRole role) {
+    (void)role;
+    return encode_texts(prompts, clip_skip);
+  }
   // For the embedding cache: what the text encoder reads for a prompt (prompts with equal ids
   // have equal embeddings), and embeddings as bytes and back (from_bytes throws on anything that
   // is not this model's embedding). The defaults suit a model without a shared cache tier.

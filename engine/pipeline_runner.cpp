@@ -79,6 +79,10 @@ class PipelineRunner : public ModelRunner {
                                                    int clip_skip) override {
     return model_->encode_texts(prompts, clip_skip);
   }
+  std::vector<pipeline::EmbeddingPtr> encode_for(const std::vector<std::string>& prompts,
+                                                 int clip_skip, pipeline::TextRole role) override {
+    return model_->encode_texts(prompts, clip_skip, role);
+  }
   std::vector<int32_t> text_input_ids(const std::string& prompt) const override {
     return model_->text_input_ids(prompt);
   }

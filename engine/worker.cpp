@@ -186,11 +186,15 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
 // The key of a prompt's embedding in every cache tier: what decides the embedding (the text
 // encoder's weights and config, the dtype, clip_skip and the token ids), never the raw prompt, so
 // two models never share entries and two spellings that tokenise alike do.
-std::string Worker::embedding_key(const std::string& prompt, int clip_skip) const {
+std::string Worker::embedding_key(const PromptKey& p) const {
   const auto& info = model_.info();
+  const int clip_skip = pipeline::effective_clip_skip(info, p.clip_skip, p.role);
   std::string text = "sdserve embedding\n" + info.text_fingerprint + "\n" + info.family + "\n" +
-                     info.precision + "\nclip_skip " + std::to_string(clip_skip) + "\nids";
-  for (int32_t id : model_.text_input_ids(prompt)) text += " " + std::to_string(id);
+                     info.precision + "\nclip_skip " + std::to_string(clip_skip);
+  // SDXL: a negative's embedding differs from the same text's as a prompt.
+  if (info.negatives_differ && p.role == pipeline::TextRole::kNegative) text += "\nnegative";
+  text += "\nids";
+  for (int32_t id : model_.text_input_ids(p.prompt)) text += " " + std::to_string(id);
   return cache::sha256_hex(text);
 }
 
@@ -201,27 +205,30 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
                                                        std::vector<std::string>* errors) {
   errors->assign(prompts.size(), "");
   std::vector<std::string> keys;
-  for (const auto& p : prompts) keys.push_back(embedding_key(p.prompt, p.clip_skip));
+  for (const auto& p : prompts) keys.push_back(embedding_key(p));
   std::vector<pipeline::EmbeddingPtr> out;
   for (auto& v : engine_.cache->find_many(device_, keys, codec_))
     out.push_back(std::static_pointer_cast<const pipeline::Embedding>(v));
-  std::map<int, std::vector<size_t>> misses;  // by clip_skip; each distinct key once
+  // By (clip_skip, role); each distinct key once.
+  std::map<std::pair<int, pipeline::TextRole>, std::vector<size_t>> misses;
   std::map<std::string, size_t> first;
   for (size_t i = 0; i < prompts.size(); ++i)
-    if (!out[i] && first.emplace(keys[i], i).second) misses[prompts[i].clip_skip].push_back(i);
-  for (const auto& [clip_skip, idx] : misses) {
+    if (!out[i] && first.emplace(keys[i], i).second)
+      misses[{prompts[i].clip_skip, prompts[i].role}].push_back(i);
+  for (const auto& [group, idx] : misses) {
+    const auto [clip_skip, role] = group;
     std::vector<std::string> texts;
     for (size_t i : idx) texts.push_back(prompts[i].prompt);
     const auto start = SteadyClock::now();
     std::vector<pipeline::EmbeddingPtr> encoded;
     try {
-      encoded = model_.encode_texts(texts, clip_skip);
+      encoded = model_.encode_for(texts, clip_skip, role);
     } catch (const std::exception&) {
       // One bad prompt must not fail the others: encode each alone to find it.
       encoded.clear();
       for (size_t j = 0; j < idx.size(); ++j) {
         try {
-          encoded.push_back(model_.encode_text(texts[j], clip_skip));
+          encoded.push_back(model_.encode_for({texts[j]}, clip_skip, role).at(0));
         } catch (const std::exception& e) {
           encoded.push_back(nullptr);
           (*errors)[idx[j]] = e.what();
@@ -262,7 +269,8 @@ std::vector<Worker::Prepared> Worker::prepare(const std::vector<Admission>& admi
     prompts.push_back({job->request.prompt, job->request.clip_skip});
     if (job->request.guidance_scale > 1.0) {
       slot.second = prompts.size();
-      prompts.push_back({job->request.negative_prompt, job->request.clip_skip});
+      prompts.push_back(
+          {job->request.negative_prompt, job->request.clip_skip, pipeline::TextRole::kNegative});
     }
     slots[job.get()] = slot;
   }

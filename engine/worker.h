@@ -69,8 +69,9 @@ class Worker {
   struct PromptKey {
     std::string prompt;
     int clip_skip = 1;
+    pipeline::TextRole role = pipeline::TextRole::kPrompt;
   };
-  std::string embedding_key(const std::string& prompt, int clip_skip) const;
+  std::string embedding_key(const PromptKey& prompt) const;
   std::vector<pipeline::EmbeddingPtr> embeddings(const std::vector<PromptKey>& prompts,
                                                  std::vector<std::string>* errors);
 

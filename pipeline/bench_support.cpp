@@ -49,6 +49,26 @@ const json kText = json::parse(R"({
   "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 12,
   "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408})");
 
+// SDXL base 1.0's published configs (stabilityai/stable-diffusion-xl-base-1.0).
+const json kSdxlUNet = json::parse(R"({
+  "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+  "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+  "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "in_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 4,
+  "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+  "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": true,
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]})");
+const json kSdxlText2 = json::parse(R"({
+  "architectures": ["CLIPTextModelWithProjection"], "bos_token_id": 0, "eos_token_id": 2,
+  "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120, "layer_norm_eps": 1e-05,
+  "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 20,
+  "num_hidden_layers": 32, "pad_token_id": 1, "projection_dim": 1280, "vocab_size": 49408})");
+const json kSdxlScheduler = json::parse(R"({
+  "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085, "num_train_timesteps": 1000, "prediction_type": "epsilon",
+  "steps_offset": 1, "timestep_spacing": "leading"})");
+
 void write_json(const fs::path& p, const json& j) {
   fs::create_directories(p.parent_path());
   std::ofstream(p) << j.dump(2);
@@ -154,6 +174,55 @@ void write_random_sd15(const std::string& dir, uint64_t seed) {
   {
     Vae vae(VaeConfig::from_json(kVae));
     write_module(root / "vae/diffusion_pytorch_model.safetensors", *vae);
+  }
+}
+
+void write_random_sdxl(const std::string& dir, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(seed);
+  const fs::path root(dir);
+  write_json(root / "model_index.json",
+             {{"_class_name", "StableDiffusionXLPipeline"},
+              {"force_zeros_for_empty_prompt", true},
+              {"scheduler", {"diffusers", "EulerDiscreteScheduler"}},
+              {"text_encoder", {"transformers", "CLIPTextModel"}},
+              {"text_encoder_2", {"transformers", "CLIPTextModelWithProjection"}},
+              {"tokenizer", {"transformers", "CLIPTokenizer"}},
+              {"tokenizer_2", {"transformers", "CLIPTokenizer"}},
+              {"unet", {"diffusers", "UNet2DConditionModel"}},
+              {"vae", {"diffusers", "AutoencoderKL"}}});
+  json vae = kVae;
+  vae["scaling_factor"] = 0.13025;
+  vae["force_upcast"] = true;
+  vae["sample_size"] = 1024;
+  write_json(root / "unet/config.json", kSdxlUNet);
+  write_json(root / "vae/config.json", vae);
+  write_json(root / "text_encoder/config.json", kText);
+  write_json(root / "text_encoder_2/config.json", kSdxlText2);
+  write_json(root / "scheduler/scheduler_config.json", kSdxlScheduler);
+  const fs::path bundled = bundled_model_path();
+  for (const char* tokenizer : {"tokenizer", "tokenizer_2"}) {
+    fs::create_directories(root / tokenizer);
+    for (const char* f : {"vocab.json", "merges.txt"})
+      fs::copy_file(bundled / "tokenizer" / f, root / tokenizer / f,
+                    fs::copy_options::overwrite_existing);
+  }
+  write_json(root / "tokenizer_2/tokenizer_config.json", {{"pad_token", "!"}});
+  {
+    ClipTextModel text(ClipTextConfig::from_json(kText));
+    write_module(root / "text_encoder/model.safetensors", *text);
+  }
+  {
+    ClipTextModel text(ClipTextConfig::from_json(kSdxlText2));
+    write_module(root / "text_encoder_2/model.safetensors", *text);
+  }
+  {
+    UNet unet(UNetConfig::from_json(kSdxlUNet));
+    write_module(root / "unet/diffusion_pytorch_model.safetensors", *unet);
+  }
+  {
+    Vae v(VaeConfig::from_json(vae));
+    write_module(root / "vae/diffusion_pytorch_model.safetensors", *v);
   }
 }
 

@@ -41,5 +41,7 @@ std::string cuda_version();
 
 // Writes a diffusers folder with SD 1.5's architecture and seeded random fp16 weights.
 void write_random_sd15(const std::string& dir, uint64_t seed);
+// The same with SDXL base 1.0's architecture (two text encoders, 1024x1024 native).
+void write_random_sdxl(const std::string& dir, uint64_t seed);
 
 }  // namespace sdserve::pipeline::bench_support

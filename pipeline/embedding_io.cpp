@@ -11,9 +11,17 @@ namespace sdserve::pipeline {
 namespace {
 
 // "SDEM", format version, dtype code, rank, then rank x int64 sizes, then the raw elements
-// (little-endian, as the machines we run on).
+// (little-endian, as the machines we run on). Version 2 (SDXL) appends the pooled embedding as
+// a second (rank, sizes, elements) record; version 1 is the hidden state alone.
 constexpr char kMagic[4] = {'S', 'D', 'E', 'M'};
 constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersionPooled = 2;
+
+void put_tensor(std::string& out, const torch::Tensor& t);
+
+// One (rank, sizes, elements) record of `expected` shape in `dtype`, checked and copied.
+torch::Tensor take_tensor(std::string_view& in, const std::vector<int64_t>& expected,
+                          torch::Dtype dtype, bool last);
 
 uint8_t dtype_code(torch::Dtype d) {
   switch (d) {
@@ -103,17 +111,17 @@ std::vector<int32_t> Model::text_input_ids(const std::string& prompt) const {
 }
 
 size_t Model::embedding_size(const Embedding& embedding) {
-  return embedding.hidden().nbytes();
+  return embedding.hidden().nbytes() +
+         (embedding.pooled().defined() ? embedding.pooled().nbytes() : 0);
 }
 
 std::string Model::embedding_to_bytes(const Embedding& embedding) const {
-  const auto cpu = embedding.hidden().to(torch::kCPU).contiguous();
+  const bool pooled = embedding.pooled().defined();
   std::string out(kMagic, sizeof kMagic);
-  put(out, kVersion);
-  put(out, dtype_code(cpu.scalar_type()));
-  put(out, static_cast<uint8_t>(cpu.dim()));
-  for (int64_t s : cpu.sizes()) put(out, s);
-  out.append(static_cast<const char*>(cpu.data_ptr()), cpu.nbytes());
+  put(out, pooled ? kVersionPooled : kVersion);
+  put(out, dtype_code(embedding.hidden().scalar_type()));
+  put_tensor(out, embedding.hidden());
+  if (pooled) put_tensor(out, embedding.pooled());
   return out;
 }
 
@@ -121,33 +129,62 @@ EmbeddingPtr Model::embedding_from_bytes(std::string_view in) const {
   if (in.size() < sizeof kMagic || std::memcmp(in.data(), kMagic, sizeof kMagic) != 0)
     throw ModelError("embedding bytes: not an sdserve embedding");
   in.remove_prefix(sizeof kMagic);
+  const bool pooled = static_cast<bool>(impl_->text_encoder_2);
+  const uint32_t want_version = pooled ? kVersionPooled : kVersion;
   const auto version = take<uint32_t>(in, "header");
-  if (version != kVersion)
+  if (version != want_version)
     throw ModelError("embedding bytes: format version " + std::to_string(version) + ", expected " +
-                     std::to_string(kVersion));
+                     std::to_string(want_version));
   const auto dtype = take<uint8_t>(in, "header");
   if (dtype != dtype_code(impl_->dtype))
     throw ModelError("embedding bytes: dtype code " + std::to_string(dtype) +
                      " is not the model's");
+  // What this model's text encoders produce: (1, the tokenizer's context length, hidden size),
+  // and for SDXL the pooled (1, projection width).
+  int64_t width = impl_->text_encoder->config().hidden_size;
+  if (pooled) width += impl_->text_encoder_2->config().hidden_size;
+  const std::vector<int64_t> expected = {
+      1, static_cast<int64_t>(impl_->tokenizer->encode("").size()), width};
+  auto hidden = take_tensor(in, expected, impl_->dtype, !pooled);
+  torch::Tensor pooled_tensor;
+  if (pooled)
+    pooled_tensor =
+        take_tensor(in, {1, impl_->text_encoder_2->config().projection_dim}, impl_->dtype, true);
+  return std::make_shared<Embedding>(hidden.to(impl_->device), pooled_tensor.defined()
+                                                                   ? pooled_tensor.to(impl_->device)
+                                                                   : torch::Tensor());
+}
+
+namespace {
+
+void put_tensor(std::string& out, const torch::Tensor& t) {
+  const auto cpu = t.to(torch::kCPU).contiguous();
+  put(out, static_cast<uint8_t>(cpu.dim()));
+  for (int64_t s : cpu.sizes()) put(out, s);
+  out.append(static_cast<const char*>(cpu.data_ptr()), cpu.nbytes());
+}
+
+torch::Tensor take_tensor(std::string_view& in, const std::vector<int64_t>& expected,
+                          torch::Dtype dtype, bool last) {
   const auto rank = take<uint8_t>(in, "header");
-  // What this model's text encoder produces: (1, the tokenizer's context length, hidden size).
-  const std::vector<int64_t> expected = {1,
-                                         static_cast<int64_t>(impl_->tokenizer->encode("").size()),
-                                         impl_->text_encoder->config().hidden_size};
   if (rank != expected.size()) throw ModelError("embedding bytes: wrong rank");
   std::vector<int64_t> sizes;
   for (size_t i = 0; i < rank; ++i) sizes.push_back(take<int64_t>(in, "shape"));
   if (sizes != expected) throw ModelError("embedding bytes: shape is not the model's");
-  const auto elements = expected[0] * expected[1] * expected[2];
-  const auto bytes = static_cast<size_t>(elements) * torch::elementSize(impl_->dtype);
-  if (in.size() != bytes)
+  int64_t elements = 1;
+  for (int64_t s : expected) elements *= s;
+  const auto bytes = static_cast<size_t>(elements) * torch::elementSize(dtype);
+  if (in.size() < bytes || (last && in.size() != bytes))
     throw ModelError("embedding bytes: " + std::to_string(in.size()) + " data bytes, expected " +
                      std::to_string(bytes));
-  auto cpu = torch::empty(expected, torch::TensorOptions().dtype(impl_->dtype));
+  auto cpu = torch::empty(expected, torch::TensorOptions().dtype(dtype));
   std::memcpy(cpu.data_ptr(), in.data(), bytes);
+  in.remove_prefix(bytes);
   if (!torch::isfinite(cpu.to(torch::kFloat32)).all().item<bool>())
     throw ModelError("embedding bytes: values are not finite");
-  return std::make_shared<Embedding>(cpu.to(impl_->device));
+  return cpu;
 }
+
+}  // namespace
 
 }  // namespace sdserve::pipeline

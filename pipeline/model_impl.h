@@ -28,6 +28,11 @@ struct Model::Impl {
   torch::Dtype dtype = torch::kFloat32;
   std::unique_ptr<ClipTokenizer> tokenizer;
   ClipTextModel text_encoder{nullptr};
+  // SDXL: the second tokenizer and text encoder (OpenCLIP-G, with text_projection); the prompt
+  // embedding is both encoders' hidden states side by side, the pooled one the second's.
+  std::unique_ptr<ClipTokenizer> tokenizer_2;
+  ClipTextModel text_encoder_2{nullptr};
+  bool force_zeros_for_empty_prompt = false;
   UNet unet{nullptr};
   std::unique_ptr<UNetRunner> unet_runner;
   bool profiling = false;
@@ -61,6 +66,10 @@ struct Model::Impl {
   // already divided by the scaling factor.
   torch::Tensor vae_decode(const torch::Tensor& z);
   torch::Tensor predicted_x0(const Trajectory::State& s) const;
+  // The text encoders' output for a batch of prompts: (B, 77, D) and, for SDXL, (B, P).
+  Embedding encode_batch(const std::vector<std::string>& prompts, int clip_skip, TextRole role);
+  // SDXL's time ids for one image: original (h, w), crop (top, left), target (h, w).
+  std::vector<float> time_ids(const ImageSpec& spec) const;
 };
 
 }  // namespace sdserve::pipeline

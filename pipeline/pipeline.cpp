@@ -152,17 +152,37 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
                                         ? bundled_model_path() + "/tokenizer"
                                         : options.default_tokenizer_dir;
-  ModelFiles files = open_model_files(path, tokenizer_dir);
+  ModelFiles files = open_model_files(path, tokenizer_dir, options.single_file_config);
   torch::NoGradGuard no_grad;
 
-  impl->tokenizer =
-      std::make_unique<ClipTokenizer>(ClipTokenizer::load(files.vocab_path, files.merges_path));
+  impl->tokenizer = std::make_unique<ClipTokenizer>(
+      ClipTokenizer::load(files.vocab_path, files.merges_path, 77, files.pad_token));
   const auto text_config = ClipTextConfig::from_json(files.text_encoder_config);
   impl->text_encoder = ClipTextModel(text_config);
   load_weights(*impl->text_encoder, files.text_encoder, impl->dtype, impl->device);
   impl->text_encoder->eval();
   impl->info.text_fingerprint =
       text_encoder_fingerprint(impl->text_encoder, files.text_encoder_config.dump());
+  int text_layers = static_cast<int>(text_config.num_hidden_layers);
+  if (!files.text_encoder_2_config.is_null()) {
+    impl->tokenizer_2 = std::make_unique<ClipTokenizer>(
+        ClipTokenizer::load(files.vocab_path_2, files.merges_path_2, 77, files.pad_token_2));
+    const auto config_2 = ClipTextConfig::from_json(files.text_encoder_2_config);
+    if (config_2.projection_dim == 0)
+      throw ModelError("'" + path +
+                       "': the second text encoder has no text_projection (its config.json "
+                       "must name CLIPTextModelWithProjection), which SDXL's pooled embedding "
+                       "needs");
+    impl->text_encoder_2 = ClipTextModel(config_2);
+    load_weights(*impl->text_encoder_2, files.text_encoder_2, impl->dtype, impl->device);
+    impl->text_encoder_2->eval();
+    // One fingerprint for the pair: an embedding depends on both encoders.
+    impl->info.text_fingerprint += text_encoder_fingerprint(
+        impl->text_encoder_2,
+        files.text_encoder_2_config.dump() + (files.force_zeros_for_empty_prompt ? "\nzeros" : ""));
+    text_layers = std::min(text_layers, static_cast<int>(config_2.num_hidden_layers));
+    impl->force_zeros_for_empty_prompt = files.force_zeros_for_empty_prompt;
+  }
 
   const auto unet_config = UNetConfig::from_json(files.unet_config);
   impl->unet = UNet(unet_config);
@@ -209,13 +229,19 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   info.family = files.family;
   info.device = impl->device.str();
   info.precision = precision_name(precision);
-  info.native_size = files.unet_config.value("sample_size", 64) * 8;
-  info.text_layers = text_config.num_hidden_layers;
+  // sample_size is in latents; the VAE halves the size once per block after the first.
+  const int vae_scale = 1 << (static_cast<int>(vae_config.block_out_channels.size()) - 1);
+  info.native_size = files.unet_config.value("sample_size", 64) * vae_scale;
+  info.text_layers = text_layers;
   info.latent_channels = unet_config.in_channels;
+  info.size_conditioning = unet_config.text_time;
+  info.negatives_differ = unet_config.text_time;
   info.load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  log(LogLevel::kInfo, "loaded " + info.layout + " model '" + path + "' on " + info.device + " (" +
-                           info.precision + ") in " + std::to_string(info.load_seconds) + " s");
+  log(LogLevel::kInfo, "loaded " + family_display_name(info.family) + " " + info.layout +
+                           " model '" + path + "' on " + info.device + " (" + info.precision +
+                           ", native " + std::to_string(info.native_size) + " px) in " +
+                           std::to_string(info.load_seconds) + " s");
   return std::shared_ptr<Model>(new Model(std::move(impl)));
 }
 
@@ -223,27 +249,19 @@ std::vector<int32_t> Model::tokenize(const std::string& text) const {
   return impl_->tokenizer->tokenize(text);
 }
 
-EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip) const {
-  return encode_texts({prompt}, clip_skip).front();
+EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip, TextRole role) const {
+  return encode_texts({prompt}, clip_skip, role).front();
 }
 
 std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts,
-                                              int clip_skip) const {
+                                              int clip_skip, TextRole role) const {
   if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
     throw RequestError("clip_skip", rule("clip_skip", impl_->info.text_layers) +
                                         got(static_cast<long long>(clip_skip)));
   if (prompts.empty()) return {};
   torch::NoGradGuard no_grad;
-  std::vector<int64_t> ids;
-  for (const auto& p : prompts) {
-    const auto one = impl_->tokenizer->encode(p);
-    ids.insert(ids.end(), one.begin(), one.end());
-  }
-  auto input = torch::tensor(ids, torch::kInt64).view({static_cast<int64_t>(prompts.size()), -1});
-  const auto encode = [&] {
-    return impl_->text_encoder->forward(input, clip_skip - 1).to(impl_->dtype);
-  };
-  torch::Tensor hidden;
+  const auto encode = [&] { return impl_->encode_batch(prompts, clip_skip, role); };
+  Embedding batch{torch::Tensor()};
 #ifdef SDSERVE_WITH_CUDA
   if (impl_->device.is_cuda()) {
     // The engine encodes on a thread of its own while the worker steps the UNet: on a stream
@@ -254,16 +272,21 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
         static_cast<cudaStream_t>(impl_->text_stream.get()), index);
     {
       c10::cuda::CUDAStreamGuard guard(side);
-      hidden = encode();
+      batch = encode();
     }
     side.synchronize();
-    hidden.record_stream(c10::cuda::getDefaultCUDAStream(index));
+    batch.hidden().record_stream(c10::cuda::getDefaultCUDAStream(index));
+    if (batch.pooled().defined())
+      batch.pooled().record_stream(c10::cuda::getDefaultCUDAStream(index));
   }
 #endif
-  if (!hidden.defined()) hidden = encode();
+  if (!batch.hidden().defined()) batch = encode();
+  const auto& hidden = batch.hidden();
+  const auto& pooled = batch.pooled();
   std::vector<EmbeddingPtr> out;
   for (int64_t i = 0; i < hidden.size(0); ++i)
-    out.push_back(std::make_shared<Embedding>(hidden.narrow(0, i, 1)));
+    out.push_back(std::make_shared<Embedding>(
+        hidden.narrow(0, i, 1), pooled.defined() ? pooled.narrow(0, i, 1) : torch::Tensor()));
   return out;
 }
 
@@ -274,6 +297,12 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
   const bool cfg = spec.guidance_scale > 1.0;
   if (cfg && !uncond)
     throw RequestError("", "guidance_scale > 1 needs a negative-prompt embedding");
+  // SDXL's UNet also reads the pooled embedding, which only SDXL's encoders give.
+  const bool pooled = cond->pooled().defined() && (!cfg || uncond->pooled().defined());
+  if (impl_->info.size_conditioning && !pooled)
+    throw RequestError("",
+                       "an SDXL model needs embeddings with a pooled part (from its own "
+                       "encode_text)");
   torch::NoGradGuard no_grad;
   auto state = std::make_unique<Trajectory::State>();
   state->spec = spec;
@@ -314,30 +343,43 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
     return ms;
   };
   if (profile) lap();
-  std::vector<torch::Tensor> inputs, contexts;
-  std::vector<float> timesteps;
+  std::vector<torch::Tensor> inputs, contexts, pooled;
+  std::vector<float> timesteps, time_ids;
+  const bool text_time = impl_->info.size_conditioning;
   std::vector<torch::Tensor> scaled(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) {
     auto& s = batch[i]->state();
     if (batch[i]->done()) throw RequestError("", "step() on a finished trajectory");
     scaled[i] = s.sampler->scale_model_input(s.latent, s.evals_done);
     const auto t = static_cast<float>(s.sampler->timesteps()[s.evals_done]);
-    if (s.uncond) {
+    const auto ids = text_time ? impl_->time_ids(s.spec) : std::vector<float>();
+    for (const Embedding* e : {s.uncond.get(), s.cond.get()}) {
+      if (!e) continue;
       inputs.push_back(scaled[i]);
-      contexts.push_back(s.uncond->hidden());
+      contexts.push_back(e->hidden());
       timesteps.push_back(t);
+      if (text_time) {
+        pooled.push_back(e->pooled());
+        time_ids.insert(time_ids.end(), ids.begin(), ids.end());
+      }
     }
-    inputs.push_back(scaled[i]);
-    contexts.push_back(s.cond->hidden());
-    timesteps.push_back(t);
   }
   auto x = torch::cat(inputs).to(impl_->dtype);
   auto ctx = torch::cat(contexts);
   auto t = torch::tensor(timesteps, torch::kFloat32).to(impl_->device);
+  torch::Tensor text_embeds, added_time_ids;
+  if (text_time) {
+    text_embeds = torch::cat(pooled);
+    // In the embeddings' dtype, as diffusers builds add_time_ids.
+    added_time_ids = torch::tensor(time_ids, torch::kFloat32)
+                         .view({x.size(0), -1})
+                         .to(impl_->device, impl_->dtype);
+  }
   bench_support::StepProfile prof;
   prof.rows = static_cast<int>(x.size(0));
   prof.prepare_ms = lap();
-  auto out = impl_->unet_runner->forward(x, t, ctx).to(torch::kFloat32);
+  auto out =
+      impl_->unet_runner->forward(x, t, ctx, text_embeds, added_time_ids).to(torch::kFloat32);
 #ifdef SDSERVE_WITH_CUDA
   // Launches are asynchronous: without a bound the host queues steps far ahead of the device,
   // progress events run ahead of the pixels, and a decode waits for the whole backlog. Wait for
@@ -477,7 +519,7 @@ std::vector<RgbImage> Model::generate(const GenerateRequest& request,
   auto cond = encode_text(request.prompt, request.clip_skip);
   EmbeddingPtr uncond;
   if (request.image.guidance_scale > 1.0)
-    uncond = encode_text(request.negative_prompt, request.clip_skip);
+    uncond = encode_text(request.negative_prompt, request.clip_skip, TextRole::kNegative);
   std::vector<std::unique_ptr<Trajectory>> owned;
   std::vector<Trajectory*> batch;
   for (int k = 0; k < request.num_images; ++k) {

@@ -35,6 +35,11 @@ struct LoadOptions {
   std::string precision = "auto";
   // Tokenizer used for single-file checkpoints (which carry none); empty = the bundled SD 1.x one.
   std::string default_tokenizer_dir;
+  // Single files only: a diffusers folder of the same architecture whose config.json files,
+  // tokenizers and scheduler config replace the ones inferred from shapes (as diffusers'
+  // from_single_file(config=...)); needed where shapes cannot tell, e.g. head counts of a
+  // model whose heads are not 64 wide. Empty: inferred.
+  std::string single_file_config;
   // VAE dtype: "auto" = the compute dtype; when that is fp16 and the VAE's config asks for
   // float32 (force_upcast, as SD 1.x and SDXL do), a decode with inf/NaN is redone in float32,
   // and so is every later one. "fp32" decodes as diffusers does for such VAEs.
@@ -50,11 +55,17 @@ struct ModelInfo {
   std::string name;  // folder or file name without extension
   std::string path;
   std::string layout;  // "diffusers" | "single-file"
-  std::string family;  // "sd1"
+  std::string family;  // "sd1" | "sd2" | "sdxl"
   std::string device;  // "cpu", "cuda:0"
   std::string precision;
-  int native_size = 512;  // the resolution the model was trained at (unet sample_size * 8)
-  int text_layers = 12;   // clip_skip may be 1..text_layers
+  // The resolution the model was trained at (unet sample_size times the VAE's downscaling):
+  // 512 for SD 1.x, 768 for SD 2.x's v-models, 1024 for SDXL. Requests default to it.
+  int native_size = 512;
+  int text_layers = 12;  // clip_skip may be 1..text_layers
+  // SDXL: the UNet takes size conditioning (ImageSpec's original/crop/target fields).
+  bool size_conditioning = false;
+  // SDXL: a negative prompt's embedding differs from the same text's as a prompt (TextRole).
+  bool negatives_differ = false;
   int latent_channels = 4;
   double load_seconds = 0;
   // A digest of the text encoder's config and weights (as loaded, in the compute dtype): equal on
@@ -67,6 +78,14 @@ struct ModelInfo {
 struct ImageSpec {
   int width = 512;
   int height = 512;
+  // SDXL's size conditioning, in pixels; 0 means diffusers' default: original and target are the
+  // image's own size, the crop is (0, 0). Other families ignore them.
+  int original_width = 0;
+  int original_height = 0;
+  int crop_left = 0;
+  int crop_top = 0;
+  int target_width = 0;
+  int target_height = 0;
   int steps = 30;
   double guidance_scale = 7.5;  // <= 1 skips the unconditional pass
   std::string sampler = "euler";
@@ -85,6 +104,11 @@ struct GenerateRequest {
 
 class Embedding;  // a prompt's text-encoder output, resident on the model's device
 using EmbeddingPtr = std::shared_ptr<const Embedding>;
+
+// What a text is encoded for. SDXL treats negatives differently (as diffusers does): they ignore
+// clip_skip, and an empty one is all zeros when the model asks for it
+// (force_zeros_for_empty_prompt). Other families encode both alike.
+enum class TextRole { kPrompt, kNegative };
 
 // One image being denoised: its latent, its sampler state and its random generator.
 class Trajectory {
@@ -124,7 +148,8 @@ class Model {
   // end, padding): prompts with the same ids have the same embedding.
   std::vector<int32_t> text_input_ids(const std::string& prompt) const;
 
-  EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1) const;
+  EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1,
+                           TextRole role = TextRole::kPrompt) const;
   // Embeddings as bytes (a small versioned header, then the raw tensor) for caches outside the
   // process, and back. embedding_from_bytes() checks everything against this model (format
   // version, dtype, shape, length, finite values) and throws ModelError instead of trusting it.
@@ -132,8 +157,8 @@ class Model {
   EmbeddingPtr embedding_from_bytes(std::string_view bytes) const;
   static size_t embedding_size(const Embedding& embedding);  // bytes it holds on its device
   // Several prompts in one text-encoder call.
-  std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,
-                                         int clip_skip = 1) const;
+  std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts, int clip_skip = 1,
+                                         TextRole role = TextRole::kPrompt) const;
   // `uncond` may be null when spec.guidance_scale <= 1.
   std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
                                     EmbeddingPtr uncond) const;
@@ -159,6 +184,15 @@ class Model {
   explicit Model(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// The clip_skip an embedding for `role` really depends on (SDXL negatives ignore it, as in
+// diffusers): caches key on it.
+inline int effective_clip_skip(const ModelInfo& model, int clip_skip, TextRole role) {
+  return role == TextRole::kNegative && model.negatives_differ ? 1 : clip_skip;
+}
+
+// "Stable Diffusion XL" for "sdxl", and so on (ModelInfo::family); the code itself otherwise.
+std::string family_display_name(const std::string& family);
 
 // CUDA devices torch can use (0 on a CPU-only build or machine).
 int cuda_device_count();

@@ -16,6 +16,18 @@ std::string rule(const std::string& field, int text_layers) {
   if (field == "width" || field == "height")
     return field + " must be a multiple of " + std::to_string(L::kSideMultiple) +
            range(L::kMinSide, L::kMaxSide);
+  if (field == "original_size.width" || field == "original_size.height" ||
+      field == "target_size.width" || field == "target_size.height")
+    return field + " must be an integer" + range(0, L::kMaxConditioningSide) +
+           " (0: the image's own size)";
+  if (field == "crops_coords_top_left.top" || field == "crops_coords_top_left.left")
+    return field + " must be an integer" + range(0, L::kMaxConditioningSide);
+  if (field == "original_size" || field == "target_size")
+    return field + " must be an object {\"width\": W, \"height\": H}, each an integer" +
+           range(0, L::kMaxConditioningSide) + " (0: the image's own size), or absent";
+  if (field == "crops_coords_top_left")
+    return field + " must be an object {\"top\": T, \"left\": L}, each an integer" +
+           range(0, L::kMaxConditioningSide) + ", or absent";
   if (field == "steps") return "steps must be an integer" + range(1, L::kMaxSteps);
   if (field == "guidance_scale")
     return "guidance_scale must be a number" + range(0, static_cast<int>(L::kMaxGuidanceScale));
@@ -39,6 +51,15 @@ void validate(const ImageSpec& spec) {
   for (const auto& [field, side] : {std::pair{"width", spec.width}, {"height", spec.height}})
     if (side < L::kMinSide || side > L::kMaxSide || side % L::kSideMultiple != 0)
       throw RequestError(field, rule(field) + got(static_cast<long long>(side)));
+  // SDXL's size conditioning: numbers the UNet embeds, not sizes it computes at.
+  for (const auto& [field, value] : {std::pair{"original_size.width", spec.original_width},
+                                     {"original_size.height", spec.original_height},
+                                     {"crops_coords_top_left.top", spec.crop_top},
+                                     {"crops_coords_top_left.left", spec.crop_left},
+                                     {"target_size.width", spec.target_width},
+                                     {"target_size.height", spec.target_height}})
+    if (value < 0 || value > L::kMaxConditioningSide)
+      throw RequestError(field, rule(field) + got(static_cast<long long>(value)));
   if (spec.steps < 1 || spec.steps > L::kMaxSteps)
     throw RequestError("steps", rule("steps") + got(static_cast<long long>(spec.steps)));
   if (!(spec.guidance_scale >= 0 && spec.guidance_scale <= L::kMaxGuidanceScale))

@@ -12,6 +12,7 @@ namespace sdserve::pipeline {
 
 struct Limits {
   static constexpr int kMinSide = 64, kMaxSide = 2048, kSideMultiple = 8;
+  static constexpr int kMaxConditioningSide = 8192;  // SDXL's original/target size and crop
   static constexpr int kMaxSteps = 150;
   static constexpr double kMaxGuidanceScale = 30;
   static constexpr int kMaxImages = 16;
@@ -22,7 +23,8 @@ struct Limits {
 std::string rule(const std::string& field, int text_layers = 12);
 
 // Each throws RequestError naming the first field that is out of range.
-void validate(const ImageSpec& spec);  // width, height, steps, guidance_scale, sampler, scheduler
+// width, height, the size conditioning, steps, guidance_scale, sampler, scheduler
+void validate(const ImageSpec& spec);
 // + num_images and clip_skip (1..text_layers, the model's text-encoder depth).
 void validate(const GenerateRequest& request, int text_layers);
 

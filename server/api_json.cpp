@@ -143,12 +143,51 @@ std::string error_body(const std::string& type, const std::string& message,
 }
 
 const std::vector<std::string>& request_fields() {
-  static const std::vector<std::string> fields = {
-      "prompt",         "negative_prompt", "width",     "height",    "steps",
-      "guidance_scale", "sampler",         "scheduler", "seed",      "num_images",
-      "clip_skip",      "preview",         "priority",  "timeout_s", "cancel_on_disconnect"};
+  static const std::vector<std::string> fields = {"prompt",
+                                                  "negative_prompt",
+                                                  "width",
+                                                  "height",
+                                                  "steps",
+                                                  "guidance_scale",
+                                                  "sampler",
+                                                  "scheduler",
+                                                  "seed",
+                                                  "num_images",
+                                                  "clip_skip",
+                                                  "preview",
+                                                  "priority",
+                                                  "timeout_s",
+                                                  "cancel_on_disconnect",
+                                                  "original_size",
+                                                  "crops_coords_top_left",
+                                                  "target_size"};
   return fields;
 }
+
+namespace {
+
+// SDXL's size conditioning: {"width": W, "height": H} or {"top": T, "left": L}; an absent or
+// null object keeps diffusers' defaults.
+void parse_pair(const json& doc, const char* name, const char* first, const char* second,
+                const FieldReader& read, int* a, int* b) {
+  if (!doc.contains(name) || doc[name].is_null()) return;
+  const json& v = doc[name];
+  if (!v.is_object()) invalid(name, engine::rule(name, engine::RequestBounds{}));
+  for (const auto& [key, value] : v.items()) {
+    const std::string field = std::string(name) + "." + key;
+    if (key == first) {
+      *a = read.integer(value, field);
+    } else if (key == second) {
+      *b = read.integer(value, field);
+    } else {
+      invalid(field.size() <= 72 ? field : std::string(name),
+              "unknown field " + quoted_name(field) + "; " + name + " takes " + first + " and " +
+                  second);
+    }
+  }
+}
+
+}  // namespace
 
 engine::JobRequest parse_job_request(const std::string& body, const engine::RequestBounds& bounds) {
   json doc;
@@ -169,12 +208,16 @@ engine::JobRequest parse_job_request(const std::string& body, const engine::Requ
 
   FieldReader read(bounds);
   engine::JobRequest r;
+  r.width = r.height = bounds.native_size;
   if (!doc.contains("prompt")) invalid("prompt", "prompt is required (a string)");
   r.prompt = read.string(doc["prompt"], "prompt");
   if (doc.contains("negative_prompt"))
     r.negative_prompt = read.string(doc["negative_prompt"], "negative_prompt");
   if (doc.contains("width")) r.width = read.integer(doc["width"], "width");
   if (doc.contains("height")) r.height = read.integer(doc["height"], "height");
+  parse_pair(doc, "original_size", "width", "height", read, &r.original_width, &r.original_height);
+  parse_pair(doc, "crops_coords_top_left", "top", "left", read, &r.crop_top, &r.crop_left);
+  parse_pair(doc, "target_size", "width", "height", read, &r.target_width, &r.target_height);
   if (doc.contains("steps")) r.steps = read.steps = read.integer(doc["steps"], "steps");
   if (doc.contains("guidance_scale"))
     r.guidance_scale = read.number(doc["guidance_scale"], "guidance_scale");
@@ -225,6 +268,9 @@ Json request_json(const engine::JobRequest& r) {
             {"scheduler", r.scheduler},
             {"num_images", r.num_images},
             {"clip_skip", r.clip_skip},
+            {"original_size", {{"width", r.original_width}, {"height", r.original_height}}},
+            {"crops_coords_top_left", {{"top", r.crop_top}, {"left", r.crop_left}}},
+            {"target_size", {{"width", r.target_width}, {"height", r.target_height}}},
             {"priority", engine::to_string(r.priority)},
             {"cancel_on_disconnect", r.cancel_on_disconnect}};
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);

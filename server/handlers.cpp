@@ -324,7 +324,10 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::stri
   const auto model = ctx.model();
   engine::RequestBounds bounds;
   bounds.max_timeout_s = ctx.config().max_timeout_s;
-  if (model) bounds.text_layers = model->info().text_layers;
+  if (model) {
+    bounds.text_layers = model->info().text_layers;
+    bounds.native_size = model->info().native_size;
+  }
   engine::JobRequest request;
   try {
     request = parse_job_request(body, bounds);

@@ -47,6 +47,22 @@ std::shared_ptr<Model> load(torch::Dtype dtype = torch::kFloat32) {
   return model;
 }
 
+TEST(EmbeddingBytes, SdxlRoundTripKeepsThePooledEmbedding) {
+  LoadOptions o;
+  o.device = "cpu";
+  const auto model = Model::load(test::fixture("tiny-sdxl"), o);
+  const auto e = model->encode_text("a photo of a cat");
+  ASSERT_TRUE(e->pooled().defined());
+  const auto back = model->embedding_from_bytes(model->embedding_to_bytes(*e));
+  EXPECT_TRUE(torch::equal(back->hidden(), e->hidden()));
+  EXPECT_TRUE(torch::equal(back->pooled(), e->pooled()));
+  EXPECT_EQ(Model::embedding_size(*back), Model::embedding_size(*e));
+  // An SD 1.x embedding (no pooled part, format 1) is not this model's.
+  const auto sd1 = load();
+  EXPECT_THROW(model->embedding_from_bytes(sd1->embedding_to_bytes(*embedding_like(*sd1, 1))),
+               ModelError);
+}
+
 TEST(EmbeddingBytes, RoundTripIsExactForEveryDtype) {
   for (const auto dtype : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
     SCOPED_TRACE(c10::toString(dtype));

@@ -21,7 +21,7 @@ namespace {
 using namespace std::chrono_literals;
 
 std::shared_ptr<pipeline::Model> tiny_model() {
-  static auto model = pipeline::Model::load(test::model_dir(), {"cpu", "fp32", ""});
+  static auto model = pipeline::Model::load(test::model_dir(), {"cpu", "fp32", "", ""});
   return model;
 }
 

@@ -13,6 +13,7 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/io/safetensors.h"
+#include "pipeline/pipeline.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {
@@ -64,7 +65,7 @@ void expect_refused(const std::string& path, const std::vector<std::string>& fra
 }
 
 void expect_family_refused(const std::string& path, const std::string& family) {
-  expect_refused(path, {path, "detected " + family, "supports SD 1.x checkpoints only"});
+  expect_refused(path, {path, "detected " + family, "not yet SD 3, Flux"});
 }
 
 Tensors read_tensors(const std::string& path) {
@@ -332,16 +333,23 @@ TEST(ModelFiles, RefusesOtherFamiliesInAFolder) {
   TempDir dir("folderfamily");
   const fs::path model = copy_model_dir(dir);
   const fs::path unet = model / "unet/config.json";
+  // A UNet that cross-attends to another width than the text encoder gives.
   edit_json(unet, [](json& j) { j["cross_attention_dim"] = 1024; });
-  expect_family_refused(model.string(), "Stable Diffusion 2.x");
+  expect_refused(model.string(), {"cross-attends to width 1024", "give width 32"});
   edit_json(unet, [](json& j) {
     j["cross_attention_dim"] = 32;
     j["in_channels"] = 9;
   });
-  expect_family_refused(model.string(), "Stable Diffusion 1.x inpainting");
+  expect_family_refused(model.string(), "an inpainting model");
+  edit_json(unet, [](json& j) {
+    j["in_channels"] = 4;
+    j["addition_embed_type"] = "text_time";
+  });
+  expect_refused(model.string(), {"text_time conditioning", "no text_encoder_2/"});
+  edit_json(unet, [](json& j) { j["addition_embed_type"] = nullptr; });
   edit_json(model / "model_index.json",
-            [](json& j) { j["_class_name"] = "StableDiffusionXLPipeline"; });
-  expect_family_refused(model.string(), "Stable Diffusion XL");
+            [](json& j) { j["_class_name"] = "StableDiffusionInpaintPipeline"; });
+  expect_family_refused(model.string(), "an inpainting model");
   edit_json(model / "model_index.json", [](json& j) { j["_class_name"] = "FluxPipeline"; });
   expect_family_refused(model.string(), "Flux");
   edit_json(model / "model_index.json",
@@ -352,28 +360,29 @@ TEST(ModelFiles, RefusesOtherFamiliesInAFolder) {
 TEST(ModelFiles, RefusesOtherFamiliesInASingleFile) {
   TempDir dir("family");
   const std::string unet = "model.diffusion_model.";
-  expect_family_refused(edited_single_file(dir, "sdxl.safetensors",
-                                           [](Tensors& t) {
-                                             rename_prefix(t, "cond_stage_model.transformer.",
-                                                           "conditioner.embedders.0.transformer.");
-                                           }),
-                        "Stable Diffusion XL");
-  expect_family_refused(edited_single_file(dir, "sd2.safetensors",
-                                           [](Tensors& t) {
-                                             rename_prefix(t, "cond_stage_model.transformer.",
-                                                           "cond_stage_model.model.");
-                                           }),
-                        "Stable Diffusion 2.x");
-  // SD 2.x's UNet cross-attends to 1024-wide OpenCLIP embeddings.
-  expect_family_refused(
-      edited_single_file(dir, "sd2-width.safetensors",
-                         [](Tensors& t) {
-                           for (auto& [name, d] : t)
-                             if (name.find("attn2.to_k.weight") != std::string::npos ||
-                                 name.find("attn2.to_v.weight") != std::string::npos)
-                               d = zeros(d.dtype, {d.shape[0], 1024});
-                         }),
-      "Stable Diffusion 2.x");
+  // SDXL names with only one of its two text encoders.
+  expect_refused(edited_single_file(dir, "sdxl.safetensors",
+                                    [](Tensors& t) {
+                                      rename_prefix(t, "cond_stage_model.transformer.",
+                                                    "conditioner.embedders.0.transformer.");
+                                    }),
+                 {"not SDXL's two text encoders"});
+  // SD 2.x's names on SD 1.x's UNet: its 32-wide level cannot have SD 2.x's 64-wide heads.
+  expect_refused(edited_single_file(dir, "sd2.safetensors",
+                                    [](Tensors& t) {
+                                      rename_prefix(t, "cond_stage_model.transformer.",
+                                                    "cond_stage_model.model.");
+                                    }),
+                 {"not a model sdserve recognises", "UNet level 0 is 32 wide"});
+  // A UNet that cross-attends to 1024-wide embeddings the CLIP-L encoder does not give.
+  expect_refused(edited_single_file(dir, "sd2-width.safetensors",
+                                    [](Tensors& t) {
+                                      for (auto& [name, d] : t)
+                                        if (name.find("attn2.to_k.weight") != std::string::npos ||
+                                            name.find("attn2.to_v.weight") != std::string::npos)
+                                          d = zeros(d.dtype, {d.shape[0], 1024});
+                                    }),
+                 {"cross-attends to width 1024"});
   expect_family_refused(edited_single_file(dir, "sd3.safetensors",
                                            [&](Tensors& t) {
                                              rename_prefix(t, unet + "input_blocks.1.",
@@ -390,13 +399,13 @@ TEST(ModelFiles, RefusesOtherFamiliesInASingleFile) {
                                              auto& d = t.at(unet + "input_blocks.0.0.weight");
                                              d = zeros(d.dtype, {32, 9, 3, 3});
                                            }),
-                        "Stable Diffusion 1.x inpainting");
+                        "an inpainting model");
 }
 
 TEST(ModelFiles, RefusesUnrecognisedSingleFiles) {
   TempDir dir("unknown");
   const std::vector<std::string> unrecognised = {"not a model sdserve recognises",
-                                                 "supports SD 1.x checkpoints only"};
+                                                 "sdserve loads Stable Diffusion 1.x, 2.x and XL"};
   auto with = [&](std::vector<std::string> v, const std::string& extra) {
     v.push_back(extra);
     return v;
@@ -444,6 +453,62 @@ TEST(ModelFiles, RefusesSingleFileMissingATensor) {
         edited_single_file(dir, "missing.safetensors", [&](Tensors& t) { t.erase(name); });
     expect_refused(path, {path, "lacks tensor '" + name + "'"});
   }
+}
+
+// The fixture UNet with one resnet per level instead of two: each down level keeps its first
+// resnet, each up level its first and last (the shapes of a layers_per_block 1 UNet), and the
+// LDM blocks are numbered again. `up_only` prunes the up path alone (an inconsistent file).
+void prune_unet(Tensors& t, bool up_only) {
+  const std::string unet = "model.diffusion_model.";
+  const std::map<int, int> inputs = {{0, 0}, {1, 1}, {3, 2}, {4, 3}, {6, 4}, {7, 5}};
+  const std::map<int, int> outputs = {{0, 0}, {2, 1}, {3, 2}, {5, 3}, {6, 4}, {8, 5}};
+  auto renumber = [&](const std::string& list, const std::map<int, int>& keep) {
+    Tensors out;
+    const std::string prefix = unet + list;
+    for (auto& [name, data] : t) {
+      if (name.compare(0, prefix.size(), prefix) != 0) {
+        out[name] = std::move(data);
+        continue;
+      }
+      const std::string rest = name.substr(prefix.size());
+      const int i = std::stoi(rest.substr(0, rest.find('.')));
+      const auto it = keep.find(i);
+      if (it != keep.end())
+        out[prefix + std::to_string(it->second) + rest.substr(rest.find('.'))] = std::move(data);
+    }
+    t = std::move(out);
+  };
+  if (!up_only) renumber("input_blocks.", inputs);
+  renumber("output_blocks.", outputs);
+}
+
+TEST(ModelFiles, InfersResnetsPerLevelFromTheKeys) {
+  TempDir dir("pruned");
+  const std::string path =
+      edited_single_file(dir, "pruned.safetensors", [](Tensors& t) { prune_unet(t, false); });
+  const auto files = open_model_files(path, tokenizer_dir());
+  EXPECT_EQ(files.unet_config.at("layers_per_block"), 1);
+  EXPECT_EQ(files.unet_config.at("block_out_channels"), json({32, 64, 64}));
+  EXPECT_EQ(files.unet.tensors.count("down_blocks.0.resnets.1.conv1.weight"), 0u);
+  EXPECT_EQ(files.unet.tensors.count("up_blocks.0.resnets.1.conv1.weight"), 1u);
+  EXPECT_EQ(files.unet.tensors.count("up_blocks.0.resnets.2.conv1.weight"), 0u);
+  // The weights fill a UNet built from the inferred config, and it runs.
+  LoadOptions o;
+  o.device = "cpu";
+  o.precision = "fp32";
+  GenerateRequest r;
+  r.prompt = "a cat";
+  r.image.width = r.image.height = 64;
+  r.image.steps = 2;
+  EXPECT_EQ(Model::load(path, o)->generate(r).size(), 1u);
+}
+
+TEST(ModelFiles, RefusesUpAndDownLevelsThatDisagreeNamingThem) {
+  TempDir dir("uneven");
+  const std::string path =
+      edited_single_file(dir, "uneven.safetensors", [](Tensors& t) { prune_unet(t, true); });
+  expect_refused(path,
+                 {"up level 0 has 2 resnets", "down level it mirrors (2, 2 resnets)", "needs 3"});
 }
 
 TEST(ModelFiles, RefusesMissingDefaultTokenizer) {

@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <string>
 
@@ -11,8 +13,13 @@
 
 namespace sdserve::test {
 
+// tests/fixtures/REL, else the shared fixtures beside the checkout (../shared/fixtures: the SD 2.x
+// and SDXL sets, ~50 MB, which the tree does not carry; SDSERVE_SHARED_FIXTURES overrides it).
 inline std::string fixture(const std::string& rel) {
-  return std::string(SDSERVE_FIXTURES) + "/" + rel;
+  const std::string own = std::string(SDSERVE_FIXTURES) + "/" + rel;
+  if (std::filesystem::exists(own)) return own;
+  const char* env = std::getenv("SDSERVE_SHARED_FIXTURES");
+  return std::string(env && *env ? env : SDSERVE_SHARED_FIXTURES) + "/" + rel;
 }
 inline std::string model_dir() {
   return std::string(SDSERVE_MODELS) + "/tiny-sd15";
@@ -33,6 +40,19 @@ inline const std::map<std::string, torch::Tensor>& reference() {
 }
 inline const torch::Tensor& ref(const std::string& name) {
   return reference().at(name);
+}
+
+// Another family's fixture ("tiny-sd2", "tiny-sdxl"): its folder, reference tensors and cases.
+inline std::string family_dir(const std::string& family) {
+  return fixture(family);
+}
+inline const torch::Tensor& family_ref(const std::string& family, const std::string& name) {
+  static std::map<std::string, std::map<std::string, torch::Tensor>> loaded;
+  auto it = loaded.find(family);
+  if (it == loaded.end())
+    it = loaded.emplace(family, pipeline::load_all(fixture(family + "-reference.safetensors")))
+             .first;
+  return it->second.at(name);
 }
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {

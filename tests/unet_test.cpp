@@ -133,7 +133,11 @@ void expect_refused(nlohmann::json j, const std::string& key, const nlohmann::js
 TEST(UNetConfig, RefusesUnsupportedValuesNamingTheKey) {
   const auto j = unet_json();
   expect_refused(j, "class_embed_type", "timestep");
-  expect_refused(j, "addition_embed_type", "text_time");
+  expect_refused(j, "addition_embed_type", "image");  // only SDXL's text_time is known
+  // text_time needs its widths.
+  auto text_time = j;
+  text_time["addition_embed_type"] = "text_time";
+  expect_refused(text_time, "addition_time_embed_dim", 0);
   expect_refused(
       j, "down_block_types",
       nlohmann::json::array({"CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D"}),

@@ -1,5 +1,6 @@
 #include "pipeline/io/checkpoint_config.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -43,18 +44,24 @@ std::string idx(int i) {
   return std::to_string(i);
 }
 
+// One number when every level has the same (as diffusers writes SD 1.x's configs), else a list.
+json uniform(const json& per_level) {
+  const bool equal = std::all_of(per_level.begin(), per_level.end(),
+                                 [&](const json& v) { return v == per_level[0]; });
+  return equal ? per_level[0] : per_level;
+}
+
 }  // namespace
 
 void refuse_family(const std::string& path, const std::string& family,
                    const std::string& evidence) {
-  throw ModelError("'" + path + "': detected " + family + " (" + evidence +
-                   "); sdserve supports SD 1.x checkpoints only for now");
+  throw ModelError("'" + path + "': detected " + family + " (" + evidence + "); " +
+                   kSupportedFamilies);
 }
 
 void refuse_unrecognised(const std::string& path, const std::string& why) {
-  throw ModelError("'" + path + "' is not a model sdserve recognises: " + why +
-                   "; sdserve supports SD 1.x checkpoints only for now (a diffusers folder or "
-                   "an original-layout .safetensors file)");
+  throw ModelError("'" + path + "' is not a model sdserve recognises: " + why + "; " +
+                   kSupportedFamilies);
 }
 
 const TensorView& require_tensor(const SafetensorsFile& file, const std::string& name,
@@ -62,9 +69,9 @@ const TensorView& require_tensor(const SafetensorsFile& file, const std::string&
   auto it = file.tensors().find(name);
   if (it == file.tensors().end())
     throw ModelError("'" + file.path() + "' lacks tensor '" + name + "' of the " + component +
-                     ", which the SD 1.x " + component +
+                     ", which its " + component +
                      " needs; the file is incomplete (a pruned or partial checkpoint?): use a "
-                     "complete SD 1.x checkpoint");
+                     "complete checkpoint");
   return it->second;
 }
 
@@ -76,7 +83,7 @@ std::string text_encoder_prefix(const SafetensorsFile& file) {
   return kLdmClipPrefix;
 }
 
-json infer_unet_config(const SafetensorsFile& file) {
+json infer_unet_config(const SafetensorsFile& file, bool sd1_heads, bool infer_heads) {
   const std::string p = kLdmUnetPrefix;
   const std::string& path = file.path();
   auto shape = [&](const std::string& name) -> const std::vector<int64_t>& {
@@ -88,45 +95,109 @@ json infer_unet_config(const SafetensorsFile& file) {
   if (conv_in.size() != 4 || conv_out.size() != 4)
     refuse_unrecognised(path, "its UNet's first and last layers are not 2-D convolutions");
 
-  // input_blocks: conv_in, then per block `layers` resnet(+attention) entries followed by one
-  // downsampler (none after the last block). The downsamplers' positions give both numbers.
+  // input_blocks: conv_in, then per level its resnet(+attention) entries, a downsampler (".0.op")
+  // after every level but the last. Levels and their resnet counts come from where the
+  // downsamplers are, so unequal counts (pruned or distilled UNets) are read as they are.
   const std::set<int> inputs = child_indices(file, p + "input_blocks.");
-  std::vector<int> downsamplers;
-  for (int i : inputs)
-    if (file.contains(p + "input_blocks." + idx(i) + ".0.op.weight")) downsamplers.push_back(i);
-  if (downsamplers.empty() || downsamplers[0] < 2)
-    refuse_unrecognised(path, "its UNet's input_blocks do not follow the SD layout");
-  const int layers = downsamplers[0] - 1;
-  const int blocks = static_cast<int>(downsamplers.size()) + 1;
-  bool regular = contiguous(inputs) && static_cast<int>(inputs.size()) == blocks * (layers + 1);
-  for (int k = 0; k < blocks - 1; ++k) regular &= downsamplers[k] == (k + 1) * (layers + 1);
+  if (!contiguous(inputs) || inputs.size() < 2)
+    refuse_unrecognised(path, "its UNet's input_blocks are not numbered 0, 1, 2... without gaps");
+  std::vector<std::vector<int>> down(1);  // input_blocks indices of each level's resnets
+  for (int i = 1; i < static_cast<int>(inputs.size()); ++i) {
+    const bool downsampler = file.contains(p + "input_blocks." + idx(i) + ".0.op.weight");
+    if (downsampler && down.back().empty())
+      refuse_unrecognised(
+          path, "its UNet's input_blocks." + idx(i) + " downsamples a level that has no resnets");
+    if (downsampler)
+      down.emplace_back();
+    else
+      down.back().push_back(i);
+  }
+  if (down.back().empty())
+    refuse_unrecognised(path, "its UNet's input_blocks end with a downsampler");
+  const int blocks = static_cast<int>(down.size());
+  // output_blocks: per level from the deepest, one resnet more than the mirrored down level
+  // (diffusers' UNet2DConditionModel), an upsampler (".1.conv" or, after attention, ".2.conv")
+  // closing every level but the last.
   const std::set<int> outputs = child_indices(file, p + "output_blocks.");
-  regular &= contiguous(outputs) && static_cast<int>(outputs.size()) == blocks * (layers + 1);
-  if (!regular)
-    refuse_unrecognised(path,
-                        "its UNet's input_blocks and output_blocks do not follow the SD "
-                        "layout (equal resnet counts per block, one downsampler between)");
+  if (!contiguous(outputs))
+    refuse_unrecognised(path, "its UNet's output_blocks are not numbered 0, 1, 2... without gaps");
+  std::vector<std::vector<int>> up(1);
+  for (int i : outputs) {
+    up.back().push_back(i);
+    const std::string o = "output_blocks." + idx(i);
+    if (file.contains(p + o + ".1.conv.weight") || file.contains(p + o + ".2.conv.weight"))
+      up.emplace_back();
+  }
+  if (static_cast<int>(up.size()) != blocks)
+    refuse_unrecognised(path, "its UNet has " + std::to_string(blocks) + " down levels but " +
+                                  std::to_string(up.size()) + " up levels");
+  json layers = json::array();
+  for (int b = 0; b < blocks; ++b) {
+    const auto want = down[static_cast<size_t>(blocks - 1 - b)].size() + 1;
+    if (up[static_cast<size_t>(b)].size() != want)
+      refuse_unrecognised(path, "its UNet's up level " + idx(b) + " has " +
+                                    std::to_string(up[static_cast<size_t>(b)].size()) +
+                                    " resnets where the down level it mirrors (" +
+                                    idx(blocks - 1 - b) + ", " + std::to_string(want - 1) +
+                                    " resnets) needs " + std::to_string(want));
+    layers.push_back(down[static_cast<size_t>(b)].size());
+  }
+  // Attention in every entry of a level or in none (diffusers' blocks are one or the other).
+  auto level_attention = [&](const std::string& list, const std::vector<int>& entries,
+                             const std::string& what) {
+    const auto has = [&](int i) { return file.contains(p + list + idx(i) + ".1.proj_in.weight"); };
+    for (int i : entries)
+      if (has(i) != has(entries.front()))
+        refuse_unrecognised(path, "its UNet's " + what +
+                                      " mixes resnets with and without "
+                                      "attention (" +
+                                      list + idx(i) + ")");
+    return has(entries.front());
+  };
 
   json channels = json::array(), down_types = json::array(), up_types = json::array();
+  json depths = json::array(), heads = json::array();
   std::string first_attention;  // LDM prefix of one attention block, for its widths
   for (int b = 0; b < blocks; ++b) {
-    const std::string block = "input_blocks." + idx(1 + b * (layers + 1));
-    channels.push_back(shape(block + ".0.out_layers.3.weight").at(0));
-    const bool attention = file.contains(p + block + ".1.proj_in.weight");
+    const auto& entries = down[static_cast<size_t>(b)];
+    const std::string block = "input_blocks." + idx(entries.front());
+    const int64_t width = shape(block + ".0.out_layers.3.weight").at(0);
+    channels.push_back(width);
+    const bool attention = level_attention("input_blocks.", entries, "down level " + idx(b));
     down_types.push_back(attention ? "CrossAttnDownBlock2D" : "DownBlock2D");
     if (attention && first_attention.empty()) first_attention = block + ".1.";
+    // Transformer layers per level (SDXL: 1, 2, 10), counted from the level's first transformer.
+    const auto depth = child_indices(file, p + block + ".1.transformer_blocks.").size();
+    depths.push_back(attention ? static_cast<int64_t>(depth) : 1);
+    // SD 1.x has 8 heads everywhere; SD 2.x and SDXL heads of 64 dims (shapes cannot tell).
+    if (!sd1_heads && infer_heads && attention && width % 64 != 0)
+      refuse_unrecognised(path, "its UNet level " + idx(b) + " is " + std::to_string(width) +
+                                    " wide, not a multiple of 64-wide attention heads (pass a "
+                                    "diffusers folder with its config to load it)");
+    heads.push_back(sd1_heads ? 8 : std::max<int64_t>(1, width / 64));
   }
   for (int b = 0; b < blocks; ++b) {
     const bool attention =
-        file.contains(p + "output_blocks." + idx(b * (layers + 1)) + ".1.proj_in.weight");
+        level_attention("output_blocks.", up[static_cast<size_t>(b)], "up level " + idx(b));
     up_types.push_back(attention ? "CrossAttnUpBlock2D" : "UpBlock2D");
   }
-  // SD's mid block always has cross-attention; without it this is another kind of UNet.
-  shape("middle_block.1.proj_in.weight");
-  if (first_attention.empty()) first_attention = "middle_block.1.";
+  // The mid block: cross-attention between two resnets, or none at all (BK-SDM's small UNets).
+  const bool mid = !child_indices(file, p + "middle_block.").empty();
+  if (mid) shape("middle_block.1.proj_in.weight");  // a mid block without attention: refused
+  if (first_attention.empty() && mid) first_attention = "middle_block.1.";
+  if (first_attention.empty()) refuse_unrecognised(path, "its UNet has no cross-attention at all");
 
   const int64_t cross_dim = shape(first_attention + "transformer_blocks.0.attn2.to_k.weight").at(1);
-  const auto depth = child_indices(file, p + first_attention + "transformer_blocks.").size();
+  // The mid block's transformers have the deepest level's depth (diffusers' convention).
+  if (mid) {
+    const int64_t mid_depth =
+        static_cast<int64_t>(child_indices(file, p + "middle_block.1.transformer_blocks.").size());
+    if (down_types.back() == "CrossAttnDownBlock2D" && depths.back() != mid_depth)
+      refuse_unrecognised(path, "its UNet's mid block has " + std::to_string(mid_depth) +
+                                    " transformer layers and its deepest level " +
+                                    depths.back().dump() + "; diffusers gives both one number");
+    depths.back() = mid_depth;
+  }
   // SD 1.x projects in and out of the transformer with 1x1 convolutions; SD 2.x with Linear.
   const bool linear_projection = shape(first_attention + "proj_in.weight").size() == 2;
 
@@ -136,7 +207,7 @@ json infer_unet_config(const SafetensorsFile& file) {
       {"addition_embed_type", nullptr},
       {"addition_embed_type_num_heads", 64},
       {"addition_time_embed_dim", nullptr},
-      {"attention_head_dim", 8},
+      {"attention_head_dim", sd1_heads ? json(8) : heads},
       {"attention_type", "default"},
       {"block_out_channels", channels},
       {"center_input_sample", false},
@@ -155,10 +226,10 @@ json infer_unet_config(const SafetensorsFile& file) {
       {"flip_sin_to_cos", true},
       {"freq_shift", 0},
       {"in_channels", conv_in[1]},
-      {"layers_per_block", layers},
+      {"layers_per_block", uniform(layers)},
       {"mid_block_only_cross_attention", nullptr},
       {"mid_block_scale_factor", 1},
-      {"mid_block_type", "UNetMidBlock2DCrossAttn"},
+      {"mid_block_type", mid ? json("UNetMidBlock2DCrossAttn") : json()},
       {"norm_eps", 1e-05},
       {"norm_num_groups", 32},
       {"num_attention_heads", nullptr},
@@ -176,7 +247,7 @@ json infer_unet_config(const SafetensorsFile& file) {
       {"time_embedding_dim", nullptr},
       {"time_embedding_type", "positional"},
       {"timestep_post_act", nullptr},
-      {"transformer_layers_per_block", depth},
+      {"transformer_layers_per_block", uniform(depths)},
       {"up_block_types", up_types},
       {"upcast_attention", false},
       {"use_linear_projection", linear_projection},
@@ -226,8 +297,7 @@ json infer_vae_config(const SafetensorsFile& file) {
   };
 }
 
-json infer_text_encoder_config(const SafetensorsFile& file) {
-  const std::string p = text_encoder_prefix(file);
+json infer_text_encoder_config(const SafetensorsFile& file, const std::string& p) {
   auto shape = [&](const std::string& name) -> const std::vector<int64_t>& {
     return require_tensor(file, p + name, "text encoder").shape;
   };

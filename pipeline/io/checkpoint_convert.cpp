@@ -7,6 +7,7 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/io/checkpoint_config.h"
+#include "pipeline/io/openclip_convert.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -77,24 +78,38 @@ std::vector<int64_t> int_list(const json& j) {
 KeyMap unet_key_map(const json& cfg) {
   const auto ch = int_list(cfg.at("block_out_channels"));
   const int blocks = static_cast<int>(ch.size());
-  const int layers = cfg.at("layers_per_block").get<int>();
-  const int depth = cfg.at("transformer_layers_per_block").get<int>();
+  // layers_per_block: one number, or one per level (unequal, pruned UNets).
+  const json& layers_cfg = cfg.at("layers_per_block");
+  const auto layers_of = [&](int b) {
+    return layers_cfg.is_array() ? layers_cfg.at(static_cast<size_t>(b)).get<int>()
+                                 : layers_cfg.get<int>();
+  };
+  const json& depth_cfg = cfg.at("transformer_layers_per_block");
+  std::vector<int64_t> depths(static_cast<size_t>(blocks));
+  for (int b = 0; b < blocks; ++b)
+    depths[static_cast<size_t>(b)] = depth_cfg.is_array()
+                                         ? depth_cfg.at(static_cast<size_t>(b)).get<int64_t>()
+                                         : depth_cfg.get<int64_t>();
   const auto& down_types = cfg.at("down_block_types");
   const auto& up_types = cfg.at("up_block_types");
   KeyMap map;
   add_param(map, "conv_in", "input_blocks.0.0");
   add_param(map, "time_embedding.linear_1", "time_embed.0");
   add_param(map, "time_embedding.linear_2", "time_embed.2");
+  if (cfg.value("addition_embed_type", json()) == "text_time") {  // SDXL's label_emb
+    add_param(map, "add_embedding.linear_1", "label_emb.0.0");
+    add_param(map, "add_embedding.linear_2", "label_emb.0.2");
+  }
 
   int ldm = 1;
   for (int b = 0; b < blocks; ++b) {
     const bool attention = down_types.at(b) == "CrossAttnDownBlock2D";
     const std::string t = "down_blocks." + idx(b);
-    for (int l = 0; l < layers; ++l, ++ldm) {
+    for (int l = 0; l < layers_of(b); ++l, ++ldm) {
       const int64_t in = l > 0 ? ch[b] : ch[std::max(b - 1, 0)];
       const std::string s = "input_blocks." + idx(ldm);
       add_unet_resnet(map, t + ".resnets." + idx(l), s + ".0", in != ch[b]);
-      if (attention) add_unet_transformer(map, t + ".attentions." + idx(l), s + ".1", depth);
+      if (attention) add_unet_transformer(map, t + ".attentions." + idx(l), s + ".1", depths[b]);
     }
     if (b + 1 < blocks) {
       add_param(map, t + ".downsamplers.0.conv", "input_blocks." + idx(ldm) + ".0.op");
@@ -102,9 +117,12 @@ KeyMap unet_key_map(const json& cfg) {
     }
   }
 
-  add_unet_resnet(map, "mid_block.resnets.0", "middle_block.0", false);
-  add_unet_transformer(map, "mid_block.attentions.0", "middle_block.1", depth);
-  add_unet_resnet(map, "mid_block.resnets.1", "middle_block.2", false);
+  if (!cfg.at("mid_block_type").is_null()) {
+    add_unet_resnet(map, "mid_block.resnets.0", "middle_block.0", false);
+    add_unet_transformer(map, "mid_block.attentions.0", "middle_block.1",
+                         static_cast<int>(depths.back()));
+    add_unet_resnet(map, "mid_block.resnets.1", "middle_block.2", false);
+  }
 
   // Up blocks run over the widths in reverse; each resnet also takes a skip connection from the
   // matching down-path output (diffusers' UNet2DConditionModel channel bookkeeping).
@@ -115,11 +133,14 @@ KeyMap unet_key_map(const json& cfg) {
     const std::string t = "up_blocks." + idx(b);
     const int64_t out = rev[b], prev = rev[std::max(b - 1, 0)];
     const int64_t skip_in = rev[std::min(b + 1, blocks - 1)];
+    const int layers = layers_of(blocks - 1 - b);
     for (int l = 0; l <= layers; ++l, ++ldm) {
       const int64_t in = (l == 0 ? prev : out) + (l == layers ? skip_in : out);
       const std::string s = "output_blocks." + idx(ldm);
       add_unet_resnet(map, t + ".resnets." + idx(l), s + ".0", in != out);
-      if (attention) add_unet_transformer(map, t + ".attentions." + idx(l), s + ".1", depth);
+      if (attention)
+        add_unet_transformer(map, t + ".attentions." + idx(l), s + ".1",
+                             static_cast<int>(depths[blocks - 1 - b]));
       if (l == layers && b + 1 < blocks)
         add_param(map, t + ".upsamplers.0.conv", s + (attention ? ".2" : ".1") + ".conv");
     }
@@ -231,16 +252,15 @@ void check_no_extra_unet_tensors(const SafetensorsFile& file, const KeyMap& map)
        it != file.tensors().end() && starts_with(it->first, prefix); ++it)
     if (used.count(it->first) == 0)
       refuse_unrecognised(file.path(),
-                          "its UNet has tensor '" + it->first + "', which the SD 1.x UNet lacks");
+                          "its UNet has tensor '" + it->first + "', which the inferred UNet lacks");
 }
 
 // Families recognisable from tensor names alone, before any shape is read.
-void detect_family_by_names(const SafetensorsFile& file) {
+std::string detect_family_by_names(const SafetensorsFile& file) {
   const std::string& path = file.path();
   if (file.tensors().empty()) refuse_unrecognised(path, "it holds no tensors");
+  bool openclip = false, embedders = false;
   for (const auto& [name, view] : file.tensors()) {
-    if (starts_with(name, "conditioner.embedders."))
-      refuse_family(path, kFamilySdxl, "it has conditioner.embedders.* text encoders");
     if (contains(name, "joint_blocks."))
       refuse_family(path, kFamilySd3, "it has an MMDiT with joint_blocks.*");
     if (contains(name, "double_blocks."))
@@ -249,52 +269,131 @@ void detect_family_by_names(const SafetensorsFile& file) {
       refuse_unrecognised(path, "it is a LoRA (tensor '" + name +
                                     "'), not a full checkpoint; a LoRA is applied on top of "
                                     "a base model");
-    if (starts_with(name, "cond_stage_model.model."))
-      refuse_family(path, kFamilySd2, "it has an OpenCLIP text encoder, cond_stage_model.model.*");
+    openclip |= starts_with(name, "cond_stage_model.model.");
+    embedders |= starts_with(name, "conditioner.embedders.");
   }
   if (!file.contains(std::string(kLdmUnetPrefix) + "input_blocks.0.0.weight")) {
     const std::string first = file.tensors().begin()->first;
     refuse_unrecognised(path, "it has no SD UNet (no tensor '" + std::string(kLdmUnetPrefix) +
                                   "input_blocks.0.0.weight'; its first tensor is '" + first + "')");
   }
+  if (embedders) {
+    const bool clip_l =
+        file.contains(std::string(kSdxlClipPrefix) + "embeddings.token_embedding.weight");
+    const bool bigg = file.contains(std::string(kSdxlOpenClipPrefix) + "token_embedding.weight");
+    if (bigg && !clip_l)
+      refuse_family(path, kFamilySdxlRefiner,
+                    "its only text encoder is conditioner.embedders.0.model.* (OpenCLIP-G); the "
+                    "refiner is an image-to-image model, and sdserve generates from text");
+    if (!clip_l || !bigg)
+      refuse_unrecognised(path,
+                          "it has conditioner.embedders.* but not SDXL's two text "
+                          "encoders (" +
+                              std::string(kSdxlClipPrefix) + "*, " + kSdxlOpenClipPrefix + "*)");
+    return "sdxl";
+  }
+  return openclip ? "sd2" : "sd1";
+}
+
+// SDXL base's scheduler: Euler with leading spacing (its scheduler_config.json).
+json sdxl_scheduler_config() {
+  json c = sd1_scheduler_config();
+  c["_class_name"] = "EulerDiscreteScheduler";
+  c["timestep_spacing"] = "leading";
+  c["skip_prk_steps"] = nullptr;
+  return c;
 }
 
 }  // namespace
 
-void check_sd1_unet(const std::string& source, int64_t in_channels, int64_t cross_attention_dim) {
-  const std::string cross = std::to_string(cross_attention_dim);
-  if (cross_attention_dim == 1024)
-    refuse_family(source, kFamilySd2, "its UNet cross-attends to 1024-wide text embeddings");
-  if (cross_attention_dim == 2048 || cross_attention_dim == 1280)
-    refuse_family(source, kFamilySdxl,
-                  "its UNet cross-attends to " + cross + "-wide text embeddings");
+namespace {
+std::vector<std::pair<std::string, std::string>> pairs_of(const KeyMap& map) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& pair : map) out.emplace_back(pair.target, pair.source);
+  return out;
+}
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> ldm_unet_names(const json& config) {
+  return pairs_of(unet_key_map(config));
+}
+
+std::vector<std::pair<std::string, std::string>> ldm_vae_names(const json& config) {
+  return pairs_of(vae_key_map(config));
+}
+
+void check_unet_inputs(const std::string& source, int64_t in_channels) {
   if (in_channels == 9)
-    refuse_family(source, kFamilySd1Inpaint,
+    refuse_family(source, kFamilyInpaint,
                   "its UNet takes 9 input channels: latents, mask and masked image");
   if (in_channels != 4)
     refuse_unrecognised(source, "its UNet takes " + std::to_string(in_channels) +
-                                    " input channels where SD 1.x takes 4 latent channels");
+                                    " input channels where text-to-image SD takes 4 latent "
+                                    "channels");
 }
 
-ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& file) {
+ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& file,
+                                        bool configs_given) {
   const std::string& path = file->path();
-  detect_family_by_names(*file);
   ConvertedCheckpoint out;
-  out.family = "sd1";
-  out.unet_config = infer_unet_config(*file);
+  out.family = detect_family_by_names(*file);
+  const bool sd1 = out.family == "sd1", sdxl = out.family == "sdxl";
+  out.unet_config = infer_unet_config(*file, sd1, !configs_given);
   const auto in_channels = out.unet_config.at("in_channels").get<int64_t>();
   const auto cross_dim = out.unet_config.at("cross_attention_dim").get<int64_t>();
-  check_sd1_unet(path, in_channels, cross_dim);
-  if (out.unet_config.at("use_linear_projection").get<bool>())
-    refuse_family(path, kFamilySd2, "its UNet's transformers project with Linear layers");
+  check_unet_inputs(path, in_channels);
 
-  out.text_encoder_config = infer_text_encoder_config(*file);
-  const auto width = out.text_encoder_config.at("hidden_size").get<int64_t>();
+  int64_t width = 0;
+  if (sdxl) {
+    out.text_encoder_config = infer_text_encoder_config(*file, kSdxlClipPrefix);
+    const OpenClipLayout bigg{kSdxlOpenClipPrefix, false, true, !configs_given};
+    out.text_encoder_2_config = infer_openclip_config(*file, bigg);
+    out.text_encoder =
+        make_source(file, kSdxlClipPrefix, text_encoder_key_map(out.text_encoder_config),
+                    "text_encoder", "text encoder");
+    out.text_encoder_2 = openclip_weights(file, bigg, out.text_encoder_2_config, "text_encoder_2");
+    width = out.text_encoder_config.at("hidden_size").get<int64_t>() +
+            out.text_encoder_2_config.at("hidden_size").get<int64_t>();
+    // text_time: the pooled embedding plus six numbers, each through the same-width sinusoid.
+    const auto& label =
+        require_tensor(*file, std::string(kLdmUnetPrefix) + "label_emb.0.0.weight", "UNet").shape;
+    const int64_t pooled = out.text_encoder_2_config.at("projection_dim").get<int64_t>();
+    if (label.size() != 2 || label[1] <= pooled || (label[1] - pooled) % 6 != 0)
+      refuse_unrecognised(path,
+                          "its UNet's label_emb does not take the pooled text embedding "
+                          "and six size numbers");
+    out.unet_config["addition_embed_type"] = "text_time";
+    out.unet_config["addition_time_embed_dim"] = (label[1] - pooled) / 6;
+    out.unet_config["projection_class_embeddings_input_dim"] = label[1];
+    out.unet_config["sample_size"] = 128;  // SDXL: 1024x1024 images
+    out.scheduler_config = sdxl_scheduler_config();
+  } else if (!sd1) {
+    // SD 2.x: OpenCLIP-H without its last layer, v-prediction at 768x768 (SD 2.0-v / 2.1, the
+    // ones people run; a 512-base epsilon model needs single_file_config).
+    const OpenClipLayout h{"cond_stage_model.model.", true, false, !configs_given};
+    out.text_encoder_config = infer_openclip_config(*file, h);
+    out.text_encoder = openclip_weights(file, h, out.text_encoder_config, "text_encoder");
+    width = out.text_encoder_config.at("hidden_size").get<int64_t>();
+    out.unet_config["upcast_attention"] = true;
+    out.unet_config["sample_size"] = 96;
+    out.scheduler_config = sd1_scheduler_config();
+    out.scheduler_config["_class_name"] = "DDIMScheduler";
+    out.scheduler_config["prediction_type"] = "v_prediction";
+    out.scheduler_config["skip_prk_steps"] = nullptr;
+  } else {
+    out.text_encoder_config = infer_text_encoder_config(*file, text_encoder_prefix(*file));
+    out.text_encoder =
+        make_source(file, text_encoder_prefix(*file), text_encoder_key_map(out.text_encoder_config),
+                    "text_encoder", "text encoder");
+    width = out.text_encoder_config.at("hidden_size").get<int64_t>();
+    out.scheduler_config = sd1_scheduler_config();
+  }
   if (width != cross_dim)
-    refuse_unrecognised(path, "its text encoder is " + std::to_string(width) +
-                                  " wide but its UNet cross-attends to width " +
+    refuse_unrecognised(path, "its text encoder(s) give width " + std::to_string(width) +
+                                  " but its UNet cross-attends to width " +
                                   std::to_string(cross_dim));
   out.vae_config = infer_vae_config(*file);
+  if (sdxl) out.vae_config["scaling_factor"] = 0.13025;
   const auto latent = out.vae_config.at("latent_channels").get<int64_t>();
   if (latent != in_channels)
     refuse_unrecognised(path, "its VAE has " + std::to_string(latent) +
@@ -305,9 +404,6 @@ ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& 
   out.unet = make_source(file, kLdmUnetPrefix, unet_map, "unet", "UNet");
   check_no_extra_unet_tensors(*file, unet_map);
   out.vae = make_source(file, kLdmVaePrefix, vae_key_map(out.vae_config), "vae", "VAE");
-  out.text_encoder =
-      make_source(file, text_encoder_prefix(*file), text_encoder_key_map(out.text_encoder_config),
-                  "text_encoder", "text encoder");
   return out;
 }
 

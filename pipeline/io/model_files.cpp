@@ -153,9 +153,10 @@ bool is_dir(const fs::path& p) {
 
 [[noreturn]] void refuse_incomplete(const fs::path& folder, const std::string& what) {
   throw ModelError("the diffusers folder '" + folder.string() + "' lacks " + what +
-                   "; a complete SD 1.x folder has model_index.json, unet/, vae/ and "
+                   "; a complete folder has model_index.json, unet/, vae/ and "
                    "text_encoder/ (each with config.json and .safetensors weights), tokenizer/ "
-                   "(vocab.json, merges.txt) and scheduler/scheduler_config.json");
+                   "(vocab.json, merges.txt) and scheduler/scheduler_config.json (SDXL adds "
+                   "text_encoder_2/ and tokenizer_2/)");
 }
 
 // The component's weights file: the standard name, else its fp16 variant, else the folder's only
@@ -184,10 +185,9 @@ fs::path find_weights(const fs::path& dir, const std::string& base) {
                      ") and none is named " + base + ".safetensors; keep or rename the one to use");
   }
   if (!indexes.empty())
-    throw ModelError("'" + dir.string() + "' holds sharded weights (" +
-                     indexes[0].filename().string() +
-                     "), which sdserve does not load; SD 1.x components fit in one " + base +
-                     ".safetensors file");
+    throw ModelError(
+        "'" + dir.string() + "' holds sharded weights (" + indexes[0].filename().string() +
+        "), which sdserve does not load; save the component as one " + base + ".safetensors file");
   if (!pickles.empty())
     refuse_pickle(pickles[0].string(),
                   "e.g. in Python, StableDiffusionPipeline.from_pretrained(folder)"
@@ -252,6 +252,12 @@ fs::path component_dir(const fs::path& folder, const std::string& name) {
   return dir;
 }
 
+std::string family_display_name_of(const std::string& family) {
+  if (family == "sd1") return "Stable Diffusion 1.x";
+  if (family == "sd2") return "Stable Diffusion 2.x";
+  return family == "sdxl" ? "Stable Diffusion XL" : family;
+}
+
 int64_t first_int(const json& j) {
   return j.is_array() ? j.at(0).get<int64_t>() : j.get<int64_t>();
 }
@@ -262,16 +268,63 @@ void detect_folder_family(const fs::path& folder, const json& index) {
   const std::string cls = index.contains("_class_name") && index["_class_name"].is_string()
                               ? index["_class_name"].get<std::string>()
                               : "";
-  if (cls.find("XL") != std::string::npos)
-    refuse_family(index_path, kFamilySdxl, "model_index.json names " + cls);
   if (cls.find("StableDiffusion3") != std::string::npos)
     refuse_family(index_path, kFamilySd3, "model_index.json names " + cls);
   if (cls.find("Flux") != std::string::npos)
     refuse_family(index_path, kFamilyFlux, "model_index.json names " + cls);
-  if (index.contains("text_encoder_2") || is_dir(folder / "text_encoder_2"))
-    refuse_family(index_path, kFamilySdxl, "it has a second text encoder, text_encoder_2");
+  if (cls.find("Inpaint") != std::string::npos)
+    refuse_family(index_path, kFamilyInpaint, "model_index.json names " + cls);
   if (!index.contains("unet") && index.contains("transformer"))
     refuse_unrecognised(index_path, "its denoiser is a transformer/, not a unet/");
+  const bool second = index.contains("text_encoder_2") || is_dir(folder / "text_encoder_2");
+  const bool first = index.contains("text_encoder") ? !index["text_encoder"].is_array() ||
+                                                          !index["text_encoder"].at(0).is_null()
+                                                    : is_dir(folder / "text_encoder");
+  if (second && !first)
+    refuse_family(index_path, kFamilySdxlRefiner,
+                  "it has text_encoder_2 without text_encoder; the refiner is an image-to-image "
+                  "model, and sdserve generates from text");
+}
+
+// The padding token a tokenizer folder names (tokenizer_config.json, else
+// special_tokens_map.json; a plain string or transformers' {"content": ...} form); empty when
+// neither names one.
+std::string pad_token_of(const fs::path& tokenizer_dir) {
+  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+    const fs::path file = tokenizer_dir / name;
+    if (!is_file(file)) continue;
+    const json j = read_json(file);
+    const auto it = j.find("pad_token");
+    if (it == j.end() || it->is_null()) continue;
+    if (it->is_string()) return it->get<std::string>();
+    if (it->is_object() && it->contains("content") && (*it)["content"].is_string())
+      return (*it)["content"].get<std::string>();
+    throw ModelError("'" + file.string() +
+                     "' is malformed: \"pad_token\" is neither a string nor {\"content\": ...}");
+  }
+  return "";
+}
+
+json read_text_encoder_config(const fs::path& text_dir) {
+  json config = read_json(text_dir / "config.json");
+  require_fields(config, text_dir / "config.json",
+                 {{"hidden_size", Field::kInt},
+                  {"intermediate_size", Field::kInt},
+                  {"num_hidden_layers", Field::kInt},
+                  {"num_attention_heads", Field::kInt},
+                  {"max_position_embeddings", Field::kInt},
+                  {"vocab_size", Field::kInt}});
+  return config;
+}
+
+void read_tokenizer(const fs::path& folder, const std::string& name, std::string* vocab,
+                    std::string* merges, std::string* pad) {
+  const fs::path dir = folder / name;
+  for (const char* file : {"vocab.json", "merges.txt"})
+    if (!is_file(dir / file)) refuse_incomplete(folder, "'" + (dir / file).string() + "'");
+  *vocab = (dir / "vocab.json").string();
+  *merges = (dir / "merges.txt").string();
+  *pad = pad_token_of(dir);
 }
 
 ModelFiles open_folder(const std::string& path) {
@@ -286,12 +339,12 @@ ModelFiles open_folder(const std::string& path) {
                      "; pass the model's root folder, the one holding model_index.json, or a "
                      "single .safetensors checkpoint");
   }
-  detect_folder_family(folder, read_json(index_file));
+  const json index = read_json(index_file);
+  detect_folder_family(folder, index);
 
   ModelFiles m;
   m.path = path;
   m.layout = "diffusers";
-  m.family = "sd1";
 
   const fs::path unet_dir = component_dir(folder, "unet");
   m.unet_config = read_json(unet_dir / "config.json");
@@ -299,16 +352,13 @@ ModelFiles open_folder(const std::string& path) {
                  {{"in_channels", Field::kInt},
                   {"out_channels", Field::kInt},
                   {"block_out_channels", Field::kIntList},
-                  {"layers_per_block", Field::kInt},
+                  {"layers_per_block", Field::kIntOrList},
                   {"cross_attention_dim", Field::kIntOrList},
                   {"attention_head_dim", Field::kIntOrList},
                   {"down_block_types", Field::kStringList},
                   {"up_block_types", Field::kStringList}});
   const std::string unet_config_path = (unet_dir / "config.json").string();
-  if (m.unet_config.value("addition_embed_type", json()) == "text_time")
-    refuse_family(unet_config_path, kFamilySdxl, "its UNet takes text_time additional embeddings");
-  check_sd1_unet(unet_config_path, m.unet_config.at("in_channels").get<int64_t>(),
-                 first_int(m.unet_config.at("cross_attention_dim")));
+  check_unet_inputs(unet_config_path, m.unet_config.at("in_channels").get<int64_t>());
 
   const fs::path vae_dir = component_dir(folder, "vae");
   m.vae_config = read_json(vae_dir / "config.json");
@@ -320,21 +370,38 @@ ModelFiles open_folder(const std::string& path) {
                   {"layers_per_block", Field::kInt}});
 
   const fs::path text_dir = component_dir(folder, "text_encoder");
-  m.text_encoder_config = read_json(text_dir / "config.json");
-  require_fields(m.text_encoder_config, text_dir / "config.json",
-                 {{"hidden_size", Field::kInt},
-                  {"intermediate_size", Field::kInt},
-                  {"num_hidden_layers", Field::kInt},
-                  {"num_attention_heads", Field::kInt},
-                  {"max_position_embeddings", Field::kInt},
-                  {"vocab_size", Field::kInt}});
+  m.text_encoder_config = read_text_encoder_config(text_dir);
+  read_tokenizer(folder, "tokenizer", &m.vocab_path, &m.merges_path, &m.pad_token);
+  int64_t text_width = m.text_encoder_config.at("hidden_size").get<int64_t>();
 
-  const fs::path tokenizer_dir = folder / "tokenizer";
-  for (const char* name : {"vocab.json", "merges.txt"})
-    if (!is_file(tokenizer_dir / name))
-      refuse_incomplete(folder, "'" + (tokenizer_dir / name).string() + "'");
-  m.vocab_path = (tokenizer_dir / "vocab.json").string();
-  m.merges_path = (tokenizer_dir / "merges.txt").string();
+  // SDXL: a second text encoder whose hidden state is concatenated to the first's.
+  const bool sdxl = is_dir(folder / "text_encoder_2");
+  const bool text_time = m.unet_config.value("addition_embed_type", json()) == "text_time";
+  if (sdxl != text_time)
+    refuse_unrecognised(unet_config_path,
+                        sdxl ? "it has text_encoder_2/ but its UNet takes no text_time "
+                               "conditioning (addition_embed_type)"
+                             : "its UNet takes text_time conditioning (SDXL's) but the folder "
+                               "has no text_encoder_2/");
+  fs::path text_dir_2;
+  if (sdxl) {
+    text_dir_2 = component_dir(folder, "text_encoder_2");
+    m.text_encoder_2_config = read_text_encoder_config(text_dir_2);
+    read_tokenizer(folder, "tokenizer_2", &m.vocab_path_2, &m.merges_path_2, &m.pad_token_2);
+    text_width += m.text_encoder_2_config.at("hidden_size").get<int64_t>();
+    // diffusers' StableDiffusionXLPipeline defaults it to true.
+    const auto zeros = index.find("force_zeros_for_empty_prompt");
+    m.force_zeros_for_empty_prompt =
+        zeros == index.end() || !zeros->is_boolean() || zeros->get<bool>();
+  }
+  const int64_t cross = first_int(m.unet_config.at("cross_attention_dim"));
+  if (cross != text_width)
+    refuse_unrecognised(unet_config_path,
+                        "its UNet cross-attends to width " + std::to_string(cross) +
+                            " but its text encoder(s) give width " + std::to_string(text_width));
+  // A label for logs and /info: the OpenCLIP (gelu) text encoder is SD 2.x's.
+  m.family =
+      sdxl ? "sdxl" : (m.text_encoder_config.value("hidden_act", "") == "gelu" ? "sd2" : "sd1");
 
   const fs::path scheduler_file = folder / "scheduler" / "scheduler_config.json";
   if (!is_file(scheduler_file)) refuse_incomplete(folder, "'" + scheduler_file.string() + "'");
@@ -345,10 +412,35 @@ ModelFiles open_folder(const std::string& path) {
   normalise_vae(m.vae);
   m.text_encoder = open_source(find_weights(text_dir, "model"), "text_encoder");
   normalise_text_encoder(m.text_encoder);
+  if (sdxl) {
+    m.text_encoder_2 = open_source(find_weights(text_dir_2, "model"), "text_encoder_2");
+    normalise_text_encoder(m.text_encoder_2);
+  }
   return m;
 }
 
-ModelFiles open_single_file(const std::string& path, const std::string& tokenizer_dir) {
+// Configs, tokenizers and scheduler from a diffusers folder of the same architecture, for a
+// single file (diffusers' from_single_file(config=...)); the weights stay the file's, and
+// load_weights checks every shape against these configs.
+void take_folder_configs(ModelFiles& m, const std::string& folder) {
+  ModelFiles f = open_folder(folder);
+  if (f.family != m.family)
+    throw ModelError("the config folder '" + folder + "' is " + family_display_name_of(f.family) +
+                     " but '" + m.path + "' is " + family_display_name_of(m.family) +
+                     "; pass a folder of the same family");
+  m.unet_config = f.unet_config;
+  m.vae_config = f.vae_config;
+  m.text_encoder_config = f.text_encoder_config;
+  m.text_encoder_2_config = f.text_encoder_2_config;
+  m.scheduler_config = f.scheduler_config;
+  m.vocab_path = f.vocab_path, m.merges_path = f.merges_path, m.pad_token = f.pad_token;
+  m.vocab_path_2 = f.vocab_path_2, m.merges_path_2 = f.merges_path_2;
+  m.pad_token_2 = f.pad_token_2;
+  m.force_zeros_for_empty_prompt = f.force_zeros_for_empty_prompt;
+}
+
+ModelFiles open_single_file(const std::string& path, const std::string& tokenizer_dir,
+                            const std::string& config_folder) {
   std::shared_ptr<SafetensorsFile> file;
   try {
     file = SafetensorsFile::open(path);
@@ -356,7 +448,7 @@ ModelFiles open_single_file(const std::string& path, const std::string& tokenize
     if (looks_like_pickle(path)) refuse_single_pickle(path);
     throw;
   }
-  ConvertedCheckpoint converted = convert_single_file(file);
+  ConvertedCheckpoint converted = convert_single_file(file, !config_folder.empty());
 
   ModelFiles m;
   m.path = path;
@@ -365,35 +457,46 @@ ModelFiles open_single_file(const std::string& path, const std::string& tokenize
   m.unet_config = std::move(converted.unet_config);
   m.vae_config = std::move(converted.vae_config);
   m.text_encoder_config = std::move(converted.text_encoder_config);
-  m.scheduler_config = sd1_scheduler_config();
+  m.text_encoder_2_config = std::move(converted.text_encoder_2_config);
+  m.scheduler_config = std::move(converted.scheduler_config);
   m.unet = std::move(converted.unet);
   m.vae = std::move(converted.vae);
   m.text_encoder = std::move(converted.text_encoder);
+  m.text_encoder_2 = std::move(converted.text_encoder_2);
+  m.force_zeros_for_empty_prompt = m.family == "sdxl";  // SDXL base's model_index.json
+  if (!config_folder.empty()) {
+    take_folder_configs(m, config_folder);
+    return m;
+  }
 
+  // Every SD family's tokenizers share CLIP's BPE vocabulary; OpenCLIP's pad with "!".
   const fs::path dir(tokenizer_dir);
   for (const char* name : {"vocab.json", "merges.txt"})
     if (!is_file(dir / name))
       throw ModelError("the default tokenizer folder '" + tokenizer_dir + "' lacks " + name +
                        ", which '" + path +
                        "' needs: single-file checkpoints carry no tokenizer; point the "
-                       "tokenizer folder at SD 1.x's CLIP tokenizer (vocab.json, merges.txt)");
-  m.vocab_path = (dir / "vocab.json").string();
-  m.merges_path = (dir / "merges.txt").string();
+                       "tokenizer folder at CLIP's tokenizer (vocab.json, merges.txt)");
+  m.vocab_path = m.vocab_path_2 = (dir / "vocab.json").string();
+  m.merges_path = m.merges_path_2 = (dir / "merges.txt").string();
+  if (m.family == "sd2") m.pad_token = "!";
+  if (m.family == "sdxl") m.pad_token_2 = "!";
   return m;
 }
 
 }  // namespace
 
-ModelFiles open_model_files(const std::string& path, const std::string& default_tokenizer_dir) {
+ModelFiles open_model_files(const std::string& path, const std::string& default_tokenizer_dir,
+                            const std::string& single_file_config) {
   std::error_code ec;
   const auto status = fs::status(path, ec);
   if (ec || !fs::exists(status))
     throw ModelError("model path '" + path +
                      "' does not exist; pass a diffusers folder (with model_index.json) or an "
-                     "SD 1.x .safetensors checkpoint");
+                     "original-layout .safetensors checkpoint");
   if (fs::is_directory(status)) return open_folder(path);
   if (has_pickle_extension(path)) refuse_single_pickle(path);
-  return open_single_file(path, default_tokenizer_dir);
+  return open_single_file(path, default_tokenizer_dir, single_file_config);
 }
 
 }  // namespace sdserve::pipeline

@@ -27,6 +27,9 @@ struct TensorView {
   std::vector<int64_t> shape;
   const std::byte* data;  // points into the mapping; valid while the file object lives
   std::size_t nbytes;
+  // A 2-D view whose bytes hold the transpose of `shape` (OpenCLIP's text_projection is stored
+  // (in, out) where a Linear weight is (out, in)); to_tensor transposes while it copies.
+  bool transposed = false;
 };
 
 class SafetensorsFile {

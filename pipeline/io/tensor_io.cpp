@@ -1,5 +1,7 @@
 #include "pipeline/io/tensor_io.h"
 
+#include <algorithm>
+
 #include "pipeline/errors.h"
 
 namespace sdserve::pipeline {
@@ -41,8 +43,11 @@ std::string shape_string(at::IntArrayRef shape) {
 
 torch::Tensor to_tensor(const TensorView& view, torch::Dtype dtype, torch::Device device) {
   // from_blob does not copy; the mapping is read-only, so the const_cast is never written through.
-  auto raw = torch::from_blob(const_cast<std::byte*>(view.data), view.shape,
+  std::vector<int64_t> stored = view.shape;
+  if (view.transposed) std::reverse(stored.begin(), stored.end());
+  auto raw = torch::from_blob(const_cast<std::byte*>(view.data), stored,
                               torch::TensorOptions().dtype(torch_dtype(view.dtype)));
+  if (view.transposed) raw = raw.t().contiguous();
   return raw.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 

@@ -270,7 +270,7 @@ std::string read_file(const std::string& path, const char* what) {
 }  // namespace
 
 ClipTokenizer ClipTokenizer::load(const std::string& vocab_json, const std::string& merges_txt,
-                                  int max_length) {
+                                  int max_length, const std::string& pad_token) {
   if (max_length < 2) {
     throw ModelError("tokenizer max length must be at least 2, got " + std::to_string(max_length));
   }
@@ -308,7 +308,13 @@ ClipTokenizer ClipTokenizer::load(const std::string& vocab_json, const std::stri
         std::max(tok.max_token_symbols_, static_cast<int>(decode_utf8(token).size()));
   tok.bos_id_ = tok.vocab_.at(kBosToken);
   tok.eos_id_ = tok.vocab_.at(kEosToken);
-  tok.pad_id_ = tok.eos_id_;  // SD 1.x's tokenizer pads with <|endoftext|>
+  // SD 1.x's tokenizer pads with <|endoftext|>; SD 2.x's and SDXL's second one with "!".
+  const std::string pad = pad_token.empty() ? std::string(kEosToken) : pad_token;
+  const auto pad_it = tok.vocab_.find(pad);
+  if (pad_it == tok.vocab_.end())
+    throw ModelError("tokenizer vocabulary " + vocab_json + " lacks the padding token \"" + pad +
+                     "\" its tokenizer config names");
+  tok.pad_id_ = pad_it->second;
 
   const std::string merges_text = read_file(merges_txt, "merges");
   std::istringstream lines(merges_text);

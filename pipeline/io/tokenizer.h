@@ -19,8 +19,10 @@ class ClipTokenizer {
   // line, ranked by line order). Throws ModelError naming the file when either is missing or
   // malformed, or when the vocabulary lacks <|startoftext|> / <|endoftext|>. `max_length` is the
   // text encoder's context (tokenizer_config.json's model_max_length, 77 for SD 1.x).
+  // `pad_token` (tokenizer_config.json's pad_token) pads to max_length; empty means
+  // <|endoftext|>, as SD 1.x's tokenizer pads.
   static ClipTokenizer load(const std::string& vocab_json, const std::string& merges_txt,
-                            int max_length = 77);
+                            int max_length = 77, const std::string& pad_token = "");
 
   static constexpr size_t kUnlimited = static_cast<size_t>(-1);
 

@@ -1,5 +1,6 @@
 #include "pipeline/nn/clip.h"
 
+#include <algorithm>
 #include <string>
 
 #include "pipeline/errors.h"
@@ -52,6 +53,13 @@ ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& j) {
                      " (supported: \"quick_gelu\", \"gelu\")");
   }
   c.hidden_act = act.get<std::string>();
+  const auto arch = j.find("architectures");
+  const bool with_projection =
+      arch != j.end() && arch->is_array() &&
+      std::find(arch->begin(), arch->end(), "CLIPTextModelWithProjection") != arch->end();
+  if (with_projection) c.projection_dim = positive_int(j, "projection_dim");
+  const auto eos = j.find("eos_token_id");
+  if (eos != j.end() && eos->is_number_integer()) c.eos_token_id = eos->get<int64_t>();
   if (c.hidden_size % c.num_attention_heads != 0) {
     throw ModelError("text encoder config.json: hidden_size " + std::to_string(c.hidden_size) +
                      " is not divisible by num_attention_heads " +
@@ -124,6 +132,10 @@ ClipEncoderImpl::ClipEncoderImpl(const ClipTextConfig& c) {
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers_->push_back(ClipEncoderLayer(c));
 }
 
+torch::Tensor ClipEncoderImpl::forward_layer(const torch::Tensor& x, int64_t i) {
+  return layers_[static_cast<size_t>(i)]->as<ClipEncoderLayer>()->forward(x);
+}
+
 torch::Tensor ClipEncoderImpl::forward(torch::Tensor x, int64_t num_layers) {
   for (int64_t i = 0; i < num_layers; ++i) {
     x = layers_[static_cast<size_t>(i)]->as<ClipEncoderLayer>()->forward(x);
@@ -135,9 +147,49 @@ ClipTextModelImpl::ClipTextModelImpl(const ClipTextConfig& c) : config_(c) {
   embeddings_ = register_module("embeddings", ClipEmbeddings(c));
   encoder_ = register_module("encoder", ClipEncoder(c));
   final_layer_norm_ = register_module("final_layer_norm", layer_norm(c));
+  if (c.projection_dim > 0) {
+    text_projection_ = register_module(
+        "text_projection",
+        torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.projection_dim).bias(false)));
+  }
 }
 
 torch::Tensor ClipTextModelImpl::forward(const torch::Tensor& input_ids, int skip_layers) {
+  auto h = embeddings_->forward(checked_ids(input_ids, skip_layers));
+  h = encoder_->forward(h, config_.num_hidden_layers - skip_layers);
+  return final_layer_norm_->forward(h);
+}
+
+ClipTextModelImpl::Output ClipTextModelImpl::encode_unnormed(const torch::Tensor& input_ids,
+                                                             int skip_layers) {
+  const auto ids = checked_ids(input_ids, skip_layers);
+  Output out;
+  auto h = embeddings_->forward(ids);
+  const int64_t keep = config_.num_hidden_layers - skip_layers;
+  if (!text_projection_) {
+    out.hidden = encoder_->forward(h, keep);
+    return out;
+  }
+  // The pooled embedding needs every layer; the hidden state is the one after `keep` layers.
+  if (keep == 0) out.hidden = h;
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+    h = encoder_->forward_layer(h, i);
+    if (i + 1 == keep) out.hidden = h;
+  }
+  const auto last = final_layer_norm_->forward(h);
+  // transformers reads the first end token. Configs that say eos_token_id 2 (published SDXL
+  // and SD 2.x ones) get its legacy rule instead: the position of the highest id, which is the
+  // end token in CLIP's vocabulary (argmax picks the first of equal values in both cases).
+  const auto eos = config_.eos_token_id == 2
+                       ? ids.argmax(-1)
+                       : ids.eq(config_.eos_token_id).to(torch::kInt).argmax(-1);
+  const auto rows = torch::arange(ids.size(0), eos.options().dtype(torch::kLong));
+  out.pooled = text_projection_->forward(last.index({rows, eos}));
+  return out;
+}
+
+torch::Tensor ClipTextModelImpl::checked_ids(const torch::Tensor& input_ids,
+                                             int skip_layers) const {
   if (skip_layers < 0 || skip_layers > config_.num_hidden_layers) {
     throw RequestError("clip_skip", "clip skip " + std::to_string(skip_layers) +
                                         " is out of range: the text " + "encoder has " +
@@ -161,10 +213,7 @@ torch::Tensor ClipTextModelImpl::forward(const torch::Tensor& input_ids, int ski
     throw RequestError("", "text encoder input has token ids outside [0, " +
                                std::to_string(config_.vocab_size) + ")");
   }
-  ids = ids.to(final_layer_norm_->weight.device());
-  auto h = embeddings_->forward(ids);
-  h = encoder_->forward(h, config_.num_hidden_layers - skip_layers);
-  return final_layer_norm_->forward(h);
+  return ids.to(final_layer_norm_->weight.device());
 }
 
 }  // namespace sdserve::pipeline

@@ -1,6 +1,7 @@
-// CLIP's text transformer (transformers' CLIPTextModel without the pooler), the conditioning
-// encoder of Stable Diffusion 1.x. Modules register under the checkpoint's names minus the
-// "text_model." prefix, so load_weights fills them from a stripped WeightSource.
+// CLIP's text transformer (transformers' CLIPTextModel, and CLIPTextModelWithProjection's
+// text_projection), the conditioning encoder of Stable Diffusion 1.x / 2.x and both of SDXL's.
+// Modules register under the checkpoint's names minus the "text_model." prefix, so load_weights
+// fills them from a stripped WeightSource.
 #pragma once
 
 #include <torch/torch.h>
@@ -20,6 +21,12 @@ struct ClipTextConfig {
   int64_t max_position_embeddings = 0;
   double layer_norm_eps = 0.0;
   std::string hidden_act;  // "quick_gelu" (SD 1.x) or "gelu"
+  // CLIPTextModelWithProjection (architectures names it): a bias-free text_projection from
+  // hidden_size to projection_dim gives the pooled embedding (SDXL's second encoder). 0: none.
+  int64_t projection_dim = 0;
+  // The pooled embedding is read at the first end token; 2 means transformers' legacy rule
+  // (the highest id's position), as published SDXL configs say.
+  int64_t eos_token_id = 49407;
 
   // Throws ModelError naming a missing or invalid key.
   static ClipTextConfig from_json(const nlohmann::json& j);
@@ -77,6 +84,7 @@ class ClipEncoderImpl : public torch::nn::Module {
   explicit ClipEncoderImpl(const ClipTextConfig& config);
   // Runs the first `num_layers` layers.
   torch::Tensor forward(torch::Tensor x, int64_t num_layers);
+  torch::Tensor forward_layer(const torch::Tensor& x, int64_t i);  // layer i alone
   int64_t size() const { return static_cast<int64_t>(layers_->size()); }
 
  private:
@@ -95,6 +103,15 @@ class ClipTextModelImpl : public torch::nn::Module {
   // it. Throws RequestError for bad ids or skip_layers outside [0, num_hidden_layers].
   torch::Tensor forward(const torch::Tensor& input_ids, int skip_layers = 0);
 
+  // SDXL's use: the hidden state `skip_layers` layers before the last, without the final layer
+  // norm, and (with a text_projection) the pooled embedding: the final-normed last layer at the
+  // first end token, projected. Same argument checks as forward().
+  struct Output {
+    torch::Tensor hidden;  // (B, L, hidden_size)
+    torch::Tensor pooled;  // (B, projection_dim), undefined without a projection
+  };
+  Output encode_unnormed(const torch::Tensor& input_ids, int skip_layers);
+
   const ClipTextConfig& config() const { return config_; }
 
  private:
@@ -102,6 +119,9 @@ class ClipTextModelImpl : public torch::nn::Module {
   ClipEmbeddings embeddings_{nullptr};
   ClipEncoder encoder_{nullptr};
   torch::nn::LayerNorm final_layer_norm_{nullptr};
+  torch::nn::Linear text_projection_{nullptr};
+
+  torch::Tensor checked_ids(const torch::Tensor& input_ids, int skip_layers) const;
 };
 TORCH_MODULE(ClipTextModel);
 

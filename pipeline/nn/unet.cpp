@@ -54,9 +54,9 @@ UNetConfig UNetConfig::from_json(const json& j) {
   // Features of other UNet2DConditionModel variants (SDXL, Kandinsky, LCM, GLIGEN...).
   const std::string absent = "only null is supported";
   for (const char* key :
-       {"class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim",
-        "encoder_hid_dim_type", "time_cond_proj_dim", "timestep_post_act", "time_embedding_act_fn",
-        "cross_attention_norm", "reverse_transformer_layers_per_block"}) {
+       {"class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type",
+        "time_cond_proj_dim", "timestep_post_act", "time_embedding_act_fn", "cross_attention_norm",
+        "reverse_transformer_layers_per_block"}) {
     require(j, key, json(), absent);
   }
   require(j, "dual_cross_attention", false, "only false is supported");
@@ -141,6 +141,22 @@ UNetConfig UNetConfig::from_json(const json& j) {
     unsupported("resnet_time_scale_shift", shift, "known: default, scale_shift");
   c.resnet_scale_shift = shift == "scale_shift";
   c.resnet_skip_time_act = get<bool>(j, "resnet_skip_time_act", false);
+  const auto addition = get<std::string>(j, "addition_embed_type", "");
+  if (!addition.empty() && addition != "text_time")
+    unsupported("addition_embed_type", addition, "known: null, \"text_time\"");
+  c.text_time = addition == "text_time";
+  if (c.text_time) {
+    c.addition_time_embed_dim = get<int64_t>(j, "addition_time_embed_dim", 0);
+    c.projection_class_embeddings_input_dim =
+        get<int64_t>(j, "projection_class_embeddings_input_dim", 0);
+    if (c.addition_time_embed_dim <= 0)
+      unsupported("addition_time_embed_dim", j.value("addition_time_embed_dim", json()),
+                  "text_time needs a positive width");
+    if (c.projection_class_embeddings_input_dim <= 0)
+      unsupported("projection_class_embeddings_input_dim",
+                  j.value("projection_class_embeddings_input_dim", json()),
+                  "text_time needs a positive width");
+  }
   return c;
 }
 
@@ -181,6 +197,11 @@ UNetImpl::UNetImpl(const UNetConfig& config) : config_(config) {
                             .padding((c.conv_in_kernel - 1) / 2)));
   time_embedding_ =
       register_module("time_embedding", TimestepEmbedding(channels[0], c.time_embedding_dim));
+  if (c.text_time) {
+    add_embedding_ = register_module(
+        "add_embedding",
+        TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embedding_dim));
+  }
 
   ResnetSettings resnet;
   resnet.temb_channels = c.time_embedding_dim;
@@ -252,7 +273,8 @@ UNetImpl::UNetImpl(const UNetConfig& config) : config_(config) {
 }
 
 torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                                const torch::Tensor& context) {
+                                const torch::Tensor& context, const torch::Tensor& text_embeds,
+                                const torch::Tensor& time_ids) {
   TORCH_CHECK(sample.dim() == 4 && sample.size(1) == config_.in_channels,
               "UNet: sample must be (B, ", config_.in_channels, ", h, w)");
   const int64_t batch = sample.size(0);
@@ -264,7 +286,20 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
   auto t_emb = timestep_embedding(t.expand({batch}), config_.block_out_channels[0],
                                   config_.flip_sin_to_cos, config_.freq_shift)
                    .to(sample.scalar_type());
-  const auto emb = time_embedding_(t_emb);
+  auto emb = time_embedding_(t_emb);
+  if (add_embedding_) {
+    TORCH_CHECK(text_embeds.defined() && time_ids.defined() && text_embeds.size(0) == batch &&
+                    time_ids.size(0) == batch,
+                "UNet: text_time conditioning needs text_embeds and time_ids for every sample");
+    // Each size/crop number through its own sinusoid (float32, as diffusers), then joined with
+    // the pooled text embedding in the weights' dtype.
+    auto time_embeds =
+        timestep_embedding(time_ids.to(sample.device()).flatten(), config_.addition_time_embed_dim,
+                           config_.flip_sin_to_cos, config_.freq_shift)
+            .reshape({batch, -1});
+    auto add = torch::cat({text_embeds.to(sample.device(), torch::kFloat32), time_embeds}, -1);
+    emb = emb + add_embedding_(add.to(emb.scalar_type()));
+  }
 
   auto x = config_.center_input_sample ? sample * 2 - 1.0 : sample;
   x = conv2d_fused(conv_in_, x);

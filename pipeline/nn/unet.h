@@ -46,6 +46,12 @@ struct UNetConfig {
   int64_t conv_out_kernel = 3;
   bool resnet_scale_shift = false;  // resnet_time_scale_shift == "scale_shift"
   bool resnet_skip_time_act = false;
+  // addition_embed_type "text_time" (SDXL): a pooled text embedding and size/crop numbers, each
+  // number through an addition_time_embed_dim-wide sinusoid, go through add_embedding (from
+  // projection_class_embeddings_input_dim features) into the time embedding.
+  bool text_time = false;
+  int64_t addition_time_embed_dim = 0;
+  int64_t projection_class_embeddings_input_dim = 0;
 
   // Throws ModelError naming the key and value of anything missing, malformed or unsupported.
   static UNetConfig from_json(const nlohmann::json& j);
@@ -71,10 +77,12 @@ class UNetImpl : public torch::nn::Module {
   explicit UNetImpl(const UNetConfig& config);
 
   // sample: (B, in_channels, h, w); timesteps: (B) or a single value, any numeric dtype, one per
-  // sample (they may differ); context: (B, L, cross_attention_dim). Returns (B, out_channels,
-  // h, w) in the dtype of the sample.
+  // sample (they may differ); context: (B, L, cross_attention_dim). With text_time, text_embeds
+  // (B, pooled width) and time_ids (B, n) are required (ignored otherwise). Returns
+  // (B, out_channels, h, w) in the dtype of the sample.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps,
-                        const torch::Tensor& context);
+                        const torch::Tensor& context, const torch::Tensor& text_embeds = {},
+                        const torch::Tensor& time_ids = {});
 
   const UNetConfig& config() const { return config_; }
 
@@ -82,6 +90,7 @@ class UNetImpl : public torch::nn::Module {
   UNetConfig config_;
   torch::nn::Conv2d conv_in_{nullptr}, conv_out_{nullptr};
   TimestepEmbedding time_embedding_{nullptr};
+  TimestepEmbedding add_embedding_{nullptr};  // text_time only
   std::vector<DownBlock> down_blocks_;
   MidBlockCrossAttn mid_block_{nullptr};
   std::vector<UpBlock> up_blocks_;

@@ -19,7 +19,8 @@ namespace sdserve::pipeline {
 struct UNetRunner::Graphs {
   struct Entry {
     std::unique_ptr<at::cuda::CUDAGraph> graph;
-    torch::Tensor x, t, ctx, out;  // static buffers the graph reads and writes
+    torch::Tensor x, t, ctx, out;         // static buffers the graph reads and writes
+    torch::Tensor text_embeds, time_ids;  // SDXL's added conditioning (undefined otherwise)
   };
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, Entry> entries;  // rows, h, w, L
   // Shared by all graphs: only one replays at a time. (The pool id's type moved between torch
@@ -63,7 +64,20 @@ size_t UNetRunner::graphs_captured() const {
 }
 
 torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor& t_in,
-                                  const torch::Tensor& ctx_in) {
+                                  const torch::Tensor& ctx_in, const torch::Tensor& text_embeds,
+                                  const torch::Tensor& time_ids) {
+#ifdef SDSERVE_WITH_CUDA
+  // Padded rows of a graph's static buffers stay zero, as for the other inputs.
+  auto padded_like = [](const torch::Tensor& v, int64_t padded) {
+    if (!v.defined()) return torch::Tensor();
+    auto sizes = v.sizes().vec();
+    sizes[0] = padded;
+    return torch::zeros(sizes, v.options());
+  };
+  auto fill = [](torch::Tensor& buffer, const torch::Tensor& v, int64_t rows) {
+    if (v.defined()) buffer.narrow(0, 0, rows).copy_(v);
+  };
+#endif
   torch::NoGradGuard no_grad;
   const bool cuda = device_.is_cuda();
   auto x = x_in;
@@ -80,15 +94,19 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
       if (options_.channels_last) e.x = e.x.contiguous(torch::MemoryFormat::ChannelsLast);
       e.t = torch::zeros({padded}, t_in.options());
       e.ctx = torch::zeros({padded, ctx_in.size(1), ctx_in.size(2)}, ctx_in.options());
+      e.text_embeds = padded_like(text_embeds, padded);
+      e.time_ids = padded_like(time_ids, padded);
       e.x.narrow(0, 0, rows).copy_(x);
       e.t.narrow(0, 0, rows).copy_(t_in);
       e.ctx.narrow(0, 0, rows).copy_(ctx_in);
+      fill(e.text_embeds, text_embeds, rows);
+      fill(e.time_ids, time_ids, rows);
       // Warm up on a side stream (cuDNN picks its algorithms here), then capture.
       const auto t0 = std::chrono::steady_clock::now();
       auto stream = c10::cuda::getStreamFromPool(false, device_.index());
       {
         c10::cuda::CUDAStreamGuard guard(stream);
-        for (int i = 0; i < 2; ++i) unet_->forward(e.x, e.t, e.ctx);
+        for (int i = 0; i < 2; ++i) unet_->forward(e.x, e.t, e.ctx, e.text_embeds, e.time_ids);
         stream.synchronize();
         // With one worker per GPU, another thread may allocate or synchronise while this one
         // captures: thread-local capture mode keeps their calls from invalidating this capture
@@ -98,7 +116,7 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
         std::lock_guard<std::mutex> lock(capture_mutex);
         e.graph = std::make_unique<at::cuda::CUDAGraph>();
         e.graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
-        e.out = unet_->forward(e.x, e.t, e.ctx);
+        e.out = unet_->forward(e.x, e.t, e.ctx, e.text_embeds, e.time_ids);
         e.graph->capture_end();
         graphs_->pool = e.graph->pool();
       }
@@ -115,12 +133,14 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
     e.x.narrow(0, 0, rows).copy_(x);
     e.t.narrow(0, 0, rows).copy_(t_in);
     e.ctx.narrow(0, 0, rows).copy_(ctx_in);
+    fill(e.text_embeds, text_embeds, rows);
+    fill(e.time_ids, time_ids, rows);
     e.graph->replay();
     // The graph overwrites `out` on its next replay, so hand the caller its own copy.
     return e.out.narrow(0, 0, rows).clone();
   }
 #endif
-  return unet_->forward(x, t_in, ctx_in);
+  return unet_->forward(x, t_in, ctx_in, text_embeds, time_ids);
 }
 
 }  // namespace sdserve::pipeline

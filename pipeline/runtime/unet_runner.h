@@ -27,8 +27,10 @@ class UNetRunner {
   UNetRunner(UNet unet, torch::Device device, torch::Dtype dtype, UNetRunnerOptions options);
   ~UNetRunner();
 
-  // x: (B, C, h, w) in the compute dtype; t: (B) float32; ctx: (B, L, D). Returns (B, C, h, w).
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& ctx);
+  // x: (B, C, h, w) in the compute dtype; t: (B) float32; ctx: (B, L, D); text_embeds (B, P)
+  // and time_ids (B, 6) for SDXL's UNet, undefined otherwise. Returns (B, C, h, w).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t, const torch::Tensor& ctx,
+                        const torch::Tensor& text_embeds = {}, const torch::Tensor& time_ids = {});
 
   int64_t bucket_for(int64_t rows) const;  // rows itself when no bucket fits
   size_t graphs_captured() const;

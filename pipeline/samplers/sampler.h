@@ -23,9 +23,10 @@ struct SchedulerConfig {
   int steps_offset = 1;
   bool set_alpha_to_one = false;
   // leading | trailing | linspace; empty: each sampler's own diffusers default (leading for pndm
-  // and ddim, linspace for the rest). from_json leaves it empty: diffusers' from_config drops a
-  // key the source scheduler took from its defaults (SD 1.5's published config has no
-  // timestep_spacing), and the reference runs show every sampler on its own default.
+  // and ddim, linspace for the rest). from_json sets it only when the config's value differs
+  // from its own class's default: diffusers' from_config drops a key the source scheduler took
+  // from its defaults (SD 1.5's config has none, SD 2.x's DDIM one repeats DDIM's "leading"),
+  // while SDXL's Euler config asks for "leading" and every sampler follows it.
   std::string timestep_spacing;
 
   // Defaults as SD 1.5 for absent keys. ModelError for a value we cannot run.

@@ -42,7 +42,15 @@ SchedulerConfig SchedulerConfig::from_json(const nlohmann::json& config) {
   c.prediction_type = config_value(config, "prediction_type", c.prediction_type);
   c.steps_offset = config_value(config, "steps_offset", c.steps_offset);
   c.set_alpha_to_one = config_value(config, "set_alpha_to_one", c.set_alpha_to_one);
-  // timestep_spacing is deliberately not read: see the field's comment in sampler.h.
+  // timestep_spacing counts only where it differs from the default of the config's own class
+  // (see the field's comment in sampler.h): SDXL's Euler config says "leading" on purpose, and
+  // every sampler follows it; SD 2.x's DDIM config says "leading", DDIM's default, and the
+  // other samplers keep their own.
+  const auto spacing = config_value(config, "timestep_spacing", std::string());
+  const auto cls = config_value(config, "_class_name", std::string());
+  const bool leading_by_default = cls == "DDIMScheduler" || cls == "PNDMScheduler" || cls.empty();
+  const std::string class_default = leading_by_default ? "leading" : "linspace";
+  if (!spacing.empty() && spacing != class_default) c.timestep_spacing = spacing;
 
   if (c.num_train_timesteps < 2) {
     throw ModelError("scheduler config: num_train_timesteps must be at least 2, got " +

@@ -12,11 +12,15 @@ namespace sdserve::pipeline {
 
 class Embedding {
  public:
-  explicit Embedding(torch::Tensor hidden) : hidden_(std::move(hidden)) {}
+  explicit Embedding(torch::Tensor hidden, torch::Tensor pooled = {})
+      : hidden_(std::move(hidden)), pooled_(std::move(pooled)) {}
   const torch::Tensor& hidden() const { return hidden_; }  // (1, 77, D), compute dtype, on device
+  // SDXL: the second text encoder's pooled, projected embedding (1, P); undefined otherwise.
+  const torch::Tensor& pooled() const { return pooled_; }
 
  private:
   torch::Tensor hidden_;
+  torch::Tensor pooled_;
 };
 
 struct Trajectory::State {

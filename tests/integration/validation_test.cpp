@@ -62,6 +62,12 @@ TEST_F(ValidationTest, EveryFieldIsCheckedAndNamed) {
       {"timeout_s", 1e9, "", "at most"},
       {"timeout_s", "60", "", "greater than 0"},
       {"cancel_on_disconnect", "yes", "", "true or false"},
+      {"original_size", 1024, "", "object"},
+      {"original_size.width", {{"width", -1}}, "original_size", "0 and 8192"},
+      {"original_size.height", {{"height", "1024"}}, "original_size", "0 and 8192"},
+      {"crops_coords_top_left.top", {{"top", 9000}}, "crops_coords_top_left", "0 and 8192"},
+      {"crops_coords_top_left.right", {{"right", 0}}, "crops_coords_top_left", "unknown"},
+      {"target_size.width", {{"width", 1.5}}, "target_size", "0 and 8192"},
       {"colour", "blue", "", "unknown field"},
   };
   for (const auto& c : cases) {
@@ -112,9 +118,15 @@ TEST_F(ValidationTest, AcceptedValuesAtTheLimits) {
   body["timeout_s"] = 3600;
   body["cancel_on_disconnect"] = false;
   body["preview"] = nullptr;
+  // SDXL's size conditioning: accepted (and echoed) for any model, used by SDXL's.
+  body["original_size"] = {{"width", 8192}, {"height", 0}};
+  body["crops_coords_top_left"] = {{"top", 0}, {"left", 8192}};
+  body["target_size"] = nullptr;
   const auto r = post(port(), "/v1/jobs", body);
   ASSERT_EQ(r.status, 202) << r.body;
   EXPECT_EQ(r.body_json()["request"]["sampler"], "euler_ancestral");
+  EXPECT_EQ(r.body_json()["request"]["original_size"]["width"], 8192);
+  EXPECT_EQ(r.body_json()["request"]["crops_coords_top_left"]["left"], 8192);
   EXPECT_EQ(r.body_json()["seed"], 18446744073709551615ull);
 }
 

@@ -85,6 +85,26 @@ TEST(SanitizeJobRequest, DefaultsAndRandomSeed) {
   EXPECT_EQ(*big.seed, 18446744073709551615ull);
 }
 
+TEST(SanitizeJobRequest, SizesDefaultToTheModelsAndSizeConditioningIsRead) {
+  engine::RequestBounds sdxl;
+  sdxl.native_size = 1024;
+  const auto r = parse_job_request(
+      R"({"prompt": "a cat", "original_size": {"width": 2048, "height": 1536},
+          "crops_coords_top_left": {"top": 16, "left": 32},
+          "target_size": {"width": 1024, "height": 768}})",
+      sdxl);
+  EXPECT_EQ(r.width, 1024);
+  EXPECT_EQ(r.height, 1024);
+  EXPECT_EQ(r.original_width, 2048);
+  EXPECT_EQ(r.original_height, 1536);
+  EXPECT_EQ(r.crop_top, 16);
+  EXPECT_EQ(r.crop_left, 32);
+  EXPECT_EQ(r.target_width, 1024);
+  EXPECT_EQ(r.target_height, 768);
+  const auto e = error_of(R"({"prompt": "a", "target_size": {"width": 9000}})");
+  EXPECT_EQ(e.field, "target_size.width");
+}
+
 TEST(SanitizeJobRequest, EachFieldsErrorNamesItsField) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {R"({})", "prompt"},

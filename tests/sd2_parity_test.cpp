@@ -1,0 +1,96 @@
+// SD 2.x against diffusers on the tiny-sd2 fixture (v-prediction, linear projections, upcast
+// attention, per-block head counts, a gelu text encoder, "!" padding): tokens, text embeddings,
+// UNet, VAE and every text-to-image run with its step latents.
+#include <gtest/gtest.h>
+
+#include "family_parity.h"
+
+namespace sdserve::pipeline {
+namespace {
+
+using test::family_model;
+using test::family_ref;
+
+const char* const kFamily = "tiny-sd2";
+
+TEST(Sd2Parity, LoadsAsSd2WithItsSchedulerConfig) {
+  const auto model = family_model(kFamily);
+  EXPECT_EQ(model->info().family, "sd2");
+  EXPECT_EQ(model->info().layout, "diffusers");
+  EXPECT_FALSE(model->info().size_conditioning);
+  EXPECT_EQ(model->impl().scheduler.prediction_type, "v_prediction");
+  EXPECT_EQ(model->info().native_size, 64);  // sample_size 8 x the VAE's 8
+}
+
+TEST(Sd2Parity, TokensMatchIncludingExclamationPadding) {
+  const auto model = family_model(kFamily);
+  int checked = 0;
+  for (const auto& c : test::cases_of_kind(kFamily, "tokens")) {
+    const auto want = family_ref(kFamily, c["name"]).reshape({-1}).to(torch::kLong);
+    const auto ids = model->text_input_ids(c["prompt"]);
+    ASSERT_EQ(static_cast<int64_t>(ids.size()), want.size(0));
+    for (size_t i = 0; i < ids.size(); ++i)
+      ASSERT_EQ(ids[i], want[static_cast<int64_t>(i)].item<int64_t>()) << c["name"] << " @" << i;
+    ++checked;
+  }
+  EXPECT_GT(checked, 0);
+  EXPECT_EQ(model->text_input_ids("a").back(), 0);  // "!" is id 0
+}
+
+TEST(Sd2Parity, TextEmbeddingsMatch) {
+  const auto model = family_model(kFamily);
+  int checked = 0;
+  for (const auto& c : test::cases_of_kind(kFamily, "text_embeds")) {
+    const int clip_skip = c["clip_skip"].is_null() ? 1 : c["clip_skip"].get<int>() + 1;
+    const auto e = model->encode_text(c["prompt"], clip_skip);
+    test::expect_close(e->hidden(), family_ref(kFamily, c["name"]), test::kModuleTolerance,
+                       c["name"]);
+    ++checked;
+  }
+  EXPECT_GT(checked, 0);
+}
+
+TEST(Sd2Parity, UNetMatchesAtEveryTimestep) {
+  torch::NoGradGuard no_grad;
+  auto& unet = family_model(kFamily)->impl().unet;
+  for (int t : {1, 500, 999}) {
+    const auto prefix = "unet_t" + std::to_string(t);
+    const auto x = family_ref(kFamily, prefix + "_in");
+    auto out = unet->forward(x, torch::full({x.size(0)}, t, torch::kFloat32),
+                             family_ref(kFamily, prefix + "_emb"));
+    test::expect_close(out, family_ref(kFamily, prefix + "_out"), test::kModuleTolerance,
+                       "sd2 " + prefix);
+  }
+}
+
+TEST(Sd2Parity, VaeDecodeAndEncodeMatch) {
+  torch::NoGradGuard no_grad;
+  auto& vae = family_model(kFamily)->impl().vae;
+  test::expect_close(vae->decode(family_ref(kFamily, "vae_decode_in")),
+                     family_ref(kFamily, "vae_decode_out"), test::kModuleTolerance,
+                     "sd2 vae decode");
+  test::expect_close(vae->encode_mean(family_ref(kFamily, "vae_encode_in")),
+                     family_ref(kFamily, "vae_encode_mean"), test::kModuleTolerance,
+                     "sd2 vae encode");
+}
+
+TEST(Sd2Parity, SchedulerTimestepsMatch) {
+  EXPECT_EQ(test::check_timesteps(kFamily), 8);
+}
+
+class Sd2Runs : public ::testing::TestWithParam<test::FamilyRun> {};
+
+TEST_P(Sd2Runs, StepLatentsAndImagesMatchDiffusers) {
+  test::check_run(GetParam());
+}
+
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(Sd2Runs);  // no shared fixtures
+INSTANTIATE_TEST_SUITE_P(AllRuns, Sd2Runs, ::testing::ValuesIn(test::family_runs(kFamily)),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(Sd2Parity, AllEightRunsAreInstantiated) {
+  EXPECT_EQ(test::family_runs(kFamily).size(), 8u);
+}
+
+}  // namespace
+}  // namespace sdserve::pipeline
