@@ -64,6 +64,7 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
   for (const auto& m : impl->models)
     impl->worker_status.push_back({m->info().device, "warming_up", "", 0});
+  impl->model_hash = std::make_unique<ModelHash>(impl->models.front()->info().path);
   Impl* raw = impl.get();
   impl->dispatcher = std::thread([raw] { raw->dispatcher_loop(); });
   // PNG encoding takes ~30 ms per 512x512 image: two threads keep it off the critical path up to
@@ -78,6 +79,10 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
 
 Engine::~Engine() {
   shutdown(SteadyClock::now());
+}
+
+std::string Engine::model_sha256() const {
+  return impl_->model_hash ? impl_->model_hash->sha256() : std::string();
 }
 
 JobSnapshot Engine::submit(JobRequest request) {

@@ -167,6 +167,9 @@ class Engine {
   bool ready() const;
   std::vector<WorkerStatus> workers() const;
   std::vector<DeviceMemory> device_memory() const;  // one per worker, any thread
+  // SHA-256 of the single-file checkpoint (A1111's model hash is its first 10 digits), computed
+  // in the background after start; "" until then, and for a diffusers folder.
+  std::string model_sha256() const;
   // Empty while warm-up goes well; else the first failure, "device: why".
   std::string warm_up_error() const;
   // True once every worker has either warmed up or failed to.

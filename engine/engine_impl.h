@@ -15,6 +15,7 @@
 #include "cache/embedding_cache.h"
 #include "engine/engine.h"
 #include "engine/job_queue.h"
+#include "engine/model_hash.h"
 #include "engine/model_runner.h"
 #include "engine/result_store.h"
 #include "pipeline/pipeline.h"
@@ -59,6 +60,7 @@ struct Engine::Impl {
   EngineOptions options;
   std::vector<std::shared_ptr<ModelRunner>> models;
   std::shared_ptr<cache::EmbeddingCache> cache;
+  std::unique_ptr<ModelHash> model_hash;  // of the checkpoint file, computed in the background
 
   mutable std::mutex mutex;         // guards everything below up to the threads
   std::condition_variable work_cv;  // workers wait here for jobs

@@ -13,6 +13,14 @@
 namespace sdserve::engine {
 namespace {
 
+// A1111 writes "Model hash: <10 hex>" just before "Model: "; a1111_parameters leaves it out, as
+// the hash may still be computing (then the PNG lacks it, as A1111's do for unhashed models).
+std::string with_model_hash(std::string params, const std::string& hash) {
+  const auto at = params.rfind(", Model: ");
+  if (hash.empty() || at == std::string::npos) return params;
+  return params.insert(at, ", Model hash: " + hash);
+}
+
 pipeline::GenerateRequest generate_request_of(const JobState& job) {
   pipeline::GenerateRequest r;
   r.prompt = job.request.prompt;
@@ -612,38 +620,40 @@ void Worker::decode(std::vector<Active> finished) {
   for (size_t i = 0; i < finished.size(); ++i) {
     auto job = finished[i].job;
     const int k = finished[i].index;
-    e->post_encode({[e, job, k, info, image = std::move(images[i])] {
-                      std::string params;
-                      {
-                        std::lock_guard<std::mutex> lock(e->mutex);
-                        params = pipeline::a1111_parameters(generate_request_of(*job),
-                                                            job->seed + k, info);
-                      }
-                      auto png = std::make_shared<const std::vector<uint8_t>>(
-                          pipeline::encode_png(image, {{"parameters", params}}));
-                      std::lock_guard<std::mutex> lock(e->mutex);
-                      --job->images_in_flight;
-                      ++e->stats.images_done;
-                      if (job->cancel_requested || is_final(job->status)) {
-                        if (job->images_in_flight == 0) e->finish(*job, JobStatus::kCancelled);
-                        return;
-                      }
-                      for (const auto& evicted :
-                           e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
-                        auto it = e->jobs.find(evicted);
-                        if (it != e->jobs.end()) it->second->results_evicted = true;
-                      }
-                      ++job->images_finished;
-                      if (job->images_finished == job->request.num_images)
-                        e->finish(*job, JobStatus::kSucceeded);
-                    },
-                    false,
-                    [e, job](const std::string& error) {
-                      std::lock_guard<std::mutex> lock(e->mutex);
-                      --job->images_in_flight;
-                      job->cancel_requested = true;
-                      e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
-                    }});
+    e->post_encode(
+        {[e, job, k, info, image = std::move(images[i])] {
+           std::string params;
+           {
+             std::lock_guard<std::mutex> lock(e->mutex);
+             params = with_model_hash(
+                 pipeline::a1111_parameters(generate_request_of(*job), job->seed + k, info),
+                 e->model_hash ? e->model_hash->autov2() : std::string());
+           }
+           auto png = std::make_shared<const std::vector<uint8_t>>(
+               pipeline::encode_png(image, {{"parameters", params}}));
+           std::lock_guard<std::mutex> lock(e->mutex);
+           --job->images_in_flight;
+           ++e->stats.images_done;
+           if (job->cancel_requested || is_final(job->status)) {
+             if (job->images_in_flight == 0) e->finish(*job, JobStatus::kCancelled);
+             return;
+           }
+           for (const auto& evicted :
+                e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
+             auto it = e->jobs.find(evicted);
+             if (it != e->jobs.end()) it->second->results_evicted = true;
+           }
+           ++job->images_finished;
+           if (job->images_finished == job->request.num_images)
+             e->finish(*job, JobStatus::kSucceeded);
+         },
+         false,
+         [e, job](const std::string& error) {
+           std::lock_guard<std::mutex> lock(e->mutex);
+           --job->images_in_flight;
+           job->cancel_requested = true;
+           e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
+         }});
   }
 }
 

@@ -126,6 +126,15 @@ std::string model_title(const pipeline::ModelInfo* model) {
   return model ? model->name : std::string("sdserve");
 }
 
+// A1111's checkpoint title: "name [hash10]" once the hash is known.
+std::string model_title(const pipeline::ModelInfo* model, const std::string& sha256) {
+  return model_title(model) + (sha256.empty() ? "" : " [" + sha256.substr(0, 10) + "]");
+}
+
+Json hash_or_null(const std::string& sha256, size_t digits) {
+  return sha256.empty() ? Json(nullptr) : Json(sha256.substr(0, digits));
+}
+
 // override_settings: the few settings that decide the image here, checked; harmless ones
 // ignored; the rest refused by name.
 void apply_overrides(const Json& o, const pipeline::ModelInfo* model, Json& native) {
@@ -341,7 +350,7 @@ ApiError renamed(const ApiError& e) {
 
 Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
                     const std::vector<std::shared_ptr<const std::vector<uint8_t>>>& pngs,
-                    const pipeline::ModelInfo* model) {
+                    const pipeline::ModelInfo* model, const std::string& sha256) {
   const auto& r = job.request;
   const int n = static_cast<int>(pngs.size());
   Json images = Json::array();
@@ -372,7 +381,7 @@ Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
                {"restore_faces", false},
                {"face_restoration_model", nullptr},
                {"sd_model_name", model_title(model)},
-               {"sd_model_hash", nullptr},
+               {"sd_model_hash", hash_or_null(sha256, 10)},
                {"sd_vae_name", nullptr},
                {"sd_vae_hash", nullptr},
                {"seed_resize_from_w", -1},
@@ -418,21 +427,21 @@ Json schedulers() {
                        {"need_inner_model", false}}});
 }
 
-Json sd_models(const pipeline::ModelInfo* model) {
+Json sd_models(const pipeline::ModelInfo* model, const std::string& sha256) {
   Json out = Json::array();
   if (!model) return out;
-  out.push_back({{"title", model->name},
+  out.push_back({{"title", model_title(model, sha256)},
                  {"model_name", model->name},
-                 {"hash", nullptr},
-                 {"sha256", nullptr},
+                 {"hash", hash_or_null(sha256, 10)},
+                 {"sha256", hash_or_null(sha256, 64)},
                  {"filename", model->name},
                  {"config", nullptr}});
   return out;
 }
 
-Json options(const pipeline::ModelInfo* model) {
-  return {{"sd_model_checkpoint", model_title(model)},
-          {"sd_checkpoint_hash", nullptr},
+Json options(const pipeline::ModelInfo* model, const std::string& sha256) {
+  return {{"sd_model_checkpoint", model_title(model, sha256)},
+          {"sd_checkpoint_hash", hash_or_null(sha256, 64)},
           {"sd_vae", "Automatic"},
           {"CLIP_stop_at_last_layers", 1},
           {"samples_format", "png"},

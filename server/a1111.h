@@ -42,14 +42,15 @@ ApiError renamed(const ApiError& e);
 
 // The txt2img answer: {images: [base64 PNG], parameters, info} with info a JSON string.
 // `pngs` are the job's images in order; empty for an interrupted job.
+// `sha256`: the checkpoint's (Engine::model_sha256; "" while unknown).
 Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
                     const std::vector<std::shared_ptr<const std::vector<uint8_t>>>& pngs,
-                    const pipeline::ModelInfo* model);
+                    const pipeline::ModelInfo* model, const std::string& sha256);
 
 Json samplers();
 Json schedulers();
-Json sd_models(const pipeline::ModelInfo* model);
-Json options(const pipeline::ModelInfo* model);
+Json sd_models(const pipeline::ModelInfo* model, const std::string& sha256);
+Json options(const pipeline::ModelInfo* model, const std::string& sha256);
 
 // A PNG's text chunk (tEXt, or uncompressed iTXt) as UTF-8; "" when absent.
 std::string png_text(const std::vector<uint8_t>& png, const std::string& key);

@@ -453,13 +453,16 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       return json_response(http::status::ok, a1111::samplers(), req);
     case Route::kSdSchedulers:
       return json_response(http::status::ok, a1111::schedulers(), req);
-    case Route::kSdModels: {
-      const auto m = ctx.model();
-      return json_response(http::status::ok, a1111::sd_models(m ? &m->info() : nullptr), req);
-    }
+    case Route::kSdModels:
     case Route::kSdOptions: {
       const auto m = ctx.model();
-      return json_response(http::status::ok, a1111::options(m ? &m->info() : nullptr), req);
+      const auto e = ctx.engine();
+      const std::string sha256 = e ? e->model_sha256() : "";
+      const auto* info = m ? &m->info() : nullptr;
+      return json_response(http::status::ok,
+                           route.kind == Route::kSdModels ? a1111::sd_models(info, sha256)
+                                                          : a1111::options(info, sha256),
+                           req);
     }
     case Route::kSdPngInfo:
       return json_response(http::status::ok, a1111::png_info(req.body()), req);

@@ -352,7 +352,8 @@ Response HttpSession::generate_response(const Request& req) {
         const auto model = ctx_->model();
         return json_response(
             http::status::ok,
-            a1111::txt2img_answer(*waiting_->txt2img, *job, {}, model ? &model->info() : nullptr),
+            a1111::txt2img_answer(*waiting_->txt2img, *job, {}, model ? &model->info() : nullptr,
+                                  engine->model_sha256()),
             req);
       }
       throw ApiError(409, "cancelled", "job '" + id + "' was cancelled");
@@ -379,7 +380,8 @@ Response HttpSession::generate_response(const Request& req) {
     const auto model = ctx_->model();
     Response res = json_response(
         http::status::ok,
-        a1111::txt2img_answer(*waiting_->txt2img, *job, pngs, model ? &model->info() : nullptr),
+        a1111::txt2img_answer(*waiting_->txt2img, *job, pngs, model ? &model->info() : nullptr,
+                              engine->model_sha256()),
         req);
     res.set("X-Job-Id", id);
     return res;

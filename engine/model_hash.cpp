@@ -1,0 +1,52 @@
+#include "engine/model_hash.h"
+
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include "cache/sha256.h"
+#include "pipeline/log.h"
+
+namespace sdserve::engine {
+
+ModelHash::ModelHash(const std::string& path) {
+  std::error_code ec;
+  if (path.empty() || !std::filesystem::is_regular_file(path, ec)) return;
+  thread_ = std::thread([this, path] { run(path); });
+}
+
+ModelHash::~ModelHash() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+}
+
+void ModelHash::run(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return;
+  cache::Sha256 sha;
+  std::vector<char> buffer(4 << 20);
+  while (!stop_.load() && in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    if (in.gcount() > 0) sha.update(buffer.data(), static_cast<size_t>(in.gcount()));
+  }
+  if (stop_.load() || in.bad()) return;
+  const auto digest = sha.finish();
+  const std::string hex = cache::to_hex(digest.data(), digest.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    sha256_ = hex;
+  }
+  pipeline::log(pipeline::LogLevel::kInfo, "model hash (A1111 AutoV2): " + hex.substr(0, 10));
+}
+
+std::string ModelHash::sha256() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return sha256_;
+}
+
+std::string ModelHash::autov2() const {
+  const std::string full = sha256();
+  return full.substr(0, full.empty() ? 0 : 10);
+}
+
+}  // namespace sdserve::engine
