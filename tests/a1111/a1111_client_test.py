@@ -44,7 +44,10 @@ def fail(message, output=""):
 with tempfile.TemporaryDirectory() as out:
     port = free_port()
     log = open(os.path.join(out, "serve.log"), "w")
-    server = subprocess.Popen([binary, "serve", "--port", str(port)], stdout=log, stderr=log)
+    # sdserve refuses SDSERVE_* variables that are not its keys (CI exports SDSERVE_CMAKE_ARGS).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+    server = subprocess.Popen([binary, "serve", "--port", str(port)], stdout=log, stderr=log,
+                              env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

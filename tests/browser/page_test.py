@@ -85,7 +85,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         port, devtools = free_port(), free_port()
         log = open(os.path.join(tmp, "serve.log"), "w")
-        server = subprocess.Popen([binary, "serve", "--port", str(port)], stdout=log, stderr=log)
+        # sdserve refuses SDSERVE_* variables that are not its keys (CI exports SDSERVE_CMAKE_ARGS).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+        server = subprocess.Popen([binary, "serve", "--port", str(port)], stdout=log, stderr=log,
+                                  env=env)
         browser = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", f"--remote-debugging-port={devtools}", f"--user-data-dir={tmp}/profile",
