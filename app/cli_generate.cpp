@@ -34,6 +34,8 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
                         SD 1.x, 1024 for SDXL)
   -n N                number of images, 1..16 (default 1): out.png, out-1.png, ...
   --clip-skip N       1 = last CLIP layer (default), 2 = penultimate (A1111's convention)
+  --prompt-syntax S   a1111 (default: (word:1.2), [word], BREAK, prompts past 75 tokens) or
+                      none (the text as it is, cut at 75 tokens, as diffusers)
   --single-file-config DIR  a diffusers folder whose configs a single-file model uses
                       instead of ones inferred from its shapes
   --device D          auto | cpu | cuda | cuda:N (default auto)
@@ -82,7 +84,7 @@ struct GenerateArgs {
 bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) {
   using L = pipeline::Limits;
   auto& request = g.request;
-  std::string sampler = "euler", scheduler;
+  std::string sampler = "euler", scheduler, prompt_syntax = "a1111";
   bool have_prompt = false, have_seed = false;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
@@ -122,6 +124,8 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
       request.num_images = parse_int_arg(a, v, 1, L::kMaxImages);
     else if (a == "--clip-skip")
       request.clip_skip = parse_int_arg(a, v, 1, 64);  // the model's depth is checked once loaded
+    else if (a == "--prompt-syntax")
+      prompt_syntax = v;
     else if (a == "--single-file-config")
       g.load.single_file_config = v;
     else if (a == "--device")
@@ -147,6 +151,7 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
     const auto choice = pipeline::resolve_sampler(sampler, scheduler);
     request.image.sampler = choice.sampler;
     request.image.scheduler = choice.scheduler;
+    request.prompt_syntax = pipeline::parse_prompt_syntax(prompt_syntax);
   } catch (const pipeline::RequestError& e) {
     throw UsageError(e.what());
   }

@@ -90,6 +90,12 @@ JobSnapshot Engine::submit(JobRequest request) {
   bounds.text_layers = impl_->models.front()->info().text_layers;
   bounds.max_timeout_s = impl_->options.max_timeout_s;
   validate(request, bounds);
+  // A prompt the text encoder cannot take (its syntax, its length) is refused now, not when it
+  // would run.
+  const auto& model = *impl_->models.front();
+  model.text_input(request.prompt, request.prompt_syntax, pipeline::TextRole::kPrompt);
+  if (request.guidance_scale > 1.0)
+    model.text_input(request.negative_prompt, request.prompt_syntax, pipeline::TextRole::kNegative);
   const double timeout = request.timeout_s.value_or(impl_->options.default_timeout_s);
   const int evals_per_image = impl_->models.front()->evals_total(image_spec(request));
 

@@ -48,6 +48,8 @@ struct JobRequest {
   std::optional<uint64_t> seed;      // absent: the engine picks one and reports it
   int num_images = 1;
   int clip_skip = 1;
+  // A1111's weighting syntax and long prompts in chunks, or the text as it is (pipeline.h).
+  pipeline::PromptSyntax prompt_syntax = pipeline::PromptSyntax::kA1111;
   std::optional<PreviewOptions> preview;
   Priority priority = Priority::kNormal;
   std::optional<double> timeout_s;  // absent: the configured default

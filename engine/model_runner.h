@@ -53,18 +53,26 @@ class ModelRunner {
     for (const auto& p : prompts) out.push_back(encode_text(p, clip_skip));
     return out;
   }
-  // encode_texts() for a role: SDXL encodes negatives differently (pipeline::TextRole). The
-  // default suits models that do not.
+  // encode_texts() for a role (SDXL encodes negatives differently: pipeline::TextRole) and a
+  // prompt syntax. The default suits models that care for neither.
   virtual std::vector<pipeline::EmbeddingPtr> encode_for(const std::vector<std::string>& prompts,
-                                                         int clip_skip, pipeline::TextRole role) {
+                                                         int clip_skip, pipeline::TextRole role,
+                                                         pipeline::PromptSyntax syntax) {
     (void)role;
+    (void)syntax;
     return encode_texts(prompts, clip_skip);
   }
-  // For the embedding cache: what the text encoder reads for a prompt (prompts with equal ids
-  // have equal embeddings), and embeddings as bytes and back (from_bytes throws on anything that
-  // is not this model's embedding). The defaults suit a model without a shared cache tier.
-  virtual std::vector<int32_t> text_input_ids(const std::string& prompt) const {
-    return std::vector<int32_t>(prompt.begin(), prompt.end());
+  // For the embedding cache and for checking prompts at submission: what the text encoder reads
+  // for a prompt (equal inputs, equal embeddings; throws pipeline::RequestError for a prompt it
+  // cannot take), and embeddings as bytes and back (from_bytes throws on anything that is not
+  // this model's embedding). The defaults suit a model without a shared cache tier.
+  virtual pipeline::TextInput text_input(const std::string& prompt, pipeline::PromptSyntax syntax,
+                                         pipeline::TextRole role) const {
+    (void)role;
+    pipeline::TextInput in;
+    in.ids.assign(prompt.begin(), prompt.end());
+    in.weights.push_back(syntax == pipeline::PromptSyntax::kNone ? 0.0f : 1.0f);
+    return in;
   }
   virtual std::string embedding_to_bytes(const pipeline::Embedding&) const {
     throw std::logic_error("this model's embeddings cannot be stored outside the process");

@@ -80,11 +80,13 @@ class PipelineRunner : public ModelRunner {
     return model_->encode_texts(prompts, clip_skip);
   }
   std::vector<pipeline::EmbeddingPtr> encode_for(const std::vector<std::string>& prompts,
-                                                 int clip_skip, pipeline::TextRole role) override {
-    return model_->encode_texts(prompts, clip_skip, role);
+                                                 int clip_skip, pipeline::TextRole role,
+                                                 pipeline::PromptSyntax syntax) override {
+    return model_->encode_texts(prompts, clip_skip, role, syntax);
   }
-  std::vector<int32_t> text_input_ids(const std::string& prompt) const override {
-    return model_->text_input_ids(prompt);
+  pipeline::TextInput text_input(const std::string& prompt, pipeline::PromptSyntax syntax,
+                                 pipeline::TextRole role) const override {
+    return model_->text_input(prompt, syntax, role);
   }
   std::string embedding_to_bytes(const pipeline::Embedding& e) const override {
     return model_->embedding_to_bytes(e);

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <future>
 #include <map>
 #include <optional>
+#include <tuple>
 
 #include "cache/sha256.h"
 #include "pipeline/errors.h"
@@ -13,19 +15,12 @@
 namespace sdserve::engine {
 namespace {
 
-// A1111 writes "Model hash: <10 hex>" just before "Model: "; a1111_parameters leaves it out, as
-// the hash may still be computing (then the PNG lacks it, as A1111's do for unhashed models).
-std::string with_model_hash(std::string params, const std::string& hash) {
-  const auto at = params.rfind(", Model: ");
-  if (hash.empty() || at == std::string::npos) return params;
-  return params.insert(at, ", Model hash: " + hash);
-}
-
 pipeline::GenerateRequest generate_request_of(const JobState& job) {
   pipeline::GenerateRequest r;
   r.prompt = job.request.prompt;
   r.negative_prompt = job.request.negative_prompt;
   r.clip_skip = job.request.clip_skip;
+  r.prompt_syntax = job.request.prompt_syntax;
   r.num_images = job.request.num_images;
   r.image = image_spec(job.request, 0);
   return r;
@@ -192,8 +187,8 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
 }
 
 // The key of a prompt's embedding in every cache tier: what decides the embedding (the text
-// encoder's weights and config, the dtype, clip_skip and the token ids), never the raw prompt, so
-// two models never share entries and two spellings that tokenise alike do.
+// encoder's weights and config, the dtype, clip_skip, the token ids and their weights), never the
+// raw prompt, so two models never share entries and two spellings that tokenise alike do.
 std::string Worker::embedding_key(const PromptKey& p) const {
   const auto& info = model_.info();
   const int clip_skip = pipeline::effective_clip_skip(info, p.clip_skip, p.role);
@@ -201,42 +196,57 @@ std::string Worker::embedding_key(const PromptKey& p) const {
                      info.precision + "\nclip_skip " + std::to_string(clip_skip);
   // SDXL: a negative's embedding differs from the same text's as a prompt.
   if (info.negatives_differ && p.role == pipeline::TextRole::kNegative) text += "\nnegative";
+  const auto in = model_.text_input(p.prompt, p.syntax, p.role);
   text += "\nids";
-  for (int32_t id : model_.text_input_ids(p.prompt)) text += " " + std::to_string(id);
+  for (int32_t id : in.ids) text += " " + std::to_string(id);
+  // Weights as their bit patterns: exact, and short for the usual all-ones.
+  text += "\nweights";
+  for (float w : in.weights) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, &w, sizeof bits);
+    text += " " + (w == 1.0f ? std::string("1") : std::to_string(bits));
+  }
   return cache::sha256_hex(text);
 }
 
-// Embeddings for (prompt, clip_skip) pairs: the cache's where it has them; the misses encoded
-// together (one text-encoder call per clip_skip) and stored. A non-empty `errors` entry says why
-// that prompt could not be encoded.
+// Embeddings for (prompt, clip_skip, role, syntax) keys: the cache's where it has them; the misses
+// encoded together (one text-encoder call per clip_skip, role and syntax) and stored. A non-empty
+// `errors` entry says why that prompt could not be encoded.
 std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptKey>& prompts,
                                                        std::vector<std::string>* errors) {
   errors->assign(prompts.size(), "");
   std::vector<std::string> keys;
-  for (const auto& p : prompts) keys.push_back(embedding_key(p));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    try {
+      keys.push_back(embedding_key(prompts[i]));
+    } catch (const std::exception& e) {  // checked at submission; kept from others' jobs anyway
+      keys.push_back("unencodable\n" + std::to_string(i));
+      (*errors)[i] = e.what();
+    }
+  }
   std::vector<pipeline::EmbeddingPtr> out;
   for (auto& v : engine_.cache->find_many(device_, keys, codec_))
     out.push_back(std::static_pointer_cast<const pipeline::Embedding>(v));
-  // By (clip_skip, role); each distinct key once.
-  std::map<std::pair<int, pipeline::TextRole>, std::vector<size_t>> misses;
+  // By (clip_skip, role, syntax); each distinct key once.
+  std::map<std::tuple<int, pipeline::TextRole, pipeline::PromptSyntax>, std::vector<size_t>> misses;
   std::map<std::string, size_t> first;
   for (size_t i = 0; i < prompts.size(); ++i)
-    if (!out[i] && first.emplace(keys[i], i).second)
-      misses[{prompts[i].clip_skip, prompts[i].role}].push_back(i);
+    if (!out[i] && (*errors)[i].empty() && first.emplace(keys[i], i).second)
+      misses[{prompts[i].clip_skip, prompts[i].role, prompts[i].syntax}].push_back(i);
   for (const auto& [group, idx] : misses) {
-    const auto [clip_skip, role] = group;
+    const auto [clip_skip, role, syntax] = group;
     std::vector<std::string> texts;
     for (size_t i : idx) texts.push_back(prompts[i].prompt);
     const auto start = SteadyClock::now();
     std::vector<pipeline::EmbeddingPtr> encoded;
     try {
-      encoded = model_.encode_for(texts, clip_skip, role);
+      encoded = model_.encode_for(texts, clip_skip, role, syntax);
     } catch (const std::exception&) {
       // One bad prompt must not fail the others: encode each alone to find it.
       encoded.clear();
       for (size_t j = 0; j < idx.size(); ++j) {
         try {
-          encoded.push_back(model_.encode_for({texts[j]}, clip_skip, role).at(0));
+          encoded.push_back(model_.encode_for({texts[j]}, clip_skip, role, syntax).at(0));
         } catch (const std::exception& e) {
           encoded.push_back(nullptr);
           (*errors)[idx[j]] = e.what();
@@ -274,11 +284,13 @@ std::vector<Worker::Prepared> Worker::prepare(const std::vector<Admission>& admi
   for (const auto& [job, k] : admitted) {
     if (slots.count(job.get())) continue;
     std::pair<size_t, size_t> slot{prompts.size(), kNone};
-    prompts.push_back({job->request.prompt, job->request.clip_skip});
+    const auto syntax = job->request.prompt_syntax;
+    prompts.push_back(
+        {job->request.prompt, job->request.clip_skip, pipeline::TextRole::kPrompt, syntax});
     if (job->request.guidance_scale > 1.0) {
       slot.second = prompts.size();
-      prompts.push_back(
-          {job->request.negative_prompt, job->request.clip_skip, pipeline::TextRole::kNegative});
+      prompts.push_back({job->request.negative_prompt, job->request.clip_skip,
+                         pipeline::TextRole::kNegative, syntax});
     }
     slots[job.get()] = slot;
   }
@@ -620,40 +632,41 @@ void Worker::decode(std::vector<Active> finished) {
   for (size_t i = 0; i < finished.size(); ++i) {
     auto job = finished[i].job;
     const int k = finished[i].index;
-    e->post_encode(
-        {[e, job, k, info, image = std::move(images[i])] {
-           std::string params;
-           {
-             std::lock_guard<std::mutex> lock(e->mutex);
-             params = with_model_hash(
-                 pipeline::a1111_parameters(generate_request_of(*job), job->seed + k, info),
-                 e->model_hash ? e->model_hash->autov2() : std::string());
-           }
-           auto png = std::make_shared<const std::vector<uint8_t>>(
-               pipeline::encode_png(image, {{"parameters", params}}));
-           std::lock_guard<std::mutex> lock(e->mutex);
-           --job->images_in_flight;
-           ++e->stats.images_done;
-           if (job->cancel_requested || is_final(job->status)) {
-             if (job->images_in_flight == 0) e->finish(*job, JobStatus::kCancelled);
-             return;
-           }
-           for (const auto& evicted :
-                e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
-             auto it = e->jobs.find(evicted);
-             if (it != e->jobs.end()) it->second->results_evicted = true;
-           }
-           ++job->images_finished;
-           if (job->images_finished == job->request.num_images)
-             e->finish(*job, JobStatus::kSucceeded);
-         },
-         false,
-         [e, job](const std::string& error) {
-           std::lock_guard<std::mutex> lock(e->mutex);
-           --job->images_in_flight;
-           job->cancel_requested = true;
-           e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
-         }});
+    e->post_encode({[e, job, k, info, image = std::move(images[i])] {
+                      std::string params;
+                      {
+                        std::lock_guard<std::mutex> lock(e->mutex);
+                        // The hash may still be computing: then the PNG lacks it, as A1111's do for
+                        // a model it has not hashed.
+                        params = pipeline::a1111_parameters(
+                            generate_request_of(*job), job->seed + k, info,
+                            e->model_hash ? e->model_hash->autov2() : std::string());
+                      }
+                      auto png = std::make_shared<const std::vector<uint8_t>>(
+                          pipeline::encode_png(image, {{"parameters", params}}));
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      --job->images_in_flight;
+                      ++e->stats.images_done;
+                      if (job->cancel_requested || is_final(job->status)) {
+                        if (job->images_in_flight == 0) e->finish(*job, JobStatus::kCancelled);
+                        return;
+                      }
+                      for (const auto& evicted :
+                           e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
+                        auto it = e->jobs.find(evicted);
+                        if (it != e->jobs.end()) it->second->results_evicted = true;
+                      }
+                      ++job->images_finished;
+                      if (job->images_finished == job->request.num_images)
+                        e->finish(*job, JobStatus::kSucceeded);
+                    },
+                    false,
+                    [e, job](const std::string& error) {
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      --job->images_in_flight;
+                      job->cancel_requested = true;
+                      e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
+                    }});
   }
 }
 

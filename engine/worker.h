@@ -70,6 +70,7 @@ class Worker {
     std::string prompt;
     int clip_skip = 1;
     pipeline::TextRole role = pipeline::TextRole::kPrompt;
+    pipeline::PromptSyntax syntax = pipeline::PromptSyntax::kA1111;
   };
   std::string embedding_key(const PromptKey& prompt) const;
   std::vector<pipeline::EmbeddingPtr> embeddings(const std::vector<PromptKey>& prompts,

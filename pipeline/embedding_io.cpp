@@ -106,10 +106,6 @@ std::string text_encoder_fingerprint(const ClipTextModel& encoder, const std::st
   return h.hex();
 }
 
-std::vector<int32_t> Model::text_input_ids(const std::string& prompt) const {
-  return impl_->tokenizer->encode(prompt);
-}
-
 size_t Model::embedding_size(const Embedding& embedding) {
   return embedding.hidden().nbytes() +
          (embedding.pooled().defined() ? embedding.pooled().nbytes() : 0);
@@ -139,12 +135,22 @@ EmbeddingPtr Model::embedding_from_bytes(std::string_view in) const {
   if (dtype != dtype_code(impl_->dtype))
     throw ModelError("embedding bytes: dtype code " + std::to_string(dtype) +
                      " is not the model's");
-  // What this model's text encoders produce: (1, the tokenizer's context length, hidden size),
-  // and for SDXL the pooled (1, projection width).
+  // What this model's text encoders produce: (1, the tokenizer's context length x 1 to
+  // kMaxPromptChunks chunks, hidden size), and for SDXL the pooled (1, projection width).
   int64_t width = impl_->text_encoder->config().hidden_size;
   if (pooled) width += impl_->text_encoder_2->config().hidden_size;
-  const std::vector<int64_t> expected = {
-      1, static_cast<int64_t>(impl_->tokenizer->encode("").size()), width};
+  const int64_t context = impl_->tokenizer->max_length();
+  std::vector<int64_t> expected = {1, context, width};
+  {
+    // The chunk count comes from the header; checked before anything is allocated.
+    std::string_view peek = in;
+    if (take<uint8_t>(peek, "header") == 3) {
+      take<int64_t>(peek, "shape");
+      const auto length = take<int64_t>(peek, "shape");
+      if (length > 0 && length % context == 0 && length / context <= kMaxPromptChunks)
+        expected[1] = length;
+    }
+  }
   auto hidden = take_tensor(in, expected, impl_->dtype, !pooled);
   torch::Tensor pooled_tensor;
   if (pooled)

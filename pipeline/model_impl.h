@@ -66,8 +66,12 @@ struct Model::Impl {
   // already divided by the scaling factor.
   torch::Tensor vae_decode(const torch::Tensor& z);
   torch::Tensor predicted_x0(const Trajectory::State& s) const;
-  // The text encoders' output for a batch of prompts: (B, 77, D) and, for SDXL, (B, P).
-  Embedding encode_batch(const std::vector<std::string>& prompts, int clip_skip, TextRole role);
+  // The text encoders' output for each prompt: (1, 77 x chunks, D) and, for SDXL, (1, P).
+  std::vector<Embedding> encode_batch(const std::vector<std::string>& prompts, int clip_skip,
+                                      TextRole role, PromptSyntax syntax);
+  // What tokenizer `t` (1: the first, 2: SDXL's second) makes of a prompt.
+  TextInput text_input(const ClipTokenizer& t, const std::string& prompt, PromptSyntax syntax,
+                       TextRole role) const;
   // SDXL's time ids for one image: original (h, w), crop (top, left), target (h, w).
   std::vector<float> time_ids(const ImageSpec& spec) const;
 };

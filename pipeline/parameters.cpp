@@ -9,8 +9,8 @@
 
 namespace sdserve::pipeline {
 
-std::string a1111_parameters(const GenerateRequest& request, uint64_t seed,
-                             const ModelInfo& model) {
+std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, const ModelInfo& model,
+                             const std::string& model_hash) {
   std::ostringstream out;
   out << request.prompt << "\n";
   if (!request.negative_prompt.empty())
@@ -20,8 +20,17 @@ std::string a1111_parameters(const GenerateRequest& request, uint64_t seed,
   out << "Steps: " << request.image.steps << ", Sampler: " << display_name(request.image.sampler)
       << ", Schedule type: " << (request.image.scheduler == "karras" ? "Karras" : "Automatic")
       << ", CFG scale: " << cfg.str() << ", Seed: " << seed << ", Size: " << request.image.width
-      << "x" << request.image.height << ", Model: " << model.name;
+      << "x" << request.image.height;
+  if (!model_hash.empty()) out << ", Model hash: " << model_hash;
+  out << ", Model: " << model.name;
   if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
+  // A1111 notes a non-default emphasis when the prompts have brackets it would otherwise weight.
+  const auto brackets = [](const std::string& s) {
+    return s.find_first_of("([") != std::string::npos;
+  };
+  if (request.prompt_syntax == PromptSyntax::kNone &&
+      (brackets(request.prompt) || brackets(request.negative_prompt)))
+    out << ", Emphasis: None";
   out << ", Version: sdserve";
   return out.str();
 }

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <map>
 #include <sstream>
 
 #include "pipeline/errors.h"
@@ -29,6 +31,13 @@ constexpr float kLatentRgb[4][3] = {{0.3512f, 0.2297f, 0.3227f},
                                     {0.3250f, 0.4974f, 0.2350f},
                                     {-0.2829f, 0.1762f, 0.2721f},
                                     {-0.2120f, -0.2616f, -0.7177f}};
+
+// "1.23 s"
+std::string seconds_text(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f s", s);
+  return buf;
+}
 
 torch::Device pick_device(const std::string& name) {
   if (name == "auto")
@@ -154,6 +163,15 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
                                         : options.default_tokenizer_dir;
   ModelFiles files = open_model_files(path, tokenizer_dir, options.single_file_config);
   torch::NoGradGuard no_grad;
+  // Where loading time goes, for the log line (start-up is a target of its own).
+  auto lap_start = std::chrono::steady_clock::now();
+  const auto lap = [&lap_start]() {
+    const auto now = std::chrono::steady_clock::now();
+    const double s = std::chrono::duration<double>(now - lap_start).count();
+    lap_start = now;
+    return s;
+  };
+  const double files_s = lap();
 
   impl->tokenizer = std::make_unique<ClipTokenizer>(
       ClipTokenizer::load(files.vocab_path, files.merges_path, 77, files.pad_token));
@@ -183,16 +201,20 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
     text_layers = std::min(text_layers, static_cast<int>(config_2.num_hidden_layers));
     impl->force_zeros_for_empty_prompt = files.force_zeros_for_empty_prompt;
   }
+  const double text_s = lap();
 
   const auto unet_config = UNetConfig::from_json(files.unet_config);
   impl->unet = UNet(unet_config);
+  const double unet_build_s = lap();
   load_weights(*impl->unet, files.unet, impl->dtype, impl->device);
   impl->unet->eval();
   UNetRunnerOptions runner;
   runner.cuda_graphs = options.cuda_graphs;
   runner.channels_last = options.channels_last;
   runner.buckets.assign(options.batch_buckets.begin(), options.batch_buckets.end());
+  runner.max_graph_context = impl->tokenizer->max_length();
   impl->unet_runner = std::make_unique<UNetRunner>(impl->unet, impl->device, impl->dtype, runner);
+  const double unet_weights_s = lap();
 
   const auto vae_config = VaeConfig::from_json(files.vae_config);
   impl->vae = Vae(vae_config);
@@ -214,6 +236,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   // layouts (docs/PERFORMANCE.md).
   if (impl->vae_channels_last) to_channels_last(*impl->vae);
   impl->vae_scaling_factor = vae_config.scaling_factor;
+  const double vae_s = lap();
 
   impl->scheduler = SchedulerConfig::from_json(files.scheduler_config);
   {
@@ -241,7 +264,10 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   log(LogLevel::kInfo, "loaded " + family_display_name(info.family) + " " + info.layout +
                            " model '" + path + "' on " + info.device + " (" + info.precision +
                            ", native " + std::to_string(info.native_size) + " px) in " +
-                           std::to_string(info.load_seconds) + " s");
+                           seconds_text(info.load_seconds) + " (files " + seconds_text(files_s) +
+                           ", text encoders " + seconds_text(text_s) + ", UNet built " +
+                           seconds_text(unet_build_s) + " + weights " +
+                           seconds_text(unet_weights_s) + ", VAE " + seconds_text(vae_s) + ")");
   return std::shared_ptr<Model>(new Model(std::move(impl)));
 }
 
@@ -249,19 +275,25 @@ std::vector<int32_t> Model::tokenize(const std::string& text) const {
   return impl_->tokenizer->tokenize(text);
 }
 
-EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip, TextRole role) const {
-  return encode_texts({prompt}, clip_skip, role).front();
+TextInput Model::text_input(const std::string& prompt, PromptSyntax syntax, TextRole role) const {
+  return impl_->text_input(*impl_->tokenizer, prompt, syntax, role);
+}
+
+EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip, TextRole role,
+                                PromptSyntax syntax) const {
+  return encode_texts({prompt}, clip_skip, role, syntax).front();
 }
 
 std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts,
-                                              int clip_skip, TextRole role) const {
+                                              int clip_skip, TextRole role,
+                                              PromptSyntax syntax) const {
   if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
     throw RequestError("clip_skip", rule("clip_skip", impl_->info.text_layers) +
                                         got(static_cast<long long>(clip_skip)));
   if (prompts.empty()) return {};
   torch::NoGradGuard no_grad;
-  const auto encode = [&] { return impl_->encode_batch(prompts, clip_skip, role); };
-  Embedding batch{torch::Tensor()};
+  const auto encode = [&] { return impl_->encode_batch(prompts, clip_skip, role, syntax); };
+  std::vector<Embedding> encoded;
 #ifdef SDSERVE_WITH_CUDA
   if (impl_->device.is_cuda()) {
     // The engine encodes on a thread of its own while the worker steps the UNet: on a stream
@@ -272,21 +304,18 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
         static_cast<cudaStream_t>(impl_->text_stream.get()), index);
     {
       c10::cuda::CUDAStreamGuard guard(side);
-      batch = encode();
+      encoded = encode();
     }
     side.synchronize();
-    batch.hidden().record_stream(c10::cuda::getDefaultCUDAStream(index));
-    if (batch.pooled().defined())
-      batch.pooled().record_stream(c10::cuda::getDefaultCUDAStream(index));
+    for (const auto& e : encoded) {
+      e.hidden().record_stream(c10::cuda::getDefaultCUDAStream(index));
+      if (e.pooled().defined()) e.pooled().record_stream(c10::cuda::getDefaultCUDAStream(index));
+    }
   }
 #endif
-  if (!batch.hidden().defined()) batch = encode();
-  const auto& hidden = batch.hidden();
-  const auto& pooled = batch.pooled();
+  if (encoded.empty()) encoded = encode();
   std::vector<EmbeddingPtr> out;
-  for (int64_t i = 0; i < hidden.size(0); ++i)
-    out.push_back(std::make_shared<Embedding>(
-        hidden.narrow(0, i, 1), pooled.defined() ? pooled.narrow(0, i, 1) : torch::Tensor()));
+  for (auto& e : encoded) out.push_back(std::make_shared<Embedding>(std::move(e)));
   return out;
 }
 
@@ -364,22 +393,54 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
       }
     }
   }
-  auto x = torch::cat(inputs).to(impl_->dtype);
-  auto ctx = torch::cat(contexts);
-  auto t = torch::tensor(timesteps, torch::kFloat32).to(impl_->device);
-  torch::Tensor text_embeds, added_time_ids;
-  if (text_time) {
-    text_embeds = torch::cat(pooled);
-    // In the embeddings' dtype, as diffusers builds add_time_ids.
-    added_time_ids = torch::tensor(time_ids, torch::kFloat32)
-                         .view({x.size(0), -1})
-                         .to(impl_->device, impl_->dtype);
-  }
   bench_support::StepProfile prof;
-  prof.rows = static_cast<int>(x.size(0));
+  prof.rows = static_cast<int>(inputs.size());
+  // One UNet call per length of prompt embedding (rows of 77 tokens, the usual case, all share
+  // one); rows keep their order in `out`.
+  std::map<int64_t, std::vector<int64_t>> by_length;
+  for (size_t r = 0; r < contexts.size(); ++r)
+    by_length[contexts[r].size(1)].push_back(static_cast<int64_t>(r));
+  const auto unet = [&](const std::vector<int64_t>& rows) {
+    std::vector<torch::Tensor> x, ctx, pool;
+    std::vector<float> ts, ids;
+    for (int64_t r : rows) {
+      x.push_back(inputs[r]);
+      ctx.push_back(contexts[r]);
+      ts.push_back(timesteps[r]);
+      if (text_time) {
+        pool.push_back(pooled[r]);
+        ids.insert(ids.end(), time_ids.begin() + r * 6, time_ids.begin() + r * 6 + 6);
+      }
+    }
+    auto xs = torch::cat(x).to(impl_->dtype);
+    auto t = torch::tensor(ts, torch::kFloat32).to(impl_->device);
+    torch::Tensor text_embeds, added_time_ids;
+    if (text_time) {
+      text_embeds = torch::cat(pool);
+      // In the embeddings' dtype, as diffusers builds add_time_ids.
+      added_time_ids = torch::tensor(ids, torch::kFloat32)
+                           .view({xs.size(0), -1})
+                           .to(impl_->device, impl_->dtype);
+    }
+    return impl_->unet_runner->forward(xs, t, torch::cat(ctx), text_embeds, added_time_ids)
+        .to(torch::kFloat32);
+  };
   prof.prepare_ms = lap();
-  auto out =
-      impl_->unet_runner->forward(x, t, ctx, text_embeds, added_time_ids).to(torch::kFloat32);
+  torch::Tensor out;
+  if (by_length.size() == 1) {
+    out = unet(by_length.begin()->second);
+  } else {
+    std::vector<torch::Tensor> parts;
+    std::vector<int64_t> order;
+    for (const auto& [length, rows] : by_length) {
+      parts.push_back(unet(rows));
+      order.insert(order.end(), rows.begin(), rows.end());
+    }
+    // Back to row order: out[order[k]] = joined's row k.
+    const auto joined = torch::cat(parts);
+    out = torch::empty_like(joined);
+    out.index_copy_(0, torch::tensor(order, torch::kInt64).to(out.device()), joined);
+  }
 #ifdef SDSERVE_WITH_CUDA
   // Launches are asynchronous: without a bound the host queues steps far ahead of the device,
   // progress events run ahead of the pixels, and a decode waits for the whole backlog. Wait for
@@ -516,10 +577,12 @@ RgbImage Model::preview_vae(const Trajectory& trajectory, int max_side) const {
 std::vector<RgbImage> Model::generate(const GenerateRequest& request,
                                       const Progress& progress) const {
   pipeline::validate(request, impl_->info.text_layers);
-  auto cond = encode_text(request.prompt, request.clip_skip);
+  auto cond =
+      encode_text(request.prompt, request.clip_skip, TextRole::kPrompt, request.prompt_syntax);
   EmbeddingPtr uncond;
   if (request.image.guidance_scale > 1.0)
-    uncond = encode_text(request.negative_prompt, request.clip_skip, TextRole::kNegative);
+    uncond = encode_text(request.negative_prompt, request.clip_skip, TextRole::kNegative,
+                         request.prompt_syntax);
   std::vector<std::unique_ptr<Trajectory>> owned;
   std::vector<Trajectory*> batch;
   for (int k = 0; k < request.num_images; ++k) {

@@ -93,9 +93,29 @@ struct ImageSpec {
   uint64_t seed = 0;
 };
 
+// How a prompt's text becomes what the text encoder reads (docs/PROMPTS.md):
+//  kA1111: AUTOMATIC1111's syntax: (word), (word:1.3), [word], \( escapes, BREAK; a prompt past
+//          the encoder's 75 tokens is encoded in chunks of 75 whose embeddings are joined.
+//          Without syntax and within 75 tokens it is exactly kNone.
+//  kNone:  the text as it is, cut at 75 tokens, as diffusers encodes it.
+enum class PromptSyntax { kA1111, kNone };
+std::string prompt_syntax_name(PromptSyntax syntax);        // "a1111" | "none"
+PromptSyntax parse_prompt_syntax(const std::string& name);  // throws RequestError("prompt_syntax")
+// Chunks of 75 tokens a prompt may take (BREAK starts one); longer ones are refused.
+constexpr int kMaxPromptChunks = 16;
+
+// What the text encoder reads for a prompt: one or more chunks of its context (start token, up
+// to 75 tokens, end token, padding) and each token's weight (1 without emphasis). Prompts with
+// equal inputs have equal embeddings.
+struct TextInput {
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+};
+
 struct GenerateRequest {
   std::string prompt;
   std::string negative_prompt;
+  PromptSyntax prompt_syntax = PromptSyntax::kA1111;
   int clip_skip =
       1;  // A1111's convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip=1)
   int num_images = 1;
@@ -144,12 +164,15 @@ class Model {
   // BPE token ids without BOS/EOS/padding (to warn about prompts past 75 tokens).
   std::vector<int32_t> tokenize(const std::string& text) const;
 
-  // The token ids the text encoder reads for `prompt` (start, the text truncated to the context,
-  // end, padding): prompts with the same ids have the same embedding.
-  std::vector<int32_t> text_input_ids(const std::string& prompt) const;
+  // What the text encoder reads for `prompt`. Throws RequestError (naming "prompt" or
+  // "negative_prompt" after `role`) for syntax it cannot take or a prompt past kMaxPromptChunks.
+  TextInput text_input(const std::string& prompt, PromptSyntax syntax,
+                       TextRole role = TextRole::kPrompt) const;
 
+  // (1, 77 x chunks, D); weights applied as A1111 does (docs/PROMPTS.md).
   EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1,
-                           TextRole role = TextRole::kPrompt) const;
+                           TextRole role = TextRole::kPrompt,
+                           PromptSyntax syntax = PromptSyntax::kA1111) const;
   // Embeddings as bytes (a small versioned header, then the raw tensor) for caches outside the
   // process, and back. embedding_from_bytes() checks everything against this model (format
   // version, dtype, shape, length, finite values) and throws ModelError instead of trusting it.
@@ -158,11 +181,13 @@ class Model {
   static size_t embedding_size(const Embedding& embedding);  // bytes it holds on its device
   // Several prompts in one text-encoder call.
   std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts, int clip_skip = 1,
-                                         TextRole role = TextRole::kPrompt) const;
+                                         TextRole role = TextRole::kPrompt,
+                                         PromptSyntax syntax = PromptSyntax::kA1111) const;
   // `uncond` may be null when spec.guidance_scale <= 1.
   std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
                                     EmbeddingPtr uncond) const;
-  // One model evaluation for each trajectory (none may be done), in a single UNet batch.
+  // One model evaluation for each trajectory (none may be done), in a single UNet batch; rows
+  // whose prompt embeddings differ in length (long prompts) take one UNet call per length.
   void step(const std::vector<Trajectory*>& batch) const;
   // Model evaluations a spec takes (steps, except heun 2 * steps - 1, pndm steps + 1).
   int evals_total(const ImageSpec& spec) const;
@@ -205,6 +230,9 @@ std::string bundled_model_path();
 uint64_t random_seed();
 
 // A1111's "parameters" text for a PNG (prompt, negative prompt, then "Steps: ..., Sampler: ...").
-std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, const ModelInfo& model);
+// `model_hash`: A1111's short hash of the checkpoint file (AutoV2, 10 hex digits); empty leaves
+// "Model hash" out, as A1111 does for a model it has not hashed.
+std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, const ModelInfo& model,
+                             const std::string& model_hash = "");
 
 }  // namespace sdserve::pipeline

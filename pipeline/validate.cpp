@@ -35,6 +35,9 @@ std::string rule(const std::string& field, int text_layers) {
   if (field == "clip_skip") return "clip_skip must be an integer" + range(1, text_layers);
   if (field == "sampler") return "sampler must be a string naming one of " + known_sampler_list();
   if (field == "scheduler") return "scheduler must be one of normal, karras";
+  if (field == "prompt_syntax")
+    return "prompt_syntax must be \"a1111\" (weights, BREAK, long prompts in chunks) or "
+           "\"none\" (the text as it is, cut at 75 tokens, as diffusers)";
   return field + " is invalid";
 }
 

@@ -167,6 +167,13 @@ void apply_overrides(const Json& o, const pipeline::ModelInfo* model, Json& nati
         refuse(field, "a separate VAE is not supported; use 'Automatic'");
     } else if (key == "samples_format") {
       if (!(v.is_string() && v == "png")) refuse(field, "images are PNG; use 'png'");
+    } else if (key == "emphasis") {
+      // A1111's emphasis modes: "Original" (its default) is what sdserve does; "None" (the text
+      // as it is) matches prompt_syntax "none" up to 75 tokens only, so it is refused too.
+      if (!(v.is_null() || (v.is_string() && v == "Original")))
+        refuse(field, "only emphasis 'Original' (A1111's default) is supported here; " +
+                          std::string("/v1/generate takes prompt_syntax \"none\" for the text ") +
+                          "as it is");
     } else if (key == "eta_noise_seed_delta") {
       if (!(v.is_null() || is_number_equal(v, 0)))
         refuse(field, "eta_noise_seed_delta other than 0 is not supported");
@@ -444,6 +451,7 @@ Json options(const pipeline::ModelInfo* model, const std::string& sha256) {
           {"sd_checkpoint_hash", hash_or_null(sha256, 64)},
           {"sd_vae", "Automatic"},
           {"CLIP_stop_at_last_layers", 1},
+          {"emphasis", "Original"},
           {"samples_format", "png"},
           {"eta_noise_seed_delta", 0},
           {"live_previews_enable", true},

@@ -143,23 +143,15 @@ std::string error_body(const std::string& type, const std::string& message,
 }
 
 const std::vector<std::string>& request_fields() {
-  static const std::vector<std::string> fields = {"prompt",
-                                                  "negative_prompt",
-                                                  "width",
-                                                  "height",
-                                                  "steps",
-                                                  "guidance_scale",
-                                                  "sampler",
-                                                  "scheduler",
-                                                  "seed",
-                                                  "num_images",
-                                                  "clip_skip",
-                                                  "preview",
-                                                  "priority",
-                                                  "timeout_s",
-                                                  "cancel_on_disconnect",
-                                                  "original_size",
-                                                  "crops_coords_top_left",
+  static const std::vector<std::string> fields = {"prompt",        "negative_prompt",
+                                                  "width",         "height",
+                                                  "steps",         "guidance_scale",
+                                                  "sampler",       "scheduler",
+                                                  "seed",          "num_images",
+                                                  "clip_skip",     "prompt_syntax",
+                                                  "preview",       "priority",
+                                                  "timeout_s",     "cancel_on_disconnect",
+                                                  "original_size", "crops_coords_top_left",
                                                   "target_size"};
   return fields;
 }
@@ -226,6 +218,14 @@ engine::JobRequest parse_job_request(const std::string& body, const engine::Requ
   r.seed = r.seed.value_or(pipeline::random_seed());  // chosen now, so it can be reported at once
   if (doc.contains("num_images")) r.num_images = read.integer(doc["num_images"], "num_images");
   if (doc.contains("clip_skip")) r.clip_skip = read.integer(doc["clip_skip"], "clip_skip");
+  if (doc.contains("prompt_syntax")) {
+    try {
+      r.prompt_syntax =
+          pipeline::parse_prompt_syntax(read.string(doc["prompt_syntax"], "prompt_syntax"));
+    } catch (const pipeline::RequestError& e) {
+      invalid(e.field(), e.what());
+    }
+  }
   if (doc.contains("preview") && !doc["preview"].is_null())
     r.preview = parse_preview(doc["preview"], read);
   if (doc.contains("priority")) r.priority = parse_priority(doc["priority"], read);
@@ -268,6 +268,7 @@ Json request_json(const engine::JobRequest& r) {
             {"scheduler", r.scheduler},
             {"num_images", r.num_images},
             {"clip_skip", r.clip_skip},
+            {"prompt_syntax", pipeline::prompt_syntax_name(r.prompt_syntax)},
             {"original_size", {{"width", r.original_width}, {"height", r.original_height}}},
             {"crops_coords_top_left", {{"top", r.crop_top}, {"left", r.crop_left}}},
             {"target_size", {{"width", r.target_width}, {"height", r.target_height}}},

@@ -152,6 +152,40 @@ TEST(CudaBatching, ImageAloneAndInABatchAgree) {
   EXPECT_LE(err, kFp16Agreement);
 }
 
+TEST(CudaPrompts, LongAndShortPromptsShareStepsAsTheyWouldAlone) {
+  SKIP_WITHOUT_CUDA();
+  // A 2-chunk prompt (154 tokens, eager UNet call) beside a 77-token one (CUDA graph) in one
+  // step(), against each alone; and the chunked embedding's first chunk against the CPU's.
+  auto model = cuda_model("fp16");
+  std::string words;
+  for (int i = 0; i < 100; ++i) words += i % 3 ? "red " : "cube, ";
+  ImageSpec spec;
+  spec.width = spec.height = 64;
+  spec.steps = 10;
+  spec.seed = 3;
+  const auto uncond = model->encode_text("");
+  const auto run = [&](const std::vector<std::string>& prompts) {
+    std::vector<std::unique_ptr<Trajectory>> owned;
+    std::vector<Trajectory*> batch;
+    for (const auto& p : prompts) {
+      owned.push_back(model->begin(spec, model->encode_text(p), uncond));
+      batch.push_back(owned.back().get());
+    }
+    while (!batch[0]->done()) model->step(batch);
+    std::vector<torch::Tensor> out;
+    for (auto* t : batch) out.push_back(t->state().latent.cpu());
+    return out;
+  };
+  const auto together = run({words, "a red cube"});
+  const double long_err = test::rel_diff(together[0], run({words})[0]);
+  const double short_err = test::rel_diff(together[1], run({"a red cube"})[0]);
+  std::cout << "[ cuda prompts ] long / short prompt alone vs together, relative: " << long_err
+            << " / " << short_err << "\n";
+  EXPECT_LE(long_err, kFp16Agreement);
+  EXPECT_LE(short_err, kFp16Agreement);
+  EXPECT_EQ(model->encode_text(words)->hidden().size(1), 154);
+}
+
 TEST(CudaParity, Fp32GraphsMatchReferenceUnet) {
   SKIP_WITHOUT_CUDA();
   // One UNet call through the runner (graph capture path) against diffusers' output.

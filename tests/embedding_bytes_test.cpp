@@ -20,7 +20,8 @@ namespace {
 // dtype's text encoder; serialisation does not care where the values came from).
 EmbeddingPtr embedding_like(const Model& model, uint64_t seed) {
   torch::manual_seed(seed);
-  const int64_t context = static_cast<int64_t>(model.text_input_ids("").size());
+  const int64_t context =
+      static_cast<int64_t>(model.text_input("", PromptSyntax::kNone).ids.size());
   const int64_t hidden = model.impl().text_encoder->config().hidden_size;
   return std::make_shared<Embedding>(torch::randn({1, context, hidden}).to(model.impl().dtype));
 }
@@ -187,9 +188,12 @@ TEST(EmbeddingBytes, EqualTokenIdsMeanEqualInput) {
   const auto model = load();
   // CLIP's tokenizer lower-cases and folds whitespace: both spellings read the same ids, so
   // they share a cache key.
-  EXPECT_EQ(model->text_input_ids("A  Red   Fox"), model->text_input_ids("a red fox"));
-  EXPECT_NE(model->text_input_ids("a red fox"), model->text_input_ids("a red box"));
-  EXPECT_EQ(model->text_input_ids("").size(), model->text_input_ids("a red fox").size());
+  EXPECT_EQ(model->text_input("A  Red   Fox", PromptSyntax::kNone).ids,
+            model->text_input("a red fox", PromptSyntax::kNone).ids);
+  EXPECT_NE(model->text_input("a red fox", PromptSyntax::kNone).ids,
+            model->text_input("a red box", PromptSyntax::kNone).ids);
+  EXPECT_EQ(model->text_input("", PromptSyntax::kNone).ids.size(),
+            model->text_input("a red fox", PromptSyntax::kNone).ids.size());
 }
 
 }  // namespace

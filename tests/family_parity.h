@@ -90,10 +90,12 @@ inline std::pair<double, double> run_errors(const pipeline::Model& model, const 
   spec.guidance_scale = c["cfg"];
   spec.sampler = choice.sampler;
   spec.scheduler = choice.scheduler;
-  auto cond = model.encode_text(c["prompt"]);
+  // The text as diffusers reads it (cut at 75 tokens): some cases' prompts are longer.
+  const auto literal = pipeline::PromptSyntax::kNone;
+  auto cond = model.encode_text(c["prompt"], 1, pipeline::TextRole::kPrompt, literal);
   pipeline::EmbeddingPtr uncond;
   if (spec.guidance_scale > 1)
-    uncond = model.encode_text(c["negative"], 1, pipeline::TextRole::kNegative);
+    uncond = model.encode_text(c["negative"], 1, pipeline::TextRole::kNegative, literal);
   std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
   std::vector<pipeline::Trajectory*> batch;
   const uint64_t seed = c["seed"];

@@ -27,14 +27,14 @@ TEST(Sd2Parity, TokensMatchIncludingExclamationPadding) {
   int checked = 0;
   for (const auto& c : test::cases_of_kind(kFamily, "tokens")) {
     const auto want = family_ref(kFamily, c["name"]).reshape({-1}).to(torch::kLong);
-    const auto ids = model->text_input_ids(c["prompt"]);
+    const auto ids = model->text_input(c["prompt"], PromptSyntax::kNone).ids;
     ASSERT_EQ(static_cast<int64_t>(ids.size()), want.size(0));
     for (size_t i = 0; i < ids.size(); ++i)
       ASSERT_EQ(ids[i], want[static_cast<int64_t>(i)].item<int64_t>()) << c["name"] << " @" << i;
     ++checked;
   }
   EXPECT_GT(checked, 0);
-  EXPECT_EQ(model->text_input_ids("a").back(), 0);  // "!" is id 0
+  EXPECT_EQ(model->text_input("a", PromptSyntax::kNone).ids.back(), 0);  // "!" is id 0
 }
 
 TEST(Sd2Parity, TextEmbeddingsMatch) {
@@ -42,7 +42,8 @@ TEST(Sd2Parity, TextEmbeddingsMatch) {
   int checked = 0;
   for (const auto& c : test::cases_of_kind(kFamily, "text_embeds")) {
     const int clip_skip = c["clip_skip"].is_null() ? 1 : c["clip_skip"].get<int>() + 1;
-    const auto e = model->encode_text(c["prompt"], clip_skip);
+    const auto e =
+        model->encode_text(c["prompt"], clip_skip, TextRole::kPrompt, PromptSyntax::kNone);
     test::expect_close(e->hidden(), family_ref(kFamily, c["name"]), test::kModuleTolerance,
                        c["name"]);
     ++checked;

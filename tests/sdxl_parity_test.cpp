@@ -86,8 +86,10 @@ TEST(SdxlParity, LegacyEosTokenIdGivesTheSamePooledEmbedding) {
   std::ofstream(config) << j.dump();
   const auto model = test::load_cpu(dir.string());
   for (const auto& c : test::cases_of_kind(kFamily, "text_pooled"))
-    test::expect_close(model->encode_text(c["prompt"])->pooled(), family_ref(kFamily, c["name"]),
-                       test::kModuleTolerance, std::string(c["name"]) + " (eos_token_id 2)");
+    test::expect_close(
+        model->encode_text(c["prompt"], 1, TextRole::kPrompt, PromptSyntax::kNone)->pooled(),
+        family_ref(kFamily, c["name"]), test::kModuleTolerance,
+        std::string(c["name"]) + " (eos_token_id 2)");
   fs::remove_all(dir);
 }
 
@@ -95,7 +97,8 @@ TEST(SdxlParity, EncodePromptMatchesWithAndWithoutClipSkip) {
   const auto model = family_model(kFamily);
   int checked = 0;
   for (const auto& c : test::cases_of_kind(kFamily, "prompt_embeds")) {
-    const auto e = model->encode_text(c["prompt"], clip_skip_of(c));
+    const auto e =
+        model->encode_text(c["prompt"], clip_skip_of(c), TextRole::kPrompt, PromptSyntax::kNone);
     const std::string pooled_name =
         std::string(c["name"]).replace(0, std::string("prompt_embeds").size(), "pooled_embeds");
     test::expect_close(e->hidden(), family_ref(kFamily, c["name"]), test::kModuleTolerance,
@@ -112,7 +115,8 @@ TEST(SdxlParity, NegativesIgnoreClipSkipAndEmptyOnesAreZeros) {
   int checked = 0, zeros = 0;
   for (const auto& c : test::cases_of_kind(kFamily, "negative_embeds")) {
     const std::string negative = c["negative"];
-    const auto e = model->encode_text(negative, clip_skip_of(c), TextRole::kNegative);
+    const auto e =
+        model->encode_text(negative, clip_skip_of(c), TextRole::kNegative, PromptSyntax::kNone);
     const std::string pooled_name =
         std::string(c["name"]).replace(0, std::string("negative_embeds").size(), "negative_pooled");
     test::expect_close(e->hidden(), family_ref(kFamily, c["name"]), test::kModuleTolerance,

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_TARGET=${1:-60}
 shift || true
-ALL_TARGETS=(api_json ws_command safetensors config tokenizer)
+ALL_TARGETS=(api_json ws_command safetensors config tokenizer prompt_syntax)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 BUILD=build-fuzz
@@ -35,6 +35,7 @@ max_len() {
     safetensors) echo 16384 ;;
     config) echo 8192 ;;
     tokenizer) echo 8192 ;;  # above the tokenizer's 4096-byte chunks
+    prompt_syntax) echo 16384 ;;  # past 16 chunks of 75 tokens
     *) echo "fuzz: unknown target '$1' (known: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
   esac
 }
@@ -45,9 +46,8 @@ PACKAGES=(clang libclang-rt-14-dev cmake make pkg-config nlohmann-json3-dev libu
 tools/install_packages.sh fuzz "${PACKAGES[@]}"
 
 # --- build -------------------------------------------------------------------------------------
-if [ ! -f "$BUILD/CMakeCache.txt" ]; then
-  CC=clang CXX=clang++ cmake -S tests/fuzz -B "$BUILD" > /dev/null
-fi
+# Configured every time (quick once configured): a target added since the last run must exist.
+CC=clang CXX=clang++ cmake -S tests/fuzz -B "$BUILD" > /dev/null
 echo "fuzz: building ${TARGETS[*]}"
 build_targets=()
 for t in "${TARGETS[@]}"; do build_targets+=(--target "fuzz_$t"); done

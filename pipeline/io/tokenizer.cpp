@@ -2,6 +2,7 @@
 
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <limits>
@@ -487,14 +488,23 @@ std::vector<int32_t> ClipTokenizer::tokenize(const std::string& text, size_t max
 }
 
 std::vector<int32_t> ClipTokenizer::encode(const std::string& text) const {
-  std::vector<int32_t> tokens = tokenize(text, static_cast<size_t>(max_length_ - 2));
+  return frame(tokenize(text, static_cast<size_t>(max_length_ - 2)));
+}
+
+std::vector<int32_t> ClipTokenizer::frame(const std::vector<int32_t>& tokens) const {
+  const size_t room = static_cast<size_t>(max_length_ - 2);
   std::vector<int32_t> ids;
   ids.reserve(static_cast<size_t>(max_length_));
   ids.push_back(bos_id_);
-  ids.insert(ids.end(), tokens.begin(), tokens.end());
+  ids.insert(ids.end(), tokens.begin(), tokens.begin() + std::min(tokens.size(), room));
   ids.push_back(eos_id_);
   ids.resize(static_cast<size_t>(max_length_), pad_id_);
   return ids;
+}
+
+int32_t ClipTokenizer::find_token(const std::string& token) const {
+  auto it = vocab_.find(token);
+  return it != vocab_.end() ? it->second : -1;
 }
 
 }  // namespace sdserve::pipeline

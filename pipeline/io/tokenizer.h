@@ -33,6 +33,11 @@ class ClipTokenizer {
 
   // BOS + at most max_length-2 tokens + EOS, padded with pad_id to max_length.
   std::vector<int32_t> encode(const std::string& text) const;
+  // The same for tokens already made (at most max_length-2 of them).
+  std::vector<int32_t> frame(const std::vector<int32_t>& tokens) const;
+
+  // The id of a vocabulary entry ("," is ",</w>"), or -1 when the vocabulary lacks it.
+  int32_t find_token(const std::string& token) const;
 
   int32_t bos_id() const { return bos_id_; }
   int32_t eos_id() const { return eos_id_; }

@@ -83,7 +83,9 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
   auto x = x_in;
   if (cuda && options_.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
 #ifdef SDSERVE_WITH_CUDA
-  if (cuda && options_.cuda_graphs) {
+  const bool graph_context =
+      options_.max_graph_context == 0 || ctx_in.size(1) <= options_.max_graph_context;
+  if (cuda && options_.cuda_graphs && graph_context) {
     const int64_t rows = x.size(0);
     const int64_t padded = bucket_for(rows);
     const auto key = std::make_tuple(padded, x.size(2), x.size(3), ctx_in.size(1));

@@ -20,6 +20,9 @@ struct UNetRunnerOptions {
   bool channels_last = true;     // ignored off CUDA
   bool fuse_projections = true;  // fused q/k/v GEMMs; ignored off CUDA (CPU stays exact)
   std::vector<int64_t> buckets;  // UNet rows are padded up to one of these (CUDA only)
+  // Graphs only for prompt embeddings up to this many tokens (one chunk): long prompts, rarer
+  // and of many lengths, run eagerly instead of capturing a graph per length. 0: any length.
+  int64_t max_graph_context = 0;
 };
 
 class UNetRunner {

@@ -223,6 +223,33 @@ TEST_F(ApiTest, GenerateReturnsPngOrJson) {
   EXPECT_EQ(as_json.body_json()["images"].size(), 1u);
 }
 
+TEST_F(ApiTest, PromptSyntaxWeightsAndLongPromptsRunAndAreEchoed) {
+  // 110 words: two chunks of 75 tokens in A1111's syntax, cut to one chunk with "none".
+  std::string words;
+  for (int i = 0; i < 110; ++i) words += i % 2 ? " red" : " cube";
+  const auto run = [&](const std::string& prompt, const std::string& syntax) {
+    json body = small_job(prompt, 2, 7);
+    body["prompt_syntax"] = syntax;
+    const auto r = post(port(), "/v1/generate", body);
+    EXPECT_EQ(r.status, 200) << r.body;
+    const auto job = get(port(), "/v1/jobs/" + r.header("x-job-id"));
+    EXPECT_EQ(job.body_json()["request"]["prompt_syntax"], syntax);
+    return pipeline::decode_png(bytes(r.body)).pixels;
+  };
+  const std::string weighted = "a (red:1.4) [cube]," + words;
+  const auto a1111 = run(weighted, "a1111");
+  const auto literal = run(weighted, "none");
+  EXPECT_NE(a1111, literal);  // the weights and the second chunk change the image
+  // Without syntax and within 75 tokens both read the same text: the same pixels.
+  EXPECT_EQ(run("a red cube", "a1111"), run("a red cube", "none"));
+
+  // A long prompt and a short one at once: they may share UNet steps (one call per length).
+  const json long_job = submit(port(), small_job(words, 3, 1));
+  const json short_job = submit(port(), small_job("a red cube", 3, 1));
+  EXPECT_EQ(wait_final(port(), long_job["id"]), "succeeded");
+  EXPECT_EQ(wait_final(port(), short_job["id"]), "succeeded");
+}
+
 TEST_F(ApiTest, RandomSeedIsReported) {
   json body = small_job("random", 1, 0);
   body["seed"] = -1;

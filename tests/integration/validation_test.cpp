@@ -13,6 +13,17 @@ namespace {
 
 class ValidationTest : public SharedServerTest {};
 
+std::string repeated(const std::string& s, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out += s;
+  return out;
+}
+
+// At least `tokens` tokens of CLIP's vocabulary ("photo" is one token in every CLIP tokenizer).
+std::string long_prompt(int tokens) {
+  return repeated("photo ", tokens);
+}
+
 struct BadField {
   std::string field;       // the "field" the error must name
   json value;              // put into a valid body under `key`
@@ -69,6 +80,15 @@ TEST_F(ValidationTest, EveryFieldIsCheckedAndNamed) {
       {"crops_coords_top_left.right", {{"right", 0}}, "crops_coords_top_left", "unknown"},
       {"target_size.width", {{"width", 1.5}}, "target_size", "0 and 8192"},
       {"colour", "blue", "", "unknown field"},
+      {"prompt_syntax", "comfy", "", "\"a1111\""},
+      {"prompt_syntax", false, "", "\"none\""},
+      // A1111's syntax, checked at submission: a weight that is not a number, a prompt past
+      // 16 chunks of 75 tokens (BREAK starts a chunk), the same for negatives.
+      {"prompt", "a (cat:1.2.3)", "", "not a finite number"},
+      {"prompt", "a (cat:1" + std::string(400, '0') + ")", "", "not a finite number"},
+      {"prompt", long_prompt(16 * 75 + 1), "", "16 chunks of 75 tokens"},
+      {"prompt", repeated("cat BREAK ", 16) + "cat", "", "16 chunks"},
+      {"negative_prompt", long_prompt(16 * 75 + 1), "", "16 chunks"},
   };
   for (const auto& c : cases) {
     json body = small_job("validation");
