@@ -99,6 +99,10 @@ inline std::vector<double> job_latency_buckets() {
 inline std::vector<double> batch_size_buckets() {
   return {1, 2, 4, 8, 16, 32, 64};
 }
+// Padding rows per UNet step: none, or up to half a bucket of 128 rows.
+inline std::vector<double> padding_row_buckets() {
+  return {0, 1, 2, 4, 8, 16, 32, 64};
+}
 
 struct EngineStats {
   int queued = 0;
@@ -124,6 +128,10 @@ struct EngineStats {
   // call returns when the previous step is done); per VAE decode call, seconds.
   cache::HistogramCounts unet_batch_images{batch_size_buckets()},
       vae_decode{cache::fast_latency_buckets()};
+  // Per step: rows of padding CUDA graph buckets added; and the rows computed for images (one per
+  // image, two with CFG), summed.
+  cache::HistogramCounts unet_padded_rows{padding_row_buckets()};
+  uint64_t unet_rows = 0;
   // UNet call seconds by batch bucket (the smallest of batch_buckets holding the call's images;
   // 0 past the largest): step times are only comparable within one.
   std::map<int, cache::HistogramCounts> unet_step;

@@ -87,6 +87,9 @@ class ModelRunner {
                                           pipeline::EmbeddingPtr uncond) = 0;
   // One evaluation for every run (none done) in one model call.
   virtual void step(const std::vector<ImageRun*>& batch) = 0;
+  // The last step()'s UNet rows and padding rows (pipeline::Model::last_step_rows), read on the
+  // thread that called step(). The default: none known.
+  virtual pipeline::Model::StepRows last_step_rows() const { return {}; }
   virtual std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) = 0;
   virtual pipeline::RgbImage preview(const ImageRun& run, const PreviewOptions& options) = 0;
 };

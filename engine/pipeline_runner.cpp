@@ -102,6 +102,7 @@ class PipelineRunner : public ModelRunner {
     return std::make_unique<PipelineRun>(model_->begin(spec, std::move(cond), std::move(uncond)));
   }
   void step(const std::vector<ImageRun*>& batch) override { model_->step(trajectories(batch)); }
+  pipeline::Model::StepRows last_step_rows() const override { return model_->last_step_rows(); }
   std::vector<pipeline::RgbImage> decode(const std::vector<ImageRun*>& batch) override {
     return model_->decode(trajectories(batch));
   }

@@ -415,9 +415,12 @@ bool Worker::step() {
     // A step call returns once the previous step is done on the device, so the time between
     // returns is the device's step time while the worker is busy.
     const auto now = SteadyClock::now();
+    const auto rows = model_.last_step_rows();
     {
       std::lock_guard<std::mutex> lock(engine_.mutex);
       engine_.stats.unet_batch_images.observe(static_cast<double>(batch.size()));
+      engine_.stats.unet_padded_rows.observe(static_cast<double>(rows.padding));
+      engine_.stats.unet_rows += static_cast<uint64_t>(rows.rows);
       int bucket = 0;
       for (int b : engine_.options.batch_buckets) {
         if (b >= static_cast<int>(batch.size())) {

@@ -37,6 +37,7 @@ struct Model::Impl {
   std::unique_ptr<UNetRunner> unet_runner;
   bool profiling = false;
   bench_support::StepProfile last_profile;
+  Model::StepRows last_step_rows;
   Vae vae{nullptr};
   // When `vae` decodes in fp16 although its config asks for float32 (force_upcast): a decode
   // with inf/NaN is redone by a float32 copy, loaded from these weights at the first overflow,

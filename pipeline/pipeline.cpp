@@ -26,11 +26,17 @@
 namespace sdserve::pipeline {
 namespace {
 
-// ComfyUI's latent2rgb factors for SD 1.x: rows are latent channels, columns R, G, B.
+// ComfyUI's latent2rgb factors (comfy/latent_formats.py): rows are latent channels, columns R,
+// G, B. SD 1.x and 2.x share a VAE; SDXL's latent space differs and has a bias too.
 constexpr float kLatentRgb[4][3] = {{0.3512f, 0.2297f, 0.3227f},
                                     {0.3250f, 0.4974f, 0.2350f},
                                     {-0.2829f, 0.1762f, 0.2721f},
                                     {-0.2120f, -0.2616f, -0.7177f}};
+constexpr float kLatentRgbSdxl[4][3] = {{0.3651f, 0.4232f, 0.4341f},
+                                        {-0.2533f, -0.0042f, 0.1068f},
+                                        {0.1076f, 0.1111f, -0.0362f},
+                                        {-0.3165f, -0.2492f, -0.2188f}};
+constexpr float kLatentRgbBiasSdxl[3] = {0.1084f, -0.0175f, -0.0011f};
 
 // "1.23 s"
 std::string seconds_text(double s) {
@@ -427,13 +433,16 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   };
   prof.prepare_ms = lap();
   torch::Tensor out;
+  impl_->last_step_rows = {static_cast<int>(inputs.size()), 0};
   if (by_length.size() == 1) {
     out = unet(by_length.begin()->second);
+    impl_->last_step_rows.padding = static_cast<int>(impl_->unet_runner->last_padding());
   } else {
     std::vector<torch::Tensor> parts;
     std::vector<int64_t> order;
     for (const auto& [length, rows] : by_length) {
       parts.push_back(unet(rows));
+      impl_->last_step_rows.padding += static_cast<int>(impl_->unet_runner->last_padding());
       order.insert(order.end(), rows.begin(), rows.end());
     }
     // Back to row order: out[order[k]] = joined's row k.
@@ -557,12 +566,21 @@ torch::Tensor Model::Impl::predicted_x0(const Trajectory::State& s) const {
   return (s.last_input - std::sqrt(1 - a) * s.last_eps) / std::sqrt(a);
 }
 
+Model::StepRows Model::last_step_rows() const {
+  return impl_->last_step_rows;
+}
+
 RgbImage Model::preview(const Trajectory& trajectory, int max_side) const {
   torch::NoGradGuard no_grad;
   auto x0 = impl_->predicted_x0(trajectory.state())[0].to(torch::kFloat32);  // (C, h, w)
-  auto factors = torch::from_blob(const_cast<float*>(&kLatentRgb[0][0]), {4, 3}, torch::kFloat32)
+  const bool sdxl = impl_->info.family == "sdxl";
+  auto factors = torch::from_blob(const_cast<float*>(&(sdxl ? kLatentRgbSdxl : kLatentRgb)[0][0]),
+                                  {4, 3}, torch::kFloat32)
                      .to(x0.device());
   auto rgb = torch::einsum("chw,cr->rhw", {x0.narrow(0, 0, 4), factors});
+  if (sdxl)
+    rgb = rgb + torch::from_blob(const_cast<float*>(kLatentRgbBiasSdxl), {3, 1, 1}, torch::kFloat32)
+                    .to(x0.device());
   auto images = ((rgb + 1.0) / 2.0).clamp(0, 1).unsqueeze(0);
   return shrink_to(to_rgb8(images)[0], max_side);
 }

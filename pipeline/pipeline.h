@@ -189,6 +189,13 @@ class Model {
   // One model evaluation for each trajectory (none may be done), in a single UNet batch; rows
   // whose prompt embeddings differ in length (long prompts) take one UNet call per length.
   void step(const std::vector<Trajectory*>& batch) const;
+  // The last step()'s UNet rows (one per image, two with CFG) and the rows of padding its CUDA
+  // graphs added (batch buckets); for the metrics. Read on the thread that called step().
+  struct StepRows {
+    int rows = 0;
+    int padding = 0;
+  };
+  StepRows last_step_rows() const;
   // Model evaluations a spec takes (steps, except heun 2 * steps - 1, pndm steps + 1).
   int evals_total(const ImageSpec& spec) const;
   // Decodes finished trajectories to 8-bit RGB.

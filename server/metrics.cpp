@@ -101,6 +101,18 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                 "Per succeeded job: first image admitted until the last was stored", job_buckets);
   unet_batch_images_ =
       histogram("sdserve_unet_batch_images", "Images per UNet call", engine::batch_size_buckets());
+  unet_padded_rows_ =
+      histogram("sdserve_unet_padded_rows",
+                "Rows of padding per UNet step: CUDA graphs round a step's rows (one "
+                "per image, two with CFG) up to a batch bucket; 0 on the CPU",
+                engine::padding_row_buckets());
+  unet_rows_ = &BuildCounter()
+                    .Name("sdserve_unet_rows_total")
+                    .Help(
+                        "UNet rows computed for images (one per image per step, two with CFG), "
+                        "padding not included")
+                    .Register(r)
+                    .Add({});
   unet_step_ = &prometheus::BuildHistogram()
                     .Name("sdserve_unet_step_seconds")
                     .Help("UNet calls by batch bucket (under load: the device's step time)")
@@ -328,6 +340,8 @@ std::string Metrics::scrape(const ScrapeInput& in) {
     mirror(*latency_, stats->latency, latency_seen_);
     mirror(*run_time_, stats->run_time, run_time_seen_);
     mirror(*unet_batch_images_, stats->unet_batch_images, unet_batch_images_seen_);
+    mirror(*unet_padded_rows_, stats->unet_padded_rows, unet_padded_rows_seen_);
+    advance(*unet_rows_, stats->unet_rows);
     for (const auto& [bucket, counts] : stats->unet_step) {
       mirror(unet_step_->Add({{"bucket", std::to_string(bucket)}}, cache::fast_latency_buckets()),
              counts, unet_step_seen_[bucket]);

@@ -66,13 +66,13 @@ class Metrics {
   prometheus::Gauge *ready_, *queue_depth_, *running_jobs_, *active_images_, *result_bytes_;
   prometheus::Counter* jobs_submitted_;
   prometheus::Family<prometheus::Counter>*jobs_finished_, *jobs_rejected_;
-  prometheus::Counter *unet_steps_, *images_;
+  prometheus::Counter *unet_steps_, *images_, *unet_rows_;
   prometheus::Family<prometheus::Histogram>* http_duration_;
   // Per job and per model call (engine stats), mirrored like the cache's histograms.
   prometheus::Histogram *queue_wait_, *first_step_, *latency_, *run_time_, *unet_batch_images_,
-      *vae_decode_;
+      *unet_padded_rows_, *vae_decode_;
   Mirrored queue_wait_seen_, first_step_seen_, latency_seen_, run_time_seen_,
-      unet_batch_images_seen_, vae_decode_seen_;
+      unet_batch_images_seen_, unet_padded_rows_seen_, vae_decode_seen_;
   prometheus::Family<prometheus::Histogram>* unet_step_;
   std::map<int, Mirrored> unet_step_seen_;  // by batch bucket
   prometheus::Gauge *images_per_second_, *iterations_per_second_;

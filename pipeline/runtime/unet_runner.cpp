@@ -79,6 +79,7 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
   };
 #endif
   torch::NoGradGuard no_grad;
+  last_padding_ = 0;
   const bool cuda = device_.is_cuda();
   auto x = x_in;
   if (cuda && options_.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
@@ -138,6 +139,7 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
     fill(e.text_embeds, text_embeds, rows);
     fill(e.time_ids, time_ids, rows);
     e.graph->replay();
+    last_padding_ = padded - rows;
     // The graph overwrites `out` on its next replay, so hand the caller its own copy.
     return e.out.narrow(0, 0, rows).clone();
   }

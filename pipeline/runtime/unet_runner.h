@@ -36,6 +36,8 @@ class UNetRunner {
                         const torch::Tensor& text_embeds = {}, const torch::Tensor& time_ids = {});
 
   int64_t bucket_for(int64_t rows) const;  // rows itself when no bucket fits
+  // Rows of padding the last forward() added (0 unless it replayed a CUDA graph).
+  int64_t last_padding() const { return last_padding_; }
   size_t graphs_captured() const;
 
  private:
@@ -45,6 +47,7 @@ class UNetRunner {
   torch::Dtype dtype_;
   UNetRunnerOptions options_;
   std::unique_ptr<Graphs> graphs_;
+  int64_t last_padding_ = 0;
 };
 
 }  // namespace sdserve::pipeline

@@ -58,6 +58,10 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   EXPECT_EQ(metric(port, "sdserve_unet_batch_images_bucket{le=\"1\"}"), calls);
   EXPECT_EQ(metric(port, "sdserve_unet_step_seconds_count{bucket=\"1\"}"), calls);
   EXPECT_EQ(metric(port, "sdserve_unet_steps_total"), calls);
+  // Two rows per image with CFG; no padding on the CPU (CUDA graphs pad up to a bucket).
+  EXPECT_EQ(metric(port, "sdserve_unet_rows_total"), 2 * calls);
+  EXPECT_EQ(metric(port, "sdserve_unet_padded_rows_count"), calls);
+  EXPECT_EQ(metric(port, "sdserve_unet_padded_rows_sum"), 0);
   EXPECT_GE(metric(port, "sdserve_vae_decode_seconds_count"), 1);
   EXPECT_GE(metric(port, "sdserve_previews_total{result=\"sent\"}"), 1);  // a's, every step
   EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"low\"}"), 0);
