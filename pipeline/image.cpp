@@ -237,6 +237,33 @@ RgbImage decode_png(const std::vector<uint8_t>& bytes,
   return image;
 }
 
+std::string read_png_text(const std::vector<uint8_t>& png, const std::string& key) {
+  // Walks the chunk headers only (no libpng: nothing is decoded), so any bytes are safe.
+  const auto be32 = [](const uint8_t* p) {
+    return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
+  };
+  size_t at = 8;  // after the signature
+  while (at + 12 <= png.size()) {
+    const uint32_t length = be32(&png[at]);
+    if (length > png.size() - at - 12) break;
+    const std::string type(reinterpret_cast<const char*>(&png[at + 4]), 4);
+    const std::string data(reinterpret_cast<const char*>(&png[at + 8]), length);
+    at += 12 + length;
+    const auto nul = data.find('\0');
+    if (nul == std::string::npos || data.compare(0, nul, key) != 0 || nul != key.size()) continue;
+    if (type == "tEXt") return latin1_to_utf8(data.substr(nul + 1));
+    if (type == "iTXt" && data.size() > nul + 2 && data[nul + 1] == 0) {
+      // compression flag 0, method, language tag\0, translated keyword\0, text
+      const auto lang_end = data.find('\0', nul + 3);
+      if (lang_end == std::string::npos) continue;
+      const auto translated_end = data.find('\0', lang_end + 1);
+      if (translated_end == std::string::npos) continue;
+      return data.substr(translated_end + 1);
+    }
+  }
+  return "";
+}
+
 std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality,
                                  const std::string& user_comment) {
   check_image(image);

@@ -24,6 +24,11 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
 RgbImage decode_png(const std::vector<uint8_t>& bytes,
                     std::vector<std::pair<std::string, std::string>>* text = nullptr);
 
+// The text of a PNG's first tEXt or uncompressed iTXt chunk named `key`, as UTF-8 (tEXt is
+// Latin-1); "" when there is none. Reads chunk headers only, not the image: cheap and safe on any
+// bytes (POST /sdapi/v1/png-info).
+std::string read_png_text(const std::vector<uint8_t>& png, const std::string& key);
+
 // Baseline JPEG (previews; `sdserve generate -o x.jpg`), quality 1..100. A non-empty
 // `user_comment` goes into an Exif UserComment, where A1111 keeps a JPEG's generation settings.
 std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality = 80,

@@ -1,12 +1,13 @@
 #include "server/a1111.h"
 
 #include <algorithm>
-#include <ctime>
 #include <set>
 
 #include "pipeline/errors.h"
+#include "pipeline/image.h"
 #include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
+#include "server/a1111_progress.h"
 #include "server/handlers.h"
 
 namespace sdserve::server::a1111 {
@@ -211,32 +212,6 @@ const char* scheduler_label(const std::string& ours) {
   return ours == "karras" ? "Karras" : "Automatic";
 }
 
-std::string timestamp() {
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[16];
-  std::strftime(buf, sizeof(buf), "%Y%m%d%H%M%S", &tm);
-  return buf;
-}
-
-uint32_t be32(const uint8_t* p) {
-  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
-}
-
-std::string latin1_to_utf8(const std::string& s) {
-  std::string out;
-  for (unsigned char c : s) {
-    if (c < 0x80) {
-      out += static_cast<char>(c);
-    } else {
-      out += static_cast<char>(0xC0 | (c >> 6));
-      out += static_cast<char>(0x80 | (c & 0x3F));
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 Txt2Img translate_txt2img(const std::string& body, const pipeline::ModelInfo* model) {
@@ -366,7 +341,7 @@ Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
   for (int k = 0; k < r.num_images; ++k) seeds.push_back(job.seed + k);
   for (const auto& png : pngs) {
     if (t.send_images) images.push_back(base64(*png));
-    infotexts.push_back(png_text(*png, "parameters"));
+    infotexts.push_back(pipeline::read_png_text(*png, "parameters"));
   }
   Json parameters = t.echo;
   parameters["seed"] = job.seed;
@@ -398,7 +373,7 @@ Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
                {"index_of_first_image", 0},
                {"infotexts", infotexts},
                {"styles", Json::array()},
-               {"job_timestamp", timestamp()},
+               {"job_timestamp", job_timestamp()},
                {"clip_skip", r.clip_skip},
                {"is_using_inpainting_conditioning", false},
                {"version", "sdserve"},
@@ -457,29 +432,6 @@ Json options(const pipeline::ModelInfo* model, const std::string& sha256) {
           {"live_previews_enable", true},
           {"show_progress_every_n_steps", 5},
           {"enable_pnginfo", true}};
-}
-
-std::string png_text(const std::vector<uint8_t>& png, const std::string& key) {
-  size_t at = 8;  // after the signature
-  while (at + 12 <= png.size()) {
-    const uint32_t length = be32(&png[at]);
-    if (length > png.size() - at - 12) break;
-    const std::string type(reinterpret_cast<const char*>(&png[at + 4]), 4);
-    const std::string data(reinterpret_cast<const char*>(&png[at + 8]), length);
-    at += 12 + length;
-    const auto nul = data.find('\0');
-    if (nul == std::string::npos || data.compare(0, nul, key) != 0 || nul != key.size()) continue;
-    if (type == "tEXt") return latin1_to_utf8(data.substr(nul + 1));
-    if (type == "iTXt" && data.size() > nul + 2 && data[nul + 1] == 0) {
-      // compression flag 0, method, language tag\0, translated keyword\0, text
-      const auto lang_end = data.find('\0', nul + 3);
-      if (lang_end == std::string::npos) continue;
-      const auto translated_end = data.find('\0', lang_end + 1);
-      if (translated_end == std::string::npos) continue;
-      return data.substr(translated_end + 1);
-    }
-  }
-  return "";
 }
 
 namespace {
@@ -549,111 +501,10 @@ Json png_info(const std::string& body) {
   static const uint8_t kSignature[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
   if (png.size() < 8 || !std::equal(png.begin(), png.begin() + 8, kSignature))
     refuse("image", "image is not a PNG");
-  const std::string parameters = png_text(png, "parameters");
+  const std::string parameters = pipeline::read_png_text(png, "parameters");
   Json items = Json::object();
   if (!parameters.empty()) items["parameters"] = parameters;
   return {{"info", parameters}, {"items", items}, {"parameters", infotext_fields(parameters)}};
-}
-
-// ---------------------------------------------------------------------------------------------
-void Tracker::started(const std::string& caller, const std::string& job_id) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  jobs_[job_id].caller = caller;
-  auto& mine = owned_[caller];
-  mine.push_back(job_id);
-  while (mine.size() > kJobsPerCaller) {
-    jobs_.erase(mine.front());
-    mine.pop_front();
-  }
-  callers_.erase(std::remove(callers_.begin(), callers_.end(), caller), callers_.end());
-  callers_.push_back(caller);
-  while (callers_.size() > kCallers) {
-    for (const auto& id : owned_[callers_.front()]) jobs_.erase(id);
-    owned_.erase(callers_.front());
-    callers_.pop_front();
-  }
-}
-
-void Tracker::event(const engine::JobEvent& e) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  const auto it = jobs_.find(e.job_id);
-  if (it == jobs_.end()) return;
-  JobRecord& j = it->second;
-  switch (e.type) {
-    case engine::EventType::kStarted:
-      j.running = true;
-      j.started = std::chrono::steady_clock::now();
-      [[fallthrough]];
-    case engine::EventType::kProgress:
-      j.evaluations = e.evaluations;
-      j.evaluations_total = e.evaluations_total;
-      j.steps = e.steps;
-      break;
-    case engine::EventType::kPreview:
-      if (e.image == 0 && e.binary) j.preview = e.binary;  // the first image, as A1111 shows
-      j.evaluations = e.evaluations;
-      j.evaluations_total = e.evaluations_total;
-      break;
-    default:
-      j.running = false;
-      break;
-  }
-}
-
-std::vector<std::string> Tracker::active_jobs(const std::string& caller,
-                                              const engine::Engine* engine) const {
-  std::deque<std::string> mine;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = owned_.find(caller);
-    if (it != owned_.end()) mine = it->second;
-  }
-  std::vector<std::string> out;
-  for (const auto& id : mine) {
-    const auto job = engine ? engine->get(id) : std::nullopt;
-    if (job &&
-        (job->status == engine::JobStatus::kQueued || job->status == engine::JobStatus::kRunning))
-      out.push_back(id);
-  }
-  return out;
-}
-
-Json Tracker::progress(const std::string& caller, const engine::Engine* engine) const {
-  const auto active = active_jobs(caller, engine);
-  Json state = {{"skipped", false}, {"interrupted", false},       {"stopping_generation", false},
-                {"job", ""},        {"job_count", active.size()}, {"job_timestamp", timestamp()},
-                {"job_no", 0},      {"sampling_step", 0},         {"sampling_steps", 0}};
-  Json out = {{"progress", 0.0},
-              {"eta_relative", 0.0},
-              {"state", state},
-              {"current_image", nullptr},
-              {"textinfo", nullptr}};
-  if (active.empty()) return out;
-  const std::string& id = active.front();  // the oldest: the one A1111 would be running
-  const auto job = engine->get(id);
-  JobRecord j;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = jobs_.find(id);
-    if (it != jobs_.end()) j = it->second;
-  }
-  out["state"]["job"] = id;
-  if (job && job->status == engine::JobStatus::kQueued) {
-    out["textinfo"] = "queued at position " + std::to_string(job->queue_position + 1);
-    return out;
-  }
-  const double progress =
-      j.evaluations_total > 0 ? static_cast<double>(j.evaluations) / j.evaluations_total : 0.0;
-  out["progress"] = progress;
-  out["state"]["sampling_steps"] = j.steps;
-  out["state"]["sampling_step"] = engine::steps_done(j.evaluations, j.evaluations_total, j.steps);
-  if (j.running && progress > 0) {
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - j.started).count();
-    out["eta_relative"] = elapsed / progress - elapsed;
-  }
-  if (j.preview) out["current_image"] = base64(*j.preview);
-  return out;
 }
 
 }  // namespace sdserve::server::a1111

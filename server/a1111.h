@@ -52,41 +52,8 @@ Json schedulers();
 Json sd_models(const pipeline::ModelInfo* model, const std::string& sha256);
 Json options(const pipeline::ModelInfo* model, const std::string& sha256);
 
-// A PNG's text chunk (tEXt, or uncompressed iTXt) as UTF-8; "" when absent.
-std::string png_text(const std::vector<uint8_t>& png, const std::string& key);
-
 // POST /sdapi/v1/png-info: {"image": "data:image/png;base64,..."} -> {info, items, parameters}
 // (A1111's answer: the "parameters" text, every text chunk, and the infotext's fields).
 Json png_info(const std::string& body);
-
-// Progress of each caller's A1111 jobs, for GET /sdapi/v1/progress and POST .../interrupt. A
-// caller is an API key, or a client address where no keys are configured: A1111 has one user,
-// sdserve many, and each sees its own jobs. Thread-safe: events arrive on engine threads.
-class Tracker {
- public:
-  void started(const std::string& caller, const std::string& job_id);
-  void event(const engine::JobEvent& e);
-  // {progress, eta_relative, state, current_image, textinfo} for the caller's latest job.
-  Json progress(const std::string& caller, const engine::Engine* engine) const;
-  // The caller's jobs not yet final (for interrupt).
-  std::vector<std::string> active_jobs(const std::string& caller,
-                                       const engine::Engine* engine) const;
-
- private:
-  struct JobRecord {
-    std::string caller;
-    int evaluations = 0, evaluations_total = 0, steps = 0;
-    std::chrono::steady_clock::time_point started{};
-    bool running = false;
-    std::shared_ptr<const std::vector<uint8_t>> preview;  // latest step preview (PNG)
-  };
-  static constexpr size_t kJobsPerCaller = 16;
-  static constexpr size_t kCallers = 256;
-
-  mutable std::mutex mutex_;
-  std::map<std::string, JobRecord> jobs_;                 // guarded by mutex_
-  std::map<std::string, std::deque<std::string>> owned_;  // caller -> job ids, oldest first
-  std::deque<std::string> callers_;                       // least recently submitting first
-};
 
 }  // namespace sdserve::server::a1111

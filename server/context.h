@@ -14,7 +14,7 @@
 #include "config/config.h"
 #include "engine/engine.h"
 #include "pipeline/pipeline.h"
-#include "server/a1111.h"
+#include "server/a1111_progress.h"
 #include "server/metrics.h"
 
 namespace sdserve::server {

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "server/a1111.h"
 #include "server/context.h"
 #include "server/handlers.h"
 

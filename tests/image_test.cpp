@@ -73,6 +73,24 @@ TEST(Image, Latin1TextStaysInTextChunkAsLatin1) {
   EXPECT_EQ(text[0].second, utf8) << "read back as UTF-8";
 }
 
+TEST(Image, PngTextReadsChunksWithoutDecoding) {
+  const auto img = gradient(8, 8);
+  const std::string utf8 = "caf\xc3\xa9 \xe6\x9d\xb1\xe4\xba\xac";  // iTXt
+  const std::string latin = "na\xc3\xafve";                         // tEXt (Latin-1 inside)
+  const auto png = encode_png(img, {{"parameters", utf8}, {"Comment", latin}});
+  EXPECT_EQ(read_png_text(png, "parameters"), utf8);
+  EXPECT_EQ(read_png_text(png, "Comment"), latin);
+  EXPECT_EQ(read_png_text(png, "param"), "");  // whole keywords only
+  EXPECT_EQ(read_png_text(png, "absent"), "");
+  // Any cut of the file, or garbage, reads as "no such text" (never past the end).
+  for (size_t cut = 0; cut < png.size(); cut += 7) {
+    const std::vector<uint8_t> head(png.begin(), png.begin() + static_cast<long>(cut));
+    const auto got = read_png_text(head, "parameters");
+    EXPECT_TRUE(got.empty() || got == utf8) << cut;
+  }
+  EXPECT_EQ(read_png_text(std::vector<uint8_t>(100, 0xff), "parameters"), "");
+}
+
 std::vector<uint8_t> decode_jpeg_rgb(const std::vector<uint8_t>& jpeg) {
   std::unique_ptr<void, int (*)(tjhandle)> tj(tjInitDecompress(), tjDestroy);
   int w = 0, h = 0, sub = 0, space = 0;

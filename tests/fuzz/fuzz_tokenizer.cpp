@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "bundled_tokenizer.h"
 #include "pipeline/errors.h"
 #include "pipeline/io/tokenizer.h"
 
@@ -23,24 +24,10 @@ namespace {
   std::abort();
 }
 
-const ClipTokenizer& tokenizer() {
-  static const ClipTokenizer tok = [] {
-    const char* env = std::getenv("SDSERVE_FUZZ_TOKENIZER_DIR");
-    const std::string dir = env && *env ? env : SDSERVE_REPO_DIR "/models/tiny-sd15/tokenizer";
-    try {
-      return ClipTokenizer::load(dir + "/vocab.json", dir + "/merges.txt", 77);
-    } catch (const sdserve::pipeline::ModelError& e) {
-      std::fprintf(stderr, "fuzz_tokenizer: cannot load the tokenizer: %s\n", e.what());
-      std::exit(2);
-    }
-  }();
-  return tok;
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const ClipTokenizer& tok = tokenizer();
+  const ClipTokenizer& tok = bundled_tokenizer("fuzz_tokenizer");
   const std::string text(reinterpret_cast<const char*>(data), size);
   const std::vector<int32_t> tokens = tok.tokenize(text);
   const auto vocab = static_cast<int64_t>(tok.vocab_size());
