@@ -69,9 +69,9 @@ class ModelRunner {
   virtual pipeline::TextInput text_input(const std::string& prompt, pipeline::PromptSyntax syntax,
                                          pipeline::TextRole role) const {
     (void)role;
+    (void)syntax;  // the default encode_for() ignores it too
     pipeline::TextInput in;
     in.ids.assign(prompt.begin(), prompt.end());
-    in.weights.push_back(syntax == pipeline::PromptSyntax::kNone ? 0.0f : 1.0f);
     return in;
   }
   virtual std::string embedding_to_bytes(const pipeline::Embedding&) const {

@@ -2,6 +2,7 @@
 
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 
@@ -141,6 +142,9 @@ std::vector<PromptPiece> parse_prompt_attention(std::string_view text, const std
   size_t i = 0;
   while (i < text.size()) {
     const char c = text[i];
+    // At a ':', the length of a ":1.2)" weight starting there (0: none).
+    std::string_view number;
+    const size_t weight_length = c == ':' ? match_weight(text, i, &number) : 0;
     if (c == '\\') {
       // \( \) \[ \] \\ are the character; a backslash before anything else is dropped.
       const bool escape = i + 1 < text.size() &&
@@ -153,13 +157,11 @@ std::vector<PromptPiece> parse_prompt_attention(std::string_view text, const std
     } else if (c == '[') {
       square.push_back(res.size());
       ++i;
-    } else if (std::string_view number;
-               c == ':' && !round.empty() && match_weight(text, i, &number) > 0) {
-      const size_t length = match_weight(text, i, &number);
+    } else if (weight_length > 0 && !round.empty()) {
       const size_t start = round.back();
       round.pop_back();
       multiply_range(start, weight_value(number, field));
-      i += length;
+      i += weight_length;
     } else if (c == ')' && !round.empty()) {
       const size_t start = round.back();
       round.pop_back();
@@ -173,11 +175,8 @@ std::vector<PromptPiece> parse_prompt_attention(std::string_view text, const std
     } else {
       // Plain text: a run without \ ( ) [ ] :, or one of : ) ] that closes nothing (a ':' that
       // starts a weight with no open '(' counts as text up to that weight's ')', as in A1111).
-      size_t end = i + 1;
-      if (c == ':') {
-        std::string_view number;
-        if (const size_t length = match_weight(text, i, &number)) end = i + length;
-      } else if (c != ')' && c != ']') {
+      size_t end = i + std::max<size_t>(weight_length, 1);
+      if (c != ':' && c != ')' && c != ']') {
         end = text.find_first_of("\\()[]:", i);
         if (end == std::string_view::npos) end = text.size();
       }

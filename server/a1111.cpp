@@ -172,9 +172,9 @@ void apply_overrides(const Json& o, const pipeline::ModelInfo* model, Json& nati
       // A1111's emphasis modes: "Original" (its default) is what sdserve does; "None" (the text
       // as it is) matches prompt_syntax "none" up to 75 tokens only, so it is refused too.
       if (!(v.is_null() || (v.is_string() && v == "Original")))
-        refuse(field, "only emphasis 'Original' (A1111's default) is supported here; " +
-                          std::string("/v1/generate takes prompt_syntax \"none\" for the text ") +
-                          "as it is");
+        refuse(field,
+               "only emphasis 'Original' (A1111's default) is supported here; /v1/generate "
+               "takes prompt_syntax \"none\" for the text as it is");
     } else if (key == "eta_noise_seed_delta") {
       if (!(v.is_null() || is_number_equal(v, 0)))
         refuse(field, "eta_noise_seed_delta other than 0 is not supported");
