@@ -13,9 +13,6 @@
 namespace sdserve::pipeline {
 namespace {
 
-#define SKIP_WITHOUT_CUDA() \
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
-
 std::shared_ptr<Model> cuda_model(const std::string& precision, bool graphs = true) {
   LoadOptions o;
   o.device = "cuda";

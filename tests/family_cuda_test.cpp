@@ -7,9 +7,6 @@
 namespace sdserve::pipeline {
 namespace {
 
-#define SKIP_WITHOUT_CUDA() \
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
-
 std::shared_ptr<Model> cuda_family_model(const std::string& family, const std::string& precision) {
   LoadOptions o;
   o.device = "cuda";

@@ -115,9 +115,6 @@ TEST(FusedFallback, LayerNormIsTheModule) {
   EXPECT_TRUE(torch::equal(layer_norm_fused(norm, x), norm(x)));
 }
 
-#define SKIP_WITHOUT_CUDA() \
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
-
 // Tolerances against the float64 reference, relative to the output's scale: the result is
 // rounded once to the dtype (half an ulp: 2^-11 fp16, 2^-8 bf16, 2^-24 fp32), after float32
 // statistics over up to ~10^5 values (~1e-6 relative); x2-4 margin for SiLU and GELU's float

@@ -19,13 +19,13 @@
 namespace sdserve::pipeline {
 namespace {
 
-struct SamplerChoice {
+struct FixtureSampler {
   std::string name;
   SigmaSchedule schedule;
 };
 
 // The fixtures' scheduler names in our names.
-SamplerChoice fixture_sampler(const std::string& scheduler) {
+FixtureSampler fixture_sampler(const std::string& scheduler) {
   if (scheduler == "euler_a") return {"euler_ancestral", SigmaSchedule::kNormal};
   if (scheduler == "dpmpp_2m_karras") return {"dpmpp_2m", SigmaSchedule::kKarras};
   if (scheduler == "unipc") return {"uni_pc", SigmaSchedule::kNormal};

@@ -11,10 +11,10 @@ namespace {
 using test::family_model;
 using test::family_ref;
 
-const char* const kFamily = "tiny-sd2";
+const char* const kSd2Family = "tiny-sd2";
 
 TEST(Sd2Parity, LoadsAsSd2WithItsSchedulerConfig) {
-  const auto model = family_model(kFamily);
+  const auto model = family_model(kSd2Family);
   EXPECT_EQ(model->info().family, "sd2");
   EXPECT_EQ(model->info().layout, "diffusers");
   EXPECT_FALSE(model->info().size_conditioning);
@@ -23,10 +23,10 @@ TEST(Sd2Parity, LoadsAsSd2WithItsSchedulerConfig) {
 }
 
 TEST(Sd2Parity, TokensMatchIncludingExclamationPadding) {
-  const auto model = family_model(kFamily);
+  const auto model = family_model(kSd2Family);
   int checked = 0;
-  for (const auto& c : test::cases_of_kind(kFamily, "tokens")) {
-    const auto want = family_ref(kFamily, c["name"]).reshape({-1}).to(torch::kLong);
+  for (const auto& c : test::cases_of_kind(kSd2Family, "tokens")) {
+    const auto want = family_ref(kSd2Family, c["name"]).reshape({-1}).to(torch::kLong);
     const auto ids = model->text_input(c["prompt"], PromptSyntax::kNone).ids;
     ASSERT_EQ(static_cast<int64_t>(ids.size()), want.size(0));
     for (size_t i = 0; i < ids.size(); ++i)
@@ -38,13 +38,13 @@ TEST(Sd2Parity, TokensMatchIncludingExclamationPadding) {
 }
 
 TEST(Sd2Parity, TextEmbeddingsMatch) {
-  const auto model = family_model(kFamily);
+  const auto model = family_model(kSd2Family);
   int checked = 0;
-  for (const auto& c : test::cases_of_kind(kFamily, "text_embeds")) {
+  for (const auto& c : test::cases_of_kind(kSd2Family, "text_embeds")) {
     const int clip_skip = c["clip_skip"].is_null() ? 1 : c["clip_skip"].get<int>() + 1;
     const auto e =
         model->encode_text(c["prompt"], clip_skip, TextRole::kPrompt, PromptSyntax::kNone);
-    test::expect_close(e->hidden(), family_ref(kFamily, c["name"]), test::kModuleTolerance,
+    test::expect_close(e->hidden(), family_ref(kSd2Family, c["name"]), test::kModuleTolerance,
                        c["name"]);
     ++checked;
   }
@@ -53,30 +53,30 @@ TEST(Sd2Parity, TextEmbeddingsMatch) {
 
 TEST(Sd2Parity, UNetMatchesAtEveryTimestep) {
   torch::NoGradGuard no_grad;
-  auto& unet = family_model(kFamily)->impl().unet;
+  auto& unet = family_model(kSd2Family)->impl().unet;
   for (int t : {1, 500, 999}) {
     const auto prefix = "unet_t" + std::to_string(t);
-    const auto x = family_ref(kFamily, prefix + "_in");
+    const auto x = family_ref(kSd2Family, prefix + "_in");
     auto out = unet->forward(x, torch::full({x.size(0)}, t, torch::kFloat32),
-                             family_ref(kFamily, prefix + "_emb"));
-    test::expect_close(out, family_ref(kFamily, prefix + "_out"), test::kModuleTolerance,
+                             family_ref(kSd2Family, prefix + "_emb"));
+    test::expect_close(out, family_ref(kSd2Family, prefix + "_out"), test::kModuleTolerance,
                        "sd2 " + prefix);
   }
 }
 
 TEST(Sd2Parity, VaeDecodeAndEncodeMatch) {
   torch::NoGradGuard no_grad;
-  auto& vae = family_model(kFamily)->impl().vae;
-  test::expect_close(vae->decode(family_ref(kFamily, "vae_decode_in")),
-                     family_ref(kFamily, "vae_decode_out"), test::kModuleTolerance,
+  auto& vae = family_model(kSd2Family)->impl().vae;
+  test::expect_close(vae->decode(family_ref(kSd2Family, "vae_decode_in")),
+                     family_ref(kSd2Family, "vae_decode_out"), test::kModuleTolerance,
                      "sd2 vae decode");
-  test::expect_close(vae->encode_mean(family_ref(kFamily, "vae_encode_in")),
-                     family_ref(kFamily, "vae_encode_mean"), test::kModuleTolerance,
+  test::expect_close(vae->encode_mean(family_ref(kSd2Family, "vae_encode_in")),
+                     family_ref(kSd2Family, "vae_encode_mean"), test::kModuleTolerance,
                      "sd2 vae encode");
 }
 
 TEST(Sd2Parity, SchedulerTimestepsMatch) {
-  EXPECT_EQ(test::check_timesteps(kFamily), 8);
+  EXPECT_EQ(test::check_timesteps(kSd2Family), 8);
 }
 
 class Sd2Runs : public ::testing::TestWithParam<test::FamilyRun> {};
@@ -86,11 +86,11 @@ TEST_P(Sd2Runs, StepLatentsAndImagesMatchDiffusers) {
 }
 
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(Sd2Runs);  // no shared fixtures
-INSTANTIATE_TEST_SUITE_P(AllRuns, Sd2Runs, ::testing::ValuesIn(test::family_runs(kFamily)),
+INSTANTIATE_TEST_SUITE_P(AllRuns, Sd2Runs, ::testing::ValuesIn(test::family_runs(kSd2Family)),
                          [](const auto& info) { return info.param.name; });
 
 TEST(Sd2Parity, AllEightRunsAreInstantiated) {
-  EXPECT_EQ(test::family_runs(kFamily).size(), 8u);
+  EXPECT_EQ(test::family_runs(kSd2Family).size(), 8u);
 }
 
 }  // namespace

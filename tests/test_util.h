@@ -11,6 +11,10 @@
 #include "pipeline/io/model_files.h"
 #include "pipeline/io/tensor_io.h"
 
+// GPU tests skip cleanly where there is no CUDA device (CI).
+#define SKIP_WITHOUT_CUDA() \
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"
+
 namespace sdserve::test {
 
 // tests/fixtures/REL, else the shared fixtures beside the checkout (../shared/fixtures: the SD 2.x

@@ -7,15 +7,12 @@
 #include <vector>
 
 #include "pipeline/errors.h"
+#include "pipeline/io/names.h"
 
 namespace sdserve::pipeline {
 namespace {
 
 using nlohmann::json;
-
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
 
 // The integer indices directly below `prefix` ("input_blocks." -> {0, 1, ...}).
 std::set<int> child_indices(const SafetensorsFile& file, const std::string& prefix) {
@@ -38,10 +35,6 @@ std::set<int> child_indices(const SafetensorsFile& file, const std::string& pref
 bool contiguous(const std::set<int>& indices) {
   return indices.empty() ||
          (*indices.begin() == 0 && *indices.rbegin() + 1 == static_cast<int>(indices.size()));
-}
-
-std::string idx(int i) {
-  return std::to_string(i);
 }
 
 // One number when every level has the same (as diffusers writes SD 1.x's configs), else a list.

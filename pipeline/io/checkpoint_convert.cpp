@@ -7,6 +7,7 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/io/checkpoint_config.h"
+#include "pipeline/io/names.h"
 #include "pipeline/io/openclip_convert.h"
 
 namespace sdserve::pipeline {
@@ -14,16 +15,9 @@ namespace {
 
 using nlohmann::json;
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
 bool contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
 }
-std::string idx(int i) {
-  return std::to_string(i);
-}
-
 // One tensor: its name in the module (diffusers) and in the checkpoint (LDM, below the
 // component's prefix). The VAE's mid-block attention projections are 1x1 convolutions in LDM and
 // Linear layers in diffusers: same bytes, the view only drops the trailing 1x1.

@@ -18,6 +18,7 @@
 #include "pipeline/io/checkpoint_config.h"
 #include "pipeline/io/checkpoint_convert.h"
 #include "pipeline/io/file_io.h"
+#include "pipeline/io/names.h"
 #include "pipeline/io/safetensors.h"
 
 namespace sdserve::pipeline {
@@ -26,13 +27,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });

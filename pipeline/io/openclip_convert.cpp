@@ -7,15 +7,12 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/io/checkpoint_config.h"
+#include "pipeline/io/names.h"
 
 namespace sdserve::pipeline {
 namespace {
 
 using nlohmann::json;
-
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
 
 int count_layers(const SafetensorsFile& file, const std::string& prefix) {
   std::set<int> layers;

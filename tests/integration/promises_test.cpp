@@ -211,7 +211,7 @@ TEST(PromisesTest, ReadyzIs503UntilLoadedAndWarmedUpHealthzAlways200) {
     std::ifstream in(unet_config);
     json config = json::parse(in);
     in.close();
-    config["sample_size"] = 24;
+    config["sample_size"] = 16;  // 128 px: a warm-up of seconds on the CPU, many polls long
     std::ofstream(unet_config) << config.dump(2);
   }
   ServerProcess server({"--model", model.string()}, /*wait_ready=*/false);
