@@ -1,0 +1,137 @@
+// The worker's decoding side, on its decoder thread: VAE decodes of finished images, then PNG
+// encoding (with A1111's parameters) handed to the engine's encoder threads.
+#include <algorithm>
+#include <chrono>
+
+#include "engine/worker.h"
+#include "pipeline/errors.h"
+#include "pipeline/log.h"
+
+namespace sdserve::engine {
+namespace {
+
+pipeline::GenerateRequest generate_request_of(const JobState& job) {
+  pipeline::GenerateRequest r;
+  r.prompt = job.request.prompt;
+  r.negative_prompt = job.request.negative_prompt;
+  r.clip_skip = job.request.clip_skip;
+  r.prompt_syntax = job.request.prompt_syntax;
+  r.num_images = job.request.num_images;
+  r.image = image_spec(job.request, 0);
+  return r;
+}
+
+}  // namespace
+
+// One decode of each batch size the decoder uses, at the native size.
+void Worker::warm_up_decoder() {
+  pipeline::ImageSpec spec;
+  spec.width = spec.height = model_.info().native_size;
+  spec.steps = 1;
+  spec.guidance_scale = 1.0;  // no unconditional embedding needed
+  const auto cond = model_.encode_text("", 1);
+  for (int n = 1; n <= engine_.options.decode_batch; ++n) {
+    std::vector<std::unique_ptr<ImageRun>> owned;
+    std::vector<ImageRun*> batch;
+    for (int k = 0; k < n; ++k) {
+      owned.push_back(model_.begin(spec, cond, nullptr));
+      batch.push_back(owned.back().get());
+    }
+    model_.decode(batch);
+  }
+}
+
+void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
+  try {
+    warm_up_decoder();
+    warmed->set_value();
+  } catch (...) {
+    warmed->set_exception(std::current_exception());
+    return;
+  }
+  for (;;) {
+    std::vector<Active> finished;
+    {
+      std::unique_lock<std::mutex> lock(decode_mutex_);
+      decode_cv_.wait(lock, [&] { return !to_decode_.empty() || decode_exit_; });
+      if (to_decode_.empty()) return;
+      // Up to decode_batch images per call, oldest first.
+      const size_t n = std::min(to_decode_.size(),
+                                static_cast<size_t>(std::max(1, engine_.options.decode_batch)));
+      for (size_t i = 0; i < n; ++i) finished.push_back(std::move(to_decode_[i]));
+      to_decode_.erase(to_decode_.begin(), to_decode_.begin() + static_cast<std::ptrdiff_t>(n));
+    }
+    decode(std::move(finished));
+  }
+}
+
+// VAE decode on the decoder thread, PNG encoding (with A1111 parameters) on the encoder threads.
+void Worker::decode(std::vector<Active> finished) {
+  std::vector<ImageRun*> to_decode;
+  for (auto& f : finished) to_decode.push_back(f.run.get());
+  std::vector<pipeline::RgbImage> images;
+  try {
+    const auto start = SteadyClock::now();
+    images = model_.decode(to_decode);
+    {
+      std::lock_guard<std::mutex> lock(engine_.mutex);
+      engine_.stats.vae_decode.observe(
+          std::chrono::duration<double>(SteadyClock::now() - start).count());
+    }
+    pipeline::log(
+        pipeline::LogLevel::kDebug,
+        device_ + " decoded " + std::to_string(to_decode.size()) + " images in " +
+            std::to_string(
+                std::chrono::duration<double, std::milli>(SteadyClock::now() - start).count()) +
+            " ms");
+  } catch (const std::exception& e) {
+    pipeline::log(pipeline::LogLevel::kError, "decoding failed on " + device_ + ": " + e.what());
+    std::vector<std::shared_ptr<JobState>> jobs;
+    for (auto& f : finished) jobs.push_back(f.job);
+    fail(jobs, "decoding failed: " + public_error(e.what()));
+    return;
+  }
+  const auto info = model_.info();
+  Engine::Impl* e = &engine_;
+  for (size_t i = 0; i < finished.size(); ++i) {
+    auto job = finished[i].job;
+    const int k = finished[i].index;
+    e->post_encode({[e, job, k, info, image = std::move(images[i])] {
+                      std::string params;
+                      {
+                        std::lock_guard<std::mutex> lock(e->mutex);
+                        // The hash may still be computing: then the PNG lacks it, as A1111's do for
+                        // a model it has not hashed.
+                        params = pipeline::a1111_parameters(
+                            generate_request_of(*job), job->seed + k, info,
+                            e->model_hash ? e->model_hash->autov2() : std::string());
+                      }
+                      auto png = std::make_shared<const std::vector<uint8_t>>(
+                          pipeline::encode_png(image, {{"parameters", params}}));
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      --job->images_in_flight;
+                      ++e->stats.images_done;
+                      if (job->cancel_requested || is_final(job->status)) {
+                        if (job->images_in_flight == 0) e->finish(*job, JobStatus::kCancelled);
+                        return;
+                      }
+                      for (const auto& evicted :
+                           e->results.add(job->id, k, std::move(png), SteadyClock::now())) {
+                        auto it = e->jobs.find(evicted);
+                        if (it != e->jobs.end()) it->second->results_evicted = true;
+                      }
+                      ++job->images_finished;
+                      if (job->images_finished == job->request.num_images)
+                        e->finish(*job, JobStatus::kSucceeded);
+                    },
+                    false,
+                    [e, job](const std::string& error) {
+                      std::lock_guard<std::mutex> lock(e->mutex);
+                      --job->images_in_flight;
+                      job->cancel_requested = true;
+                      e->finish(*job, JobStatus::kFailed, "encoding the image failed: " + error);
+                    }});
+  }
+}
+
+}  // namespace sdserve::engine
