@@ -15,6 +15,7 @@
 #include "pipeline/samplers/schedule.h"
 
 #ifdef SDSERVE_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
