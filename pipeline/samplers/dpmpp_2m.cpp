@@ -11,20 +11,16 @@
 namespace sdserve::pipeline::samplers {
 namespace {
 
-class DpmSolverPlusPlus2M : public Sampler {
+class DpmSolverPlusPlus2M : public VpMultistepSampler {
  public:
   DpmSolverPlusPlus2M(const SchedulerConfig& config, int steps, bool karras)
-      : prediction_type_(config.prediction_type) {
-    auto plan = multistep_schedule(config, steps, karras);
-    timesteps_ = plan.timesteps;
-    sigmas_ = plan.sigmas;
-  }
+      : VpMultistepSampler(config, steps, karras) {}
 
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
                      at::Generator& /*generator*/) override {
     advance(eval_index);
     const int i = eval_index;
-    const torch::Tensor denoised = vp_denoised(prediction_type_, sample, model_output, sigmas_[i]);
+    const torch::Tensor denoised = predict_x0(model_output, i, sample);
     previous_ = current_;
     current_ = denoised;
     const torch::Tensor x = sample.to(torch::kFloat32);
@@ -52,10 +48,8 @@ class DpmSolverPlusPlus2M : public Sampler {
  private:
   static constexpr int kSolverOrder = 2;
 
-  std::string prediction_type_;
-  std::vector<float> sigmas_;  // N + 1, the last 0
-  torch::Tensor current_;      // this step's x0 prediction
-  torch::Tensor previous_;     // the previous step's
+  torch::Tensor current_;   // this step's x0 prediction
+  torch::Tensor previous_;  // the previous step's
   int lower_order_nums_ = 0;
 };
 

@@ -363,6 +363,13 @@ SigmaSchedulePlan multistep_schedule(const SchedulerConfig& config, int steps, b
   return plan;
 }
 
+VpMultistepSampler::VpMultistepSampler(const SchedulerConfig& config, int steps, bool karras)
+    : prediction_type_(config.prediction_type) {
+  const auto plan = multistep_schedule(config, steps, karras);
+  timesteps_ = plan.timesteps;
+  sigmas_ = plan.sigmas;
+}
+
 VeSampler::VeSampler(const SchedulerConfig& config, const SigmaSchedulePlan& plan)
     : sigmas_(plan.sigmas), prediction_type_(config.prediction_type) {
   timesteps_ = plan.timesteps;

@@ -83,6 +83,20 @@ class VeSampler : public Sampler {
   std::string prediction_type_;
 };
 
+// Base of the multistep solvers on VP samples (DPM-Solver++, UniPC): the schedule, and each
+// step's data prediction x0.
+class VpMultistepSampler : public Sampler {
+ protected:
+  VpMultistepSampler(const SchedulerConfig& config, int steps, bool karras);
+  torch::Tensor predict_x0(const torch::Tensor& model_output, int eval_index,
+                           const torch::Tensor& sample) const {
+    return vp_denoised(prediction_type_, sample, model_output, sigmas_[eval_index]);
+  }
+
+  std::string prediction_type_;
+  std::vector<float> sigmas_;  // N + 1, the last 0
+};
+
 // Rounds a float32 coefficient to `dtype`, where diffusers casts a coefficient tensor to the
 // sample's dtype.
 float round_to(float value, torch::ScalarType dtype);

@@ -81,20 +81,16 @@ std::vector<double> vandermonde(const std::vector<float>& rks, int n) {
   return r;
 }
 
-class UniPcSampler : public Sampler {
+class UniPcSampler : public VpMultistepSampler {
  public:
   UniPcSampler(const SchedulerConfig& config, int steps, bool karras)
-      : prediction_type_(config.prediction_type) {
-    auto plan = multistep_schedule(config, steps, karras);
-    timesteps_ = plan.timesteps;
-    sigmas_ = plan.sigmas;
-  }
+      : VpMultistepSampler(config, steps, karras) {}
 
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
                      at::Generator& /*generator*/) override {
     advance(eval_index);
     const int i = eval_index;
-    const torch::Tensor denoised = vp_denoised(prediction_type_, sample, model_output, sigmas_[i]);
+    const torch::Tensor denoised = predict_x0(model_output, i, sample);
     torch::Tensor x = sample;
     if (i > 0 && last_sample_.defined()) x = correct(denoised, last_sample_, this_order_, i);
     outputs_.push_back(denoised);
@@ -178,8 +174,6 @@ class UniPcSampler : public Sampler {
     return (base - (t.alpha * c.b_h) * corr).to(dtype);
   }
 
-  std::string prediction_type_;
-  std::vector<float> sigmas_;          // N + 1, the last 0
   std::deque<torch::Tensor> outputs_;  // x0 predictions, newest last
   torch::Tensor last_sample_;          // the sample the last prediction started from
   int this_order_ = 0;                 // the order of the last prediction
