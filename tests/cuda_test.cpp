@@ -8,6 +8,7 @@
 
 #include "pipeline/model_impl.h"
 #include "pipeline/pipeline.h"
+#include "stepping.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {
@@ -154,24 +155,13 @@ TEST(CudaPrompts, LongAndShortPromptsShareStepsAsTheyWouldAlone) {
   // A 2-chunk prompt (154 tokens, eager UNet call) beside a 77-token one (CUDA graph) in one
   // step(), against each alone; and the chunked embedding's first chunk against the CPU's.
   auto model = cuda_model("fp16");
-  std::string words;
-  for (int i = 0; i < 100; ++i) words += i % 3 ? "red " : "cube, ";
+  const std::string words = test::two_chunk_prompt();
   ImageSpec spec;
   spec.width = spec.height = 64;
   spec.steps = 10;
   spec.seed = 3;
-  const auto uncond = model->encode_text("");
   const auto run = [&](const std::vector<std::string>& prompts) {
-    std::vector<std::unique_ptr<Trajectory>> owned;
-    std::vector<Trajectory*> batch;
-    for (const auto& p : prompts) {
-      owned.push_back(model->begin(spec, model->encode_text(p), uncond));
-      batch.push_back(owned.back().get());
-    }
-    while (!batch[0]->done()) model->step(batch);
-    std::vector<torch::Tensor> out;
-    for (auto* t : batch) out.push_back(t->state().latent.cpu());
-    return out;
+    return test::latents_stepped_together(*model, spec, prompts);
   };
   const auto together = run({words, "a red cube"});
   const double long_err = test::rel_diff(together[0], run({words})[0]);

@@ -9,6 +9,7 @@
 #include "pipeline/errors.h"
 #include "pipeline/model_impl.h"
 #include "pipeline/pipeline.h"
+#include "stepping.h"
 #include "test_util.h"
 
 namespace sdserve::pipeline {
@@ -140,24 +141,13 @@ TEST(PromptWeighting, SdxlChunksBothEncodersAndPoolsTheFirstChunk) {
 
 TEST(PromptWeighting, LongAndShortPromptsStepTogetherAsTheyWouldAlone) {
   const auto& model = *sd1();
-  std::string words;
-  for (int i = 0; i < 100; ++i) words += i % 3 ? "red " : "cube, ";
+  const std::string words = test::two_chunk_prompt();
   ImageSpec spec;
   spec.width = spec.height = 64;
   spec.steps = 3;
   spec.seed = 5;
-  const auto uncond = model.encode_text("");
   const auto run = [&](const std::vector<std::string>& prompts) {
-    std::vector<std::unique_ptr<Trajectory>> owned;
-    std::vector<Trajectory*> batch;
-    for (const auto& p : prompts) {
-      owned.push_back(model.begin(spec, model.encode_text(p), uncond));
-      batch.push_back(owned.back().get());
-    }
-    for (int i = 0; i < spec.steps; ++i) model.step(batch);
-    std::vector<torch::Tensor> latents;
-    for (auto* t : batch) latents.push_back(t->state().latent.clone());
-    return latents;
+    return test::latents_stepped_together(model, spec, prompts);
   };
   const auto together = run({words, "a red cube"});
   const auto long_alone = run({words});
