@@ -14,9 +14,8 @@ class Embedding {
  public:
   explicit Embedding(torch::Tensor hidden, torch::Tensor pooled = {})
       : hidden_(std::move(hidden)), pooled_(std::move(pooled)) {}
-  const torch::Tensor& hidden() const {
-    return hidden_;
-  }  // (1, 77 x chunks, D), compute dtype, on device
+  // (1, 77 x chunks, D), compute dtype, on device.
+  const torch::Tensor& hidden() const { return hidden_; }
   // SDXL: the second text encoder's pooled, projected embedding (1, P); undefined otherwise.
   const torch::Tensor& pooled() const { return pooled_; }
 

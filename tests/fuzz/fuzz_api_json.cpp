@@ -7,17 +7,13 @@
 #include <cstdlib>
 #include <string>
 
+#include "finding.h"
 #include "server/api_json.h"
 
 using sdserve::server::ApiError;
 using sdserve::server::Json;
 
 namespace {
-
-[[noreturn]] void finding(const std::string& what) {
-  std::fprintf(stderr, "fuzz_api_json: %s\n", what.c_str());
-  std::abort();
-}
 
 // request_json() without its nulls (absent seed/timeout_s/preview), as a client would send it.
 std::string resend_body(const Json& j) {

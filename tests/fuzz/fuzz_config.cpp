@@ -16,15 +16,11 @@
 #include <vector>
 
 #include "config/config.h"
+#include "finding.h"
 
 namespace cfg = sdserve::config;
 
 namespace {
-
-[[noreturn]] void finding(const std::string& what) {
-  std::fprintf(stderr, "fuzz_config: %s\n", what.c_str());
-  std::abort();
-}
 
 std::string config_file(const std::string& text) {
   static const int fd = [] {

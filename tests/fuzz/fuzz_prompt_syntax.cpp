@@ -12,20 +12,12 @@
 #include <vector>
 
 #include "bundled_tokenizer.h"
+#include "finding.h"
 #include "pipeline/errors.h"
 #include "pipeline/io/tokenizer.h"
 #include "pipeline/prompt_syntax.h"
 
 using namespace sdserve::pipeline;
-
-namespace {
-
-[[noreturn]] void finding(const std::string& what) {
-  std::fprintf(stderr, "fuzz_prompt_syntax: %s\n", what.c_str());
-  std::abort();
-}
-
-}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const ClipTokenizer& tok = bundled_tokenizer("fuzz_prompt_syntax");

@@ -11,15 +11,11 @@
 #include <cstdlib>
 #include <string>
 
+#include "finding.h"
 #include "pipeline/errors.h"
 #include "pipeline/io/safetensors.h"
 
 namespace {
-
-[[noreturn]] void finding(const std::string& what) {
-  std::fprintf(stderr, "fuzz_safetensors: %s\n", what.c_str());
-  std::abort();
-}
 
 int memfd() {
   static const int fd = [] {

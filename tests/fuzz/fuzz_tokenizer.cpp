@@ -12,19 +12,11 @@
 #include <vector>
 
 #include "bundled_tokenizer.h"
+#include "finding.h"
 #include "pipeline/errors.h"
 #include "pipeline/io/tokenizer.h"
 
 using sdserve::pipeline::ClipTokenizer;
-
-namespace {
-
-[[noreturn]] void finding(const std::string& what) {
-  std::fprintf(stderr, "fuzz_tokenizer: %s\n", what.c_str());
-  std::abort();
-}
-
-}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const ClipTokenizer& tok = bundled_tokenizer("fuzz_tokenizer");

@@ -8,18 +8,10 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "finding.h"
 #include "server/ws_command.h"
 
 using sdserve::server::WsCommand;
-
-namespace {
-
-[[noreturn]] void finding(const std::string& what) {
-  std::fprintf(stderr, "fuzz_ws_command: %s\n", what.c_str());
-  std::abort();
-}
-
-}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
