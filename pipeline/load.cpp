@@ -63,6 +63,17 @@ torch::Dtype torch_dtype(Precision p) {
   return torch::kFloat32;
 }
 
+// A tokenizer whose ids reach past the text encoder's token embedding (a short-vocabulary
+// encoder with CLIP's full tokenizer, say) is refused at load, not at the first prompt.
+void check_vocabulary(const ClipTokenizer& tokenizer, const ClipTextConfig& config,
+                      const std::string& vocab_path, const std::string& model_path) {
+  if (tokenizer.max_id() < config.vocab_size) return;
+  throw ModelError("'" + model_path + "': the tokenizer " + vocab_path + " has ids up to " +
+                   std::to_string(tokenizer.max_id()) + " but the text encoder embeds only " +
+                   std::to_string(config.vocab_size) +
+                   " tokens; use the tokenizer that belongs to this text encoder");
+}
+
 }  // namespace
 
 std::string precision_name(Precision p) {
@@ -131,6 +142,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   impl->text_encoder = ClipTextModel(text_config);
   load_weights(*impl->text_encoder, files.text_encoder, impl->dtype, impl->device);
   impl->text_encoder->eval();
+  check_vocabulary(*impl->tokenizer, text_config, files.vocab_path, path);
   impl->info.text_fingerprint =
       text_encoder_fingerprint(impl->text_encoder, files.text_encoder_config.dump());
   int text_layers = static_cast<int>(text_config.num_hidden_layers);
@@ -143,6 +155,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
                        "': the second text encoder has no text_projection (its config.json "
                        "must name CLIPTextModelWithProjection), which SDXL's pooled embedding "
                        "needs");
+    check_vocabulary(*impl->tokenizer_2, config_2, files.vocab_path_2, path);
     impl->text_encoder_2 = ClipTextModel(config_2);
     load_weights(*impl->text_encoder_2, files.text_encoder_2, impl->dtype, impl->device);
     impl->text_encoder_2->eval();

@@ -304,9 +304,11 @@ ClipTokenizer ClipTokenizer::load(const std::string& vocab_json, const std::stri
                        special + " (not a CLIP vocabulary?)");
     }
   }
-  for (const auto& [token, id] : tok.vocab_)
+  for (const auto& [token, id] : tok.vocab_) {
     tok.max_token_symbols_ =
         std::max(tok.max_token_symbols_, static_cast<int>(decode_utf8(token).size()));
+    tok.max_id_ = std::max(tok.max_id_, id);
+  }
   tok.bos_id_ = tok.vocab_.at(kBosToken);
   tok.eos_id_ = tok.vocab_.at(kEosToken);
   // SD 1.x's tokenizer pads with <|endoftext|>; SD 2.x's and SDXL's second one with "!".

@@ -44,6 +44,8 @@ class ClipTokenizer {
   int32_t pad_id() const { return pad_id_; }
   int max_length() const { return max_length_; }
   size_t vocab_size() const { return vocab_.size(); }
+  // The highest id the vocabulary holds: a text encoder needs at least this many + 1 rows.
+  int32_t max_id() const { return max_id_; }
 
  private:
   ClipTokenizer() = default;
@@ -58,7 +60,7 @@ class ClipTokenizer {
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<std::string, int32_t> merge_ranks_;  // key: "left right"
   std::string byte_symbol_[256];                          // bytes_to_unicode, as UTF-8
-  int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0;
+  int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0, max_id_ = 0;
   int max_length_ = 0;
   int max_token_symbols_ = 1;  // the longest vocabulary entry, in code points
 

@@ -9,7 +9,7 @@ namespace sdserve::itest {
 namespace {
 
 TEST(ModelHashTest, SingleFileHashReachesSdModelsAndPngs) {
-  const std::string file = std::string(SDSERVE_FIXTURES) + "/tiny-sd15.safetensors";
+  const std::string file = std::string(SDSERVE_BUILT_FIXTURES) + "/tiny-sd15.safetensors";
   // The reference digest from coreutils.
   const auto [code, out] = run_program({"/usr/bin/sha256sum", file}, {}, seconds(30));
   ASSERT_EQ(code, 0) << out;
