@@ -35,9 +35,9 @@ inline const std::shared_ptr<pipeline::Model>& family_model(const std::string& f
   return it->second;
 }
 
-// Empty when the file is missing (the shared fixtures are not beside this checkout): the
-// parameterised suites are instantiated from this before main(), where throwing would abort the
-// whole test binary; the tests that load the fixture then fail naming the missing path.
+// Empty when the file is missing: the parameterised suites are instantiated from this before
+// main(), where throwing would abort the whole test binary; gtest then fails the uninstantiated
+// suite, and the tests that load the fixture fail naming the missing path.
 inline nlohmann::json family_cases(const std::string& family) {
   std::ifstream in(fixture(family + "-cases.json"));
   if (!in) return nlohmann::json::array();

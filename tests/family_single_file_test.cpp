@@ -1,5 +1,6 @@
-// Original-layout single files of the other families: SDXL's (the tiny-sdxl.safetensors fixture,
-// with CLIP-L and OpenCLIP-G inside) gives the same tensors and images as its diffusers folder;
+// Original-layout single files of the other families: SDXL's (tiny-sdxl.safetensors, built from
+// the folder in the layout diffusers' convert_diffusers_to_original_sdxl.py writes, with CLIP-L and
+// OpenCLIP-G inside) gives the same tensors and images as its diffusers folder;
 // SD 2.x's OpenCLIP text encoder (cond_stage_model.model.*, built here from the tiny-sd2
 // folder's weights, as no SD 2.x single-file fixture exists) converts to the folder's tensors.
 #include <gtest/gtest.h>

@@ -2,8 +2,12 @@
 // attention, per-block head counts, a gelu text encoder, "!" padding): tokens, text embeddings,
 // UNet, VAE and every text-to-image run with its step latents.
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
 
 #include "family_parity.h"
+#include "pipeline/errors.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -75,6 +79,31 @@ TEST(Sd2Parity, VaeDecodeAndEncodeMatch) {
                      "sd2 vae encode");
 }
 
+// The fixture's text encoder embeds ~1,000 tokens; CLIP's full tokenizer beside it would make ids
+// past its table: refused when the model loads, naming both, not at the first prompt.
+TEST(Sd2Parity, ATokenizerLargerThanTheTextEncoderIsRefusedAtLoad) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("sdserve-vocab-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::copy(test::family_dir(kSd2Family), dir, fs::copy_options::recursive);
+  for (const char* name : {"vocab.json", "merges.txt"}) {
+    fs::permissions(dir / "tokenizer", fs::perms::owner_all, fs::perm_options::add);
+    fs::remove(dir / "tokenizer" / name);
+    fs::copy_file(fs::path(test::model_dir()) / "tokenizer" / name, dir / "tokenizer" / name);
+  }
+  try {
+    test::load_cpu(dir.string());
+    ADD_FAILURE() << "expected a ModelError";
+  } catch (const ModelError& e) {
+    EXPECT_NE(std::string(e.what()).find("ids up to 49407"), std::string::npos) << e.what();
+    const auto rows = family_model(kSd2Family)->impl().text_encoder->config().vocab_size;
+    EXPECT_NE(std::string(e.what()).find("embeds only " + std::to_string(rows) + " tokens"),
+              std::string::npos)
+        << e.what();
+  }
+  fs::remove_all(dir);
+}
+
 TEST(Sd2Parity, SchedulerTimestepsMatch) {
   EXPECT_EQ(test::check_timesteps(kSd2Family), 8);
 }
@@ -85,7 +114,6 @@ TEST_P(Sd2Runs, StepLatentsAndImagesMatchDiffusers) {
   test::check_run(GetParam());
 }
 
-GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(Sd2Runs);  // no shared fixtures
 INSTANTIATE_TEST_SUITE_P(AllRuns, Sd2Runs, ::testing::ValuesIn(test::family_runs(kSd2Family)),
                          [](const auto& info) { return info.param.name; });
 

@@ -185,7 +185,6 @@ TEST_P(SdxlRuns, StepLatentsAndImagesMatchDiffusers) {
   test::check_run(GetParam());
 }
 
-GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(SdxlRuns);  // no shared fixtures
 INSTANTIATE_TEST_SUITE_P(AllRuns, SdxlRuns, ::testing::ValuesIn(test::family_runs(kSdxlFamily)),
                          [](const auto& info) { return info.param.name; });
 

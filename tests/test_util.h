@@ -3,7 +3,6 @@
 
 #include <torch/torch.h>
 
-#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -18,15 +17,11 @@
 namespace sdserve::test {
 
 // tests/fixtures/REL, else the fixture built from them at build time (the single files, in
-// SDSERVE_BUILT_FIXTURES), else the shared fixtures beside the checkout (../shared/fixtures: the
-// SD 2.x and SDXL sets, until the tree carries its own; SDSERVE_SHARED_FIXTURES overrides it).
+// SDSERVE_BUILT_FIXTURES; tests/fixtures/make/README.md).
 inline std::string fixture(const std::string& rel) {
   const std::string own = std::string(SDSERVE_FIXTURES) + "/" + rel;
   if (std::filesystem::exists(own)) return own;
-  const std::string built = std::string(SDSERVE_BUILT_FIXTURES) + "/" + rel;
-  if (std::filesystem::exists(built)) return built;
-  const char* env = std::getenv("SDSERVE_SHARED_FIXTURES");
-  return std::string(env && *env ? env : SDSERVE_SHARED_FIXTURES) + "/" + rel;
+  return std::string(SDSERVE_BUILT_FIXTURES) + "/" + rel;
 }
 inline std::string model_dir() {
   return std::string(SDSERVE_MODELS) + "/tiny-sd15";

@@ -135,5 +135,29 @@ TEST(ClipTokenizer, RefusesMissingOrMalformedMerges) {
   expect_refused(vocab_path(), empty.path(), empty.path());
 }
 
+// A vocabulary of another size (the SD 2.x fixture's: CLIP's BPE cut to its first merges plus
+// those its prompts need, ~1,000 ids, the special tokens last, "!" padding): ids, special ids and
+// BPE all follow the files, and every id stays inside the vocabulary.
+TEST(ClipTokenizerTest, ShortVocabularyFollowsItsOwnFiles) {
+  const std::string dir = test::fixture("tiny-sd2/tokenizer");
+  const auto tok = ClipTokenizer::load(dir + "/vocab.json", dir + "/merges.txt", 77, "!");
+  const auto size = static_cast<int32_t>(tok.vocab_size());
+  EXPECT_GT(size, 512);
+  EXPECT_LT(size, 2000);
+  EXPECT_EQ(tok.max_id(), size - 1);
+  EXPECT_EQ(tok.bos_id(), size - 2);
+  EXPECT_EQ(tok.eos_id(), size - 1);
+  EXPECT_EQ(tok.pad_id(), 0);
+  EXPECT_EQ(tokenizer().max_id(), 49407);  // CLIP's full vocabulary, for contrast
+  // The early merges are CLIP's own ("the</w>" is merge-made in both); a word past the kept
+  // merges falls back to shorter pieces.
+  EXPECT_EQ(tok.tokenize("the"), tokenizer().tokenize("the"));
+  EXPECT_GT(tok.tokenize("zeppelin").size(), tokenizer().tokenize("zeppelin").size());
+  for (const int32_t id : tok.encode("zeppelin über the fjord, 1999 — naïve")) {
+    EXPECT_GE(id, 0);
+    EXPECT_LT(id, size);
+  }
+}
+
 }  // namespace
 }  // namespace sdserve::pipeline
