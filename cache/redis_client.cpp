@@ -357,16 +357,42 @@ void RedisClient::run(std::string_view command,
 
 namespace {
 
-// Reads one reply; a missing reply is a connection failure (typed from hiredis's error).
-Reply read_reply(redisContext* context, const std::string& doing,
+using Deadline = std::chrono::steady_clock::time_point;
+
+// Reads one reply before `deadline` (a missing reply is a connection failure, typed from
+// hiredis's error). hiredis's redisGetReply re-arms the socket timeout for each read(2), so a
+// server that drips its reply a byte at a time would hold the caller for as long as it likes;
+// here each write and read may wait only for what is left of the command's deadline.
+Reply read_reply(redisContext* context, const std::string& doing, Deadline deadline,
                  std::chrono::milliseconds timeout) {
-  void* raw = nullptr;
-  errno = 0;
-  const int rc = redisGetReply(context, &raw);
-  const int saved_errno = errno;
-  Reply reply(static_cast<redisReply*>(raw));
-  if (rc != REDIS_OK || !reply) throw context_error(context, saved_errno, false, doing, timeout);
-  return reply;
+  const auto fail = [&](int saved_errno) {
+    return context_error(context, saved_errno, false, doing, timeout);
+  };
+  const auto arm = [&] {
+    const auto left =
+        std::chrono::ceil<std::chrono::microseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      throw RedisError(RedisErrorKind::kTimeout,
+                       doing + " timed out after " + std::to_string(timeout.count()) + " ms");
+    }
+    timeval tv{};
+    tv.tv_sec = static_cast<time_t>(left.count() / 1000000);
+    tv.tv_usec = static_cast<suseconds_t>(left.count() % 1000000);
+    if (redisSetTimeout(context, tv) != REDIS_OK) throw fail(errno);
+  };
+  for (int written = 0; !written;) {  // what redisAppendCommand queued
+    arm();
+    errno = 0;
+    if (redisBufferWrite(context, &written) != REDIS_OK) throw fail(errno);
+  }
+  for (;;) {
+    void* raw = nullptr;
+    if (redisGetReplyFromReader(context, &raw) != REDIS_OK) throw fail(errno);
+    if (raw) return Reply(static_cast<redisReply*>(raw));
+    arm();
+    errno = 0;
+    if (redisBufferRead(context) != REDIS_OK) throw fail(errno);
+  }
 }
 
 RedisError reply_error(const redisReply& reply, const std::string& doing) {
@@ -400,8 +426,9 @@ std::optional<std::string> RedisClient::get(const std::string& key) {
   std::optional<std::string> value;
   const std::string doing = "GET on " + where(endpoint_);
   run("get", [&](redisContext* context) {
+    const Deadline deadline = Clock::now() + options_.timeout;
     append_get(context, key);
-    value = string_or_nil(*read_reply(context, doing, options_.timeout), doing);
+    value = string_or_nil(*read_reply(context, doing, deadline, options_.timeout), doing);
   });
   return value;
 }
@@ -412,12 +439,13 @@ std::vector<std::optional<std::string>> RedisClient::get_many(
   if (keys.empty()) return values;
   const std::string doing = "GET (pipelined) on " + where(endpoint_);
   run("get_many", [&](redisContext* context) {
+    const Deadline deadline = Clock::now() + options_.timeout;  // one for the whole pipeline
     values.assign(keys.size(), std::nullopt);
     for (const std::string& key : keys) append_get(context, key);
     // Read every reply even after an error reply, so the connection stays in sync.
     std::optional<RedisError> first_error;
     for (auto& value : values) {
-      Reply reply = read_reply(context, doing, options_.timeout);
+      Reply reply = read_reply(context, doing, deadline, options_.timeout);
       try {
         value = string_or_nil(*reply, doing);
       } catch (const RedisError& error) {
@@ -433,12 +461,13 @@ void RedisClient::set(const std::string& key, std::string_view value, std::chron
   if (ttl.count() <= 0) throw std::invalid_argument("redis SET: ttl must be positive");
   const std::string doing = "SET on " + where(endpoint_);
   run("set", [&](redisContext* context) {
+    const Deadline deadline = Clock::now() + options_.timeout;
     const long long seconds = ttl.count();
     if (redisAppendCommand(context, "SET %b %b EX %lld", key.data(), key.size(), value.data(),
                            value.size(), seconds) != REDIS_OK) {
       throw RedisError(RedisErrorKind::kIo, std::string("queueing SET failed: ") + context->errstr);
     }
-    Reply reply = read_reply(context, doing, options_.timeout);
+    Reply reply = read_reply(context, doing, deadline, options_.timeout);
     if (reply->type == REDIS_REPLY_ERROR) throw reply_error(*reply, doing);
     if (reply->type != REDIS_REPLY_STATUS) {
       throw RedisError(RedisErrorKind::kProtocol,

@@ -47,8 +47,10 @@ class RedisError : public std::runtime_error {
 };
 
 struct RedisOptions {
-  std::string url;                        // see parse_redis_url
-  std::chrono::milliseconds timeout{50};  // connect, and each read or write of a command
+  std::string url;  // see parse_redis_url
+  // Connecting, and each command as a whole (every write and read of it, however the server
+  // paces its reply): past it the command fails as kTimeout and the connection is dropped.
+  std::chrono::milliseconds timeout{50};
   // After a failure no attempt is made for backoff_min, doubling per further failure up to
   // backoff_max; a success resets it.
   std::chrono::milliseconds backoff_min{100}, backoff_max{10000};

@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "tests/dripping_server.h"
 #include "tests/redis_server.h"
 
 namespace sdserve::cache {
@@ -458,6 +459,34 @@ TEST_F(RedisClientTest, SilentServerTimesOut) {
   EXPECT_GE(elapsed_ms(start), 45.0) << "it did wait for the timeout";
   EXPECT_FALSE(client.up());
   EXPECT_EQ(transitions.down_count(), 1);
+}
+
+// A server that answers, but one byte every 40 ms: each read(2) returns at once, so only a
+// deadline on the whole command stops it (a per-read timeout let three one-step jobs take 82 s).
+// Every command type gets the 50 ms deadline; then the back-off keeps calls off the server.
+TEST(RedisClientDeadline, DrippingServerHitsTheWholeCommandsDeadline) {
+  test::DrippingServer server(milliseconds(40), "$5\r\nhello\r\n");  // 11 bytes: 440 ms
+  Transitions transitions;
+  RedisClient client(options_for(server.url(), milliseconds(100)), transitions.callback());
+  const auto timed = [&](auto&& call) {
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(error_kind_of(call), RedisErrorKind::kTimeout);
+    const double ms = elapsed_ms(start);
+    EXPECT_GE(ms, 45.0) << "it waited for the deadline";
+    EXPECT_LT(ms, 250.0) << "50 ms deadline + one 40 ms drip + scheduling slack";
+    EXPECT_FALSE(client.up());
+  };
+  timed([&] { client.get("k"); });
+  // Within the back-off a call fails at once, without touching the server.
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(error_kind_of([&] { client.get("k"); }), RedisErrorKind::kDown);
+  EXPECT_LT(elapsed_ms(start), 20.0);
+  EXPECT_EQ(server.connections(), 1);
+  std::this_thread::sleep_for(milliseconds(400));  // past the (doubled) back-off
+  timed([&] { client.get_many({"a", "b", "c"}); });
+  std::this_thread::sleep_for(milliseconds(800));
+  timed([&] { client.set("k", "v", seconds(60)); });
+  EXPECT_EQ(server.connections(), 3) << "each timeout dropped its connection";
 }
 
 // A paused server mid-session: the timed-out GET's connection is dropped, so its late reply can

@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include "pipeline/image.h"
+#include "tests/dripping_server.h"
 #include "tests/integration/harness.h"
 #include "tests/redis_server.h"
 
@@ -122,6 +123,24 @@ TEST(EmbeddingCacheTest, JobsSucceedWhileRedisIsDownAndItRecovers) {
   }
   EXPECT_TRUE(up);
   EXPECT_TRUE(server.wait_log("redis is up"));
+}
+
+// A Redis that accepts and answers, one byte every 40 ms: each lookup costs its 50 ms deadline
+// (redis_timeout_ms) at most, then the back-off keeps jobs off it. With a per-read timeout three
+// one-step jobs took 82 s; now well under a second each.
+TEST(EmbeddingCacheTest, ADrippingRedisCostsALookupItsDeadlineOnly) {
+  // A 400-byte value, dripped: 16 s a reply, and every read(2) returns at once.
+  test::DrippingServer redis(std::chrono::milliseconds(40),
+                             "$400\r\n" + std::string(400, 'x') + "\r\n");
+  ServerProcess server({"--redis-url", redis.url()});
+  const int port = server.port();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 3; ++i) run_job(port, "a slow dependency " + std::to_string(i));
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(s, 15.0) << "three one-step jobs beside a dripping Redis";
+  EXPECT_GE(redis.connections(), 1);
+  EXPECT_EQ(metric(port, "sdserve_redis_up"), 0);
+  EXPECT_TRUE(server.wait_log("timed out after 50 ms"));
 }
 
 TEST(EmbeddingCacheTest, GarbageInRedisIsIgnoredAndReplaced) {
