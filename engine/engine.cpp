@@ -205,11 +205,14 @@ EngineStats Engine::stats() const {
     s.queued = static_cast<int>(impl_->queue->size());
     s.running_jobs = 0;
     s.active_images = 0;
+    const auto now = SteadyClock::now();
     for (const auto& [id, job] : impl_->jobs) {
       if (job->status == JobStatus::kRunning) ++s.running_jobs;
       if (job->status == JobStatus::kQueued) {
         const int level = static_cast<int>(job->request.priority);
         if (level >= 0 && level < 3) ++s.queued_by_priority[level];
+        s.oldest_queued_s = std::max(
+            s.oldest_queued_s, std::chrono::duration<double>(now - job->queued_steady).count());
       }
       s.active_images += job->images_in_flight;
     }

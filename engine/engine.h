@@ -106,6 +106,7 @@ inline std::vector<double> padding_row_buckets() {
 
 struct EngineStats {
   int queued = 0;
+  double oldest_queued_s = 0;  // how long the oldest job not yet started has waited
   int running_jobs = 0;
   int active_images = 0;
   uint64_t jobs_submitted = 0, jobs_succeeded = 0, jobs_failed = 0, jobs_cancelled = 0,

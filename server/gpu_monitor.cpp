@@ -20,6 +20,9 @@ struct Memory {
 constexpr int kSuccess = 0;
 constexpr int kTemperatureGpu = 0;
 constexpr int kClockSm = 1;
+// nvmlClocksEventReason* (formerly nvmlClocksThrottleReason*) bits.
+constexpr unsigned long long kSwPowerCap = 0x4, kHwSlowdown = 0x8, kSwThermal = 0x20,
+                             kHwThermal = 0x40, kHwPowerBrake = 0x80;
 
 template <typename F>
 F symbol(void* lib, const char* name) {
@@ -40,6 +43,7 @@ struct GpuMonitor::Nvml {
   int (*power)(Device, unsigned int*) = nullptr;
   int (*temperature)(Device, int, unsigned int*) = nullptr;
   int (*clock)(Device, int, unsigned int*) = nullptr;
+  int (*throttle)(Device, unsigned long long*) = nullptr;
 
   ~Nvml() {
     if (shutdown) shutdown();
@@ -67,6 +71,11 @@ GpuMonitor::GpuMonitor(double interval_s) {
   nvml->temperature =
       symbol<int (*)(Device, int, unsigned int*)>(nvml->lib, "nvmlDeviceGetTemperature");
   nvml->clock = symbol<int (*)(Device, int, unsigned int*)>(nvml->lib, "nvmlDeviceGetClockInfo");
+  // Renamed in CUDA 12.2's NVML; older drivers have only the first name.
+  for (const char* name :
+       {"nvmlDeviceGetCurrentClocksThrottleReasons", "nvmlDeviceGetCurrentClocksEventReasons"})
+    if (!nvml->throttle)
+      nvml->throttle = symbol<int (*)(Device, unsigned long long*)>(nvml->lib, name);
   if (!nvml->init || !nvml->count || !nvml->handle) {
     spdlog::info("no GPU metrics: NVML lacks the functions needed");
     nvml->shutdown = nullptr;
@@ -132,6 +141,11 @@ void GpuMonitor::sample() {
     if (n.temperature && n.temperature(d, kTemperatureGpu, &v) == kSuccess)
       s.temperature_celsius = v;
     if (n.clock && n.clock(d, kClockSm, &v) == kSuccess) s.sm_clock_hertz = v * 1e6;
+    unsigned long long reasons = 0;
+    if (n.throttle && n.throttle(d, &reasons) == kSuccess) {
+      s.thermal_throttled = (reasons & (kSwThermal | kHwThermal | kHwSlowdown)) != 0;
+      s.power_throttled = (reasons & (kSwPowerCap | kHwPowerBrake)) != 0;
+    }
     out.push_back(std::move(s));
   }
   std::lock_guard<std::mutex> lock(mutex_);

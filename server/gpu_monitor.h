@@ -21,6 +21,10 @@ struct GpuSample {
   double utilization = -1;  // ratio of the last sample period with a kernel running
   double memory_used = -1, memory_total = -1;  // bytes
   double power_watts = -1, temperature_celsius = -1, sm_clock_hertz = -1;
+  // Whether the clocks are held down right now, by heat (NVML's software or hardware thermal
+  // slowdown, or the hardware slowdown signal) or by power (the power cap or the power brake).
+  // Running at the power cap is normal under full load; thermal throttling is not.
+  int thermal_throttled = -1, power_throttled = -1;
 };
 
 class GpuMonitor {

@@ -58,6 +58,13 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                       .Help("Jobs waiting in the queue")
                       .Register(r)
                       .Add({});
+  queue_oldest_age_ = &BuildGauge()
+                           .Name("sdserve_queue_oldest_job_age_seconds")
+                           .Help(
+                               "How long the oldest job still waiting to start has waited (0 "
+                               "with none waiting)")
+                           .Register(r)
+                           .Add({});
   running_jobs_ =
       &BuildGauge().Name("sdserve_running_jobs").Help("Jobs being denoised").Register(r).Add({});
   active_images_ = &BuildGauge()
@@ -192,6 +199,9 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
     gpu_temperature_ =
         gpu_gauge("sdserve_gpu_temperature_celsius", "Per GPU (NVML): core temperature");
     gpu_sm_clock_ = gpu_gauge("sdserve_gpu_sm_clock_hertz", "Per GPU (NVML): SM clock");
+    gpu_throttled_ = gpu_gauge("sdserve_gpu_clocks_throttled",
+                               "Per GPU (NVML): 1 while the clocks are held down, by cause "
+                               "(thermal: heat or hardware slowdown; power: power cap or brake)");
   }
   unet_steps_ = &BuildCounter()
                      .Name("sdserve_unet_steps_total")
@@ -314,10 +324,18 @@ std::string Metrics::scrape(const ScrapeInput& in) {
       set(gpu_power_, g.power_watts);
       set(gpu_temperature_, g.temperature_celsius);
       set(gpu_sm_clock_, g.sm_clock_hertz);
+      for (const auto& [cause, value] :
+           {std::pair{"thermal", g.thermal_throttled}, std::pair{"power", g.power_throttled}}) {
+        if (value < 0) continue;
+        auto with_cause = labels;
+        with_cause["cause"] = cause;
+        gpu_throttled_->Add(with_cause).Set(value);
+      }
     }
   }
   if (const engine::EngineStats* stats = in.stats) {
     queue_depth_->Set(stats->queued);
+    queue_oldest_age_->Set(stats->oldest_queued_s);
     running_jobs_->Set(stats->running_jobs);
     active_images_->Set(stats->active_images);
     result_bytes_->Set(static_cast<double>(stats->result_bytes));

@@ -63,7 +63,8 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* http_requests_;
   prometheus::Gauge* websockets_;
   prometheus::Counter* dropped_;
-  prometheus::Gauge *ready_, *queue_depth_, *running_jobs_, *active_images_, *result_bytes_;
+  prometheus::Gauge *ready_, *queue_depth_, *queue_oldest_age_, *running_jobs_, *active_images_,
+      *result_bytes_;
   prometheus::Counter* jobs_submitted_;
   prometheus::Family<prometheus::Counter>*jobs_finished_, *jobs_rejected_;
   prometheus::Counter *unet_steps_, *images_, *unet_rows_;
@@ -89,7 +90,7 @@ class Metrics {
   std::unique_ptr<GpuMonitor> gpus_;
   prometheus::Family<prometheus::Gauge>*gpu_utilization_ = nullptr, *gpu_memory_used_ = nullptr,
   *gpu_memory_total_ = nullptr, *gpu_power_ = nullptr, *gpu_temperature_ = nullptr,
-  *gpu_sm_clock_ = nullptr;
+  *gpu_sm_clock_ = nullptr, *gpu_throttled_ = nullptr;
   // The embedding cache (issue #9).
   prometheus::Family<prometheus::Counter>* cache_lookups_;
   prometheus::Gauge *cache_bytes_, *cache_entries_, *redis_up_;

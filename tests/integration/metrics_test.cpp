@@ -31,6 +31,9 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   const std::string b = id_of(submit(port, low));
   EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"low\"}"), 1);
   EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"normal\"}"), 0);
+  // b waits behind a (max_batch 1): the oldest waiting job's age grows.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_GE(metric(port, "sdserve_queue_oldest_job_age_seconds"), 0.25);
   EXPECT_EQ(post(port, "/v1/jobs", small_job("no room", 2, 23)).status, 429);
   json invalid = small_job("invalid", 2, 24);
   invalid["steps"] = 0;
@@ -38,6 +41,7 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   EXPECT_EQ(http(port, verb::delete_, "/v1/jobs/" + a).status, 200);
   EXPECT_EQ(wait_final(port, a), "cancelled");
   EXPECT_EQ(wait_final(port, b), "succeeded");
+  EXPECT_EQ(metric(port, "sdserve_queue_oldest_job_age_seconds"), 0);  // none waiting
 
   EXPECT_EQ(metric(port, "sdserve_jobs_submitted_total"), 2);
   EXPECT_EQ(metric(port, "sdserve_jobs_finished_total{status=\"succeeded\"}"), 1);
