@@ -72,8 +72,8 @@ TEST(WarmUp, SingleFile512pxModelIsReadyWithinAMinuteOnTheCpu) {
 }
 
 // A slow warm-up made of short model calls: the bundled 64 px model with a batch size for every
-// number of images up to 48 and the budget to time them all (about a minute of steps on two
-// cores, none over ~2 s). A job is queued during it; SIGTERM gives that job shutdown_grace_s, then
+// number of images up to 48 and the budget to time them all (40 s of steps on two cores, none
+// over ~2 s). A job is queued during it; SIGTERM gives that job shutdown_grace_s, then
 // the worker stops its warm-up at its next model call and the process exits 0, instead of after
 // the whole warm-up.
 TEST(WarmUp, SigtermDuringASlowWarmUpExitsWithinTheGrace) {
