@@ -26,6 +26,7 @@ engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   o.light_load_efficiency = c.light_load_efficiency;
   o.light_load_max_wait_s = c.light_load_max_wait_s;
   o.decode_batch = c.decode_batch;
+  o.warm_up_budget_s = c.warm_up_budget_s;
   o.batch_buckets = c.batch_buckets;
   o.default_timeout_s = c.default_timeout_s;
   o.max_timeout_s = c.max_timeout_s;

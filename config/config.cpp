@@ -104,6 +104,11 @@ const std::vector<Key>& table() {
       key("decode_batch", Type::kInt,
           "finished images decoded by the VAE in one call (each size is warmed up at start)", 1, 64,
           SDSERVE_MEMBER(decode_batch)),
+      key("warm_up_budget_s", Type::kNumber,
+          "warm-up times UNet steps by batch size (for the admission policy) until this many "
+          "seconds after it began, cheapest first, and estimates the rest; at least one step is "
+          "timed",
+          0, 86400, SDSERVE_MEMBER(warm_up_budget_s)),
       key("embedding_cache_mb", Type::kInt,
           "prompt embeddings kept in memory (on each worker's device), MiB; 0: none", 0, 1 << 20,
           SDSERVE_MEMBER(embedding_cache_mb)),

@@ -51,6 +51,7 @@ struct ServiceConfig {
   double light_load_efficiency = 0.9;  // the admission policy (engine/admission.h)
   double light_load_max_wait_s = 0.35;
   int decode_batch = 1;
+  double warm_up_budget_s = 10;  // engine::EngineOptions::warm_up_budget_s
   int embedding_cache_mb = 256;  // the embedding cache (cache/embedding_cache.h)
   bool embedding_cache_on_host = false;
   std::string redis_url;

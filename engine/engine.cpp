@@ -63,7 +63,7 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   impl->cache = cache ? std::move(cache) : std::make_shared<cache::PassThroughCache>();
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
   for (const auto& m : impl->models)
-    impl->worker_status.push_back({m->info().device, "warming_up", "", 0});
+    impl->worker_status.push_back({m->info().device, "warming_up", "", 0, {}});
   impl->model_hash = std::make_unique<ModelHash>(impl->models.front()->info().path);
   Impl* raw = impl.get();
   impl->dispatcher = std::thread([raw] { raw->dispatcher_loop(); });
@@ -229,8 +229,16 @@ bool Engine::ready() const {
 }
 
 std::vector<WorkerStatus> Engine::workers() const {
-  std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->worker_status;
+  std::vector<WorkerStatus> out;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    out = impl_->worker_status;
+  }
+  const auto now = SteadyClock::now();
+  for (auto& w : out)
+    if (!w.warm_up.over && w.warm_up.started != SteadyClock::time_point{})
+      w.warm_up.elapsed_s = std::chrono::duration<double>(now - w.warm_up.started).count();
+  return out;
 }
 
 std::vector<DeviceMemory> Engine::device_memory() const {

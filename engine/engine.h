@@ -17,6 +17,7 @@
 
 #include "cache/embedding_cache.h"
 #include "engine/job.h"
+#include "engine/warm_up.h"
 
 namespace sdserve::pipeline {
 class Model;
@@ -41,6 +42,10 @@ struct EngineOptions {
   // Finished images per VAE decode call. Each size costs a cuDNN autotune at warm-up; decoding
   // one at a time is ~10% slower per image than 8 at once (~1% of an image's GPU time).
   int decode_batch = 1;
+  // Warm-up times UNet steps (for the admission policy) until this many seconds after it began,
+  // cheapest first, and estimates the rest from what it measured (engine/warm_up.h). At least
+  // one step is timed.
+  double warm_up_budget_s = 10;
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};  // UNet batch sizes are padded up to one
   double default_timeout_s = 600;  // a job still queued after this ends `expired`
   double max_timeout_s = 3600;
@@ -70,12 +75,26 @@ class Unavailable : public std::runtime_error {
 // backtrace with addresses), at most 500 bytes. The whole text goes to the log.
 std::string public_error(const std::string& what);
 
+// How far a worker's warm-up is, for /readyz.
+struct WarmUpStatus {
+  // "generating" (a short generation), "decoder" (the decoder thread's first decodes), "timing"
+  // (UNet steps by batch size), "done", "stopped" (by shutdown) or "failed".
+  std::string phase = "starting";
+  double elapsed_s = 0;  // since the warm-up began; its length once over (Engine::workers())
+  std::chrono::steady_clock::time_point started;  // when it began
+  bool over = false;                              // done, stopped or failed
+  double budget_s = 0;                            // EngineOptions::warm_up_budget_s
+  // The steps timed so far, in order; once done, also the native size's estimated ones.
+  std::vector<StepTiming> steps;
+};
+
 // One worker (one device) as /readyz reports it.
 struct WorkerStatus {
   std::string device;                // "cuda:0", "cpu"
   std::string state = "warming_up";  // "warming_up" | "ready" | "failed"
   std::string error;                 // why, when failed
   int light_load_batch = 0;          // the admission policy's light-load cap, once ready
+  WarmUpStatus warm_up;
 };
 
 // The torch allocator's bytes on one worker's device (zero on the CPU).

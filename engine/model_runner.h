@@ -35,11 +35,14 @@ class ModelRunner {
   virtual const pipeline::ModelInfo& info() const = 0;
   // Model evaluations per image; throws pipeline::RequestError when the spec cannot run.
   virtual int evals_total(const pipeline::ImageSpec& spec) const = 0;
-  // Runs a short generation and whatever else the device wants before the first user (on a GPU,
-  // the CUDA graph of each of `batch_sizes`); throws when the model cannot run here. Returns
-  // the seconds one UNet step takes at each of `batch_sizes` (native size, with CFG), measured
-  // there, for the admission policy; empty when not measured.
-  virtual std::vector<double> warm_up(const std::vector<int>& batch_sizes) = 0;
+  // Runs a short generation of one `size` px square image (the worker picks the native size on a
+  // GPU, where allocator growth and kernel selection happen there, and a small one on the CPU);
+  // throws when the model cannot run here.
+  virtual void warm_up(int size) = 0;
+  // The seconds one UNet step takes for `batch` square images of `size` px with CFG, measured
+  // now, for the admission policy (engine/warm_up.h). On a GPU the first call at a batch size
+  // also captures its CUDA graph, which is not counted.
+  virtual double time_step(int size, int batch) = 0;
   // The torch allocator's bytes on the model's device (zero on the CPU), for the metrics.
   struct Memory {
     uint64_t allocated = 0, reserved = 0;

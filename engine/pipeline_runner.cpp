@@ -36,40 +36,39 @@ class PipelineRunner : public ModelRunner {
     return model_->evals_total(spec);
   }
 
-  std::vector<double> warm_up(const std::vector<int>& batch_sizes) override {
-    // One short generation at the native size, so the first user does not pay for allocator
-    // growth and kernel selection.
+  void warm_up(int size) override {
+    // One short generation, so the first user does not pay for allocator growth and kernel
+    // selection, and a model that cannot run here fails now.
     pipeline::GenerateRequest warm;
-    warm.prompt = "warm-up";
-    warm.image.width = warm.image.height = model_->info().native_size;
+    warm.prompt = kWarmUpPrompt;
+    warm.image.width = warm.image.height = size;
     warm.image.steps = 2;
     model_->generate(warm);
-    // Then one UNet call per batch size (on a GPU its first call captures its CUDA graph, ~2 s:
-    // that cost is taken here), timed for the admission policy.
-    const bool gpu = model_->info().device.rfind("cuda", 0) == 0;
-    auto cond = model_->encode_text(warm.prompt);
-    auto uncond = model_->encode_text("");
-    pipeline::ImageSpec timing = warm.image;
-    timing.steps = 3;  // a call to warm up (or capture) and two timed
-    std::vector<double> seconds;
-    for (int size : batch_sizes) {
-      std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
-      std::vector<pipeline::Trajectory*> batch;
-      for (int k = 0; k < size; ++k) {
-        owned.push_back(model_->begin(timing, cond, uncond));
-        batch.push_back(owned.back().get());
-      }
-      // On the CPU a call returns when its step is done. On a GPU it returns once the step
-      // before it is done (Model::step bounds the queue to one step), so in steady state the
-      // returns of calls two apart are two step times apart.
-      const int timed = gpu ? 2 : 1;
-      if (gpu) model_->step(batch);
-      const auto start = std::chrono::steady_clock::now();
-      for (int i = 0; i < timed; ++i) model_->step(batch);
-      seconds.push_back(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / timed);
+  }
+
+  double time_step(int size, int batch) override {
+    if (!timing_cond_) {
+      timing_cond_ = model_->encode_text(kWarmUpPrompt);
+      timing_uncond_ = model_->encode_text("");
     }
-    return seconds;
+    pipeline::ImageSpec spec;
+    spec.width = spec.height = size;
+    spec.steps = 3;  // a call to warm up (or capture) and two timed
+    std::vector<std::unique_ptr<pipeline::Trajectory>> owned;
+    std::vector<pipeline::Trajectory*> trajectories;
+    for (int k = 0; k < batch; ++k) {
+      owned.push_back(model_->begin(spec, timing_cond_, timing_uncond_));
+      trajectories.push_back(owned.back().get());
+    }
+    // On the CPU a call returns when its step is done. On a GPU it returns once the step before
+    // it is done (Model::step bounds the queue to one step), so in steady state the returns of
+    // calls two apart are two step times apart; its first call captures the CUDA graph.
+    const bool gpu = model_->info().device.rfind("cuda", 0) == 0;
+    const int timed = gpu ? 2 : 1;
+    if (gpu) model_->step(trajectories);
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < timed; ++i) model_->step(trajectories);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / timed;
   }
 
   pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) override {
@@ -113,7 +112,9 @@ class PipelineRunner : public ModelRunner {
   }
 
  private:
+  static constexpr const char* kWarmUpPrompt = "warm-up";
   std::shared_ptr<pipeline::Model> model_;
+  pipeline::EmbeddingPtr timing_cond_, timing_uncond_;  // time_step()'s, on the worker's thread
 };
 
 }  // namespace

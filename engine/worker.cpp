@@ -23,7 +23,11 @@ void Engine::Impl::worker_loop(size_t index) {
 }
 
 Worker::Worker(Engine::Impl& engine, ModelRunner& model, size_t index)
-    : engine_(engine), model_(model), index_(index), device_(model.info().device) {
+    : engine_(engine),
+      model_(model),
+      index_(index),
+      device_(model.info().device),
+      gpu_(device_.rfind("cuda", 0) == 0) {
   // The cache may call these on its own thread after this worker is gone: they hold the model.
   std::shared_ptr<ModelRunner> runner = engine.models[index];
   codec_.to_bytes = [runner](const void* value) {
@@ -68,46 +72,6 @@ void Worker::run() {
   }
   decode_cv_.notify_all();
   decoder_.join();
-}
-
-bool Worker::warm_up() {
-  std::vector<int> sizes;
-  for (int bucket : engine_.options.batch_buckets)
-    if (bucket <= engine_.options.max_batch) sizes.push_back(bucket);
-  std::vector<double> seconds;
-  try {
-    seconds = model_.warm_up(sizes);
-    // The decoder thread warms up too: PyTorch keeps cuDNN's autotuned convolution plans per
-    // thread, and the first decode of each batch size on a thread autotunes (~2 s at 512x512
-    // on an H200, which made the first minute of serving slow).
-    auto decoder_warm = std::make_shared<std::promise<void>>();
-    auto warmed = decoder_warm->get_future();
-    decoder_ = std::thread([this, decoder_warm] { decoder_loop(decoder_warm); });
-    warmed.get();  // rethrows what the decoder's warm-up threw
-  } catch (const std::exception& e) {
-    // A worker that cannot run a two-step generation would fail every job: it takes none, and
-    // the service does not report ready.
-    log_error("warm-up failed on " + device_ + ", which takes no jobs: " + e.what());
-    std::lock_guard<std::mutex> lock(engine_.mutex);
-    engine_.worker_status[index_] = {device_, "failed", public_error(e.what()), 0};
-    engine_.work_cv.notify_all();
-    return false;
-  }
-  const auto& o = engine_.options;
-  const int light = light_load_batch(sizes, seconds, o.light_load_efficiency, o.max_batch);
-  admission_ =
-      AdmissionPolicy({o.max_batch, o.light_load_efficiency, o.light_load_max_wait_s}, light);
-  std::string times;
-  for (size_t i = 0; i < sizes.size() && i < seconds.size(); ++i)
-    times += (i ? ", " : "") + std::to_string(sizes[i]) + ": " +
-             std::to_string(static_cast<int>(seconds[i] * 1e4) / 10.0).substr(0, 6) + " ms";
-  pipeline::log(pipeline::LogLevel::kInfo, device_ + " ready; UNet step by batch size {" + times +
-                                               "}; light-load batch " + std::to_string(light) +
-                                               " of max_batch " + std::to_string(o.max_batch));
-  std::lock_guard<std::mutex> lock(engine_.mutex);
-  engine_.worker_status[index_].state = "ready";
-  engine_.worker_status[index_].light_load_batch = light;
-  return true;
 }
 
 bool Worker::retire_and_admit(std::vector<Admission>* admitted) {

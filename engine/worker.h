@@ -43,7 +43,19 @@ class Worker {
   };
   using Admission = std::pair<std::shared_ptr<JobState>, int>;  // (job, image index)
 
+  // worker_warm_up.cpp: false when the worker takes no jobs (warm-up failed, or shutdown
+  // stopped it).
   bool warm_up();
+  // Shutdown cancels work (its deadline passed, or nothing was left to finish). Without the
+  // engine's mutex held.
+  bool stop_requested();
+  // With the engine's mutex not held: false (and the phase "stopped") once shutdown cancels
+  // work, else enters `phase`.
+  bool warm_up_phase(const char* phase);
+  // UNet steps timed cheapest first while the next is predicted to end within the budget from
+  // `start`; false when shutdown stopped it.
+  bool time_steps(const std::vector<int>& batch_sizes, SteadyClock::time_point start,
+                  std::vector<StepTiming>* measured);
   // With the engine's mutex held: drops images of cancelled or failed jobs, waits for work, and
   // takes queued images. False when the thread should exit.
   bool retire_and_admit(std::vector<Admission>* admitted);
@@ -80,6 +92,8 @@ class Worker {
   ModelRunner& model_;
   const size_t index_;  // in Engine::Impl::models and worker_status
   const std::string device_;
+  const bool gpu_;           // a CUDA device
+  int warm_up_size_ = 0;     // px of the warm-up generation and decodes
   cache::ValueCodec codec_;  // embeddings to bytes and back, for the cache's shared tier
   std::vector<Active> active_;
   std::pair<int, int> last_resolution_{0, 0};

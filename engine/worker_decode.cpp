@@ -23,14 +23,15 @@ pipeline::GenerateRequest generate_request_of(const JobState& job) {
 
 }  // namespace
 
-// One decode of each batch size the decoder uses, at the native size.
+// One decode of each batch size the decoder uses, at the warm-up's size (the native size on a
+// GPU, where each size autotunes its convolutions).
 void Worker::warm_up_decoder() {
   pipeline::ImageSpec spec;
-  spec.width = spec.height = model_.info().native_size;
+  spec.width = spec.height = warm_up_size_;
   spec.steps = 1;
   spec.guidance_scale = 1.0;  // no unconditional embedding needed
   const auto cond = model_.encode_text("", 1);
-  for (int n = 1; n <= engine_.options.decode_batch; ++n) {
+  for (int n = 1; n <= engine_.options.decode_batch && (n == 1 || !stop_requested()); ++n) {
     std::vector<std::unique_ptr<ImageRun>> owned;
     std::vector<ImageRun*> batch;
     for (int k = 0; k < n; ++k) {
@@ -67,6 +68,24 @@ void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
 
 // VAE decode on the decoder thread, PNG encoding (with A1111 parameters) on the encoder threads.
 void Worker::decode(std::vector<Active> finished) {
+  {
+    // Images of jobs cancelled meanwhile (by a user, or by shutdown's deadline) are not decoded:
+    // past the deadline the decoder runs no more VAE calls.
+    std::lock_guard<std::mutex> lock(engine_.mutex);
+    finished.erase(std::remove_if(finished.begin(), finished.end(),
+                                  [&](const Active& f) {
+                                    JobState& job = *f.job;
+                                    if (!job.cancel_requested && !is_final(job.status))
+                                      return false;
+                                    if (--job.images_in_flight == 0)
+                                      engine_.finish(
+                                          job, JobStatus::kCancelled,
+                                          engine_.cancel_all ? "the service shut down" : "");
+                                    return true;
+                                  }),
+                   finished.end());
+  }
+  if (finished.empty()) return;
   std::vector<ImageRun*> to_decode;
   for (auto& f : finished) to_decode.push_back(f.run.get());
   std::vector<pipeline::RgbImage> images;

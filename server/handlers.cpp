@@ -91,6 +91,20 @@ Response image_response(Context& ctx, const Request& req, const Route& route) {
   throw ApiError(500, "internal", "unexpected image lookup result");
 }
 
+// {"phase", "elapsed_s", "budget_s", "measured": [{"size", "batch", "step_s"}], "estimated": [...]}
+Json warm_up_json(const engine::WarmUpStatus& w) {
+  const auto rounded = [](double s) { return std::round(s * 1e4) / 1e4; };
+  Json measured = Json::array(), estimated = Json::array();
+  for (const auto& t : w.steps)
+    (t.measured ? measured : estimated)
+        .push_back({{"size", t.size}, {"batch", t.batch}, {"step_s", rounded(t.seconds)}});
+  return {{"phase", w.phase},
+          {"elapsed_s", rounded(w.elapsed_s)},
+          {"budget_s", w.budget_s},
+          {"measured", measured},
+          {"estimated", estimated}};
+}
+
 }  // namespace
 
 std::string query_param(const std::string& query, const std::string& name) {
@@ -359,14 +373,18 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       const auto e = ctx.engine();
       if (ctx.shutting_down())
         return json_response(http::status::service_unavailable, {{"status", "shutting_down"}}, req);
-      if (!e) return json_response(http::status::service_unavailable, {{"status", "loading"}}, req);
-      // Each device's worker, so an operator sees which GPU failed its warm-up.
+      if (!e)
+        return json_response(http::status::service_unavailable,
+                             {{"status", "loading"}, {"phase", "loading_model"}}, req);
+      // Each device's worker, so an operator sees which GPU failed its warm-up, and how far
+      // each warm-up is.
       Json workers = Json::array();
       bool any_warming = false;
       for (const auto& w : e->workers()) {
         Json one = {{"device", w.device}, {"state", w.state}};
         if (w.light_load_batch > 0) one["light_load_batch"] = w.light_load_batch;
         if (!w.error.empty()) one["error"] = w.error;
+        one["warm_up"] = warm_up_json(w.warm_up);
         workers.push_back(one);
         any_warming = any_warming || w.state == "warming_up";
       }

@@ -41,9 +41,18 @@ class FakeRunner : public ModelRunner {
   }
   const pipeline::ModelInfo& info() const override { return info_; }
   int evals_total(const pipeline::ImageSpec& spec) const override { return spec.steps; }
-  std::vector<double> warm_up(const std::vector<int>&) override {
+  void warm_up(int) override {
     if (fail_warm_up) throw std::runtime_error("no device here");
-    return step_seconds;
+  }
+  // step_seconds[i] for batch 2^i (the default buckets), taking that long when sleep_timing;
+  // without step_seconds every batch size takes as long: the biggest batch is best.
+  double time_step(int size, int batch) override {
+    timed.push_back({size, batch});
+    int i = 0;
+    while ((1 << (i + 1)) <= batch) ++i;
+    const double s = step_seconds.empty() ? 0.001 : step_seconds.at(i);
+    if (sleep_timing) std::this_thread::sleep_for(std::chrono::duration<double>(s));
+    return s;
   }
   pipeline::EmbeddingPtr encode_text(const std::string& prompt, int) override {
     if (prompt == "unencodable") throw std::runtime_error("text encoder broke");
@@ -93,6 +102,8 @@ class FakeRunner : public ModelRunner {
   std::atomic<int> step_ms{0};  // how long a step takes
   std::atomic<int> largest_batch{0};
   std::vector<double> step_seconds;  // what warm-up says a step takes per batch size
+  bool sleep_timing = false;
+  std::vector<std::pair<int, int>> timed;  // (size, batch) of each time_step() call
 
  private:
   pipeline::ModelInfo info_;
@@ -109,10 +120,11 @@ JobRequest request(const std::string& prompt, int images = 1) {
 }
 
 std::unique_ptr<Engine> make_engine(std::shared_ptr<FakeRunner> fake, int max_batch = 2,
-                                    double max_wait_s = 0.25) {
+                                    double max_wait_s = 0.25, double warm_up_budget_s = 10) {
   EngineOptions o;
   o.max_batch = max_batch;
   o.light_load_max_wait_s = max_wait_s;
+  o.warm_up_budget_s = warm_up_budget_s;
   return Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
                         std::make_shared<cache::PassThroughCache>());
 }
@@ -354,6 +366,97 @@ TEST(EngineFaults, SuccessfulWarmUpIsReady) {
   wait_warm(*engine);
   EXPECT_TRUE(engine->ready());
   EXPECT_TRUE(engine->warm_up_error().empty());
+}
+
+// Warm-up's plan (engine/warm_up.h): on the CPU, one image from 64 px up to the native size,
+// then the batch sizes; on a GPU, the batch sizes at the native size only.
+TEST(WarmUpPlan, CpuClimbsToTheNativeSizeThenTheBatchSizes) {
+  const auto pairs = [](const std::vector<StepTiming>& steps) {
+    std::vector<std::pair<int, int>> out;
+    for (const auto& t : steps) out.emplace_back(t.size, t.batch);
+    return out;
+  };
+  EXPECT_EQ(pairs(warm_up_probes(512, {1, 2, 4, 8}, false)),
+            (std::vector<std::pair<int, int>>{
+                {64, 1}, {128, 1}, {256, 1}, {512, 1}, {512, 2}, {512, 4}, {512, 8}}));
+  EXPECT_EQ(pairs(warm_up_probes(768, {1, 2}, false)),
+            (std::vector<std::pair<int, int>>{
+                {64, 1}, {128, 1}, {256, 1}, {512, 1}, {768, 1}, {768, 2}}));
+  EXPECT_EQ(pairs(warm_up_probes(1024, {1, 2}, true)),
+            (std::vector<std::pair<int, int>>{{1024, 1}, {1024, 2}}));
+  EXPECT_EQ(pairs(warm_up_probes(64, {1}, false)), (std::vector<std::pair<int, int>>{{64, 1}}));
+}
+
+TEST(WarmUpPlan, WhatWasNotMeasuredScalesWithPixelsAndImagesFromTheLastMeasured) {
+  // Only smaller images timed: the native size's steps scale by pixels squared (x16 from 256 to
+  // 512 px).
+  auto native = native_step_times({{64, 1, 0.01, true}, {256, 1, 0.16, true}}, 512, {1, 2, 4});
+  ASSERT_EQ(native.size(), 3u);
+  for (size_t i = 0; i < native.size(); ++i) {
+    EXPECT_EQ(native[i].size, 512);
+    EXPECT_EQ(native[i].batch, 1 << i);
+    EXPECT_FALSE(native[i].measured);
+    EXPECT_DOUBLE_EQ(native[i].seconds, 2.56 * (1 << i));
+  }
+  // Batch sizes 1 and 2 timed at the native size: kept; 4 from 2's images/s.
+  native = native_step_times({{256, 1, 0.16, true}, {512, 1, 0.7, true}, {512, 2, 1.2, true}}, 512,
+                             {1, 2, 4});
+  ASSERT_EQ(native.size(), 3u);
+  EXPECT_TRUE(native[0].measured);
+  EXPECT_DOUBLE_EQ(native[0].seconds, 0.7);
+  EXPECT_TRUE(native[1].measured);
+  EXPECT_DOUBLE_EQ(native[1].seconds, 1.2);
+  EXPECT_FALSE(native[2].measured);
+  EXPECT_DOUBLE_EQ(native[2].seconds, 2.4);
+  EXPECT_TRUE(native_step_times({}, 512, {1, 2}).empty());
+}
+
+// A worker times steps while the next is predicted to end within warm_up_budget_s and estimates
+// the rest: batch 1 (0.1 s), then 2 (predicted 0.2 s, ends by ~0.3 s), not 4 (predicted 0.4 s,
+// would end past 0.5 s). The estimates scale batch 2's images/s, whatever 4 and 8 would take.
+TEST(EngineWarmUp, TimesWhatFitsTheBudgetAndEstimatesTheRest) {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->step_seconds = {0.1, 0.2, 0.35, 0.6};
+  fake->sleep_timing = true;
+  auto engine = make_engine(fake, 8, 0.25, 0.5);
+  wait_warm(*engine);
+  ASSERT_TRUE(engine->ready());
+  EXPECT_EQ(fake->timed, (std::vector<std::pair<int, int>>{{64, 1}, {64, 2}}));
+  const auto w = engine->workers().front().warm_up;
+  EXPECT_EQ(w.phase, "done");
+  EXPECT_DOUBLE_EQ(w.budget_s, 0.5);
+  EXPECT_GE(w.elapsed_s, 0.3);
+  ASSERT_EQ(w.steps.size(), 4u);
+  EXPECT_TRUE(w.steps[0].measured);
+  EXPECT_TRUE(w.steps[1].measured);
+  EXPECT_FALSE(w.steps[2].measured);
+  EXPECT_EQ(w.steps[2].batch, 4);
+  EXPECT_DOUBLE_EQ(w.steps[2].seconds, 0.4);
+  EXPECT_FALSE(w.steps[3].measured);
+  EXPECT_DOUBLE_EQ(w.steps[3].seconds, 0.8);
+  EXPECT_EQ(engine->workers().front().light_load_batch, 1);  // the same images/s at every size
+}
+
+// Shutdown during warm-up (nothing queued, so nothing to wait for) stops it before its next
+// model call: the worker never reports ready and shutdown() returns after the step in progress,
+// not after the four steps of a whole warm-up.
+TEST(EngineWarmUp, ShutdownStopsItBetweenModelCalls) {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->step_seconds = {1, 1, 1, 1};
+  fake->sleep_timing = true;
+  auto engine = make_engine(fake, 8, 0.25, 60);
+  for (int i = 0; i < 500 && engine->workers().front().warm_up.steps.empty() &&
+                  engine->workers().front().warm_up.phase != "timing";
+       ++i)
+    std::this_thread::sleep_for(10ms);
+  const auto start = std::chrono::steady_clock::now();
+  engine->shutdown(start);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1900ms);
+  const auto w = engine->workers().front();
+  EXPECT_EQ(w.state, "warming_up");
+  EXPECT_EQ(w.warm_up.phase, "stopped");
+  EXPECT_LE(fake->timed.size(), 2u);
+  EXPECT_FALSE(engine->ready());
 }
 
 }  // namespace

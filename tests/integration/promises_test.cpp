@@ -198,10 +198,11 @@ std::optional<std::pair<int, int>> png_size(const std::string& data) {
 // Nothing outside the process can hold start-up at a chosen point (model files are opened with
 // O_NONBLOCK and mmapped, so file leases make loading fail rather than wait; every response is
 // logged before it is written, so a full log pipe blocks the answers too). The window is made
-// wide instead: the warm-up is a two-step generation at the model's native size (unet
-// sample_size x 8), so a copy of the tiny model with sample_size 24 warms up at 192x192, seconds
-// of CPU work on the server, against a few milliseconds for this loop to get an answer in. A
-// slower machine stretches that work too, so the margin does not shrink on a loaded CI host.
+// wide instead: the warm-up times UNet steps at the model's native size (unet sample_size x 8)
+// for every batch size up to max_batch that fits its budget, so a copy of the tiny model with a
+// larger sample_size warms up for seconds of CPU work on the server, against a few milliseconds
+// for this loop to get an answer in. A slower machine stretches that work too, so the margin does
+// not shrink on a loaded CI host.
 TEST(PromisesTest, ReadyzIs503UntilLoadedAndWarmedUpHealthzAlways200) {
   TempDir dir;
   const fs::path model = dir.path() / "slow-warm-up";
