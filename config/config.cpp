@@ -415,7 +415,16 @@ void apply_value(ServiceConfig& config, const std::string& key, const std::strin
                  const std::string& source) {
   const Key* k = find_key(key);
   if (!k) throw ConfigError(source + ": unknown key '" + key + "' (known: " + known_keys() + ")");
-  check_and_set(config, *k, from_text(*k, value), source);
+  const json v = from_text(*k, value);
+  // "," names no item: taken as an empty list it would silently mean "none" (for api_keys, a
+  // service open to everyone). Only empty text (or "[]") is an empty list.
+  const std::string text = trim(value);
+  if (v.is_array() && v.empty() && !text.empty() && text[0] != '[')
+    fail(source, *k,
+         "holds no item after splitting on commas; leave it empty or unset for none, or name "
+         "at least one",
+         json(value));
+  check_and_set(config, *k, v, source);
 }
 
 void validate(const ServiceConfig& c) {
