@@ -31,8 +31,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void on_request();
   void on_read_error(boost::beast::error_code ec);
 
-  void start_generate(const Request& req);
-  void start_txt2img(const Request& req);  // A1111's POST /sdapi/v1/txt2img
+  void dispatch(const Route& route);
+  void start_generate(const Request& req, const BodyJson& body);
+  void start_txt2img(const Request& req, const BodyJson& body);  // A1111's POST /sdapi/v1/txt2img
   void wait_for_job(const engine::JobSnapshot& snap);
   std::string caller() const;  // who an A1111 progress / interrupt is about
   void watch_disconnect();
