@@ -97,6 +97,9 @@ class Metrics {
   prometheus::Counter* redis_corrupt_;
   prometheus::Histogram *redis_latency_, *text_encode_;
   Mirrored redis_latency_seen_, text_encode_seen_;
+  // The process (server/process_stats.h).
+  prometheus::Gauge *process_resident_, *process_open_fds_, *process_max_fds_, *process_start_;
+  prometheus::Counter* process_cpu_;
   std::mutex scrape_mutex_;  // mirrored counters are advanced by deltas
 };
 
