@@ -136,6 +136,10 @@ const std::vector<Key>& table() {
       // field (or a chunked trailer) overflow it.
       key("max_header_bytes", Type::kInt, "largest request header block; larger gets 431", 1024,
           61440, SDSERVE_MEMBER(max_header_bytes)),
+      key("max_connections", Type::kInt,
+          "open HTTP and WebSocket connections at most; a new one beyond is answered 503 and "
+          "closed",
+          1, 1 << 20, SDSERVE_MEMBER(max_connections)),
       key("read_timeout_s", Type::kNumber,
           "a request must arrive within this many seconds; idle keep-alive connections close", 0,
           3600, SDSERVE_MEMBER(read_timeout_s), {}, true),

@@ -396,6 +396,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
         in.memory = e->device_memory();
       }
       if (model) in.model = &model->info();
+      in.open_connections = ctx.open_connections.load();
       Response res{http::status::ok, req.version()};
       res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       res.body() = ctx.metrics().scrape(in);

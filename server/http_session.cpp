@@ -45,6 +45,7 @@ bool quiet_error(const beast::error_code& ec) {
 HttpSession::HttpSession(tcp::socket&& socket, std::shared_ptr<Context> ctx)
     : stream_(std::move(socket)),
       ctx_(std::move(ctx)),
+      counted_(ctx_->open_connections),
       buffer_(static_cast<size_t>(std::min(ctx_->config().max_header_bytes, 61440)) + 4096) {}
 
 HttpSession::~HttpSession() {

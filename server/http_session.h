@@ -52,6 +52,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
 
   boost::beast::tcp_stream stream_;
   std::shared_ptr<Context> ctx_;
+  ConnectionCount counted_;           // after ctx_, whose counter it holds
   boost::beast::flat_buffer buffer_;  // bounded (see the constructor); after ctx_, which sizes it
   std::optional<http::request_parser<http::string_body>> parser_;
   Request req_;  // the request being answered

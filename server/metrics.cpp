@@ -167,6 +167,17 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                       .Help("Total user and system CPU time spent in seconds")
                       .Register(r)
                       .Add({});
+  open_connections_ = &BuildGauge()
+                           .Name("sdserve_open_connections")
+                           .Help("Open HTTP and WebSocket connections (at most max_connections)")
+                           .Register(r)
+                           .Add({});
+  connections_refused_ =
+      &BuildCounter()
+           .Name("sdserve_connections_refused_total")
+           .Help("Connections answered 503 and closed: max_connections were open")
+           .Register(r)
+           .Add({});
   BuildGauge()
       .Name("sdserve_max_queue")
       .Help("The configured bound of waiting jobs (max_queue)")
@@ -291,6 +302,10 @@ void Metrics::count_request(const std::string& route, int status, double seconds
 void Metrics::job_rejected(const std::string& reason) {
   jobs_rejected_->Add({{"reason", reason}}).Increment();
 }
+void Metrics::connection_refused() {
+  connections_refused_->Increment();
+}
+
 void Metrics::websocket_opened() {
   websockets_->Increment();
 }
@@ -313,6 +328,7 @@ std::string Metrics::scrape(const ScrapeInput& in) {
   set(process_start_, p.start_time_s);
   if (p.cpu_seconds > process_cpu_->Value())
     process_cpu_->Increment(p.cpu_seconds - process_cpu_->Value());
+  open_connections_->Set(in.open_connections);
   ready_->Set(in.ready ? 1 : 0);
   for (const auto& w : in.workers)
     worker_ready_->Add({{"device", w.device}}).Set(w.state == "ready" ? 1 : 0);

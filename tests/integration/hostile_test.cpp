@@ -80,6 +80,34 @@ std::string raw_request(int port, const std::string& request) {
   return got;
 }
 
+// A connected socket that sends nothing (an idle client), closed when destroyed.
+class IdleConnection {
+ public:
+  explicit IdleConnection(int port) : fd_(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  }
+  ~IdleConnection() { close(fd_); }
+  bool connected() const { return connected_; }
+
+ private:
+  int fd_;
+  bool connected_ = false;
+};
+
+// Polls GET /healthz until it answers `status`.
+bool wait_healthz(int port, int status) {
+  const auto deadline = Clock::now() + kTimeout;
+  while (Clock::now() < deadline) {
+    if (get(port, "/healthz").status == status) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
 // The routes that read a JSON body.
 const std::vector<std::string> kBodyRoutes = {"/v1/jobs", "/v1/generate", "/sdapi/v1/txt2img",
                                               "/sdapi/v1/png-info"};
@@ -301,6 +329,29 @@ TEST(HostileStartTest, ApiKeysThatNameNoKeyStopStartUp) {
   // Empty still means no keys.
   ServerProcess open({"--api-keys", ""});
   EXPECT_EQ(get(open.port(), "/v1/models").status, 200);
+}
+
+// Open connections were not capped: idle clients could hold descriptors until accept() failed
+// for everyone.
+TEST(HostileStartTest, ConnectionsBeyondMaxConnectionsAreRefused) {
+  ServerProcess server({"--max-connections", "4"});
+  const int port = server.port();
+  std::vector<std::unique_ptr<IdleConnection>> idle;
+  for (int i = 0; i < 4; ++i) {
+    idle.push_back(std::make_unique<IdleConnection>(port));
+    ASSERT_TRUE(idle.back()->connected());
+  }
+  ASSERT_TRUE(wait_healthz(port, 503)) << "a fifth connection was served";
+  const auto refused = get(port, "/v1/models");
+  EXPECT_EQ(refused.status, 503);
+  EXPECT_EQ(refused.body_json()["error"]["type"], "too_many_connections");
+  idle.pop_back();  // one client leaves: room for another
+  ASSERT_TRUE(wait_healthz(port, 200));
+  EXPECT_EQ(metric(port, "sdserve_open_connections"), 4);  // three idle and this scrape
+  EXPECT_GE(metric(port, "sdserve_connections_refused_total"), 2);
+  idle.clear();
+  ASSERT_TRUE(wait_healthz(port, 200));
+  expect_still_serving(port);
 }
 
 }  // namespace
