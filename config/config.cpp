@@ -141,6 +141,10 @@ const std::vector<Key>& table() {
       // field (or a chunked trailer) overflow it.
       key("max_header_bytes", Type::kInt, "largest request header block; larger gets 431", 1024,
           61440, SDSERVE_MEMBER(max_header_bytes)),
+      key("max_connections", Type::kInt,
+          "open HTTP and WebSocket connections at most; a new one beyond is answered 503 and "
+          "closed",
+          1, 1 << 20, SDSERVE_MEMBER(max_connections)),
       key("read_timeout_s", Type::kNumber,
           "a request must arrive within this many seconds; idle keep-alive connections close", 0,
           3600, SDSERVE_MEMBER(read_timeout_s), {}, true),
@@ -420,7 +424,16 @@ void apply_value(ServiceConfig& config, const std::string& key, const std::strin
                  const std::string& source) {
   const Key* k = find_key(key);
   if (!k) throw ConfigError(source + ": unknown key '" + key + "' (known: " + known_keys() + ")");
-  check_and_set(config, *k, from_text(*k, value), source);
+  const json v = from_text(*k, value);
+  // "," names no item: taken as an empty list it would silently mean "none" (for api_keys, a
+  // service open to everyone). Only empty text (or "[]") is an empty list.
+  const std::string text = trim(value);
+  if (v.is_array() && v.empty() && !text.empty() && text[0] != '[')
+    fail(source, *k,
+         "holds no item after splitting on commas; leave it empty or unset for none, or name "
+         "at least one",
+         json(value));
+  check_and_set(config, *k, v, source);
 }
 
 void validate(const ServiceConfig& c) {

@@ -30,6 +30,7 @@ struct ServiceConfig {
   int http_threads = 2;
   int64_t max_body_bytes = 1 << 20;
   int max_header_bytes = 16 << 10;
+  int max_connections = 1000;  // open HTTP and WebSocket connections; beyond, new ones get 503
   double read_timeout_s = 30;  // a request must arrive within this; idle keep-alive closes then
   int ws_queue_limit = 64;     // events queued per WebSocket before progress/previews are dropped
   std::vector<std::string> api_keys;  // empty: no authentication

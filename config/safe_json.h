@@ -8,10 +8,12 @@
 // Header-only and dependency-free beyond nlohmann_json, so every layer may use it.
 #pragma once
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace sdserve::safe_json {
 
@@ -21,13 +23,66 @@ constexpr int kMaxDepth = 64;
 // Malformed or too deeply nested text; the message says which.
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what, std::string field = "")
+      : std::runtime_error(what), field_(std::move(field)) {}
+  // For a number out of a double's range: the member it is the value of ("steps",
+  // "preview.every"; array positions are not named); "" otherwise.
+  const std::string& field() const { return field_; }
+
+ private:
+  std::string field_;
 };
 
-// The deepest nesting of arrays and objects in `text` (brackets inside strings do not count).
-// Linear, no recursion; meaningful for valid JSON, harmless for invalid.
-inline int nesting_depth(std::string_view text) {
-  int depth = 0, deepest = 0;
+namespace detail {
+
+// The parser's message, printable: it quotes the offending bytes, which may be invalid UTF-8,
+// and the message may itself go into a JSON error body.
+inline std::string printable(std::string what) {
+  for (char& c : what)
+    if (static_cast<unsigned char>(c) >= 0x80 || static_cast<unsigned char>(c) < 0x20) c = '?';
+  return what;
+}
+
+// The member whose value a parse error is in, found by parsing `text` again and following the
+// keys (only on the error path: the callback parser is slower).
+template <class Json>
+std::string member_at_error(std::string_view text) {
+  std::vector<std::string> path;
+  const auto follow = [&path](int depth, nlohmann::json::parse_event_t event, Json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key) {
+      path.resize(depth > 0 ? static_cast<size_t>(depth - 1) : 0);
+      path.push_back(parsed.template get<std::string>());
+    } else if (event == nlohmann::json::parse_event_t::object_end) {
+      path.resize(static_cast<size_t>(std::max(depth, 0)));
+    }
+    return true;
+  };
+  try {
+    [[maybe_unused]] const Json parsed = Json::parse(text.begin(), text.end(), follow);
+  } catch (const nlohmann::json::exception&) {
+  }
+  std::string field;
+  for (const auto& key : path)
+    if (!key.empty()) field += (field.empty() ? "" : ".") + key;
+  return field;
+}
+
+}  // namespace detail
+
+// What one linear scan of JSON text finds: its deepest nesting and its largest object.
+struct Shape {
+  int depth = 0;        // deepest nesting of arrays and objects
+  size_t max_keys = 0;  // most members of one object (duplicates counted)
+};
+
+// The shape of `text` (brackets, colons inside strings do not count). Linear, no recursion, no
+// allocation past the nesting it has seen; meaningful for valid JSON, harmless for invalid.
+inline Shape shape(std::string_view text) {
+  Shape out;
+  // Per open container: the members counted so far (SIZE_MAX marks an array).
+  constexpr size_t kArray = static_cast<size_t>(-1);
+  std::string open;  // '{' or '[' per level
+  std::basic_string<size_t> counts;
   bool in_string = false, escaped = false;
   for (const char c : text) {
     if (in_string) {
@@ -42,32 +97,55 @@ inline int nesting_depth(std::string_view text) {
     if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {
-      if (++depth > deepest) deepest = depth;
-    } else if ((c == ']' || c == '}') && depth > 0) {
-      --depth;
+      counts.push_back(c == '{' ? 0 : kArray);
+      if (static_cast<int>(counts.size()) > out.depth) out.depth = static_cast<int>(counts.size());
+    } else if ((c == ']' || c == '}') && !counts.empty()) {
+      counts.pop_back();
+    } else if (c == ':' && !counts.empty() && counts.back() != kArray) {
+      if (++counts.back() > out.max_keys) out.max_keys = counts.back();
     }
   }
-  return deepest;
+  return out;
+}
+
+// The deepest nesting of arrays and objects in `text` (brackets inside strings do not count).
+inline int nesting_depth(std::string_view text) {
+  return shape(text).depth;
+}
+
+// Bounds on the text parse() accepts. max_keys bounds each object's members: nlohmann's
+// ordered_json finds a key by a linear search, so building an object of n keys costs n^2, and
+// 95,000 keys (855 KB) took 20 s; 0 means no bound (checkpoint headers hold thousands).
+struct Limits {
+  int max_depth = kMaxDepth;
+  size_t max_keys = 0;
+};
+
+// Parses `text`, refusing what `limits` exclude before building anything. Throws Error.
+template <class Json = nlohmann::json>
+Json parse(std::string_view text, Limits limits) {
+  // JSON text never holds a raw NUL; nlohmann's parser would stop there and accept what came
+  // before, ignoring the rest.
+  if (text.find('\0') != std::string_view::npos) throw Error("JSON text contains a NUL byte");
+  const Shape s = shape(text);
+  if (s.depth > limits.max_depth)
+    throw Error("JSON nested deeper than " + std::to_string(limits.max_depth) + " levels");
+  if (limits.max_keys > 0 && s.max_keys > limits.max_keys)
+    throw Error("a JSON object has more than " + std::to_string(limits.max_keys) + " members");
+  try {
+    return Json::parse(text.begin(), text.end());
+  } catch (const nlohmann::json::out_of_range& e) {
+    // A number past a double's range (1e400): valid JSON, so name the member it is for.
+    throw Error(detail::printable(e.what()), detail::member_at_error<Json>(text));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(detail::printable(e.what()));
+  }
 }
 
 // Parses `text`, refusing nesting deeper than `max_depth`. Throws Error.
 template <class Json = nlohmann::json>
 Json parse(std::string_view text, int max_depth = kMaxDepth) {
-  // JSON text never holds a raw NUL; nlohmann's parser would stop there and accept what came
-  // before, ignoring the rest.
-  if (text.find('\0') != std::string_view::npos) throw Error("JSON text contains a NUL byte");
-  if (nesting_depth(text) > max_depth)
-    throw Error("JSON nested deeper than " + std::to_string(max_depth) + " levels");
-  try {
-    return Json::parse(text.begin(), text.end());
-  } catch (const nlohmann::json::exception& e) {
-    // The parser quotes the offending bytes, which may be invalid UTF-8: keep the message
-    // printable so that it can itself go into a JSON error body.
-    std::string what = e.what();
-    for (char& c : what)
-      if (static_cast<unsigned char>(c) >= 0x80 || static_cast<unsigned char>(c) < 0x20) c = '?';
-    throw Error(what);
-  }
+  return parse<Json>(text, Limits{max_depth, 0});
 }
 
 // A value as JSON text for an error message: at most `max_chars` characters, invalid UTF-8

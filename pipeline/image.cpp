@@ -171,20 +171,28 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
   // tEXt is Latin-1 by the PNG spec: text that fits it goes there (converted from UTF-8, as
   // A1111 does), anything else into an uncompressed iTXt chunk, which is UTF-8. Readers (PIL,
   // A1111's PNG Info, civitai) then show the prompt as written.
+  // Neither chunk can hold a NUL (libpng measures the text with strlen, so one in a prompt cut
+  // the rest of the parameters off): each becomes U+FFFD, and the text goes into iTXt.
   std::vector<png_text> chunks(text.size());
-  std::vector<std::string> latin1(text.size());
+  std::vector<std::string> latin1(text.size()), values(text.size());
   static char empty[] = "";
   for (size_t i = 0; i < text.size(); ++i) {
     chunks[i] = {};
     chunks[i].key = const_cast<char*>(text[i].first.c_str());
-    if (utf8_to_latin1(text[i].second, &latin1[i])) {
+    for (const char c : text[i].second) {
+      if (c == '\0')
+        values[i] += "\xEF\xBF\xBD";
+      else
+        values[i] += c;
+    }
+    if (utf8_to_latin1(values[i], &latin1[i])) {
       chunks[i].compression = PNG_TEXT_COMPRESSION_NONE;
       chunks[i].text = const_cast<char*>(latin1[i].c_str());
       chunks[i].text_length = latin1[i].size();
     } else {
       chunks[i].compression = PNG_ITXT_COMPRESSION_NONE;
-      chunks[i].text = const_cast<char*>(text[i].second.c_str());
-      chunks[i].itxt_length = text[i].second.size();
+      chunks[i].text = const_cast<char*>(values[i].c_str());
+      chunks[i].itxt_length = values[i].size();
       chunks[i].lang = empty;
       chunks[i].lang_key = empty;
     }

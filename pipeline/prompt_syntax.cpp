@@ -19,6 +19,9 @@ constexpr double kSquareMultiplier = 1 / 1.1;
 // each closing one, which is quadratic in hostile input ("(a" a million times). Real prompts need
 // a few thousand.
 constexpr size_t kMaxWeightUpdates = size_t{1} << 22;
+// Pieces of distinct weight or BREAKs one prompt may have (a prompt encodes at most 1,200 tokens):
+// past it, "(a" repeated over a megabyte built a piece per two bytes.
+constexpr size_t kMaxPieces = size_t{1} << 16;
 
 // The code point starting at s[i] (U+FFFD for malformed UTF-8) and its length.
 utf8proc_int32_t code_point_at(std::string_view s, size_t i, size_t* length) {
@@ -65,11 +68,21 @@ bool space_at(std::string_view s, size_t i, size_t* length) {
   return i < s.size() && is_space(code_point_at(s, i, length));
 }
 
+// Appends plain text of weight 1. With `extend`, it joins the last piece when that is plain text
+// of weight 1 (the caller knows that no bracket opened since): the pieces' weights come out the
+// same, and text between syntax characters (":::", "\\(\\(") does not cost a piece per character.
+void push_text(std::vector<PromptPiece>* out, std::string_view text, bool extend) {
+  if (extend && !out->empty() && !out->back().is_break && out->back().weight == 1.0)
+    out->back().text += text;
+  else
+    out->push_back({std::string(text), 1.0, false});
+}
+
 // Splits a run of plain text at each BREAK (a whole word, with the whitespace around it), as
 // re.split(r"\s*\bBREAK\b\s*", text).
-void split_breaks(std::string_view run, std::vector<PromptPiece>* out) {
+void split_breaks(std::string_view run, std::vector<PromptPiece>* out, bool extend) {
   size_t from = 0, search = 0;
-  while (true) {
+  while (out->size() <= kMaxPieces) {  // past it the caller refuses the prompt
     const size_t at = run.find("BREAK", search);
     if (at == std::string_view::npos) break;
     size_t n = 0;
@@ -88,11 +101,11 @@ void split_breaks(std::string_view run, std::vector<PromptPiece>* out) {
     }
     size_t right = after;
     while (space_at(run, right, &n)) right += n;
-    out->push_back({std::string(run.substr(from, left - from)), 1.0, false});
+    push_text(out, run.substr(from, left - from), extend);
     out->push_back({"BREAK", 1.0, true});
     from = search = right;
   }
-  out->push_back({std::string(run.substr(from)), 1.0, false});
+  push_text(out, run.substr(from), extend);
 }
 
 // At s[i] == ':': the length of `:\s*([+-]?[.\d]+)\s*\)` there (0 if it does not match), and
@@ -139,8 +152,18 @@ std::vector<PromptPiece> parse_prompt_attention(std::string_view text, const std
                                     "parses; use fewer, or prompt_syntax \"none\"");
     for (size_t p = start; p < res.size(); ++p) res[p].weight *= multiplier;
   };
+  const auto too_many_pieces = [&] {
+    throw RequestError(field, field + " has more weighted pieces and BREAKs than sdserve " +
+                                  "parses; use fewer, or prompt_syntax \"none\"");
+  };
+  // Whether text may join the last piece: no bracket opened after it.
+  const auto extend = [&] {
+    return (round.empty() || round.back() < res.size()) &&
+           (square.empty() || square.back() < res.size());
+  };
   size_t i = 0;
   while (i < text.size()) {
+    if (res.size() > kMaxPieces) too_many_pieces();
     const char c = text[i];
     // At a ':', the length of a ":1.2)" weight starting there (0: none).
     std::string_view number;
@@ -149,7 +172,7 @@ std::vector<PromptPiece> parse_prompt_attention(std::string_view text, const std
       // \( \) \[ \] \\ are the character; a backslash before anything else is dropped.
       const bool escape = i + 1 < text.size() &&
                           std::string_view("()[]\\").find(text[i + 1]) != std::string_view::npos;
-      res.push_back({escape ? std::string(1, text[i + 1]) : std::string(), 1.0, false});
+      push_text(&res, escape ? text.substr(i + 1, 1) : std::string_view(), extend());
       i += escape ? 2 : 1;
     } else if (c == '(') {
       round.push_back(res.size());
@@ -174,16 +197,18 @@ std::vector<PromptPiece> parse_prompt_attention(std::string_view text, const std
       ++i;
     } else {
       // Plain text: a run without \ ( ) [ ] :, or one of : ) ] that closes nothing (a ':' that
-      // starts a weight with no open '(' counts as text up to that weight's ')', as in A1111).
-      size_t end = i + std::max<size_t>(weight_length, 1);
-      if (c != ':' && c != ')' && c != ']') {
-        end = text.find_first_of("\\()[]:", i);
+      // starts a weight with no open '(' counts as text up to that weight's ')', as in A1111),
+      // with the plain text after it.
+      size_t end = i + weight_length;
+      if (weight_length == 0) {
+        end = text.find_first_of("\\()[]:", c == ':' || c == ')' || c == ']' ? i + 1 : i);
         if (end == std::string_view::npos) end = text.size();
       }
-      split_breaks(text.substr(i, end - i), &res);
+      split_breaks(text.substr(i, end - i), &res, extend());
       i = end;
     }
   }
+  if (res.size() > kMaxPieces) too_many_pieces();
   for (size_t start : round) multiply_range(start, kRoundMultiplier);
   for (size_t start : square) multiply_range(start, kSquareMultiplier);
   for (const auto& piece : res)

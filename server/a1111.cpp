@@ -1,14 +1,15 @@
 #include "server/a1111.h"
 
 #include <algorithm>
+#include <ctime>
 #include <set>
+#include <string_view>
+#include <unordered_map>
 
 #include "pipeline/errors.h"
 #include "pipeline/image.h"
 #include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
-#include "server/a1111_progress.h"
-#include "server/handlers.h"
 
 namespace sdserve::server::a1111 {
 namespace {
@@ -214,18 +215,23 @@ const char* scheduler_label(const std::string& ours) {
 
 }  // namespace
 
-Txt2Img translate_txt2img(const std::string& body, const pipeline::ModelInfo* model) {
-  Json doc;
-  try {
-    doc = Json::parse(body);
-  } catch (const Json::parse_error& e) {
-    throw ApiError(400, "invalid_json", std::string("the body is not valid JSON: ") + e.what());
-  }
-  if (!doc.is_object())
+std::string job_timestamp() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[16];
+  std::strftime(buf, sizeof(buf), "%Y%m%d%H%M%S", &tm);
+  return buf;
+}
+
+Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model) {
+  if (!body.is_object())
     throw ApiError(400, "invalid_json", "the body must be a JSON object (a txt2img request)");
+  // As the ordered JSON this file renders; parse_body() bounded each object's members, so its
+  // linear lookups stay cheap.
+  const Json doc(body);
   Txt2Img t;
-  Json& n = t.native;
-  n = Json::object();
+  Json n = Json::object();
   n["prompt"] = doc.value("prompt", Json("")).is_null() ? Json("") : doc.value("prompt", Json(""));
   if (doc.contains("negative_prompt") && !doc["negative_prompt"].is_null())
     n["negative_prompt"] = doc["negative_prompt"];
@@ -294,6 +300,7 @@ Txt2Img translate_txt2img(const std::string& body, const pipeline::ModelInfo* mo
     check_image_changing(name, it.value(), n.value("sampler", std::string()));
   }
 
+  t.native = BodyJson(n);
   t.echo = doc;
   const Json filled = {{"prompt", n["prompt"]},
                        {"negative_prompt", n.value("negative_prompt", Json(""))},
@@ -466,32 +473,43 @@ std::vector<uint8_t> unbase64(const std::string& in) {
   return out;
 }
 
-// "Steps: 4, Sampler: Euler a, ..." (the infotext's last line) as {"Steps": "4", ...}.
+// Fields of one infotext read back: A1111 writes about 20, extensions a few dozen more.
+constexpr size_t kMaxInfotextFields = 256;
+
+// "Steps: 4, Sampler: Euler a, ..." (the infotext's last line) as {"Steps": "4", ...}: linear in
+// the text (a repeated name keeps its last value, found through an index, not by scanning the
+// ordered object), at most kMaxInfotextFields names; past them the fields stay in "info" only.
 Json infotext_fields(const std::string& text) {
   Json fields = Json::object();
+  std::unordered_map<std::string_view, size_t> index;  // name -> its position in `fields`
+  std::vector<std::pair<std::string, std::string>> items;
   const auto line_start = text.rfind('\n');
-  const std::string line = line_start == std::string::npos ? text : text.substr(line_start + 1);
+  const std::string_view line =
+      std::string_view(text).substr(line_start == std::string::npos ? 0 : line_start + 1);
   size_t at = 0;
   while (at < line.size()) {
     size_t end = line.find(", ", at);
     if (end == std::string::npos) end = line.size();
-    const std::string item = line.substr(at, end - at);
+    const std::string_view item = line.substr(at, end - at);
     const auto colon = item.find(": ");
-    if (colon != std::string::npos) fields[item.substr(0, colon)] = item.substr(colon + 2);
     at = end + 2;
+    if (colon == std::string::npos) continue;
+    const std::string_view name = item.substr(0, colon);
+    const auto found = index.find(name);
+    if (found != index.end()) {
+      items[found->second].second = std::string(item.substr(colon + 2));
+    } else if (items.size() < kMaxInfotextFields) {
+      index.emplace(name, items.size());
+      items.emplace_back(std::string(name), std::string(item.substr(colon + 2)));
+    }
   }
+  for (auto& [name, value] : items) fields[name] = std::move(value);
   return fields;
 }
 
 }  // namespace
 
-Json png_info(const std::string& body) {
-  Json doc;
-  try {
-    doc = Json::parse(body);
-  } catch (const Json::parse_error& e) {
-    throw ApiError(400, "invalid_json", std::string("the body is not valid JSON: ") + e.what());
-  }
+Json png_info(const BodyJson& doc) {
   if (!doc.is_object() || !doc.contains("image") || !doc["image"].is_string())
     refuse("image", "image is required: a base64 PNG, optionally as a data: URL");
   std::string data = doc["image"].get<std::string>();

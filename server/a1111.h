@@ -23,10 +23,13 @@ struct ModelInfo;
 
 namespace sdserve::server::a1111 {
 
+// Now as A1111's job_timestamp ("20261129081500", UTC).
+std::string job_timestamp();
+
 // POST /sdapi/v1/txt2img, translated.
 struct Txt2Img {
-  Json native;  // a /v1/jobs body
-  Json echo;    // A1111's "parameters": the request with its defaults filled in
+  BodyJson native;  // a /v1/jobs body
+  Json echo;        // A1111's "parameters": the request with its defaults filled in
   int batch_size = 1, n_iter = 1;
   bool send_images = true;
   std::string sampler_name;  // as the caller named it ("Euler a"), for info
@@ -35,7 +38,8 @@ struct Txt2Img {
 
 // Throws ApiError 400 naming the A1111 field: wrong types, unknown fields, and features that
 // would change the image and that sdserve lacks (hires fix, scripts, face restoration, ...).
-Txt2Img translate_txt2img(const std::string& body, const pipeline::ModelInfo* model);
+// `body`: the request's, from parse_body().
+Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model);
 
 // An ApiError about a /v1 field ("guidance_scale") renamed for the A1111 caller ("cfg_scale").
 ApiError renamed(const ApiError& e);
@@ -54,6 +58,6 @@ Json options(const pipeline::ModelInfo* model, const std::string& sha256);
 
 // POST /sdapi/v1/png-info: {"image": "data:image/png;base64,..."} -> {info, items, parameters}
 // (A1111's answer: the "parameters" text, every text chunk, and the infotext's fields).
-Json png_info(const std::string& body);
+Json png_info(const BodyJson& body);
 
 }  // namespace sdserve::server::a1111

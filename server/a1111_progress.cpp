@@ -1,36 +1,54 @@
 #include "server/a1111_progress.h"
 
 #include <algorithm>
-#include <ctime>
 
 #include "server/handlers.h"
 
 namespace sdserve::server::a1111 {
 
-std::string job_timestamp() {
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[16];
-  std::strftime(buf, sizeof(buf), "%Y%m%d%H%M%S", &tm);
-  return buf;
+bool Tracker::is_final(const std::string& id, const engine::Engine* engine) {
+  const auto it = jobs_.find(id);
+  if (it == jobs_.end() || it->second.final) return true;
+  if (!engine) return false;
+  // A caller that went away stopped receiving events: ask the engine. Its lock is never held
+  // while it calls back into this class, so taking it under mutex_ cannot deadlock.
+  const auto job = engine->get(id);
+  if (job && !engine::is_final(job->status)) return false;
+  it->second.final = true;
+  return true;
 }
 
-void Tracker::started(const std::string& caller, const std::string& job_id) {
+bool Tracker::forget_final(std::deque<std::string>& mine, size_t keep,
+                           const engine::Engine* engine) {
+  for (auto it = mine.begin(); mine.size() > keep && it != mine.end();) {
+    if (is_final(*it, engine)) {
+      jobs_.erase(*it);
+      it = mine.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return mine.empty();
+}
+
+void Tracker::started(const std::string& caller, const std::string& job_id,
+                      const engine::Engine* engine) {
   std::lock_guard<std::mutex> lock(mutex_);
   jobs_[job_id].caller = caller;
   auto& mine = owned_[caller];
   mine.push_back(job_id);
-  while (mine.size() > kJobsPerCaller) {
-    jobs_.erase(mine.front());
-    mine.pop_front();
-  }
+  forget_final(mine, kJobsPerCaller, engine);
   callers_.erase(std::remove(callers_.begin(), callers_.end(), caller), callers_.end());
   callers_.push_back(caller);
-  while (callers_.size() > kCallers) {
-    for (const auto& id : owned_[callers_.front()]) jobs_.erase(id);
-    owned_.erase(callers_.front());
-    callers_.pop_front();
+  // Past kCallers, the least recent callers whose jobs have all ended go.
+  for (auto it = callers_.begin(); callers_.size() > kCallers && it != callers_.end();) {
+    auto& theirs = owned_[*it];
+    if (*it != caller && forget_final(theirs, 0, engine)) {
+      owned_.erase(*it);
+      it = callers_.erase(it);
+    } else {
+      ++it;
+    }
   }
 }
 
@@ -55,6 +73,7 @@ void Tracker::event(const engine::JobEvent& e) {
       j.evaluations_total = e.evaluations_total;
       break;
     default:
+      if (engine::is_final(e.type)) j.final = true;
       j.running = false;
       break;
   }

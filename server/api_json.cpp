@@ -181,13 +181,24 @@ void parse_pair(const json& doc, const char* name, const char* first, const char
 
 }  // namespace
 
-engine::JobRequest parse_job_request(const std::string& body, const engine::RequestBounds& bounds) {
-  json doc;
+BodyJson parse_body(std::string_view body) {
   try {
-    doc = safe_json::parse(body);
+    return safe_json::parse<BodyJson>(body, safe_json::Limits{safe_json::kMaxDepth, kMaxBodyKeys});
   } catch (const safe_json::Error& e) {
+    // A number out of range: valid JSON for a value sdserve cannot hold; name the field.
+    if (!e.field().empty())
+      throw ApiError(400, "validation_error",
+                     quoted_name(e.field()) + " is a number out of range (" + e.what() + ")",
+                     e.field().size() <= 72 ? e.field() : e.field().substr(0, 72));
     throw ApiError(400, "invalid_json", std::string("the body is not valid JSON: ") + e.what());
   }
+}
+
+engine::JobRequest parse_job_request(const std::string& body, const engine::RequestBounds& bounds) {
+  return job_request(parse_body(body), bounds);
+}
+
+engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds& bounds) {
   if (!doc.is_object())
     throw ApiError(400, "invalid_json",
                    "the body must be a JSON object, e.g. {\"prompt\": \"a cat\"}");
@@ -410,6 +421,28 @@ Json samplers_json() {
                         {"supports_karras", s.supports_karras},
                         {"description", s.description}});
   return {{"samplers", samplers}, {"schedulers", pipeline::scheduler_names()}};
+}
+
+std::string base64(const std::vector<uint8_t>& in) {
+  static const char* tbl = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
+    out += tbl[v >> 18];
+    out += tbl[(v >> 12) & 63];
+    out += tbl[(v >> 6) & 63];
+    out += tbl[v & 63];
+  }
+  if (i < in.size()) {
+    const uint32_t v = (in[i] << 16) | (i + 1 < in.size() ? in[i + 1] << 8 : 0);
+    out += tbl[v >> 18];
+    out += tbl[(v >> 12) & 63];
+    out += i + 1 < in.size() ? tbl[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
 }
 
 }  // namespace sdserve::server

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 #include "engine/job.h"
 
@@ -33,10 +34,26 @@ struct ApiError : std::runtime_error {
 std::string error_body(const std::string& type, const std::string& message,
                        const std::string& field = "");
 
+// A parsed request body: keys in a sorted map, so a lookup costs log(keys), never a scan.
+using BodyJson = nlohmann::json;
+// Members one object of a request body may have. A txt2img body has about 40 fields and the
+// largest nested object (A1111's override_settings) a few dozen; more is refused before the
+// object is built.
+constexpr size_t kMaxBodyKeys = 256;
+
+// The one parser of request bodies: the router calls it for every route that takes a body and
+// hands the result to the route, which never sees the text. Nesting (safe_json::kMaxDepth) and
+// members per object (kMaxBodyKeys) are checked by one linear scan before anything is built, so
+// a body costs linear time and bounded stack whatever it holds. Throws ApiError 400
+// invalid_json.
+BodyJson parse_body(std::string_view body);
+
 // The body of POST /v1/jobs and POST /v1/generate as a JobRequest, checked by
-// engine::validate(). Throws ApiError (400): type invalid_json for unparseable JSON,
+// engine::validate(). Throws ApiError (400): type invalid_json for a body that is not an object,
 // validation_error naming the field otherwise. An absent or -1 seed is replaced by a random one
 // here, so that it can be reported at once.
+engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds& bounds);
+// parse_body() then job_request() (tests and fuzzing).
 engine::JobRequest parse_job_request(const std::string& body, const engine::RequestBounds& bounds);
 // The request fields in order (for messages and docs).
 const std::vector<std::string>& request_fields();
@@ -52,5 +69,6 @@ Json timings_json(const engine::JobTimes& times);
 Json model_json(const pipeline::ModelInfo& info);
 Json samplers_json();
 std::string iso8601(engine::WallClock::time_point t);  // "2026-01-02T03:04:05.678Z"
+std::string base64(const std::vector<uint8_t>& bytes);
 
 }  // namespace sdserve::server

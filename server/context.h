@@ -52,6 +52,7 @@ class Context {
 
   // HTTP requests between header read and response written (shutdown waits for them).
   std::atomic<int> requests_in_flight{0};
+  std::atomic<int> open_connections{0};  // HttpSession and WsSession objects alive
 
  private:
   const config::ServiceConfig config_;
@@ -63,6 +64,19 @@ class Context {
   std::shared_ptr<pipeline::Model> model_;
   std::map<uint64_t, std::string> subscriptions_;  // token -> job id
   std::map<const WsSession*, std::weak_ptr<WsSession>> websockets_;
+};
+
+// Counts one open connection in Context::open_connections for as long as it lives (a member of
+// HttpSession, then of the WsSession an upgrade hands the socket to).
+class ConnectionCount {
+ public:
+  explicit ConnectionCount(std::atomic<int>& n) : n_(n) { ++n_; }
+  ~ConnectionCount() { --n_; }
+  ConnectionCount(const ConnectionCount&) = delete;
+  ConnectionCount& operator=(const ConnectionCount&) = delete;
+
+ private:
+  std::atomic<int>& n_;
 };
 
 }  // namespace sdserve::server

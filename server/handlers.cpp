@@ -6,6 +6,7 @@
 #include <cmath>
 #include <optional>
 
+#include "config/safe_json.h"
 #include "pipeline/errors.h"
 #include "server/a1111.h"
 #include "server/web_page.h"
@@ -315,7 +316,8 @@ void check_auth(const Context& ctx, const Request& req, const Route& route) {
 Response json_response(http::status status, const json& body, const Request& req) {
   Response res{status, req.version()};
   res.set(http::field::content_type, "application/json");
-  res.body() = body.dump();
+  // Text read back from a PNG (png-info) may be invalid UTF-8: U+FFFD, never an exception.
+  res.body() = safe_json::dump(body);
   return res;
 }
 
@@ -330,7 +332,16 @@ Response error_response(const ApiError& e, const Request& req) {
   return res;
 }
 
-engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::string& body) {
+bool takes_body(Route::Kind kind) {
+  return kind == Route::kJobs || kind == Route::kGenerate || kind == Route::kSdTxt2Img ||
+         kind == Route::kSdPngInfo;
+}
+
+bool submits_job(Route::Kind kind) {
+  return kind == Route::kJobs || kind == Route::kGenerate || kind == Route::kSdTxt2Img;
+}
+
+engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson& body) {
   if (ctx.shutting_down()) {
     throw ApiError(503, "shutting_down", "the server is shutting down and takes no new jobs");
   }
@@ -342,14 +353,9 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::stri
     bounds.text_layers = model->info().text_layers;
     bounds.native_size = model->info().native_size;
   }
-  engine::JobRequest request;
-  try {
-    request = parse_job_request(body, bounds);
-    request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
-  } catch (const ApiError&) {  // malformed JSON, a wrong type, a value out of range
-    ctx.metrics().job_rejected("invalid");
-    throw;
-  }
+  // A wrong type or a value out of range throws ApiError 400, which the router counts.
+  engine::JobRequest request = job_request(body, bounds);
+  request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
   try {
     return engine->submit(std::move(request));
   } catch (const engine::QueueFull& e) {
@@ -365,7 +371,8 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::stri
   }
 }
 
-Response handle_request(Context& ctx, const Request& req, const Route& route, std::string& job_id) {
+Response handle_request(Context& ctx, const Request& req, const Route& route, const BodyJson& body,
+                        std::string& job_id) {
   switch (route.kind) {
     case Route::kHealthz:
       return json_response(http::status::ok, {{"status", "ok"}}, req);
@@ -407,6 +414,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
         in.memory = e->device_memory();
       }
       if (model) in.model = &model->info();
+      in.open_connections = ctx.open_connections.load();
       Response res{http::status::ok, req.version()};
       res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       res.body() = ctx.metrics().scrape(in);
@@ -421,7 +429,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
     case Route::kSamplers:
       return json_response(http::status::ok, samplers_json(), req);
     case Route::kJobs: {
-      const auto snap = submit_job(ctx, req, req.body());
+      const auto snap = submit_job(ctx, req, body);
       job_id = snap.id;
       Response res = json_response(http::status::accepted, job_json(snap), req);
       res.set(http::field::location, job_path(snap.id));
@@ -483,7 +491,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
                            req);
     }
     case Route::kSdPngInfo:
-      return json_response(http::status::ok, a1111::png_info(req.body()), req);
+      return json_response(http::status::ok, a1111::png_info(body), req);
     case Route::kGenerate:
     case Route::kSdTxt2Img:
     case Route::kSdProgress:
@@ -492,28 +500,6 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, st
       break;
   }
   throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req.target())));
-}
-
-std::string base64(const std::vector<uint8_t>& in) {
-  static const char* tbl = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
-  size_t i = 0;
-  for (; i + 2 < in.size(); i += 3) {
-    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
-    out += tbl[v >> 18];
-    out += tbl[(v >> 12) & 63];
-    out += tbl[(v >> 6) & 63];
-    out += tbl[v & 63];
-  }
-  if (i < in.size()) {
-    const uint32_t v = (in[i] << 16) | (i + 1 < in.size() ? in[i + 1] << 8 : 0);
-    out += tbl[v >> 18];
-    out += tbl[(v >> 12) & 63];
-    out += i + 1 < in.size() ? tbl[(v >> 6) & 63] : '=';
-    out += '=';
-  }
-  return out;
 }
 
 }  // namespace sdserve::server

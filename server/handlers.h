@@ -71,13 +71,20 @@ void check_auth(const Context& ctx, const Request& req, const Route& route);
 Response json_response(http::status status, const Json& body, const Request& req);
 Response error_response(const ApiError& error, const Request& req);
 
-// Everything but generate and the upgrades. `job_id` receives the job a request concerns (log).
-Response handle_request(Context& ctx, const Request& req, const Route& route, std::string& job_id);
+// Whether a route reads a JSON body (POST /v1/jobs, /v1/generate, /sdapi/v1/txt2img,
+// /sdapi/v1/png-info). The router parses it with parse_body() before the route runs and hands it
+// over; routes never read req.body() themselves. Others ignore any body.
+bool takes_body(Route::Kind kind);
+// Whether a route submits a job (its 400s count in sdserve_jobs_rejected_total{reason="invalid"}).
+bool submits_job(Route::Kind kind);
+
+// Everything but generate and the upgrades. `body`: the parsed body (null for routes that take
+// none). `job_id` receives the job a request concerns (log).
+Response handle_request(Context& ctx, const Request& req, const Route& route, const BodyJson& body,
+                        std::string& job_id);
 
 // Shared by POST /v1/jobs, /v1/generate and /sdapi/v1/txt2img: validate, submit, map engine
 // exceptions. `body` is a /v1 job body (the request's own, or one translated from A1111's).
-engine::JobSnapshot submit_job(Context& ctx, const Request& req, const std::string& body);
-
-std::string base64(const std::vector<uint8_t>& bytes);
+engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson& body);
 
 }  // namespace sdserve::server

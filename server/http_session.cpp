@@ -45,6 +45,7 @@ bool quiet_error(const beast::error_code& ec) {
 HttpSession::HttpSession(tcp::socket&& socket, std::shared_ptr<Context> ctx)
     : stream_(std::move(socket)),
       ctx_(std::move(ctx)),
+      counted_(ctx_->open_connections),
       buffer_(static_cast<size_t>(std::min(ctx_->config().max_header_bytes, 61440)) + 4096) {}
 
 HttpSession::~HttpSession() {
@@ -155,61 +156,11 @@ void HttpSession::on_request() {
   const Route route = match_route(std::string(req_.target()));
   route_kind_ = route.kind;
   try {
-    if (route.kind == Route::kNotFound)
-      throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req_.target())));
-    if (req_.method() == http::verb::options) return send(options_response(*ctx_, req_, route));
-    check_auth(*ctx_, req_, route);
-    if (!method_allowed(route.kind, req_.method())) {
-      Response res =
-          error_response(ApiError(405, "method_not_allowed",
-                                  std::string(req_.method_string()) + " is not allowed here; use " +
-                                      allowed_methods(route.kind)),
-                         req_);
-      res.set(http::field::allow, allowed_methods(route.kind));
-      return send(std::move(res));
-    }
-    if ((route.kind == Route::kJobEvents || route.kind == Route::kEvents) &&
-        websocket::is_upgrade(req_)) {
-      auto engine = ctx_->engine();
-      if (!engine) {
-        ApiError err(503, "not_ready", "the model is still loading; retry shortly");
-        err.retry_after_s = 5;
-        throw err;
-      }
-      job_id_ = route.job_id;
-      if (route.kind == Route::kJobEvents && !engine->get(route.job_id))
-        throw ApiError(404, "not_found", "job '" + route.job_id + "' not found");
-      const double ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
-              .count();
-      log_request(std::string(req_.method_string()), path_of(std::string(req_.target())),
-                  route.kind, 101, ms, 0);
-      ctx_->metrics().count_request(route_template(route.kind), 101, ms / 1000);
-      end_request();
-      stream_.expires_never();
-      auto ws = std::make_shared<WsSession>(
-          stream_.release_socket(), ctx_,
-          route.kind == Route::kJobEvents ? WsSession::Mode::kJob : WsSession::Mode::kMulti,
-          route.job_id);
-      ws->run(std::move(req_));
-      return;
-    }
-    if (route.kind == Route::kGenerate) return start_generate(req_);
-    if (route.kind == Route::kSdTxt2Img) return start_txt2img(req_);
-    if (route.kind == Route::kSdProgress) {
-      const auto engine = ctx_->engine();
-      return send(
-          json_response(http::status::ok, ctx_->a1111().progress(caller(), engine.get()), req_));
-    }
-    if (route.kind == Route::kSdInterrupt) {
-      // The caller's queued and running jobs stop (their txt2img calls answer with no images).
-      if (const auto engine = ctx_->engine()) {
-        for (const auto& id : ctx_->a1111().active_jobs(caller(), engine.get())) engine->cancel(id);
-      }
-      return send(json_response(http::status::ok, Json::object(), req_));
-    }
-    send(handle_request(*ctx_, req_, route, job_id_));
+    dispatch(route);
   } catch (const ApiError& e) {
+    // A job refused before the queue (bad JSON, a wrong type or value, an unsupported A1111
+    // feature), whichever API it came through; the engine counts queue_full and unavailable.
+    if (e.status == 400 && submits_job(route.kind)) ctx_->metrics().job_rejected("invalid");
     send(error_response(e, req_));
   } catch (const std::exception& e) {
     spdlog::error("{} {}: {}", std::string(req_.method_string()), std::string(req_.target()),
@@ -219,8 +170,67 @@ void HttpSession::on_request() {
   }
 }
 
-void HttpSession::start_generate(const Request& req) {
-  const engine::JobSnapshot snap = submit_job(*ctx_, req, req.body());
+void HttpSession::dispatch(const Route& route) {
+  if (route.kind == Route::kNotFound)
+    throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req_.target())));
+  if (req_.method() == http::verb::options) return send(options_response(*ctx_, req_, route));
+  check_auth(*ctx_, req_, route);
+  if (!method_allowed(route.kind, req_.method())) {
+    Response res =
+        error_response(ApiError(405, "method_not_allowed",
+                                std::string(req_.method_string()) + " is not allowed here; use " +
+                                    allowed_methods(route.kind)),
+                       req_);
+    res.set(http::field::allow, allowed_methods(route.kind));
+    return send(std::move(res));
+  }
+  if ((route.kind == Route::kJobEvents || route.kind == Route::kEvents) &&
+      websocket::is_upgrade(req_)) {
+    auto engine = ctx_->engine();
+    if (!engine) {
+      ApiError err(503, "not_ready", "the model is still loading; retry shortly");
+      err.retry_after_s = 5;
+      throw err;
+    }
+    job_id_ = route.job_id;
+    if (route.kind == Route::kJobEvents && !engine->get(route.job_id))
+      throw ApiError(404, "not_found", "job '" + route.job_id + "' not found");
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
+            .count();
+    log_request(std::string(req_.method_string()), path_of(std::string(req_.target())), route.kind,
+                101, ms, 0);
+    ctx_->metrics().count_request(route_template(route.kind), 101, ms / 1000);
+    end_request();
+    stream_.expires_never();
+    auto ws = std::make_shared<WsSession>(
+        stream_.release_socket(), ctx_,
+        route.kind == Route::kJobEvents ? WsSession::Mode::kJob : WsSession::Mode::kMulti,
+        route.job_id);
+    ws->run(std::move(req_));
+    return;
+  }
+  // The one place a body is parsed (bounded): routes get the result, never the text.
+  const BodyJson body = takes_body(route.kind) ? parse_body(req_.body()) : BodyJson();
+  if (route.kind == Route::kGenerate) return start_generate(req_, body);
+  if (route.kind == Route::kSdTxt2Img) return start_txt2img(req_, body);
+  if (route.kind == Route::kSdProgress) {
+    const auto engine = ctx_->engine();
+    return send(
+        json_response(http::status::ok, ctx_->a1111().progress(caller(), engine.get()), req_));
+  }
+  if (route.kind == Route::kSdInterrupt) {
+    // The caller's queued and running jobs stop (their txt2img calls answer with no images).
+    if (const auto engine = ctx_->engine()) {
+      for (const auto& id : ctx_->a1111().active_jobs(caller(), engine.get())) engine->cancel(id);
+    }
+    return send(json_response(http::status::ok, Json::object(), req_));
+  }
+  send(handle_request(*ctx_, req_, route, body, job_id_));
+}
+
+void HttpSession::start_generate(const Request& req, const BodyJson& body) {
+  const engine::JobSnapshot snap = submit_job(*ctx_, req, body);
   Waiting w;
   const auto accept = req[http::field::accept];
   w.want_json =
@@ -230,16 +240,16 @@ void HttpSession::start_generate(const Request& req) {
   wait_for_job(snap);
 }
 
-void HttpSession::start_txt2img(const Request& req) {
+void HttpSession::start_txt2img(const Request& req, const BodyJson& body) {
   const auto model = ctx_->model();
-  auto t = a1111::translate_txt2img(req.body(), model ? &model->info() : nullptr);
+  auto t = a1111::translate_txt2img(body, model ? &model->info() : nullptr);
   engine::JobSnapshot snap;
   try {
-    snap = submit_job(*ctx_, req, t.native.dump());
+    snap = submit_job(*ctx_, req, t.native);
   } catch (const ApiError& e) {
     throw a1111::renamed(e);
   }
-  ctx_->a1111().started(caller(), snap.id);
+  ctx_->a1111().started(caller(), snap.id, ctx_->engine().get());
   Waiting w;
   w.txt2img = std::move(t);
   waiting_ = std::move(w);

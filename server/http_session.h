@@ -31,8 +31,9 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
   void on_request();
   void on_read_error(boost::beast::error_code ec);
 
-  void start_generate(const Request& req);
-  void start_txt2img(const Request& req);  // A1111's POST /sdapi/v1/txt2img
+  void dispatch(const Route& route);
+  void start_generate(const Request& req, const BodyJson& body);
+  void start_txt2img(const Request& req, const BodyJson& body);  // A1111's POST /sdapi/v1/txt2img
   void wait_for_job(const engine::JobSnapshot& snap);
   std::string caller() const;  // who an A1111 progress / interrupt is about
   void watch_disconnect();
@@ -51,6 +52,7 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
 
   boost::beast::tcp_stream stream_;
   std::shared_ptr<Context> ctx_;
+  ConnectionCount counted_;           // after ctx_, whose counter it holds
   boost::beast::flat_buffer buffer_;  // bounded (see the constructor); after ctx_, which sizes it
   std::optional<http::request_parser<http::string_body>> parser_;
   Request req_;  // the request being answered

@@ -15,10 +15,39 @@
 namespace sdserve {
 namespace {
 
-// Quotes, backslashes and control characters escaped: the inside of a JSON string.
+// The length of the valid UTF-8 sequence starting at s[i] (RFC 3629: no overlong forms, no
+// surrogates, at most U+10FFFF), 0 when the bytes there are not one.
+size_t utf8_length(std::string_view s, size_t i) {
+  const auto at = [&](size_t k) { return static_cast<unsigned char>(s[i + k]); };
+  const unsigned char c = at(0);
+  size_t n;
+  unsigned char lo = 0x80, hi = 0xBF;  // the second byte's range
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (i + n > s.size() || at(1) < lo || at(1) > hi) return 0;
+  for (size_t k = 2; k < n; ++k)
+    if ((at(k) & 0xC0) != 0x80) return 0;
+  return n;
+}
+
+// Quotes, backslashes and control characters escaped, invalid UTF-8 replaced by U+FFFD: the
+// inside of a JSON string, whatever bytes a client put into a path, a header or a prompt.
 void append_escaped(std::string_view s, spdlog::memory_buf_t& dest) {
   static const char* hex = "0123456789abcdef";
-  for (char c : s) {
+  for (size_t i = 0; i < s.size();) {
+    const char c = s[i];
     const auto u = static_cast<unsigned char>(c);
     if (c == '"' || c == '\\') {
       dest.push_back('\\');
@@ -26,9 +55,20 @@ void append_escaped(std::string_view s, spdlog::memory_buf_t& dest) {
     } else if (u < 0x20) {
       const char esc[] = {'\\', 'u', '0', '0', hex[u >> 4], hex[u & 15]};
       dest.append(esc, esc + 6);
+    } else if (u >= 0x80) {
+      const size_t n = utf8_length(s, i);
+      if (n == 0) {
+        dest.append(std::string_view("\\ufffd"));
+        ++i;
+      } else {
+        dest.append(s.substr(i, n));
+        i += n;
+      }
+      continue;
     } else {
       dest.push_back(c);
     }
+    ++i;
   }
 }
 

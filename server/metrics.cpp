@@ -11,6 +11,7 @@
 #include <map>
 
 #include "pipeline/bench_support.h"
+#include "server/process_stats.h"
 
 namespace sdserve::server {
 namespace {
@@ -158,6 +159,32 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                        .Name("sdserve_worker_ready")
                        .Help("Per device: 1 when its worker has warmed up and takes jobs")
                        .Register(r);
+  // The process families other exporters give (client_golang's names), read from /proc.
+  auto process_gauge = [&](const char* name, const char* help) {
+    return &BuildGauge().Name(name).Help(help).Register(r).Add({});
+  };
+  process_resident_ =
+      process_gauge("process_resident_memory_bytes", "Resident memory size in bytes");
+  process_open_fds_ = process_gauge("process_open_fds", "Number of open file descriptors");
+  process_max_fds_ = process_gauge("process_max_fds", "Maximum number of open file descriptors");
+  process_start_ = process_gauge("process_start_time_seconds",
+                                 "Start time of the process since the Unix epoch in seconds");
+  process_cpu_ = &BuildCounter()
+                      .Name("process_cpu_seconds_total")
+                      .Help("Total user and system CPU time spent in seconds")
+                      .Register(r)
+                      .Add({});
+  open_connections_ = &BuildGauge()
+                           .Name("sdserve_open_connections")
+                           .Help("Open HTTP and WebSocket connections (at most max_connections)")
+                           .Register(r)
+                           .Add({});
+  connections_refused_ =
+      &BuildCounter()
+           .Name("sdserve_connections_refused_total")
+           .Help("Connections answered 503 and closed: max_connections were open")
+           .Register(r)
+           .Add({});
   BuildGauge()
       .Name("sdserve_max_queue")
       .Help("The configured bound of waiting jobs (max_queue)")
@@ -285,6 +312,10 @@ void Metrics::count_request(const std::string& route, int status, double seconds
 void Metrics::job_rejected(const std::string& reason) {
   jobs_rejected_->Add({{"reason", reason}}).Increment();
 }
+void Metrics::connection_refused() {
+  connections_refused_->Increment();
+}
+
 void Metrics::websocket_opened() {
   websockets_->Increment();
 }
@@ -297,6 +328,17 @@ void Metrics::events_dropped(uint64_t n) {
 
 std::string Metrics::scrape(const ScrapeInput& in) {
   std::lock_guard<std::mutex> lock(scrape_mutex_);
+  const ProcessStats p = read_process_stats();
+  const auto set = [](prometheus::Gauge* g, double v) {
+    if (v >= 0) g->Set(v);
+  };
+  set(process_resident_, p.resident_bytes);
+  set(process_open_fds_, p.open_fds);
+  set(process_max_fds_, p.max_fds);
+  set(process_start_, p.start_time_s);
+  if (p.cpu_seconds > process_cpu_->Value())
+    process_cpu_->Increment(p.cpu_seconds - process_cpu_->Value());
+  open_connections_->Set(in.open_connections);
   ready_->Set(in.ready ? 1 : 0);
   for (const auto& w : in.workers)
     worker_ready_->Add({{"device", w.device}}).Set(w.state == "ready" ? 1 : 0);

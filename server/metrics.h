@@ -44,6 +44,7 @@ class Metrics {
   void count_request(const std::string& route, int status, double seconds);
   // A job refused before it reached the engine (the engine counts its own refusals).
   void job_rejected(const std::string& reason);
+  void connection_refused();  // past max_connections
   void websocket_opened();
   void websocket_closed();
   void events_dropped(uint64_t n);
@@ -54,6 +55,7 @@ class Metrics {
     std::vector<engine::WorkerStatus> workers;
     std::vector<engine::DeviceMemory> memory;
     const pipeline::ModelInfo* model = nullptr;
+    int open_connections = 0;
   };
   // Refreshes the engine-derived metrics and renders the Prometheus text exposition format.
   std::string scrape(const ScrapeInput& in);
@@ -98,6 +100,11 @@ class Metrics {
   prometheus::Counter* redis_corrupt_;
   prometheus::Histogram *redis_latency_, *text_encode_;
   Mirrored redis_latency_seen_, text_encode_seen_;
+  // The process (server/process_stats.h).
+  prometheus::Gauge *process_resident_, *process_open_fds_, *process_max_fds_, *process_start_;
+  prometheus::Counter* process_cpu_;
+  prometheus::Gauge* open_connections_;
+  prometheus::Counter* connections_refused_;
   std::mutex scrape_mutex_;  // mirrored counters are advanced by deltas
 };
 

@@ -63,6 +63,23 @@ struct Server::Impl {
     spdlog::info("listening on http://{}:{}", host, port);
   }
 
+  // Past max_connections: a 503 written without waiting (a fresh socket's buffer takes it, or
+  // the client gets nothing), then closed. Each open connection costs a descriptor and a read
+  // buffer; without a cap, a client could open them until accept() failed for everyone.
+  void refuse(tcp::socket& socket) {
+    static const std::string busy =
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        "Retry-After: 1\r\nConnection: close\r\nContent-Length: 106\r\n\r\n"
+        "{\"error\":{\"type\":\"too_many_connections\",\"message\":\"max_connections are "
+        "open; retry shortly\",\"field\":null}}";
+    boost::system::error_code ignored;
+    socket.non_blocking(true, ignored);
+    socket.write_some(asio::buffer(busy), ignored);
+    socket.shutdown(tcp::socket::shutdown_both, ignored);
+    socket.close(ignored);
+    ctx->metrics().connection_refused();
+  }
+
   void do_accept() {
     acceptor.async_accept(
         asio::make_strand(ioc), [this](boost::system::error_code ec, tcp::socket socket) {
@@ -75,8 +92,12 @@ struct Server::Impl {
             return;
           }
           boost::system::error_code ignored;
-          socket.set_option(tcp::no_delay(true), ignored);
-          std::make_shared<HttpSession>(std::move(socket), ctx)->run();
+          if (ctx->open_connections.load() >= ctx->config().max_connections) {
+            refuse(socket);
+          } else {
+            socket.set_option(tcp::no_delay(true), ignored);
+            std::make_shared<HttpSession>(std::move(socket), ctx)->run();
+          }
           do_accept();
         });
   }

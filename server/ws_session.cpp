@@ -26,7 +26,11 @@ constexpr size_t kRememberedFinals = 1024;  // per /v1/events connection
 
 WsSession::WsSession(asio::ip::tcp::socket&& socket, std::shared_ptr<Context> ctx, Mode mode,
                      std::string job_id)
-    : ws_(std::move(socket)), ctx_(std::move(ctx)), mode_(mode), job_id_(std::move(job_id)) {
+    : ws_(std::move(socket)),
+      ctx_(std::move(ctx)),
+      counted_(ctx_->open_connections),
+      mode_(mode),
+      job_id_(std::move(job_id)) {
   path_ = mode_ == Mode::kJob ? "/v1/jobs/" + job_id_ + "/events" : "/v1/events";
 }
 

@@ -64,6 +64,7 @@ class WsSession : public std::enable_shared_from_this<WsSession> {
 
   boost::beast::websocket::stream<boost::beast::tcp_stream> ws_;
   std::shared_ptr<Context> ctx_;
+  ConnectionCount counted_;  // after ctx_, whose counter it holds
   const Mode mode_;
   const std::string job_id_;  // kJob
   std::string path_;

@@ -36,6 +36,36 @@ TEST(SafeJson, ErrorsAreValidUtf8AndOutOfRangeNumbersAreParseErrors) {
   EXPECT_THROW(safe_json::parse("{\"g\": 1e400}"), safe_json::Error);
 }
 
+TEST(SafeJson, BoundsMembersPerObjectBeforeBuildingIt) {
+  // Colons inside strings are text; each object counts its own members.
+  const auto s = safe_json::shape(R"({"a": 1, "b": {"c": 1, "d": 2, "e": ":"}, "f": [{"g": 1}]})");
+  EXPECT_EQ(s.depth, 3);
+  EXPECT_EQ(s.max_keys, 3u);
+  std::string wide = "{";
+  for (int i = 0; i < 257; ++i) wide += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":0";
+  wide += "}";
+  EXPECT_THROW(safe_json::parse(wide, safe_json::Limits{64, 256}), safe_json::Error);
+  EXPECT_EQ(safe_json::parse(wide, safe_json::Limits{64, 257}).size(), 257u);
+  EXPECT_EQ(safe_json::parse(wide).size(), 257u);  // no bound unless asked (checkpoint headers)
+}
+
+TEST(SafeJson, NamesTheMemberOfAnOutOfRangeNumber) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"steps": 1e400})", "steps"},
+      {R"({"a": {"b": 1}, "steps": -1e999})", "steps"},
+      {R"({"preview": {"every": 1e400}})", "preview.every"},
+      {R"({"a": [{"b": 1}, 1e400]})", "a"},
+      {R"([1e400])", ""}};
+  for (const auto& [text, field] : cases) {
+    try {
+      safe_json::parse(text);
+      ADD_FAILURE() << text << " parsed";
+    } catch (const safe_json::Error& e) {
+      EXPECT_EQ(e.field(), field) << text;
+    }
+  }
+}
+
 TEST(SafeJson, DescribeIsShortAndNeverThrows) {
   EXPECT_EQ(safe_json::describe(nlohmann::json(5)), "5");
   EXPECT_EQ(safe_json::describe(nlohmann::json("x")), "\"x\"");

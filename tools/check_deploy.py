@@ -17,6 +17,7 @@
       read from the sources, is complete).
 
 The exported set: every name in `.Name("sdserve_...")` in server/*.cpp, and every "sdserve_..."
+(or "process_...", the process families)
 literal passed first to a call (a helper such as histogram("sdserve_...", help, bounds) that calls
 .Name(name)), each also with the suffixes _bucket, _sum and _count (histograms); counters already
 end in _total. Prometheus's own `up` series is allowed too. `smoke` + `scrape` (check_deploy.sh
@@ -96,7 +97,8 @@ def load_yaml(path):
 def exported_metrics():
     names = set()
     for path in sorted(glob.glob(os.path.join(ROOT, "server", "*.cpp"))):
-        names.update(re.findall(r'(?:\.Name|\b[A-Za-z_]\w*)\(\s*"(sdserve_[a-z0-9_]+)"', read(path)))
+        names.update(re.findall(r'(?:\.Name|\b[A-Za-z_]\w*)\(\s*"((?:sdserve|process)_[a-z0-9_]+)"',
+                                read(path)))
     if not names:
         sys.exit("check_deploy.py: no metric names (\"sdserve_...\") found in server/*.cpp")
     full = set(names)

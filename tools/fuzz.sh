@@ -3,7 +3,8 @@
 #
 #   tools/fuzz.sh [seconds_per_target] [target ...]     (default 60 s; all targets)
 #
-# Targets: api_json ws_command safetensors config tokenizer (see tests/fuzz/README.md).
+# Targets: request_body ws_command safetensors config tokenizer prompt_syntax
+# (see tests/fuzz/README.md).
 # Installs clang/libFuzzer when missing, builds tests/fuzz into build-fuzz/, then per target:
 #  1. replays every input in tests/fuzz/regressions/<target>/ (crashes found before, kept forever;
 #     one that fails again is reported and fails the run, and fuzzing goes on regardless);
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_TARGET=${1:-60}
 shift || true
-ALL_TARGETS=(api_json ws_command safetensors config tokenizer prompt_syntax)
+ALL_TARGETS=(request_body ws_command safetensors config tokenizer prompt_syntax)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 BUILD=build-fuzz
@@ -30,7 +31,7 @@ fi
 # Largest input per target: enough for every interesting structure, small enough to stay fast.
 max_len() {
   case "$1" in
-    api_json) echo 16384 ;;
+    request_body) echo 16384 ;;
     ws_command) echo 4096 ;;
     safetensors) echo 16384 ;;
     config) echo 8192 ;;
@@ -42,7 +43,8 @@ max_len() {
 for t in "${TARGETS[@]}"; do max_len "$t" > /dev/null; done
 
 # --- toolchain ---------------------------------------------------------------------------------
-PACKAGES=(clang libclang-rt-14-dev cmake make pkg-config nlohmann-json3-dev libutf8proc-dev)
+PACKAGES=(clang libclang-rt-14-dev cmake make pkg-config nlohmann-json3-dev libutf8proc-dev
+  libpng-dev libturbojpeg0-dev)
 tools/install_packages.sh fuzz "${PACKAGES[@]}"
 
 # --- build -------------------------------------------------------------------------------------

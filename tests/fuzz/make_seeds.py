@@ -4,9 +4,11 @@
 The seeds are small, meaningful inputs: valid ones to start coverage from, and the edge cases
 each parser must refuse cleanly. Found crashes do not go here but to tests/fuzz/regressions/.
 """
+import base64
 import json
 import os
 import struct
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
@@ -21,7 +23,7 @@ def write(target, name, data):
         f.write(data)
 
 
-# --- api_json: POST /v1/jobs bodies -------------------------------------------------------------
+# --- request_body: bodies of /v1/jobs, /sdapi/v1/txt2img and /sdapi/v1/png-info -----------------
 api = {
     "minimal.json": '{"prompt": "a cat"}',
     "full.json": json.dumps({
@@ -46,8 +48,30 @@ api = {
     "not_object.json": '["prompt", "a cat"]',
     "empty.json": "",
 }
+# A1111's txt2img and png-info (a 1x1 PNG with a "parameters" tEXt chunk, base64).
+def png_chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+TINY_PNG = base64.b64encode(
+    b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)) +
+    png_chunk(b"tEXt", b"parameters\0a cat\nSteps: 4, Sampler: Euler a, Seed: 1, Size: 1x1") +
+    png_chunk(b"IDAT", zlib.compress(b"\0\0\0\0")) + png_chunk(b"IEND", b"")).decode()
+api.update({
+    "a1111_txt2img.json": json.dumps({
+        "prompt": "a cat", "negative_prompt": "", "steps": 20, "cfg_scale": 7,
+        "sampler_name": "DPM++ 2M", "scheduler": "Karras", "seed": -1, "batch_size": 2,
+        "n_iter": 1, "width": 512, "height": 512, "send_images": True, "enable_hr": False,
+        "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "Automatic"},
+        "styles": [], "alwayson_scripts": {}, "eta": 1, "s_noise": 1}),
+    "a1111_refused.json": '{"prompt": "x", "enable_hr": true, "hr_scale": 2, "restore_faces": 1}',
+    "a1111_overflow.json": '{"prompt": "x", "steps": 1e400, "cfg_scale": -1e999}',
+    "png_info.json": json.dumps({"image": "data:image/png;base64," + TINY_PNG}),
+    "png_info_bad.json": '{"image": "data:image/png;base64,iVBORw0KGgo!!"}',
+})
 for name, text in api.items():
-    write("api_json", name, text)
+    write("request_body", name, text)
 
 # --- ws_command: /v1/events text frames ---------------------------------------------------------
 ws = {
@@ -190,7 +214,7 @@ tok = {
 for name, text in tok.items():
     write("tokenizer", name, text)
 
-for target in ("api_json", "ws_command", "safetensors", "config", "tokenizer"):
+for target in ("request_body", "ws_command", "safetensors", "config", "tokenizer"):
     d = os.path.join(HERE, "regressions", target)
     os.makedirs(d, exist_ok=True)
     keep = os.path.join(d, ".gitkeep")

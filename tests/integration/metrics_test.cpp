@@ -2,6 +2,8 @@
 // the job counters, the histograms and the HTTP families as they should.
 #include <gtest/gtest.h>
 
+#include <chrono>
+
 #include "tests/integration/harness.h"
 
 namespace sdserve::itest {
@@ -118,6 +120,22 @@ TEST(MetricsTest, RequestIdsAreEchoedLoggedAndKeptWithTheJob) {
   ASSERT_EQ(get(port, "/v1/samplers").status, 200);
   ASSERT_TRUE(server.wait_log("GET /v1/samplers 200"));
   EXPECT_EQ(server.log().find("GET /healthz"), std::string::npos);
+}
+
+// The process_* families (issue #23), from /proc, with values that fit this process.
+TEST(MetricsTest, ProcessFamiliesDescribeTheProcess) {
+  const auto started = std::chrono::system_clock::now();
+  ServerProcess server;
+  const int port = server.port();
+  const double start = metric(port, "process_start_time_seconds");
+  const double since_epoch = std::chrono::duration<double>(started.time_since_epoch()).count();
+  EXPECT_GT(start, since_epoch - 5);
+  EXPECT_LT(start, since_epoch + 120);
+  EXPECT_GT(metric(port, "process_resident_memory_bytes"), 10e6);  // libtorch alone is more
+  const double fds = metric(port, "process_open_fds");
+  EXPECT_GE(fds, 4);  // stdin/out/err and the listening socket at least
+  EXPECT_GE(metric(port, "process_max_fds"), fds);
+  EXPECT_GT(metric(port, "process_cpu_seconds_total"), 0);  // it loaded and warmed up a model
 }
 
 }  // namespace

@@ -19,7 +19,7 @@ double seconds_since(Clock::time_point t) {
 
 // An SD 1.x single file: without a config its native size is 512 px. Its one reference here.
 std::string single_file_model() {
-  return std::string(SDSERVE_FIXTURES) + "/tiny-sd15.safetensors";
+  return std::string(SDSERVE_BUILT_FIXTURES) + "/tiny-sd15.safetensors";
 }
 
 // The warm_up object of /readyz's first worker (null when absent).
