@@ -252,11 +252,13 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                         .Help("Prompt embeddings in the in-process cache")
                         .Register(r)
                         .Add({});
-  redis_up_ = &BuildGauge()
-                   .Name("sdserve_redis_up")
-                   .Help("1 while the shared embedding cache's Redis answers (0 also when unset)")
-                   .Register(r)
-                   .Add({});
+  // No series at all without a Redis configured, so that an alert on 0 means a real outage.
+  redis_up_family_ = &BuildGauge()
+                          .Name("sdserve_redis_up")
+                          .Help(
+                              "1 while the shared embedding cache's Redis answers, 0 while it "
+                              "does not (absent when no redis_url is set)")
+                          .Register(r);
   redis_errors_ = &BuildCounter()
                        .Name("sdserve_redis_errors_total")
                        .Help("Redis failures by kind (connect, timeout, io, protocol, reply)")
@@ -426,7 +428,7 @@ std::string Metrics::scrape(const ScrapeInput& in) {
     advance(cache_lookups_->Add({{"tier", "redis"}, {"result", "miss"}}), c.redis_misses);
     cache_bytes_->Set(static_cast<double>(c.bytes));
     cache_entries_->Set(static_cast<double>(c.entries));
-    redis_up_->Set(c.redis_up ? 1 : 0);
+    if (c.redis_configured) redis_up_family_->Add({}).Set(c.redis_up ? 1 : 0);
     for (const auto& [kind, n] : c.redis_errors) advance(redis_errors_->Add({{"kind", kind}}), n);
     advance(*redis_corrupt_, c.redis_corrupt);
     mirror(*redis_latency_, c.redis_latency, redis_latency_seen_);

@@ -95,7 +95,8 @@ class Metrics {
   *gpu_sm_clock_ = nullptr, *gpu_throttled_ = nullptr;
   // The embedding cache (issue #9).
   prometheus::Family<prometheus::Counter>* cache_lookups_;
-  prometheus::Gauge *cache_bytes_, *cache_entries_, *redis_up_;
+  prometheus::Gauge *cache_bytes_, *cache_entries_;
+  prometheus::Family<prometheus::Gauge>* redis_up_family_;
   prometheus::Family<prometheus::Counter>* redis_errors_;
   prometheus::Counter* redis_corrupt_;
   prometheus::Histogram *redis_latency_, *text_encode_;

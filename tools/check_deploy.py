@@ -5,10 +5,9 @@
       deploy/compose.yaml, the Grafana provisioning files and dashboard, the Prometheus config and
       alert rules, the systemd unit and env file, the Dockerfiles' ENV lines: their structure,
       and that every metric name that a dashboard query, an alert or an alert test uses is one
-      the service exports. Writes into DIR what promtool checks next: alerts.yml without its
-      annotations plus alerts_test.yml (for `promtool test rules`; the annotations are checked
-      by `promtool check rules` on the real file), and dashboard_rules.yml (each dashboard
-      query as a recording rule, for `promtool check rules`: they must parse as PromQL).
+      the service exports. Writes into DIR dashboard_rules.yml (each dashboard query as a
+      recording rule, for `promtool check rules`: they must parse as PromQL). The alert tests
+      run as an operator runs them: `promtool test rules deploy/prometheus/alerts_test.yml`.
   check_deploy.py smoke URL METRICS_OUT [--timeout S]
       waits for URL/readyz to answer 200, runs one small job through POST /v1/generate and
       writes URL/metrics to METRICS_OUT.
@@ -25,7 +24,6 @@ end in _total. Prometheus's own `up` series is allowed too. `smoke` + `scrape` (
 """
 
 import argparse
-import copy
 import glob
 import json
 import os
@@ -307,20 +305,8 @@ def check_alert_tests(path, alert_names, allowed, used):
     return data
 
 
-def write_promtool_inputs(rules_dir, alerts, tests, dashboard_exprs):
+def write_promtool_inputs(rules_dir, dashboard_exprs):
     os.makedirs(rules_dir, exist_ok=True)
-    if alerts is not None:
-        bare = copy.deepcopy(alerts)
-        for group in bare.get("groups") or []:
-            for rule in group.get("rules") or []:
-                rule.pop("annotations", None)
-        with open(os.path.join(rules_dir, "alerts.yml"), "w") as f:
-            yaml.safe_dump(bare, f, sort_keys=False)
-    if tests is not None:
-        t = copy.deepcopy(tests)
-        t["rule_files"] = ["alerts.yml"]
-        with open(os.path.join(rules_dir, "alerts_test.yml"), "w") as f:
-            yaml.safe_dump(t, f, sort_keys=False)
     rules = [{"record": f"dashboard:{name}", "expr": grafana_expr_for_promtool(e)}
              for name, e in dashboard_exprs]
     with open(os.path.join(rules_dir, "dashboard_rules.yml"), "w") as f:
@@ -429,6 +415,16 @@ def check_compose(path, known_env):
                     == os.path.join(DEPLOY, "grafana", "sdserve.json")]
     if not dash_targets:
         problem(f"{where}: grafana should mount ./grafana/sdserve.json")
+    # Published on loopback unless the operator says otherwise, and no default password.
+    for name, svc in services.items():
+        for port in (svc or {}).get("ports") or []:
+            if not str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"):
+                problem(f"{where}: {name} publishes {port!r} on every interface; use "
+                        "\"${BIND_ADDRESS:-127.0.0.1}:HOST:CONTAINER\"")
+    password = str(env_of(services.get("grafana") or {}).get("GF_SECURITY_ADMIN_PASSWORD", ""))
+    if not password.startswith("${GRAFANA_ADMIN_PASSWORD:?"):
+        problem(f"{where}: grafana's admin password must be required "
+                "(${GRAFANA_ADMIN_PASSWORD:?...}), not defaulted")
     print(f"  compose: services {', '.join(services)}")
     return dash_targets[0] if dash_targets else None
 
@@ -503,12 +499,11 @@ def cmd_static(args):
     check_grafana_provisioning(dash_target)
     exprs = check_dashboard(os.path.join(DEPLOY, "grafana", "sdserve.json"), allowed, used)
     check_prometheus_config(os.path.join(DEPLOY, "prometheus", "prometheus.yml"))
-    alerts, alert_names = check_alerts(os.path.join(DEPLOY, "prometheus", "alerts.yml"),
-                                       allowed, used)
-    tests = check_alert_tests(os.path.join(DEPLOY, "prometheus", "alerts_test.yml"),
-                              alert_names, allowed, used)
+    _, alert_names = check_alerts(os.path.join(DEPLOY, "prometheus", "alerts.yml"), allowed, used)
+    check_alert_tests(os.path.join(DEPLOY, "prometheus", "alerts_test.yml"), alert_names, allowed,
+                      used)
     check_env_files(known_env)
-    write_promtool_inputs(args.rules_dir, alerts, tests, exprs)
+    write_promtool_inputs(args.rules_dir, exprs)
     print(f"  metric names used by the dashboard, alerts and tests ({len(used)}): "
           f"{' '.join(sorted(used))}")
     return report()

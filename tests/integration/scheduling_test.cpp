@@ -156,9 +156,14 @@ TEST(SchedulingTest, PixelsDoNotDependOnTheBatch) {
       differing += img.pixels[i] != ref.pixels[i];
       max_diff = std::max(max_diff, std::abs(img.pixels[i] - ref.pixels[i]));
     }
-    EXPECT_EQ(differing, 0u) << how << ": " << differing << " of " << img.pixels.size()
-                             << " bytes differ from the same request run alone (max " << max_diff
-                             << ")";
+    // The same image, to float32's last bits: OpenBLAS (as cuBLAS on a GPU) picks its kernels by
+    // matrix shape, so a batch rounds differently from one image, which moves a few 8-bit values
+    // by 1 (3 of 12,288 bytes measured). Another seed or prompt would change most bytes by far
+    // more. Debian's reference BLAS was bit-exact here.
+    EXPECT_LE(max_diff, 1) << how;
+    EXPECT_LE(differing, img.pixels.size() / 100)
+        << how << ": " << differing << " of " << img.pixels.size()
+        << " bytes differ from the same request run alone (max " << max_diff << ")";
   }
 }
 
