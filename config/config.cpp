@@ -155,6 +155,11 @@ const std::vector<Key>& table() {
           "browser origins (scheme://host[:port], or '*' for any) whose pages may call the API "
           "(CORS; comma-separated in env/flags); empty: same-origin pages only",
           0, 0, SDSERVE_MEMBER(cors_allow_origins)),
+      key("allowed_hosts", Type::kStringList,
+          "host names (the Host header, port ignored; '*' for any) answered besides localhost "
+          "and loopback addresses (comma-separated in env/flags); empty: any name when bound to "
+          "all interfaces, only those when bound to loopback",
+          0, 0, SDSERVE_MEMBER(allowed_hosts)),
       key("metrics_auth", Type::kBool, "whether /metrics needs an API key too (when keys are set)",
           0, 0, SDSERVE_MEMBER(metrics_auth)),
       key("gpu_metrics_interval_s", Type::kNumber,
@@ -459,6 +464,16 @@ void validate(const ServiceConfig& c) {
           "cors_allow_origins entries are origins like https://app.example.com "
           "(no path) or '*', got \"" +
           o + "\"");
+  }
+  for (const auto& h : c.allowed_hosts) {
+    // A name as it appears in a Host header, without scheme, port or path.
+    const bool name = !h.empty() && h.find_first_of("/:@ ") == std::string::npos;
+    const bool v6 = h.size() > 2 && h.front() == '[' && h.back() == ']';
+    if (h != "*" && !name && !v6)
+      throw ConfigError(
+          "allowed_hosts entries are host names like sd.example.com or addresses (IPv6 in "
+          "brackets), without scheme or port, or '*'; got \"" +
+          h + "\"");
   }
   const std::string& d = c.device;
   const bool cuda_n = d.rfind("cuda:", 0) == 0 && d.size() > 5 &&

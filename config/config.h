@@ -37,6 +37,11 @@ struct ServiceConfig {
   // Browser origins ("https://app.example.com", or "*") whose pages may call the API (CORS);
   // empty: none, so only same-origin pages (the one at /) can.
   std::vector<std::string> cors_allow_origins;
+  // Host names (the Host header, port ignored) this service answers to besides localhost and the
+  // loopback addresses, or "*" for any. When set, or when `host` is a loopback address, a
+  // request naming another host is refused (DNS rebinding); bound to all interfaces without
+  // it, any Host is accepted.
+  std::vector<std::string> allowed_hosts;
   bool metrics_auth = false;
   double gpu_metrics_interval_s = 5;  // NVML sampling for /metrics; 0: off          // /metrics
                                       // needs an API key too (when keys are set)

@@ -15,6 +15,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/beast/websocket.hpp>
 
+#include "server/browser_guard.h"
 #include "server/logging.h"
 #include "server/ws_session.h"
 
@@ -171,6 +172,9 @@ void HttpSession::on_request() {
 }
 
 void HttpSession::dispatch(const Route& route) {
+  // Before anything else, keys included: what a web page may do through its user's browser.
+  check_host(ctx_->config(), req_);
+  check_origin(ctx_->config(), req_);
   if (route.kind == Route::kNotFound)
     throw ApiError(404, "not_found", "no such endpoint: " + path_of(std::string(req_.target())));
   if (req_.method() == http::verb::options) return send(options_response(*ctx_, req_, route));

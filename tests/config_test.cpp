@@ -102,6 +102,10 @@ TEST(ConfigTest, FlagSpellings) {
                 .config.batch_buckets,
             (std::vector<int>{1, 2, 4}));
   EXPECT_TRUE(load({}, {{"SDSERVE_API_KEYS", ""}}).config.api_keys.empty());
+  EXPECT_EQ(load({}, {{"SDSERVE_ALLOWED_HOSTS", "sd.example.com, [::1]"}}).config.allowed_hosts,
+            (std::vector<std::string>{"sd.example.com", "[::1]"}));
+  EXPECT_EQ(load({"--allowed-hosts", "*"}, {}).config.allowed_hosts,
+            (std::vector<std::string>{"*"}));
 }
 
 TEST(ConfigTest, HelpWinsOverBadSettings) {
@@ -152,6 +156,8 @@ TEST(ConfigTest, BadValuesAreNamedWithTheirSource) {
        "default_timeout_s",
        "max_timeout_s"},
       {{"--metrics-auth=maybe"}, {}, "metrics_auth", "true or false"},
+      {{"--allowed-hosts", "https://sd.example.com"}, {}, "allowed_hosts", "without scheme"},
+      {{}, {{"SDSERVE_ALLOWED_HOSTS", "sd.example.com:8080"}}, "allowed_hosts", "or port"},
       {{"--max-queue"}, {}, "--max-queue", "needs a value"},
   };
   for (const auto& c : cases) {

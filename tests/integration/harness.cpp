@@ -76,7 +76,8 @@ ServerProcess::ServerProcess(std::vector<std::string> args, bool wait_ready) {
   all.insert(all.end(), args.begin(), args.end());
   std::tie(pid_, out_fd_) = spawn(all, {});
   reader_ = std::thread([this] { read_output(); });
-  const std::regex re("listening on http://127\\.0\\.0\\.1:([0-9]+)");
+  // --host 127.0.0.1 unless `args` name another (0.0.0.0: still reached through 127.0.0.1).
+  const std::regex re("listening on http://[0-9.]+:([0-9]+)");
   {
     std::unique_lock<std::mutex> lock(mutex_);
     std::smatch m;
