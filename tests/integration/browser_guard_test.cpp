@@ -53,9 +53,9 @@ TEST(BrowserGuardTest, LoopbackServerAnswersOnlyToLoopbackNames) {
   EXPECT_FALSE(ws.connect(port, "/v1/events", {{"Host", evil_host}}, true, 0, &status));
   EXPECT_EQ(status, 403);
   // The names it is known by, port ignored.
-  for (const std::string host : {"localhost:" + std::to_string(port), local(port),
-                                 std::string("127.0.0.1"), "127.0.0.2:" + std::to_string(port),
-                                 "[::1]:" + std::to_string(port), std::string("LOCALHOST")}) {
+  for (const std::string& host : {"localhost:" + std::to_string(port), local(port),
+                                  std::string("127.0.0.1"), "127.0.0.2:" + std::to_string(port),
+                                  "[::1]:" + std::to_string(port), std::string("LOCALHOST")}) {
     EXPECT_EQ(get(port, "/v1/samplers", {{"Host", host}}).status, 200) << host;
   }
   EXPECT_EQ(post(port, "/v1/jobs", small_job("mine"), {{"Host", "localhost:1"}}).status, 202);
@@ -150,7 +150,7 @@ TEST(BrowserGuardTest, WebSocketUpgradesFromForeignOriginsAreRefused) {
   ServerProcess server;
   const int port = server.port();
   const std::string id = submit(port, small_job("watched"))["id"];
-  for (const std::string target : {std::string("/v1/events"), "/v1/jobs/" + id + "/events"}) {
+  for (const std::string& target : {std::string("/v1/events"), "/v1/jobs/" + id + "/events"}) {
     int status = 0;
     WsClient evil;
     EXPECT_FALSE(evil.connect(port, target, {{"Origin", kEvil}}, true, 0, &status)) << target;
