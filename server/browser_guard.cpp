@@ -124,11 +124,11 @@ void check_origin(const config::ServiceConfig& cfg, const Request& req) {
                                ? std::string("a WebSocket upgrade")
                                : "a " + std::string(req.method_string()) + " request";
   const std::string fix =
-      " (none may change state here: submit, cancel, interrupt); a page's own origin and those "
-      "in cors_allow_origins (" +
+      ": pages of other origins may not change state here (submit, cancel, interrupt); only a "
+      "page's own origin and those in cors_allow_origins (" +
       list_text(cfg.cors_allow_origins) +
-      ") may. If its pages should, add the origin to cors_allow_origins "
-      "(--cors-allow-origins, SDSERVE_CORS_ALLOW_ORIGINS)";
+      ") may. If its pages should, add the origin to cors_allow_origins (--cors-allow-origins, "
+      "SDSERVE_CORS_ALLOW_ORIGINS)";
   const auto origin_it = req.find(http::field::origin);
   if (origin_it == req.end()) {
     // No Origin: a client that is not a browser (browsers send Origin with every cross-origin
@@ -153,7 +153,7 @@ void check_origin(const config::ServiceConfig& cfg, const Request& req) {
       return;
   }
   throw ApiError(403, "origin_not_allowed",
-                 what + " from origin '" + origin + "' was refused: pages of other origins" + fix);
+                 what + " from origin '" + origin + "' was refused" + fix);
 }
 
 }  // namespace sdserve::server
