@@ -273,19 +273,19 @@ TEST(HardeningTest, OddBytesGetAnAnswer) {
   EXPECT_NO_THROW(r.body_json());
   {
     Raw raw(port);
-    raw.send_all("GET /v1/jobs/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n");
+    raw.send_all("GET /v1/jobs/\xff\xfe HTTP/1.1\r\nHost: localhost\r\n\r\n");
     EXPECT_EQ(raw.read_status(), 404);
   }
   {
     Raw raw(port);
-    raw.send_all("GET /nowhere/\xc3\x28 HTTP/1.1\r\nHost: x\r\n\r\n");
+    raw.send_all("GET /nowhere/\xc3\x28 HTTP/1.1\r\nHost: localhost\r\n\r\n");
     EXPECT_EQ(raw.read_status(), 404);
   }
   // A 100 KB chunked trailer: refused like oversized headers.
   {
     Raw raw(port);
     std::string req =
-        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: "
+        "POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTrailer: "
         "X-Pad\r\n\r\n";
     const std::string body = R"({"prompt": "trailer"})";
     char size[16];
