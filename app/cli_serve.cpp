@@ -30,6 +30,8 @@ engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   o.batch_buckets = c.batch_buckets;
   o.default_timeout_s = c.default_timeout_s;
   o.max_timeout_s = c.max_timeout_s;
+  o.max_run_s = c.max_run_s;
+  o.max_memory_bytes = static_cast<uint64_t>(c.max_memory_mb) << 20;
   o.result_ttl_s = c.result_ttl_s;
   o.result_max_bytes = static_cast<uint64_t>(c.result_max_mb) << 20;
   return o;

@@ -130,6 +130,15 @@ const std::vector<Key>& table() {
           SDSERVE_MEMBER(default_timeout_s), {}, true),
       key("max_timeout_s", Type::kNumber, "the largest timeout_s a request may ask for", 0, kBig,
           SDSERVE_MEMBER(max_timeout_s), {}, true),
+      key("max_run_s", Type::kNumber,
+          "a job running (from its start) longer than this many seconds stops between UNet "
+          "steps and ends 'timed_out'; also the largest max_run_s a request may ask for",
+          0, kBig, SDSERVE_MEMBER(max_run_s), {}, true),
+      key("max_memory_mb", Type::kInt,
+          "memory (MiB) a request's estimated peak may take (one UNet call of max_batch images "
+          "of its size, plus a VAE decode); larger sizes are refused with 400; 0: what the "
+          "device has free at start-up",
+          0, 1 << 30, SDSERVE_MEMBER(max_memory_mb)),
       key("result_ttl_s", Type::kNumber, "finished images are kept this many seconds (then 410)", 0,
           kBig, SDSERVE_MEMBER(result_ttl_s), {}, true),
       key("result_max_mb", Type::kInt,

@@ -66,6 +66,9 @@ struct ServiceConfig {
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};
   double default_timeout_s = 600;
   double max_timeout_s = 3600;
+  double max_run_s = 3600;
+  int max_memory_mb = 0;  // a request's estimated peak memory at most; 0: the device's free memory
+                          // // a running job stops after this long (timed_out); request: max_run_s
   double result_ttl_s = 3600;
   int64_t result_max_mb = 1024;
   double shutdown_grace_s = 30;

@@ -9,7 +9,8 @@
 namespace sdserve::engine {
 
 // ---------------------------------------------------------------------------------------------
-// Dispatcher: delivers events in order, expires queued jobs and old results.
+// Dispatcher: delivers events in order, expires queued jobs and old results, stops jobs that ran
+// past max_run_s (workers check their own images every turn too).
 
 void Engine::Impl::dispatcher_loop() {
   auto next_sweep = SteadyClock::now();
@@ -35,6 +36,7 @@ void Engine::Impl::dispatcher_loop() {
     if (now >= next_sweep) {
       std::lock_guard<std::mutex> lock(mutex);
       expire_queued(now);
+      stop_overruns(now);
       for (const auto& id : results.expire(now)) {
         auto it = jobs.find(id);
         if (it != jobs.end()) it->second->results_evicted = true;

@@ -10,6 +10,8 @@
 #include "engine/engine_impl.h"
 #include "pipeline/errors.h"
 #include "pipeline/log.h"
+#include "pipeline/memory.h"
+#include "pipeline/validate.h"
 
 namespace sdserve::engine {
 namespace {
@@ -57,9 +59,33 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   if (!(options.default_timeout_s > 0 && options.default_timeout_s <= options.max_timeout_s))
     throw std::invalid_argument(
         "default_timeout_s must be greater than 0 and at most max_timeout_s");
+  if (!(options.max_run_s > 0)) throw std::invalid_argument("max_run_s must be greater than 0");
   auto impl = std::make_unique<Impl>(options);
   impl->options = options;
   impl->models = std::move(models);
+  if (options.max_memory_bytes > 0) {
+    impl->memory_budget = options.max_memory_bytes;
+    impl->memory_budget_source = "max_memory_mb";
+  } else {
+    for (const auto& m : impl->models) {
+      const uint64_t free = m->available_memory();
+      if (free > 0 && (impl->memory_budget == 0 || free < impl->memory_budget))
+        impl->memory_budget = free;
+    }
+    impl->memory_budget_source =
+        "max_memory_mb 0: free on " + impl->models.front()->info().device + " at start-up";
+  }
+  if (impl->memory_budget > 0) {
+    for (int side = pipeline::Limits::kMinSide; side <= pipeline::Limits::kMaxSide; side += 8)
+      if (impl->estimate_memory(side, side).total() <= impl->memory_budget)
+        impl->largest_square = side;
+    pipeline::log(pipeline::LogLevel::kInfo,
+                  "memory for requests: " + pipeline::bytes_text(impl->memory_budget) + " (" +
+                      impl->memory_budget_source +
+                      "); the largest square size that fits max_batch " +
+                      std::to_string(options.max_batch) + " is " +
+                      std::to_string(impl->largest_square) + " px");
+  }
   impl->cache = cache ? std::move(cache) : std::make_shared<cache::PassThroughCache>();
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
   for (const auto& m : impl->models)
@@ -89,7 +115,9 @@ JobSnapshot Engine::submit(JobRequest request) {
   RequestBounds bounds;
   bounds.text_layers = impl_->models.front()->info().text_layers;
   bounds.max_timeout_s = impl_->options.max_timeout_s;
+  bounds.max_run_s = impl_->options.max_run_s;
   validate(request, bounds);
+  impl_->check_memory(request);
   // A prompt the text encoder cannot take (its syntax, its length) is refused now, not when it
   // would run.
   const auto& model = *impl_->models.front();
@@ -108,6 +136,8 @@ JobSnapshot Engine::submit(JobRequest request) {
   job->queued_steady = SteadyClock::now();
   job->queue_deadline = job->queued_steady + std::chrono::duration_cast<SteadyClock::duration>(
                                                  std::chrono::duration<double>(timeout));
+  job->run_limit = std::chrono::duration_cast<SteadyClock::duration>(
+      std::chrono::duration<double>(job->request.max_run_s.value_or(impl_->options.max_run_s)));
   job->evals_done.assign(job->request.num_images, 0);
   job->last_preview.assign(job->request.num_images, 0);
   job->evals_per_image = evals_per_image;
@@ -301,6 +331,37 @@ void Engine::shutdown(SteadyClock::time_point deadline) {
   if (impl_->dispatcher.joinable()) impl_->dispatcher.join();
 }
 
+pipeline::MemoryEstimate Engine::Impl::estimate_memory(int width, int height) const {
+  pipeline::MemoryEstimate most;
+  for (const auto& m : models) {
+    const auto e = m->estimate_memory(width, height, options.max_batch, options.decode_batch);
+    if (e.total() > most.total()) most = e;
+  }
+  return most;
+}
+
+void Engine::Impl::check_memory(const JobRequest& r) const {
+  if (memory_budget == 0) return;
+  const auto e = estimate_memory(r.width, r.height);
+  if (e.total() <= memory_budget) return;
+  using pipeline::bytes_text;
+  const std::string size = std::to_string(r.width) + "x" + std::to_string(r.height);
+  const std::string fits = largest_square > 0 ? "the largest square size that fits is " +
+                                                    std::to_string(largest_square) + "x" +
+                                                    std::to_string(largest_square)
+                                              : "no size fits";
+  throw pipeline::RequestError(
+      "width", "width x height " + size + " needs an estimated " + bytes_text(e.total()) +
+                   " of memory at its peak, more than the " + bytes_text(memory_budget) +
+                   " available (" + memory_budget_source + "): one UNet call of up to max_batch " +
+                   std::to_string(options.max_batch) + " images of this size with guidance " +
+                   bytes_text(e.unet) + " (attention scores " + bytes_text(e.unet_attention) +
+                   "), a VAE decode " + bytes_text(e.vae) + "; num_images (" +
+                   std::to_string(r.num_images) +
+                   ") does not lower it, since images of one size share a call; " + fits +
+                   ": ask for fewer pixels (an operator may lower max_batch)");
+}
+
 // ---------------------------------------------------------------------------------------------
 // State helpers (mutex held)
 
@@ -370,6 +431,10 @@ JobEvent Engine::Impl::state_event(const JobState& job) const {
       e.type = EventType::kExpired;
       e.error = job.error;
       break;
+    case JobStatus::kTimedOut:
+      e.type = EventType::kTimedOut;
+      e.error = job.error;
+      break;
   }
   return e;
 }
@@ -411,6 +476,9 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
     case JobStatus::kExpired:
       ++stats.jobs_expired;
       break;
+    case JobStatus::kTimedOut:
+      ++stats.jobs_timed_out;
+      break;
     default:
       break;
   }
@@ -435,8 +503,10 @@ void Engine::Impl::finish(JobState& job, JobStatus status, const std::string& er
     field("images", std::to_string(job.images_finished));
     field("images_requested", std::to_string(job.request.num_images));
     if (!error.empty()) field("error", error);
-    pipeline::log(
-        status == JobStatus::kFailed ? pipeline::LogLevel::kWarn : pipeline::LogLevel::kInfo, line);
+    pipeline::log(status == JobStatus::kFailed || status == JobStatus::kTimedOut
+                      ? pipeline::LogLevel::kWarn
+                      : pipeline::LogLevel::kInfo,
+                  line);
   }
   emit(job, state_event(job));
   work_cv.notify_all();  // shutdown() waits on it for the last job
@@ -449,6 +519,24 @@ void Engine::Impl::expire_queued(SteadyClock::time_point now) {
     queue->remove(id);
     finish(*job, JobStatus::kExpired, "the job waited in the queue longer than its timeout");
   }
+}
+
+bool Engine::Impl::stop_overrun(JobState& job, SteadyClock::time_point now) {
+  if (job.status == JobStatus::kTimedOut) return true;
+  if (job.status != JobStatus::kRunning || now - job.started_steady < job.run_limit) return false;
+  char limit[32];
+  std::snprintf(limit, sizeof limit, "%g", std::chrono::duration<double>(job.run_limit).count());
+  // Its images leave the workers at their next turn (between UNet steps), as a cancelled job's;
+  // images already finished are discarded with the rest (finish() erases the job's results).
+  job.cancel_requested = true;
+  finish(job, JobStatus::kTimedOut,
+         std::string("the job ran longer than its max_run_s (") + limit +
+             " s) and was stopped; ask for fewer steps, images or pixels");
+  return true;
+}
+
+void Engine::Impl::stop_overruns(SteadyClock::time_point now) {
+  for (auto& [id, job] : jobs) stop_overrun(*job, now);
 }
 
 void Engine::Impl::forget_old_jobs() {

@@ -49,6 +49,14 @@ struct EngineOptions {
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32};  // UNet batch sizes are padded up to one
   double default_timeout_s = 600;  // a job still queued after this ends `expired`
   double max_timeout_s = 3600;
+  // A running job (from its first image's start) past this many seconds, or its request's
+  // smaller max_run_s, stops between UNet steps and ends `timed_out`.
+  double max_run_s = 3600;
+  // Memory a request's estimated peak (pipeline/memory.h: one UNet call of max_batch images of
+  // its size with CFG, plus a VAE decode of decode_batch) may take; larger sizes are refused
+  // (RequestError on width). 0: what the devices have free when the engine starts (the least of
+  // them), or no check where that cannot be read.
+  uint64_t max_memory_bytes = 0;
   double result_ttl_s = 3600;              // finished images are kept this long
   uint64_t result_max_bytes = 1ull << 30;  // ... and within this many PNG bytes (oldest go first)
 };
@@ -129,7 +137,7 @@ struct EngineStats {
   int running_jobs = 0;
   int active_images = 0;
   uint64_t jobs_submitted = 0, jobs_succeeded = 0, jobs_failed = 0, jobs_cancelled = 0,
-           jobs_expired = 0;
+           jobs_expired = 0, jobs_timed_out = 0;
   uint64_t jobs_rejected_queue_full = 0, jobs_rejected_unavailable = 0;  // refused by submit()
   uint64_t unet_steps = 0;                                               // UNet calls
   uint64_t image_steps = 0;  // images stepped, summed over UNet calls

@@ -34,10 +34,11 @@ struct JobState {
   SteadyClock::time_point queued_steady;
   SteadyClock::time_point queue_deadline;
   SteadyClock::time_point started_steady;
-  int images_admitted = 0;      // images handed to a worker so far
-  int images_finished = 0;      // images decoded and encoded
-  int images_in_flight = 0;     // admitted, not yet stored: in a batch or awaiting encoding
-  std::vector<int> evals_done;  // per image
+  SteadyClock::duration run_limit{};  // max_run_s: running longer ends it timed_out
+  int images_admitted = 0;            // images handed to a worker so far
+  int images_finished = 0;            // images decoded and encoded
+  int images_in_flight = 0;           // admitted, not yet stored: in a batch or awaiting encoding
+  std::vector<int> evals_done;        // per image
   int evals_per_image = 0;
   bool cancel_requested = false;
   bool first_step_seen = false;  // the first progress event went out (a metric's moment)
@@ -72,6 +73,11 @@ struct Engine::Impl {
   bool cancel_all = false;  // shutdown deadline passed
   bool threads_exit = false;
   std::vector<WorkerStatus> worker_status;  // one per model, in order
+  // Set at creation, read-only after: the memory a request's estimated peak may take (0: no
+  // check), where it came from, and the largest square side within it.
+  uint64_t memory_budget = 0;
+  std::string memory_budget_source;
+  int largest_square = 0;
   uint64_t next_token = 1;
 
   // Events go through one FIFO and one dispatcher thread, so every subscriber sees a job's
@@ -101,10 +107,19 @@ struct Engine::Impl {
   JobSnapshot snapshot(const JobState& job) const;
   void finish(JobState& job, JobStatus status, const std::string& error = "");
   void expire_queued(SteadyClock::time_point now);
+  // Ends `job` timed_out when it has run past its run_limit; true when it did (or had).
+  bool stop_overrun(JobState& job, SteadyClock::time_point now);
+  void stop_overruns(SteadyClock::time_point now);  // every running job
   void forget_old_jobs();
   void fail_images(JobState& job, int images, const std::string& error);
   int workers_in(const std::string& state) const;  // "ready", "failed", "warming_up"
   std::string warm_up_error() const;               // "device: why" of the first failed worker
+
+  // --- no lock needed (read-only state) ---
+  pipeline::MemoryEstimate estimate_memory(int width, int height) const;
+  // Throws pipeline::RequestError (field width) when the request's estimated peak memory
+  // exceeds memory_budget.
+  void check_memory(const JobRequest& request) const;
 
   // --- thread bodies ---
   void worker_loop(size_t index);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <mutex>
 #include <random>
 
@@ -9,6 +10,15 @@
 #include "pipeline/validate.h"
 
 namespace sdserve::engine {
+namespace {
+
+std::string seconds_text(double s) {  // 3600, 0.5
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", s);
+  return buf;
+}
+
+}  // namespace
 
 std::string random_id() {
   static std::random_device device;
@@ -38,6 +48,8 @@ std::string to_string(JobStatus s) {
       return "cancelled";
     case JobStatus::kExpired:
       return "expired";
+    case JobStatus::kTimedOut:
+      return "timed_out";
   }
   return "unknown";
 }
@@ -88,6 +100,9 @@ std::string rule(const std::string& field, const RequestBounds& bounds, int step
   if (field == "timeout_s")
     return "timeout_s must be a number greater than 0 and at most " +
            std::to_string(static_cast<long long>(bounds.max_timeout_s));
+  if (field == "max_run_s")
+    return "max_run_s must be a number greater than 0 and at most " +
+           seconds_text(bounds.max_run_s) + " (the service's max_run_s)";
   if (field == "seed")
     return "seed must be an integer between 0 and 18446744073709551615, or -1 for a random one";
   if (field == "cancel_on_disconnect") return "cancel_on_disconnect must be true or false";
@@ -116,6 +131,8 @@ void validate(const JobRequest& request, const RequestBounds& bounds) {
   }
   if (request.timeout_s && !(*request.timeout_s > 0 && *request.timeout_s <= bounds.max_timeout_s))
     throw RequestError("timeout_s", rule("timeout_s", bounds) + pipeline::got(*request.timeout_s));
+  if (request.max_run_s && !(*request.max_run_s > 0 && *request.max_run_s <= bounds.max_run_s))
+    throw RequestError("max_run_s", rule("max_run_s", bounds) + pipeline::got(*request.max_run_s));
 }
 
 int steps_done(int evaluations, int evaluations_total, int steps) {
@@ -142,13 +159,15 @@ std::string to_string(EventType t) {
       return "cancelled";
     case EventType::kExpired:
       return "expired";
+    case EventType::kTimedOut:
+      return "timed_out";
   }
   return "unknown";
 }
 
 bool is_final(EventType t) {
   return t == EventType::kSucceeded || t == EventType::kFailed || t == EventType::kCancelled ||
-         t == EventType::kExpired;
+         t == EventType::kExpired || t == EventType::kTimedOut;
 }
 
 bool is_final(JobStatus s) {

@@ -12,7 +12,9 @@
 
 namespace sdserve::engine {
 
-enum class JobStatus { kQueued, kRunning, kSucceeded, kFailed, kCancelled, kExpired };
+// kExpired: waited in the queue past timeout_s; kTimedOut: ran (from its first image's start)
+// past max_run_s, stopped between UNet steps, its images discarded.
+enum class JobStatus { kQueued, kRunning, kSucceeded, kFailed, kCancelled, kExpired, kTimedOut };
 enum class Priority { kHigh = 0, kNormal = 1, kLow = 2 };
 
 // 32 hex digits, 128 bits from the operating system's CSPRNG (std::random_device reads
@@ -53,6 +55,8 @@ struct JobRequest {
   std::optional<PreviewOptions> preview;
   Priority priority = Priority::kNormal;
   std::optional<double> timeout_s;  // absent: the configured default
+  // Running time allowed (from the job's start), at most the service's max_run_s; absent: that.
+  std::optional<double> max_run_s;
   bool cancel_on_disconnect = false;
   std::string request_id;  // the HTTP request that submitted it (X-Request-Id), for logs
 };
@@ -61,7 +65,8 @@ struct JobRequest {
 struct RequestBounds {
   int text_layers = 12;  // clip_skip may be 1..text_layers
   double max_timeout_s = 3600;
-  int native_size = 512;  // width and height default to it (the model's)
+  double max_run_s = 3600;  // the largest max_run_s a request may ask for (the service's)
+  int native_size = 512;    // width and height default to it (the model's)
 };
 
 // The sentence users read when `field` is rejected ("steps must be an integer between 1 and
@@ -115,10 +120,11 @@ enum class EventType {
   kSucceeded,
   kFailed,
   kCancelled,
-  kExpired
+  kExpired,
+  kTimedOut
 };
 std::string to_string(EventType t);  // "queued", "started", "progress", ...
-bool is_final(EventType t);          // succeeded, failed, cancelled, expired
+bool is_final(EventType t);          // succeeded, failed, cancelled, expired, timed_out
 
 // One event of a job, as data: the server renders it (JSON for WebSockets, in the same shape as
 // the job's REST view). Which fields mean something depends on the type.
@@ -136,7 +142,7 @@ struct JobEvent {
   std::shared_ptr<const std::vector<uint8_t>> binary;  // preview bytes
   uint64_t seed = 0;                                   // succeeded: image k used seed + k
   int num_images = 0;                                  // succeeded
-  std::string error;  // failed, expired; cancelled: the reason, when there is one
+  std::string error;  // failed, expired, timed_out; cancelled: the reason, when there is one
   JobTimes times;     // state events (queued, started and the final ones)
 };
 

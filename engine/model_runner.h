@@ -16,6 +16,7 @@
 
 #include "engine/job.h"
 #include "pipeline/image.h"
+#include "pipeline/memory.h"
 #include "pipeline/pipeline.h"
 
 namespace sdserve::engine {
@@ -48,6 +49,15 @@ class ModelRunner {
     uint64_t allocated = 0, reserved = 0;
   };
   virtual Memory memory() const { return {}; }
+  // The estimated peak bytes of one UNet call over `unet_images` images of this size (with CFG)
+  // and one VAE decode of `decode_images` (pipeline/memory.h); zeros: unknown (never refused).
+  virtual pipeline::MemoryEstimate estimate_memory(int /*width*/, int /*height*/,
+                                                   int /*unet_images*/,
+                                                   int /*decode_images*/) const {
+    return {};
+  }
+  // Bytes free for requests on the model's device, measured now; 0: unknown (no check).
+  virtual uint64_t available_memory() const { return 0; }
   virtual pipeline::EmbeddingPtr encode_text(const std::string& prompt, int clip_skip) = 0;
   // Several prompts in one text-encoder call (by default, one call each).
   virtual std::vector<pipeline::EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts,

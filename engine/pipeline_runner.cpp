@@ -25,13 +25,19 @@ std::vector<pipeline::Trajectory*> trajectories(const std::vector<ImageRun*>& ba
 
 class PipelineRunner : public ModelRunner {
  public:
-  explicit PipelineRunner(std::shared_ptr<pipeline::Model> model) : model_(std::move(model)) {}
+  explicit PipelineRunner(std::shared_ptr<pipeline::Model> model)
+      : model_(std::move(model)), shape_(pipeline::memory_shape(*model_)) {}
 
   const pipeline::ModelInfo& info() const override { return model_->info(); }
   Memory memory() const override {
     const auto m = pipeline::bench_support::memory(*model_);
     return {m.allocated, m.reserved};
   }
+  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_images,
+                                           int decode_images) const override {
+    return pipeline::estimate_memory(shape_, width, height, unet_images, decode_images);
+  }
+  uint64_t available_memory() const override { return pipeline::available_memory(*model_); }
   int evals_total(const pipeline::ImageSpec& spec) const override {
     return model_->evals_total(spec);
   }
@@ -114,6 +120,7 @@ class PipelineRunner : public ModelRunner {
  private:
   static constexpr const char* kWarmUpPrompt = "warm-up";
   std::shared_ptr<pipeline::Model> model_;
+  pipeline::MemoryShape shape_;  // from the model's configs, for estimate_memory()
   pipeline::EmbeddingPtr timing_cond_, timing_uncond_;  // time_step()'s, on the worker's thread
 };
 

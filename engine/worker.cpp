@@ -76,9 +76,11 @@ void Worker::run() {
 
 bool Worker::retire_and_admit(std::vector<Admission>* admitted) {
   std::unique_lock<std::mutex> lock(engine_.mutex);
+  const auto now = SteadyClock::now();
   for (auto it = active_.begin(); it != active_.end();) {
     JobState& job = *it->job;
-    if (job.cancel_requested || is_final(job.status)) {
+    // A job past its max_run_s ends timed_out here, between UNet steps, and its images leave.
+    if (engine_.stop_overrun(job, now) || job.cancel_requested || is_final(job.status)) {
       --job.images_in_flight;
       if (job.images_in_flight == 0)
         engine_.finish(job, JobStatus::kCancelled,

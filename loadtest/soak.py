@@ -36,7 +36,7 @@ import urllib.parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-FINAL = ("succeeded", "failed", "cancelled", "expired")
+FINAL = ("succeeded", "failed", "cancelled", "expired", "timed_out")
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "lms", "ddim", "pndm", "uni_pc",
             "DPM++ 2M Karras", "Euler a"]
 PROMPTS = ["a lighthouse at dusk", "a cat on a windowsill", "a red bicycle in the rain",

@@ -152,7 +152,7 @@ const std::vector<std::string>& request_fields() {
                                                   "preview",       "priority",
                                                   "timeout_s",     "cancel_on_disconnect",
                                                   "original_size", "crops_coords_top_left",
-                                                  "target_size"};
+                                                  "target_size",   "max_run_s"};
   return fields;
 }
 
@@ -241,6 +241,7 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
     r.preview = parse_preview(doc["preview"], read);
   if (doc.contains("priority")) r.priority = parse_priority(doc["priority"], read);
   if (doc.contains("timeout_s")) r.timeout_s = read.number(doc["timeout_s"], "timeout_s");
+  if (doc.contains("max_run_s")) r.max_run_s = read.number(doc["max_run_s"], "max_run_s");
   if (doc.contains("cancel_on_disconnect"))
     r.cancel_on_disconnect = read.boolean(doc["cancel_on_disconnect"], "cancel_on_disconnect");
   try {
@@ -287,6 +288,7 @@ Json request_json(const engine::JobRequest& r) {
             {"cancel_on_disconnect", r.cancel_on_disconnect}};
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);
   j["timeout_s"] = r.timeout_s ? Json(*r.timeout_s) : Json(nullptr);
+  j["max_run_s"] = r.max_run_s ? Json(*r.max_run_s) : Json(nullptr);
   if (r.preview) {
     j["preview"] = {{"every", r.preview->every},
                     {"format", r.preview->format},
@@ -359,6 +361,7 @@ Json event_json(const engine::JobEvent& e) {
     }
     case EventType::kFailed:
     case EventType::kExpired:
+    case EventType::kTimedOut:
       j["error"] = e.error;
       j["timings"] = timings_json(e.times);
       break;

@@ -349,6 +349,7 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson&
   const auto model = ctx.model();
   engine::RequestBounds bounds;
   bounds.max_timeout_s = ctx.config().max_timeout_s;
+  bounds.max_run_s = ctx.config().max_run_s;
   if (model) {
     bounds.text_layers = model->info().text_layers;
     bounds.native_size = model->info().native_size;

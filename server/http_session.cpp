@@ -371,6 +371,10 @@ Response HttpSession::generate_response(const Request& req) {
             req);
       }
       throw ApiError(409, "cancelled", "job '" + id + "' was cancelled");
+    case engine::JobStatus::kTimedOut:
+      // As a failed job (A1111 answers a failed txt2img with a 500): retrying the same request
+      // would run out of time again.
+      throw ApiError(500, "timed_out", "job '" + id + "' timed out: " + job->error);
     case engine::JobStatus::kExpired: {
       ApiError err(503, "expired",
                    "job '" + id + "' waited in the queue longer than its timeout_s; retry later");

@@ -83,10 +83,11 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                          .Help("Jobs accepted into the queue")
                          .Register(r)
                          .Add({});
-  jobs_finished_ = &BuildCounter()
-                        .Name("sdserve_jobs_finished_total")
-                        .Help("Jobs ended, by status (succeeded, failed, cancelled, expired)")
-                        .Register(r);
+  jobs_finished_ =
+      &BuildCounter()
+           .Name("sdserve_jobs_finished_total")
+           .Help("Jobs ended, by status (succeeded, failed, cancelled, expired, timed_out)")
+           .Register(r);
   jobs_rejected_ = &BuildCounter()
                         .Name("sdserve_jobs_rejected_total")
                         .Help(
@@ -388,6 +389,7 @@ std::string Metrics::scrape(const ScrapeInput& in) {
     advance(jobs_finished_->Add({{"status", "failed"}}), stats->jobs_failed);
     advance(jobs_finished_->Add({{"status", "cancelled"}}), stats->jobs_cancelled);
     advance(jobs_finished_->Add({{"status", "expired"}}), stats->jobs_expired);
+    advance(jobs_finished_->Add({{"status", "timed_out"}}), stats->jobs_timed_out);
     advance(jobs_rejected_->Add({{"reason", "queue_full"}}), stats->jobs_rejected_queue_full);
     advance(jobs_rejected_->Add({{"reason", "unavailable"}}), stats->jobs_rejected_unavailable);
     for (int level = 0; level < 3; ++level) {

@@ -8,11 +8,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <thread>
 
 #include "cache/embedding_cache.h"
 #include "engine/engine.h"
 #include "engine/model_runner.h"
+#include "pipeline/errors.h"
 
 namespace sdserve::engine {
 namespace {
@@ -95,6 +97,16 @@ class FakeRunner : public ModelRunner {
   pipeline::RgbImage preview(const ImageRun&, const PreviewOptions&) override {
     return {8, 8, std::vector<uint8_t>(8 * 8 * 3, 0)};
   }
+  // A byte per pixel and image in the UNet call, a byte per pixel and image in the decode.
+  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_images,
+                                           int decode_images) const override {
+    pipeline::MemoryEstimate e;
+    e.unet = e.unet_attention = static_cast<uint64_t>(width) * height * unet_images;
+    e.vae = static_cast<uint64_t>(width) * height * decode_images;
+    return e;
+  }
+  uint64_t available_memory() const override { return free_memory; }
+  uint64_t free_memory = 0;
 
   std::atomic<int> begins{0};
   std::atomic<int> fail_steps{0}, fail_decodes{0}, bad_images{0};
@@ -457,6 +469,133 @@ TEST(EngineWarmUp, ShutdownStopsItBetweenModelCalls) {
   EXPECT_EQ(w.warm_up.phase, "stopped");
   EXPECT_LE(fake->timed.size(), 2u);
   EXPECT_FALSE(engine->ready());
+}
+
+// A running job past max_run_s (the service's, or its request's smaller one) stops between UNet
+// steps and ends timed_out: its own state and event, counted apart from expired, no images kept
+// (not even those already finished), its images not yet admitted never run, and the worker goes
+// on to the next job.
+TEST(EngineFaults, JobRunningPastMaxRunSEndsTimedOutBetweenSteps) {
+  auto fake = std::make_shared<FakeRunner>();
+  EngineOptions o;
+  o.max_batch = 1;
+  o.max_run_s = 5;
+  auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                               std::make_shared<cache::PassThroughCache>());
+  wait_warm(*engine);
+  fake->step_ms = 20;
+  auto r = request("runs too long", 3);  // image 0 (5 steps) finishes; image 1 overruns
+  r.steps = 5;
+  r.max_run_s = 0.2;
+  std::mutex m;
+  std::vector<EventType> events;
+  std::string final_error;
+  const auto job = engine->submit(r);
+  engine->subscribe(job.id, [&](const JobEvent& e) {
+    std::lock_guard<std::mutex> lock(m);
+    events.push_back(e.type);
+    if (is_final(e.type)) final_error = e.error;
+  });
+  // Image 0 takes ~100 ms; the limit falls within image 1 or 2.
+  const auto start = std::chrono::steady_clock::now();
+  const auto end = wait_final(*engine, job.id);
+  EXPECT_EQ(end.status, JobStatus::kTimedOut);
+  EXPECT_EQ(to_string(end.status), "timed_out");
+  EXPECT_NE(end.error.find("max_run_s (0.2 s)"), std::string::npos) << end.error;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1500ms);
+  EXPECT_LT(end.evaluations, end.evaluations_total);  // stopped before all its steps
+  EXPECT_EQ(engine->image(job.id, 0).status, ImageLookup::kNotReady);  // finished one discarded
+  // The worker stopped stepping it: the step count no longer moves.
+  const auto steps_then = engine->stats().unet_steps;
+  std::this_thread::sleep_for(150ms);
+  EXPECT_EQ(engine->stats().unet_steps, steps_then);
+  const auto stats = engine->stats();
+  EXPECT_EQ(stats.jobs_timed_out, 1u);
+  EXPECT_EQ(stats.jobs_expired, 0u);
+  EXPECT_EQ(stats.jobs_failed, 0u);
+  EXPECT_EQ(stats.active_images, 0);
+  {
+    std::lock_guard<std::mutex> lock(m);
+    ASSERT_FALSE(events.empty());
+    EXPECT_EQ(events.back(), EventType::kTimedOut);
+    EXPECT_EQ(final_error, end.error);
+  }
+  // A request may only shorten the service's limit.
+  auto too_long = request("too long a limit");
+  too_long.max_run_s = 6;
+  try {
+    engine->submit(too_long);
+    ADD_FAILURE() << "max_run_s above the service's was accepted";
+  } catch (const pipeline::RequestError& e) {
+    EXPECT_EQ(e.field(), "max_run_s");
+    EXPECT_NE(std::string(e.what()).find("at most 5"), std::string::npos) << e.what();
+  }
+  // Within the service's limit (and without a field) the next job runs to its end.
+  fake->step_ms = 0;
+  const auto next = engine->submit(request("next"));
+  EXPECT_EQ(wait_final(*engine, next.id).status, JobStatus::kSucceeded);
+}
+
+// A request whose estimated peak (one UNet call of max_batch images of its size, plus a decode)
+// exceeds the memory budget is refused before it is queued, naming width; the budget is
+// max_memory_bytes, else what the device had free when the engine started.
+TEST(EngineFaults, RequestPastTheMemoryBudgetIsRefusedBeforeQueueing) {
+  auto fake = std::make_shared<FakeRunner>();
+  fake->free_memory = 270000;  // 3 bytes a pixel (max_batch 2 + 1 decode): up to 296x296
+  EngineOptions o;
+  o.max_batch = 2;
+  auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                               std::make_shared<cache::PassThroughCache>());
+  wait_warm(*engine);
+  auto fits = request("fits");
+  fits.width = fits.height = 256;
+  EXPECT_EQ(wait_final(*engine, engine->submit(fits).id).status, JobStatus::kSucceeded);
+  auto big = request("too big", 1);
+  big.width = 512;
+  big.height = 512;
+  try {
+    engine->submit(big);
+    ADD_FAILURE() << "a request past the memory budget was accepted";
+  } catch (const pipeline::RequestError& e) {
+    EXPECT_EQ(e.field(), "width");
+    const std::string m = e.what();
+    for (const char* words :
+         {"512x512", "estimated 1 MB", "available", "max_batch 2", "num_images (1)",
+          "max_memory_mb 0", "largest square size that fits is 296x296"})
+      EXPECT_NE(m.find(words), std::string::npos) << words << " in " << m;
+  }
+  EXPECT_EQ(engine->stats().jobs_submitted, 1u);
+  // max_memory_bytes overrides what the device has.
+  EngineOptions tight = o;
+  tight.max_memory_bytes = 3 * 64 * 64;
+  auto small_engine = Engine::create(tight, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                                     std::make_shared<cache::PassThroughCache>());
+  wait_warm(*small_engine);
+  EXPECT_THROW(small_engine->submit(fits), pipeline::RequestError);
+  EXPECT_EQ(wait_final(*small_engine, small_engine->submit(request("64 px")).id).status,
+            JobStatus::kSucceeded);
+}
+
+// The service's limit applies to jobs that ask for none; the engine refuses a limit of 0.
+TEST(EngineFaults, ServiceMaxRunSBoundsJobsWithoutTheField) {
+  EngineOptions bad;
+  bad.max_run_s = 0;
+  EXPECT_THROW(
+      Engine::create(bad, std::vector<std::shared_ptr<ModelRunner>>{std::make_shared<FakeRunner>()},
+                     nullptr),
+      std::invalid_argument);
+  auto fake = std::make_shared<FakeRunner>();
+  EngineOptions o;
+  o.max_run_s = 0.15;
+  auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                               std::make_shared<cache::PassThroughCache>());
+  wait_warm(*engine);
+  fake->step_ms = 20;
+  auto r = request("no limit asked");
+  r.steps = 100;
+  const auto end = wait_final(*engine, engine->submit(r).id);
+  EXPECT_EQ(end.status, JobStatus::kTimedOut);
+  EXPECT_LT(end.evaluations, 50);
 }
 
 }  // namespace

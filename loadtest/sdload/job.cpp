@@ -10,7 +10,8 @@ using json = nlohmann::json;
 constexpr Millis kPollInterval{500};
 
 bool is_final(const std::string& type) {
-  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
+  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired" ||
+         type == "timed_out";
 }
 
 std::string status_class(int status) {
@@ -131,8 +132,8 @@ void JobRun::on_final(const json& j) {
     rec_.queue_s = started_s_;
   if (type == "cancelled") return finish(Outcome::kCancelled);
   if (type == "expired") return finish(Outcome::kExpired);
-  if (type == "failed") {
-    rec_.add_error("server", "job_failed");
+  if (type == "failed" || type == "timed_out") {
+    rec_.add_error("server", type == "failed" ? "job_failed" : "timed_out");
     if (j.contains("error") && j["error"].is_string()) rec_.error_message = j["error"];
     return finish(Outcome::kFailed);
   }

@@ -408,7 +408,8 @@ json submit(int port, const json& body) {
 }
 
 bool is_final_type(const std::string& type) {
-  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired";
+  return type == "succeeded" || type == "failed" || type == "cancelled" || type == "expired" ||
+         type == "timed_out";
 }
 
 bool shows_running(const json& ev) {
