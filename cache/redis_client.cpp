@@ -63,16 +63,18 @@ bool is_timeout(int saved_errno, const char* errstr) {
          std::strcmp(errstr, std::strerror(ETIMEDOUT)) == 0;
 }
 
+RedisError timed_out(const std::string& doing, std::chrono::milliseconds timeout) {
+  return RedisError(RedisErrorKind::kTimeout,
+                    doing + " timed out after " + std::to_string(timeout.count()) + " ms");
+}
+
 // The one place where hiredis's error codes become typed errors.
 RedisError context_error(const redisContext* context, int saved_errno, bool connecting,
                          const std::string& doing, std::chrono::milliseconds timeout) {
   const std::string detail = context->errstr;
   switch (context->err) {
     case REDIS_ERR_IO:
-      if (is_timeout(saved_errno, context->errstr)) {
-        return RedisError(RedisErrorKind::kTimeout,
-                          doing + " timed out after " + std::to_string(timeout.count()) + " ms");
-      }
+      if (is_timeout(saved_errno, context->errstr)) return timed_out(doing, timeout);
       return RedisError(connecting ? RedisErrorKind::kConnect : RedisErrorKind::kIo,
                         doing + " failed: " + detail);
     case REDIS_ERR_EOF:
@@ -371,10 +373,7 @@ Reply read_reply(redisContext* context, const std::string& doing, Deadline deadl
   const auto arm = [&] {
     const auto left =
         std::chrono::ceil<std::chrono::microseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) {
-      throw RedisError(RedisErrorKind::kTimeout,
-                       doing + " timed out after " + std::to_string(timeout.count()) + " ms");
-    }
+    if (left.count() <= 0) throw timed_out(doing, timeout);
     timeval tv{};
     tv.tv_sec = static_cast<time_t>(left.count() / 1000000);
     tv.tv_usec = static_cast<suseconds_t>(left.count() % 1000000);

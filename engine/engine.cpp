@@ -524,13 +524,12 @@ void Engine::Impl::expire_queued(SteadyClock::time_point now) {
 bool Engine::Impl::stop_overrun(JobState& job, SteadyClock::time_point now) {
   if (job.status == JobStatus::kTimedOut) return true;
   if (job.status != JobStatus::kRunning || now - job.started_steady < job.run_limit) return false;
-  char limit[32];
-  std::snprintf(limit, sizeof limit, "%g", std::chrono::duration<double>(job.run_limit).count());
   // Its images leave the workers at their next turn (between UNet steps), as a cancelled job's;
   // images already finished are discarded with the rest (finish() erases the job's results).
   job.cancel_requested = true;
   finish(job, JobStatus::kTimedOut,
-         std::string("the job ran longer than its max_run_s (") + limit +
+         "the job ran longer than its max_run_s (" +
+             seconds_text(std::chrono::duration<double>(job.run_limit).count()) +
              " s) and was stopped; ask for fewer steps, images or pixels");
   return true;
 }

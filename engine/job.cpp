@@ -10,15 +10,12 @@
 #include "pipeline/validate.h"
 
 namespace sdserve::engine {
-namespace {
 
-std::string seconds_text(double s) {  // 3600, 0.5
+std::string seconds_text(double s) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", s);
   return buf;
 }
-
-}  // namespace
 
 std::string random_id() {
   static std::random_device device;

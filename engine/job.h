@@ -21,6 +21,8 @@ enum class Priority { kHigh = 0, kNormal = 1, kLow = 2 };
 // getrandom/urandom on Linux): job ids (without API keys, a job id is all that stands between one
 // user's job and another's) and the request ids the server makes. Thread-safe.
 std::string random_id();
+// Seconds as a person writes them: 3600, 0.5 (printf's %g).
+std::string seconds_text(double s);
 
 std::string to_string(JobStatus s);  // "queued", "running", ...
 std::string to_string(Priority p);   // "high", "normal", "low"

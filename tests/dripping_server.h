@@ -19,22 +19,27 @@
 
 namespace sdserve::test {
 
+// A listening TCP socket on 127.0.0.1 at a port the kernel picks; returns its fd and sets *port.
+inline int listen_on_loopback(int* port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::listen(fd, 16) != 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    if (fd >= 0) ::close(fd);
+    throw std::runtime_error("cannot open a listening socket");
+  }
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
 class DrippingServer {
  public:
   // `reply` is sent (dripped) after each chunk received: "$-1\r\n" is GET's "no such key".
   explicit DrippingServer(std::chrono::milliseconds interval, std::string reply = "$-1\r\n")
-      : interval_(interval), reply_(std::move(reply)) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-        ::listen(fd_, 16) != 0 ||
-        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      throw std::runtime_error("cannot open a listening socket");
-    }
-    port_ = ntohs(addr.sin_port);
+      : interval_(interval), reply_(std::move(reply)), fd_(listen_on_loopback(&port_)) {
     acceptor_ = std::thread([this] { accept_loop(); });
   }
   ~DrippingServer() {
@@ -79,8 +84,8 @@ class DrippingServer {
 
   std::chrono::milliseconds interval_;
   std::string reply_;
+  int port_ = 0;  // before fd_: listen_on_loopback() sets it while fd_ is initialised
   int fd_ = -1;
-  int port_ = 0;
   std::atomic<bool> stop_{false};
   std::atomic<int> accepted_{0};
   std::mutex mutex_;

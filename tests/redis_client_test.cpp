@@ -428,24 +428,13 @@ TEST_F(RedisClientTest, BackoffDoublesUpToItsMaximum) {
 // A listening socket that never accepts: the kernel completes the handshake, nobody answers.
 class SilentListener {
  public:
-  SilentListener() {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-        ::listen(fd_, 16) != 0 || ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len)) {
-      throw std::runtime_error("cannot open a listening socket");
-    }
-    port_ = ntohs(addr.sin_port);
-  }
+  SilentListener() : fd_(test::listen_on_loopback(&port_)) {}
   ~SilentListener() { ::close(fd_); }
   int port() const { return port_; }
 
  private:
+  int port_ = 0;  // before fd_: listen_on_loopback() sets it while fd_ is initialised
   int fd_ = -1;
-  int port_ = 0;
 };
 
 TEST_F(RedisClientTest, SilentServerTimesOut) {
