@@ -11,6 +11,7 @@
 
 #include "app/cli.h"
 #include "pipeline/errors.h"
+#include "pipeline/image.h"
 #include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
 #include "pipeline/validate.h"
@@ -32,6 +33,10 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
   --seed N            seed of the first image; image k uses seed + k (default: random)
   --width N --height N  multiples of 8, 64..2048 (default: the model's native size, 512 for
                         SD 1.x, 1024 for SDXL)
+  --init-image FILE   image to image: start from this PNG or JPEG (its size, rounded down to
+                      a multiple of 8, unless --width/--height; resized with Lanczos)
+  --strength X        with --init-image: how much of it is redrawn, 0..1 (default 0.8; the
+                      last int(steps x X) steps run)
   -n N                number of images, 1..16 (default 1): out.png, out-1.png, ...
   --clip-skip N       1 = last CLIP layer (default), 2 = penultimate (A1111's convention)
   --prompt-syntax S   a1111 (default: (word:1.2), [word], BREAK, prompts past 75 tokens) or
@@ -76,7 +81,7 @@ struct GenerateArgs {
   GenerateArgs() { request.image.width = request.image.height = 0; }  // 0: the model's size
   pipeline::GenerateRequest request;
   pipeline::LoadOptions load;
-  std::string model = pipeline::bundled_model_path(), output;
+  std::string model = pipeline::bundled_model_path(), output, init_image;
   bool quiet = false;
 };
 
@@ -85,7 +90,8 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
   using L = pipeline::Limits;
   auto& request = g.request;
   std::string sampler = "euler", scheduler, prompt_syntax = "a1111";
-  bool have_prompt = false, have_seed = false;
+  bool have_prompt = false, have_seed = false, have_strength = false;
+  request.image.strength = 0.8;  // diffusers' img2img default
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--help" || a == "-h") {
@@ -120,6 +126,10 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
       request.image.width = parse_int_arg(a, v, L::kMinSide, L::kMaxSide);
     else if (a == "--height")
       request.image.height = parse_int_arg(a, v, L::kMinSide, L::kMaxSide);
+    else if (a == "--init-image")
+      g.init_image = v;
+    else if (a == "--strength")
+      request.image.strength = parse_double_arg(a, v, 0, 1), have_strength = true;
     else if (a == "-n")
       request.num_images = parse_int_arg(a, v, 1, L::kMaxImages);
     else if (a == "--clip-skip")
@@ -138,6 +148,7 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
       throw UsageError("unknown option '" + a + "'");
   }
   if (!have_prompt) throw UsageError("--prompt is required");
+  if (have_strength && g.init_image.empty()) throw UsageError("--strength needs --init-image");
   if (g.output.empty()) throw UsageError("-o/--output is required");
   if (output_format(g.output).empty())
     throw UsageError("-o '" + g.output + "': sdserve writes .png or .jpg/.jpeg images");
@@ -170,7 +181,27 @@ int run_generate(const std::vector<std::string>& args) {
   const auto& output = g.output;
   const bool quiet = g.quiet;
   setup_logging(quiet ? "warn" : "info");
+  using L = pipeline::Limits;
   auto m = pipeline::Model::load(g.model, g.load);
+  if (!g.init_image.empty()) {
+    std::ifstream in(g.init_image, std::ios::binary);
+    if (!in) throw UsageError("--init-image '" + g.init_image + "' cannot be read");
+    const std::vector<uint8_t> bytes{std::istreambuf_iterator<char>(in),
+                                     std::istreambuf_iterator<char>()};
+    pipeline::RgbImage init;
+    try {
+      init = pipeline::decode_image(bytes);
+    } catch (const pipeline::ImageError& e) {
+      throw UsageError("--init-image '" + g.init_image + "': " + e.what());
+    }
+    // Sizes not given come from the image (diffusers' rule: rounded down to a multiple of 8).
+    auto& spec = g.request.image;
+    if (spec.width == 0) spec.width = std::max(L::kMinSide, init.width / 8 * 8);
+    if (spec.height == 0) spec.height = std::max(L::kMinSide, init.height / 8 * 8);
+    if (init.width != spec.width || init.height != spec.height)
+      init = pipeline::resize_lanczos(init, spec.width, spec.height);
+    spec.init_image = std::make_shared<const pipeline::RgbImage>(std::move(init));
+  }
   // Sizes not given default to the model's own.
   if (g.request.image.width == 0) g.request.image.width = m->info().native_size;
   if (g.request.image.height == 0) g.request.image.height = m->info().native_size;

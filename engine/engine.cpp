@@ -381,7 +381,7 @@ JobSnapshot Engine::Impl::snapshot(const JobState& job) const {
   s.id = job.id;
   s.status = job.status;
   s.queue_position = job.status == JobStatus::kQueued ? queue->position(job.id) : -1;
-  s.steps = job.request.steps;
+  s.steps = pipeline::steps_that_run(image_spec(job.request));
   s.evaluations = mean_evals(job);
   s.evaluations_total = job.evals_per_image;
   s.seed = job.seed;
@@ -410,7 +410,7 @@ JobEvent Engine::Impl::state_event(const JobState& job) const {
       break;
     case JobStatus::kRunning:
       e.type = EventType::kStarted;
-      e.steps = job.request.steps;
+      e.steps = pipeline::steps_that_run(image_spec(job.request));
       e.evaluations = mean_evals(job);
       e.evaluations_total = job.evals_per_image;
       break;

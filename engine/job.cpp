@@ -78,6 +78,8 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   spec.sampler = request.sampler;
   spec.scheduler = request.scheduler;
   spec.seed = request.seed.value_or(0) + static_cast<uint64_t>(k);
+  spec.init_image = request.init_image;  // shared by the request's images, never copied
+  spec.strength = request.strength;
   return spec;
 }
 

@@ -54,6 +54,10 @@ struct JobRequest {
   int clip_skip = 1;
   // A1111's weighting syntax and long prompts in chunks, or the text as it is (pipeline.h).
   pipeline::PromptSyntax prompt_syntax = pipeline::PromptSyntax::kA1111;
+  // Image to image: the picture to start from, already width x height (the server decodes and
+  // resizes it), and the part of the schedule that runs (pipeline::ImageSpec). Null: txt2img.
+  std::shared_ptr<const pipeline::RgbImage> init_image;
+  double strength = 0.8;
   std::optional<PreviewOptions> preview;
   Priority priority = Priority::kNormal;
   std::optional<double> timeout_s;  // absent: the configured default

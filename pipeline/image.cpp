@@ -4,6 +4,7 @@
 #include <turbojpeg.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -149,6 +150,80 @@ std::vector<uint8_t> exif_user_comment(const std::string& text) {
   return seg;
 }
 
+// Pillow's resampling (its Resample.c), for resize_lanczos().
+constexpr int kWeightBits = 32 - 8 - 2;
+
+double sinc(double x) {
+  if (x == 0.0) return 1.0;
+  x *= M_PI;
+  return std::sin(x) / x;
+}
+
+double lanczos3(double x) {
+  return (-3.0 <= x && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0;
+}
+
+// The input pixels output pixel i reads along one axis, and their fixed-point weights.
+struct Taps {
+  int first = 0;
+  std::vector<int32_t> weights;
+};
+
+std::vector<Taps> lanczos_taps(int in_size, int out_size) {
+  const double scale = static_cast<double>(in_size) / out_size;
+  const double filter_scale = std::max(scale, 1.0);  // widen the filter when shrinking
+  const double support = 3.0 * filter_scale;
+  std::vector<Taps> taps(static_cast<size_t>(out_size));
+  for (int i = 0; i < out_size; ++i) {
+    const double center = (i + 0.5) * scale;
+    // Truncation as C's (int) cast, then clamped to the image.
+    const int lo = std::max(static_cast<int>(center - support + 0.5), 0);
+    const int hi = std::min(static_cast<int>(center + support + 0.5), in_size);
+    std::vector<double> w;
+    double sum = 0;
+    for (int x = lo; x < hi; ++x) {
+      w.push_back(lanczos3((x - center + 0.5) / filter_scale));
+      sum += w.back();
+    }
+    taps[i].first = lo;
+    for (double v : w) {
+      if (sum != 0.0) v /= sum;
+      const double fixed = v * (1 << kWeightBits);
+      taps[i].weights.push_back(static_cast<int32_t>(v < 0 ? fixed - 0.5 : fixed + 0.5));
+    }
+  }
+  return taps;
+}
+
+uint8_t clip8(int32_t acc) {
+  return static_cast<uint8_t>(std::clamp(acc >> kWeightBits, 0, 255));
+}
+
+// One pass: along x when `horizontal`, else along y; out is out_w x out_h.
+RgbImage resample_pass(const RgbImage& in, int out_w, int out_h, bool horizontal) {
+  const auto taps = lanczos_taps(horizontal ? in.width : in.height, horizontal ? out_w : out_h);
+  RgbImage out;
+  out.width = out_w;
+  out.height = out_h;
+  out.pixels.resize(static_cast<size_t>(out_w) * out_h * 3);
+  const auto at = [&](int x, int y, int c) {
+    return static_cast<int32_t>(in.pixels[(static_cast<size_t>(y) * in.width + x) * 3 + c]);
+  };
+  for (int y = 0; y < out_h; ++y)
+    for (int x = 0; x < out_w; ++x) {
+      const Taps& t = taps[horizontal ? x : y];
+      for (int c = 0; c < 3; ++c) {
+        int32_t acc = 1 << (kWeightBits - 1);
+        for (size_t k = 0; k < t.weights.size(); ++k) {
+          const int src = t.first + static_cast<int>(k);
+          acc += (horizontal ? at(src, y, c) : at(x, src, c)) * t.weights[k];
+        }
+        out.pixels[(static_cast<size_t>(y) * out_w + x) * 3 + c] = clip8(acc);
+      }
+    }
+  return out;
+}
+
 }  // namespace
 
 std::vector<uint8_t> encode_png(const RgbImage& image,
@@ -245,6 +320,99 @@ RgbImage decode_png(const std::vector<uint8_t>& bytes,
   return image;
 }
 
+namespace {
+
+void check_declared_size(const char* format, uint64_t width, uint64_t height,
+                         const ImageLimits& limits) {
+  const auto side = static_cast<uint64_t>(limits.max_side);
+  if (width == 0 || height == 0 || width > side || height > side ||
+      width * height > static_cast<uint64_t>(limits.max_pixels))
+    throw ImageError(std::string(format) + " image of " + std::to_string(width) + "x" +
+                     std::to_string(height) + " is over the limits (each side at most " +
+                     std::to_string(limits.max_side) + ", at most " +
+                     std::to_string(limits.max_pixels) + " pixels)");
+}
+
+RgbImage decode_png_checked(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_throw, png_warn);
+  if (png == nullptr) throw std::runtime_error("PNG: cannot create reader");
+  png_infop info = png_create_info_struct(png);
+  struct Guard {
+    png_structp* p;
+    png_infop* i;
+    ~Guard() { png_destroy_read_struct(p, i, nullptr); }
+  } guard{&png, &info};
+  PngReadCursor cursor{&bytes, 0};
+  png_set_read_fn(png, &cursor, png_read_from_vector);
+  // Bounds libpng's own allocations too (ancillary chunks, decompression).
+  png_set_user_limits(png, static_cast<png_uint_32>(limits.max_side),
+                      static_cast<png_uint_32>(limits.max_side));
+  png_set_chunk_malloc_max(png, 8 << 20);
+  png_read_info(png, info);
+  check_declared_size("PNG", png_get_image_width(png, info), png_get_image_height(png, info),
+                      limits);
+  png_set_expand(png);
+  png_set_strip_16(png);
+  png_set_strip_alpha(png);
+  png_set_gray_to_rgb(png);
+  const int passes = png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  RgbImage image;
+  image.width = static_cast<int>(png_get_image_width(png, info));
+  image.height = static_cast<int>(png_get_image_height(png, info));
+  if (png_get_rowbytes(png, info) != static_cast<size_t>(image.width) * 3)
+    throw ImageError("PNG: unexpected row layout");
+  image.pixels.resize(static_cast<size_t>(image.width) * image.height * 3);
+  for (int pass = 0; pass < passes; ++pass)
+    for (int y = 0; y < image.height; ++y)
+      png_read_row(png, image.pixels.data() + static_cast<size_t>(y) * image.width * 3, nullptr);
+  return image;
+}
+
+RgbImage decode_jpeg_checked(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
+  tjhandle handle = tjInitDecompress();
+  if (handle == nullptr) throw std::runtime_error("JPEG: cannot create decoder");
+  struct Guard {
+    tjhandle h;
+    ~Guard() { tjDestroy(h); }
+  } guard{handle};
+  int width = 0, height = 0, subsampling = 0, colorspace = 0;
+  if (tjDecompressHeader3(handle, bytes.data(), static_cast<unsigned long>(bytes.size()), &width,
+                          &height, &subsampling, &colorspace) != 0)
+    throw ImageError(std::string("JPEG: ") + tjGetErrorStr2(handle));
+  check_declared_size("JPEG", static_cast<uint64_t>(width), static_cast<uint64_t>(height), limits);
+  RgbImage image;
+  image.width = width;
+  image.height = height;
+  image.pixels.resize(static_cast<size_t>(width) * height * 3);
+  // Accurate DCT: the pixels libjpeg's default gives (what PIL decodes), not the fast path's.
+  if (tjDecompress2(handle, bytes.data(), static_cast<unsigned long>(bytes.size()),
+                    image.pixels.data(), width, 0, height, TJPF_RGB, TJFLAG_ACCURATEDCT) != 0 &&
+      tjGetErrorCode(handle) == TJERR_FATAL)
+    throw ImageError(std::string("JPEG: ") + tjGetErrorStr2(handle));
+  return image;
+}
+
+}  // namespace
+
+RgbImage decode_image(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
+  const auto starts = [&](const char* magic, size_t at = 0) {
+    const size_t n = std::strlen(magic);
+    return bytes.size() >= at + n && std::memcmp(bytes.data() + at, magic, n) == 0;
+  };
+  try {
+    if (starts("\x89PNG\r\n\x1a\n")) return decode_png_checked(bytes, limits);
+    if (starts("\xff\xd8\xff")) return decode_jpeg_checked(bytes, limits);
+  } catch (const ImageError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw ImageError(std::string("the image is corrupt: ") + e.what());
+  }
+  if (starts("RIFF") && starts("WEBP", 8))
+    throw ImageError("WebP is not supported yet: send PNG or JPEG");
+  throw ImageError("not a PNG or JPEG image");
+}
+
 std::string read_png_text(const std::vector<uint8_t>& png, const std::string& key) {
   // Walks the chunk headers only (no libpng: nothing is decoded), so any bytes are safe.
   const auto be32 = [](const uint8_t* p) {
@@ -292,6 +460,15 @@ std::vector<uint8_t> encode_jpeg(const RgbImage& image, int quality,
   if (out.size() > 4 && out[2] == 0xFF && out[3] == 0xE0) at = 4 + ((out[4] << 8) | out[5]);
   const auto exif = exif_user_comment(user_comment);
   out.insert(out.begin() + static_cast<std::ptrdiff_t>(at), exif.begin(), exif.end());
+  return out;
+}
+
+RgbImage resize_lanczos(const RgbImage& image, int width, int height) {
+  if (width < 1 || height < 1 || image.width < 1 || image.height < 1)
+    throw std::invalid_argument("resize_lanczos: empty image or size");
+  RgbImage out = image;
+  if (width != out.width) out = resample_pass(out, width, out.height, true);
+  if (height != out.height) out = resample_pass(out, out.width, height, false);
   return out;
 }
 

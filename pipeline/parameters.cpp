@@ -23,6 +23,11 @@ std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, cons
       << "x" << request.image.height;
   if (!model_hash.empty()) out << ", Model hash: " << model_hash;
   out << ", Model: " << model.name;
+  if (request.image.init_image) {
+    std::ostringstream strength;
+    strength << request.image.strength;
+    out << ", Denoising strength: " << strength.str();
+  }
   if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
   // A1111 notes a non-default emphasis when the prompts have brackets it would otherwise weight.
   const auto brackets = [](const std::string& s) {

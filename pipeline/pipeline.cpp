@@ -56,6 +56,40 @@ std::vector<RgbImage> to_rgb8(const torch::Tensor& images) {
   return out;
 }
 
+// The first evaluation of an image-to-image spec: diffusers' get_timesteps skips the first
+// steps - int(steps x strength) steps, order() evaluations each.
+int first_eval(const ImageSpec& spec, const Sampler& sampler) {
+  return (spec.steps - steps_that_run(spec)) * sampler.order();
+}
+
+// Image to image, as diffusers' prepare_latents: the init image VAE-encoded, a sample of its
+// latent distribution (the generator's first draw), scaled, then noised with the second draw to
+// the first evaluation that runs. Both draws are the image's own, as every other draw.
+void start_from_image(Model::Impl& impl, Trajectory::State& state) {
+  const ImageSpec& spec = state.spec;
+  const RgbImage& image = *spec.init_image;
+  const auto vae_dtype = impl.vae->parameters().front().scalar_type();
+  // [0, 255] -> [-1, 1] in float32, as diffusers' VaeImageProcessor (x / 255, then 2x - 1).
+  auto pixels = torch::from_blob(const_cast<uint8_t*>(image.pixels.data()),
+                                 {1, image.height, image.width, 3}, torch::kUInt8)
+                    .permute({0, 3, 1, 2})
+                    .to(torch::kFloat32)
+                    .div(255.0);
+  const auto x = (2.0 * pixels - 1.0).to(impl.device, vae_dtype);
+  const auto moments = impl.vae->encode_moments(x).to(torch::kFloat32);
+  const int64_t c = moments.size(1) / 2;
+  const auto mean = moments.narrow(1, 0, c);
+  const auto std = torch::exp(0.5 * moments.narrow(1, c, c).clamp(-30.0, 20.0));
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  const auto draw = torch::randn(mean.sizes(), state.generator, options).to(impl.device);
+  const auto latents = impl.vae_scaling_factor * (mean + std * draw);
+  const auto noise = torch::randn(latents.sizes(), state.generator, options).to(impl.device);
+  const int first = first_eval(spec, *state.sampler);
+  state.latent = state.sampler->add_noise(latents, noise, first);
+  state.sampler->start_at(first);
+  state.evals_done = state.first_eval = first;
+}
+
 }  // namespace
 
 Trajectory::Trajectory(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -64,10 +98,10 @@ const ImageSpec& Trajectory::spec() const {
   return state_->spec;
 }
 int Trajectory::evals_done() const {
-  return state_->evals_done;
+  return state_->evals_done - state_->first_eval;
 }
 int Trajectory::evals_total() const {
-  return state_->sampler->num_evals();
+  return state_->sampler->num_evals() - state_->first_eval;
 }
 
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -146,6 +180,10 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
   state->generator = at::detail::createCPUGenerator(spec.seed);
   state->cond = std::move(cond);
   if (cfg) state->uncond = std::move(uncond);
+  if (spec.init_image) {
+    start_from_image(*impl_, *state);
+    return std::make_unique<Trajectory>(std::move(state));
+  }
   // Drawn on the CPU from the image's own generator, as the reference pipeline does.
   auto noise = torch::randn({1, impl_->info.latent_channels, spec.height / 8, spec.width / 8},
                             state->generator, torch::TensorOptions().dtype(torch::kFloat32));
@@ -349,10 +387,10 @@ std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const
 
 int Model::evals_total(const ImageSpec& spec) const {
   pipeline::validate(spec);
-  return make_sampler(spec.sampler,
-                      spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
-                      spec.steps, impl_->scheduler)
-      ->num_evals();
+  const auto sampler = make_sampler(
+      spec.sampler, spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
+      spec.steps, impl_->scheduler);
+  return sampler->num_evals() - (spec.init_image ? first_eval(spec, *sampler) : 0);
 }
 
 torch::Tensor Model::Impl::predicted_x0(const Trajectory::State& s) const {

@@ -91,7 +91,15 @@ struct ImageSpec {
   std::string sampler = "euler";
   std::string scheduler = "normal";  // "normal" | "karras"
   uint64_t seed = 0;
+  // Image to image (as diffusers' img2img pipelines): the picture to start from, exactly width x
+  // height (callers resize: server/init_image.h), VAE-encoded and noised to where the schedule's
+  // last int(steps x strength) steps start; only those steps run. Null: text to image.
+  std::shared_ptr<const RgbImage> init_image;
+  double strength = 1.0;  // 0..1; read only with an init image
 };
+
+// The steps that run for a spec: steps, or int(steps x strength) of them with an init image.
+int steps_that_run(const ImageSpec& spec);
 
 // How a prompt's text becomes what the text encoder reads (docs/PROMPTS.md):
 //  kA1111: AUTOMATIC1111's syntax: (word), (word:1.3), [word], \( escapes, BREAK; a prompt past
@@ -135,8 +143,10 @@ class Trajectory {
  public:
   ~Trajectory();
   const ImageSpec& spec() const;
-  int evals_done() const;   // UNet evaluations done so far
-  int evals_total() const;  // = steps, except heun (2 * steps - 1)
+  // UNet evaluations done so far and in all, counting only those that run (image to image skips
+  // the first ones): steps, except heun (2 * steps - 1) and pndm (steps + 1).
+  int evals_done() const;
+  int evals_total() const;
   bool done() const { return evals_done() >= evals_total(); }
 
   struct State;  // defined in pipeline/trajectory_state.h (torch)
@@ -196,7 +206,8 @@ class Model {
     int padding = 0;
   };
   StepRows last_step_rows() const;
-  // Model evaluations a spec takes (steps, except heun 2 * steps - 1, pndm steps + 1).
+  // Model evaluations a spec takes (steps, except heun 2 * steps - 1, pndm steps + 1), only
+  // those that run with an init image.
   int evals_total(const ImageSpec& spec) const;
   // Decodes finished trajectories to 8-bit RGB.
   std::vector<RgbImage> decode(const std::vector<Trajectory*>& batch) const;

@@ -1,5 +1,6 @@
 #include "pipeline/validate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -31,6 +32,9 @@ std::string rule(const std::string& field, int text_layers) {
   if (field == "steps") return "steps must be an integer" + range(1, L::kMaxSteps);
   if (field == "guidance_scale")
     return "guidance_scale must be a number" + range(0, static_cast<int>(L::kMaxGuidanceScale));
+  if (field == "strength")
+    return "strength must be a number between 0 and 1, with int(steps x strength) at least 1 "
+           "(the steps that run)";
   if (field == "num_images") return "num_images must be an integer" + range(1, L::kMaxImages);
   if (field == "clip_skip") return "clip_skip must be an integer" + range(1, text_layers);
   if (field == "sampler") return "sampler must be a string naming one of " + known_sampler_list();
@@ -67,10 +71,29 @@ void validate(const ImageSpec& spec) {
     throw RequestError("steps", rule("steps") + got(static_cast<long long>(spec.steps)));
   if (!(spec.guidance_scale >= 0 && spec.guidance_scale <= L::kMaxGuidanceScale))
     throw RequestError("guidance_scale", rule("guidance_scale") + got(spec.guidance_scale));
+  if (spec.init_image) {
+    if (!(spec.strength >= 0 && spec.strength <= 1) || steps_that_run(spec) < 1)
+      throw RequestError("strength", rule("strength") + got(spec.strength) + ", steps " +
+                                         std::to_string(spec.steps));
+    const auto& image = *spec.init_image;
+    if (image.width != spec.width || image.height != spec.height ||
+        image.pixels.size() != static_cast<size_t>(image.width) * image.height * 3)
+      throw RequestError("init_image", "init_image is " + std::to_string(image.width) + "x" +
+                                           std::to_string(image.height) + ", the request " +
+                                           std::to_string(spec.width) + "x" +
+                                           std::to_string(spec.height) +
+                                           " (resize it first: server/init_image.h)");
+  }
   const SamplerChoice choice = resolve_sampler(spec.sampler, spec.scheduler);
   if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)
     throw RequestError("sampler", "sampler '" + spec.sampler + "' / scheduler '" + spec.scheduler +
                                       "' must be canonical (use resolve_sampler first)");
+}
+
+int steps_that_run(const ImageSpec& spec) {
+  if (!spec.init_image) return spec.steps;
+  // As diffusers' get_timesteps: int() of the double product (12 x 0.3 runs 3 steps).
+  return std::min(static_cast<int>(spec.steps * spec.strength), spec.steps);
 }
 
 void validate(const GenerateRequest& request, int text_layers) {

@@ -10,6 +10,7 @@
 #include "pipeline/image.h"
 #include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
+#include "server/init_image.h"
 
 namespace sdserve::server::a1111 {
 namespace {
@@ -443,36 +444,6 @@ Json options(const pipeline::ModelInfo* model, const std::string& sha256) {
 
 namespace {
 
-std::vector<uint8_t> unbase64(const std::string& in) {
-  std::vector<uint8_t> out;
-  uint32_t acc = 0;
-  int bits = 0;
-  for (const unsigned char c : in) {
-    int v;
-    if (c >= 'A' && c <= 'Z')
-      v = c - 'A';
-    else if (c >= 'a' && c <= 'z')
-      v = c - 'a' + 26;
-    else if (c >= '0' && c <= '9')
-      v = c - '0' + 52;
-    else if (c == '+' || c == '-')
-      v = 62;
-    else if (c == '/' || c == '_')
-      v = 63;
-    else if (c == '=' || c == '\n' || c == '\r' || c == ' ')
-      continue;
-    else
-      refuse("image", "image is not base64");
-    acc = (acc << 6) | static_cast<uint32_t>(v);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out.push_back(static_cast<uint8_t>((acc >> bits) & 0xFF));
-    }
-  }
-  return out;
-}
-
 // Fields of one infotext read back: A1111 writes about 20, extensions a few dozen more.
 constexpr size_t kMaxInfotextFields = 256;
 
@@ -515,7 +486,9 @@ Json png_info(const BodyJson& doc) {
   std::string data = doc["image"].get<std::string>();
   const auto comma = data.find(',');
   if (data.rfind("data:", 0) == 0 && comma != std::string::npos) data = data.substr(comma + 1);
-  const auto png = unbase64(data);
+  const auto decoded = unbase64(data);
+  if (!decoded) refuse("image", "image is not base64");
+  const auto& png = *decoded;
   static const uint8_t kSignature[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
   if (png.size() < 8 || !std::equal(png.begin(), png.begin() + 8, kSignature))
     refuse("image", "image is not a PNG");

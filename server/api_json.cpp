@@ -11,6 +11,8 @@
 #include "pipeline/errors.h"
 #include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
+#include "pipeline/validate.h"
+#include "server/init_image.h"
 
 namespace sdserve::server {
 namespace {
@@ -152,7 +154,8 @@ const std::vector<std::string>& request_fields() {
                                                   "preview",       "priority",
                                                   "timeout_s",     "cancel_on_disconnect",
                                                   "original_size", "crops_coords_top_left",
-                                                  "target_size",   "max_run_s"};
+                                                  "target_size",   "max_run_s",
+                                                  "init_image",    "strength"};
   return fields;
 }
 
@@ -216,8 +219,19 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   r.prompt = read.string(doc["prompt"], "prompt");
   if (doc.contains("negative_prompt"))
     r.negative_prompt = read.string(doc["negative_prompt"], "negative_prompt");
+  std::optional<pipeline::RgbImage> init;
+  if (doc.contains("init_image") && !doc["init_image"].is_null()) {
+    init = decode_request_image(read.string(doc["init_image"], "init_image"), "init_image");
+    // Without a size the request takes the picture's own (rounded down to a multiple of 8).
+    r.width = default_side(init->width);
+    r.height = default_side(init->height);
+  }
   if (doc.contains("width")) r.width = read.integer(doc["width"], "width");
   if (doc.contains("height")) r.height = read.integer(doc["height"], "height");
+  if (doc.contains("strength")) {
+    if (!init) invalid("strength", "strength needs an init_image (image to image)");
+    r.strength = read.number(doc["strength"], "strength");
+  }
   parse_pair(doc, "original_size", "width", "height", read, &r.original_width, &r.original_height);
   parse_pair(doc, "crops_coords_top_left", "top", "left", read, &r.crop_top, &r.crop_left);
   parse_pair(doc, "target_size", "width", "height", read, &r.target_width, &r.target_height);
@@ -244,6 +258,12 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   if (doc.contains("max_run_s")) r.max_run_s = read.number(doc["max_run_s"], "max_run_s");
   if (doc.contains("cancel_on_disconnect"))
     r.cancel_on_disconnect = read.boolean(doc["cancel_on_disconnect"], "cancel_on_disconnect");
+  // Resized only once the size is known to be valid: a bad width is reported as such.
+  if (init && r.width >= pipeline::Limits::kMinSide && r.width <= pipeline::Limits::kMaxSide &&
+      r.height >= pipeline::Limits::kMinSide && r.height <= pipeline::Limits::kMaxSide &&
+      r.width % pipeline::Limits::kSideMultiple == 0 &&
+      r.height % pipeline::Limits::kSideMultiple == 0)
+    r.init_image = fit_init_image(std::move(*init), r.width, r.height);
   try {
     engine::validate(r, bounds);
   } catch (const pipeline::RequestError& e) {
@@ -284,6 +304,10 @@ Json request_json(const engine::JobRequest& r) {
             {"original_size", {{"width", r.original_width}, {"height", r.original_height}}},
             {"crops_coords_top_left", {{"top", r.crop_top}, {"left", r.crop_left}}},
             {"target_size", {{"width", r.target_width}, {"height", r.target_height}}},
+            {"init_image",
+             r.init_image ? Json{{"width", r.init_image->width}, {"height", r.init_image->height}}
+                          : Json()},
+            {"strength", r.init_image ? Json(r.strength) : Json()},
             {"priority", engine::to_string(r.priority)},
             {"cancel_on_disconnect", r.cancel_on_disconnect}};
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);

@@ -17,7 +17,7 @@
 namespace sdserve::pipeline {
 namespace {
 
-constexpr double kParityTolerance = 1e-4;
+constexpr double kUnetTolerance = 1e-4;
 
 nlohmann::json unet_json() {
   return test::model_files().unet_config;
@@ -54,7 +54,7 @@ void expect_matches_reference(int t) {
   std::ostringstream shown;
   shown << std::scientific << std::setprecision(2) << err;
   ::testing::Test::RecordProperty("max_abs_error", shown.str());
-  EXPECT_LE(err, kParityTolerance) << "t = " << t;
+  EXPECT_LE(err, kUnetTolerance) << "t = " << t;
 }
 
 TEST(UNet, MatchesDiffusersAtT1) {
@@ -93,15 +93,15 @@ TEST(UNet, PerSampleTimesteps) {
     EXPECT_LE(test::max_abs_diff(mixed.narrow(0, i, 1), alone), 1e-5) << "sample " << i;
   }
   // And both against diffusers.
-  EXPECT_LE(test::max_abs_diff(mixed[0], test::ref("unet_t1_out")[0]), kParityTolerance);
-  EXPECT_LE(test::max_abs_diff(mixed[1], test::ref("unet_t999_out")[1]), kParityTolerance);
+  EXPECT_LE(test::max_abs_diff(mixed[0], test::ref("unet_t1_out")[0]), kUnetTolerance);
+  EXPECT_LE(test::max_abs_diff(mixed[1], test::ref("unet_t999_out")[1]), kUnetTolerance);
 }
 
 TEST(UNet, ScalarTimestepBroadcastsOverTheBatch) {
   torch::NoGradGuard no_grad;
   const auto sample = test::ref("unet_t500_in");
   auto out = tiny_unet()->forward(sample, torch::tensor(500.0), test::ref("unet_t500_emb"));
-  EXPECT_LE(test::max_abs_diff(out, test::ref("unet_t500_out")), kParityTolerance);
+  EXPECT_LE(test::max_abs_diff(out, test::ref("unet_t500_out")), kUnetTolerance);
 }
 
 TEST(UNetConfig, ReadsTheTinyConfig) {

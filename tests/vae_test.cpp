@@ -17,7 +17,7 @@
 namespace sdserve::pipeline {
 namespace {
 
-constexpr double kParityTolerance = 1e-4;
+constexpr double kVaeTolerance = 1e-4;
 
 nlohmann::json vae_json() {
   return test::model_files().vae_config;
@@ -48,7 +48,7 @@ TEST(Vae, DecodeMatchesDiffusers) {
   std::ostringstream shown;
   shown << std::scientific << std::setprecision(2) << err;
   ::testing::Test::RecordProperty("max_abs_error", shown.str());
-  EXPECT_LE(err, kParityTolerance);
+  EXPECT_LE(err, kVaeTolerance);
 }
 
 TEST(Vae, EncodeMeanMatchesDiffusers) {
@@ -60,7 +60,7 @@ TEST(Vae, EncodeMeanMatchesDiffusers) {
   std::ostringstream shown;
   shown << std::scientific << std::setprecision(2) << err;
   ::testing::Test::RecordProperty("max_abs_error", shown.str());
-  EXPECT_LE(err, kParityTolerance);
+  EXPECT_LE(err, kVaeTolerance);
 }
 
 TEST(Vae, RegistersExactlyTheCheckpointTensors) {

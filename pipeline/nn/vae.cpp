@@ -169,10 +169,13 @@ torch::Tensor VaeImpl::decode(const torch::Tensor& z) {
   return decoder_(post_quant_conv_ ? post_quant_conv_(z) : z);
 }
 
-torch::Tensor VaeImpl::encode_mean(const torch::Tensor& x) {
+torch::Tensor VaeImpl::encode_moments(const torch::Tensor& x) {
   auto moments = encoder_(x);
-  if (quant_conv_) moments = quant_conv_(moments);
-  return moments.narrow(1, 0, config_.latent_channels);
+  return quant_conv_ ? quant_conv_(moments) : moments;
+}
+
+torch::Tensor VaeImpl::encode_mean(const torch::Tensor& x) {
+  return encode_moments(x).narrow(1, 0, config_.latent_channels);
 }
 
 }  // namespace sdserve::pipeline

@@ -73,6 +73,8 @@ class VaeImpl : public torch::nn::Module {
   // x: (B, in_channels, H, W) in [-1, 1]. Encoder and quant_conv; returns the mean half of the
   // latent distribution's moments (unscaled).
   torch::Tensor encode_mean(const torch::Tensor& x);
+  // The latent distribution's parameters: mean and log-variance along channels (2C).
+  torch::Tensor encode_moments(const torch::Tensor& x);
 
   const VaeConfig& config() const { return config_; }
 

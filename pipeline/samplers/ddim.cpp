@@ -24,6 +24,12 @@ class DdimSampler : public Sampler {
     timesteps_.assign(int_timesteps_.begin(), int_timesteps_.end());
   }
 
+  torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                          int eval_index) const override {
+    check_index(eval_index);
+    return ddpm_add_noise(alphas_cumprod_, int_timesteps_[eval_index], x0, noise);
+  }
+
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
                      at::Generator& /*generator*/) override {
     advance(eval_index);

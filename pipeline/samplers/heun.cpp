@@ -45,6 +45,9 @@ class HeunSampler : public VeSampler {
     return prev;
   }
 
+ public:
+  int order() const override { return 2; }
+
  protected:
   // Evaluation i runs at sigma (i + 1) / 2: s0, s1, s1, s2, s2, ...
   float eval_sigma(int eval_index) const override { return sigmas_[(eval_index + 1) / 2]; }

@@ -28,9 +28,13 @@ class LmsSampler : public VeSampler {
     derivatives_.push_back((sample - denoised) / sigma);
     if (derivatives_.size() > kMaxOrder) derivatives_.pop_front();
     const int order = std::min(eval_index + 1, kMaxOrder);
-    // Newest derivative first, summed in that order as diffusers' sum() does.
+    // Newest derivative first, summed in that order as diffusers' sum() does. The order follows
+    // the absolute step index while the history holds only the steps that ran: image to image
+    // starts with fewer derivatives than the order, and diffusers' zip() then uses the first
+    // coefficients alone.
+    const int terms = std::min(order, static_cast<int>(derivatives_.size()));
     torch::Tensor acc;
-    for (int j = 0; j < order; ++j) {
+    for (int j = 0; j < terms; ++j) {
       const double coeff = coefficient(order, eval_index, j);
       const torch::Tensor term = derivatives_[derivatives_.size() - 1 - j] * coeff;
       acc = j == 0 ? term : acc + term;

@@ -33,11 +33,19 @@ class PndmSampler : public Sampler {
     timesteps_.assign(plms.begin(), plms.end());
   }
 
+  torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                          int eval_index) const override {
+    check_index(eval_index);
+    return ddpm_add_noise(alphas_cumprod_, int_timesteps_[eval_index], x0, noise);
+  }
+
   torch::Tensor step(const torch::Tensor& model_output, int eval_index, const torch::Tensor& sample,
                      at::Generator& /*generator*/) override {
     advance(eval_index);
-    const int counter = eval_index;
-    int timestep = int_timesteps_[counter];
+    // diffusers' PNDM counts the steps it ran (it has no begin index): image to image starts its
+    // warm-up on the first timestep that runs.
+    const int counter = eval_index - first_eval();
+    int timestep = int_timesteps_[eval_index];
     int prev_timestep = timestep - step_ratio_;
     if (counter != 1) {
       while (ets_.size() > 3) ets_.erase(ets_.begin());

@@ -56,6 +56,18 @@ class Sampler {
   virtual torch::Tensor step(const torch::Tensor& model_output, int eval_index,
                              const torch::Tensor& sample, at::Generator& generator) = 0;
 
+  // Image to image. Evaluations per step (2 for heun, else 1): a schedule truncated after k steps
+  // starts at evaluation k x order(), as diffusers' pipelines index scheduler.timesteps.
+  virtual int order() const { return 1; }
+  // x0 noised to the level evaluation `eval_index` starts from: diffusers' scheduler.add_noise
+  // at timesteps[eval_index] (sigma-space samplers: x0 + noise x sigma; the others in VP form).
+  virtual torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                                  int eval_index) const = 0;
+  // Skips the evaluations before `eval_index` (before the first step(); set_begin_index in
+  // diffusers): the next step() is `eval_index`, and multistep history starts empty there.
+  void start_at(int eval_index);
+  int first_eval() const { return first_eval_; }
+
  protected:
   // Throws std::logic_error unless `eval_index` is the next evaluation (a caller bug).
   void advance(int eval_index);
@@ -67,6 +79,7 @@ class Sampler {
 
  private:
   int next_eval_ = 0;
+  int first_eval_ = 0;
 };
 
 // RequestError for an unknown name (listing the known ones), steps < 1, or karras on a sampler

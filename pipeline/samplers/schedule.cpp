@@ -83,6 +83,12 @@ void Sampler::advance(int eval_index) {
   ++next_eval_;
 }
 
+void Sampler::start_at(int eval_index) {
+  if (next_eval_ != first_eval_) throw std::logic_error("Sampler::start_at after a step");
+  check_index(eval_index);
+  next_eval_ = first_eval_ = eval_index;
+}
+
 void Sampler::check_index(int eval_index) const {
   if (eval_index < 0 || eval_index >= num_evals()) {
     throw std::logic_error("Sampler: evaluation index " + std::to_string(eval_index) +
@@ -380,6 +386,25 @@ torch::Tensor VeSampler::scale_model_input(const torch::Tensor& sample, int eval
   check_index(eval_index);
   const float sigma = eval_sigma(eval_index);
   return sample / std::sqrt(sigma * sigma + 1.0f);
+}
+
+torch::Tensor VeSampler::add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                                   int eval_index) const {
+  check_index(eval_index);
+  return x0 + noise * eval_sigma(eval_index);
+}
+
+torch::Tensor VpMultistepSampler::add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                                            int eval_index) const {
+  check_index(eval_index);
+  const AlphaSigma as = vp_alpha_sigma(sigmas_[eval_index]);
+  return as.alpha * x0 + as.sigma * noise;
+}
+
+torch::Tensor ddpm_add_noise(const std::vector<float>& alphas_cumprod, int t,
+                             const torch::Tensor& x0, const torch::Tensor& noise) {
+  const float a = alphas_cumprod.at(static_cast<size_t>(t));
+  return std::sqrt(a) * x0 + std::sqrt(1.0f - a) * noise;
 }
 
 float round_to(float value, torch::ScalarType dtype) {

@@ -73,6 +73,8 @@ torch::Tensor vp_denoised(const std::string& prediction_type, const torch::Tenso
 class VeSampler : public Sampler {
  public:
   torch::Tensor scale_model_input(const torch::Tensor& sample, int eval_index) override;
+  torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                          int eval_index) const override;
 
  protected:
   VeSampler(const SchedulerConfig& config, const SigmaSchedulePlan& plan);
@@ -86,6 +88,11 @@ class VeSampler : public Sampler {
 // Base of the multistep solvers on VP samples (DPM-Solver++, UniPC): the schedule, and each
 // step's data prediction x0.
 class VpMultistepSampler : public Sampler {
+ public:
+  // diffusers' DPM-Solver and UniPC add noise at the sigma: alpha_t x0 + sigma_t noise.
+  torch::Tensor add_noise(const torch::Tensor& x0, const torch::Tensor& noise,
+                          int eval_index) const override;
+
  protected:
   VpMultistepSampler(const SchedulerConfig& config, int steps, bool karras);
   torch::Tensor predict_x0(const torch::Tensor& model_output, int eval_index,
@@ -96,6 +103,11 @@ class VpMultistepSampler : public Sampler {
   std::string prediction_type_;
   std::vector<float> sigmas_;  // N + 1, the last 0
 };
+
+// DDPM's forward process at integer train timestep t, as DDIM's and PNDM's add_noise compute it:
+// sqrt(alphas_cumprod[t]) x0 + sqrt(1 - alphas_cumprod[t]) noise, in float32.
+torch::Tensor ddpm_add_noise(const std::vector<float>& alphas_cumprod, int t,
+                             const torch::Tensor& x0, const torch::Tensor& noise);
 
 // Rounds a float32 coefficient to `dtype`, where diffusers casts a coefficient tensor to the
 // sample's dtype.

@@ -31,7 +31,8 @@ struct Trajectory::State {
   EmbeddingPtr cond;
   EmbeddingPtr uncond;   // null when guidance_scale <= 1
   torch::Tensor latent;  // (1, C, h, w) float32 on the device; samplers run in float32
-  int evals_done = 0;
+  int evals_done = 0;    // the next evaluation's index in the sampler's whole schedule
+  int first_eval = 0;    // image to image: the evaluations before it are skipped
   // The last evaluation's scaled model input and guided noise prediction (previews).
   torch::Tensor last_input;
   torch::Tensor last_eps;
