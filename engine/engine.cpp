@@ -334,7 +334,7 @@ void Engine::shutdown(SteadyClock::time_point deadline) {
 pipeline::MemoryEstimate Engine::Impl::estimate_memory(int width, int height) const {
   pipeline::MemoryEstimate most;
   for (const auto& m : models) {
-    const auto e = m->estimate_memory(width, height, options.max_batch, options.decode_batch);
+    const auto e = m->estimate_memory(width, height, 2 * options.max_batch, options.decode_batch);
     if (e.total() > most.total()) most = e;
   }
   return most;

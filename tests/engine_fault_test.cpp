@@ -97,11 +97,12 @@ class FakeRunner : public ModelRunner {
   pipeline::RgbImage preview(const ImageRun&, const PreviewOptions&) override {
     return {8, 8, std::vector<uint8_t>(8 * 8 * 3, 0)};
   }
-  // A byte per pixel and image in the UNet call, a byte per pixel and image in the decode.
-  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_images,
+  // A byte per pixel and image (two rows) in the UNet call, a byte per pixel and image in the
+  // decode.
+  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_rows,
                                            int decode_images) const override {
     pipeline::MemoryEstimate e;
-    e.unet = e.unet_attention = static_cast<uint64_t>(width) * height * unet_images;
+    e.unet = e.unet_attention = static_cast<uint64_t>(width) * height * (unet_rows / 2);
     e.vae = static_cast<uint64_t>(width) * height * decode_images;
     return e;
   }
