@@ -93,7 +93,12 @@ class FakeRunner : public ModelRunner {
       throw std::runtime_error("VAE broke");
     }
     uint64_t bytes = 0;
-    for (ImageRun* r : batch) bytes += static_cast<FakeRun*>(r)->pixels;
+    for (ImageRun* r : batch) {
+      bytes += static_cast<FakeRun*>(r)->pixels;
+      // As on a GPU, which decodes a call's latents as one tensor.
+      if (static_cast<FakeRun*>(r)->pixels != static_cast<FakeRun*>(batch.front())->pixels)
+        throw std::runtime_error("latents of different sizes in one decode");
+    }
     in_flight(&decode_bytes_now, bytes);
     if (decode_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(decode_ms.load()));
     in_flight(&decode_bytes_now, 0);
@@ -648,6 +653,33 @@ TEST(EngineFaults, UNetCallsAndDecodesTogetherStayWithinTheBudget) {
   };
   EXPECT_LE(run(12 * kUnit), 12 * kUnit);
   EXPECT_GT(run(1000 * kUnit), 12 * kUnit);
+}
+
+// A decode call holds images of one size (a GPU decodes them as one tensor; the fake refuses
+// mixed sizes too): while the first 64x64 image decodes, a 128x128 and a 64x64 image finish, and
+// are decoded in two calls, not one.
+TEST(EngineFaults, DecodeCallsHoldOneSize) {
+  auto fake = std::make_shared<FakeRunner>();
+  EngineOptions o;
+  o.max_batch = 4;
+  o.decode_batch = 4;
+  o.light_load_max_wait_s = 0;
+  auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                               std::make_shared<cache::PassThroughCache>());
+  wait_warm(*engine);
+  fake->largest_decode = 0;  // the decoder's warm-up decoded each batch size
+  fake->step_ms = 5;
+  fake->decode_ms = 150;
+  auto first = request("first");
+  first.steps = 2;
+  auto big = request("128x128");
+  big.width = big.height = 128;
+  auto later = request("later");
+  later.steps = 4;
+  std::vector<std::string> ids;
+  for (const auto& r : {first, big, later}) ids.push_back(engine->submit(r).id);
+  for (const auto& id : ids) EXPECT_EQ(wait_final(*engine, id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(fake->largest_decode.load(), 1);
 }
 
 // The service's limit applies to jobs that ask for none; the engine refuses a limit of 0.
