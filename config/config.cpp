@@ -135,9 +135,9 @@ const std::vector<Key>& table() {
           "steps and ends 'timed_out'; also the largest max_run_s a request may ask for",
           0, kBig, SDSERVE_MEMBER(max_run_s), {}, true),
       key("max_memory_mb", Type::kInt,
-          "memory (MiB) a request's estimated peak may take (one UNet call of max_batch images "
-          "of its size, plus a VAE decode); larger sizes are refused with 400; 0: what the "
-          "device has free at start-up",
+          "memory (MiB) the estimated peaks may take: a size one image of which cannot fit "
+          "(its UNet call plus its VAE decode) is refused with 400, and UNet batches and "
+          "decodes are capped to what fits; 0: what the device has free at start-up",
           0, 1 << 30, SDSERVE_MEMBER(max_memory_mb)),
       key("result_ttl_s", Type::kNumber, "finished images are kept this many seconds (then 410)", 0,
           kBig, SDSERVE_MEMBER(result_ttl_s), {}, true),

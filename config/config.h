@@ -67,7 +67,7 @@ struct ServiceConfig {
   double default_timeout_s = 600;
   double max_timeout_s = 3600;
   double max_run_s = 3600;
-  int max_memory_mb = 0;  // a request's estimated peak memory at most; 0: the device's free memory
+  int max_memory_mb = 0;  // estimated peaks at most (engine.h); 0: the device's free memory
                           // // a running job stops after this long (timed_out); request: max_run_s
   double result_ttl_s = 3600;
   int64_t result_max_mb = 1024;

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "engine/engine_impl.h"
+#include "engine/memory_plan.h"
 #include "pipeline/errors.h"
 #include "pipeline/log.h"
 #include "pipeline/memory.h"
@@ -76,15 +77,20 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
         "max_memory_mb 0: free on " + impl->models.front()->info().device + " at start-up";
   }
   if (impl->memory_budget > 0) {
-    for (int side = pipeline::Limits::kMinSide; side <= pipeline::Limits::kMaxSide; side += 8)
-      if (impl->estimate_memory(side, side).total() <= impl->memory_budget)
-        impl->largest_square = side;
+    const int native = impl->models.front()->info().native_size;
+    int images = 0;  // of the native size in one UNet call, with guidance
+    while (images < options.max_batch &&
+           impl->estimate_memory(native, native, 2 * (images + 1), 1).total() <=
+               impl->memory_budget)
+      ++images;
+    const int side = impl->largest_square(2);
     pipeline::log(pipeline::LogLevel::kInfo,
                   "memory for requests: " + pipeline::bytes_text(impl->memory_budget) + " (" +
-                      impl->memory_budget_source +
-                      "); the largest square size that fits max_batch " +
-                      std::to_string(options.max_batch) + " is " +
-                      std::to_string(impl->largest_square) + " px");
+                      impl->memory_budget_source + "); one image with guidance fits up to " +
+                      std::to_string(side) + "x" + std::to_string(side) + "; a UNet call at " +
+                      std::to_string(native) + "x" + std::to_string(native) + " holds " +
+                      std::to_string(images) + " of max_batch " +
+                      std::to_string(options.max_batch) + " images");
   }
   impl->cache = cache ? std::move(cache) : std::make_shared<cache::PassThroughCache>();
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
@@ -331,35 +337,48 @@ void Engine::shutdown(SteadyClock::time_point deadline) {
   if (impl_->dispatcher.joinable()) impl_->dispatcher.join();
 }
 
-pipeline::MemoryEstimate Engine::Impl::estimate_memory(int width, int height) const {
+pipeline::MemoryEstimate Engine::Impl::estimate_memory(int width, int height, int unet_rows,
+                                                       int decode_images) const {
   pipeline::MemoryEstimate most;
   for (const auto& m : models) {
-    const auto e = m->estimate_memory(width, height, options.max_batch, options.decode_batch);
+    const auto e = m->estimate_memory(width, height, unet_rows, decode_images);
     if (e.total() > most.total()) most = e;
   }
   return most;
 }
 
+int Engine::Impl::largest_square(int rows) const {
+  int largest = 0;
+  for (int side = pipeline::Limits::kMinSide; side <= pipeline::Limits::kMaxSide; side += 8)
+    if (estimate_memory(side, side, rows, 1).total() <= memory_budget) largest = side;
+  return largest;
+}
+
+// A request is refused only when one of its images cannot fit alone: the worker runs images that
+// do not fit together in successive UNet calls (memory_plan.h), so neither its num_images nor
+// max_batch raises what it needs.
 void Engine::Impl::check_memory(const JobRequest& r) const {
   if (memory_budget == 0) return;
-  const auto e = estimate_memory(r.width, r.height);
+  const int rows = unet_rows_of(r);
+  const auto e = estimate_memory(r.width, r.height, rows, 1);
   if (e.total() <= memory_budget) return;
   using pipeline::bytes_text;
   const std::string size = std::to_string(r.width) + "x" + std::to_string(r.height);
-  const std::string fits = largest_square > 0 ? "the largest square size that fits is " +
-                                                    std::to_string(largest_square) + "x" +
-                                                    std::to_string(largest_square)
-                                              : "no size fits";
+  const int side = largest_square(rows);
+  const std::string fits = side > 0 ? "the largest square size that fits is " +
+                                          std::to_string(side) + "x" + std::to_string(side)
+                                    : "no size fits";
   throw pipeline::RequestError(
       "width", "width x height " + size + " needs an estimated " + bytes_text(e.total()) +
-                   " of memory at its peak, more than the " + bytes_text(memory_budget) +
-                   " available (" + memory_budget_source + "): one UNet call of up to max_batch " +
-                   std::to_string(options.max_batch) + " images of this size with guidance " +
+                   " of memory at its peak for one image, more than the " +
+                   bytes_text(memory_budget) + " available (" + memory_budget_source +
+                   "): its UNet call " + (rows == 2 ? "with" : "without") + " guidance " +
                    bytes_text(e.unet) + " (attention scores " + bytes_text(e.unet_attention) +
-                   "), a VAE decode " + bytes_text(e.vae) + "; num_images (" +
+                   "), its VAE decode " + bytes_text(e.vae) + "; num_images (" +
                    std::to_string(r.num_images) +
-                   ") does not lower it, since images of one size share a call; " + fits +
-                   ": ask for fewer pixels (an operator may lower max_batch)");
+                   ") does not raise it, since images that do not fit together run one call "
+                   "after another; " +
+                   fits + ": ask for fewer pixels");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -33,14 +33,15 @@ class ModelRunner;  // engine/model_runner.h
 
 struct EngineOptions {
   int max_queue = 64;  // queued jobs; more -> QueueFull (HTTP 429)
-  int max_batch = 8;   // images denoised together per worker
+  int max_batch = 8;   // images denoised together per worker (fewer where memory is short)
   // The admission policy (admission.h): under light load a worker batches up to the smallest
   // batch size within this fraction of the best images/s measured at warm-up ...
   double light_load_efficiency = 0.9;
   // ... and opens to max_batch when that many images queue or the next job has waited this long.
   double light_load_max_wait_s = 0.25;
-  // Finished images per VAE decode call. Each size costs a cuDNN autotune at warm-up; decoding
-  // one at a time is ~10% slower per image than 8 at once (~1% of an image's GPU time).
+  // Finished images per VAE decode call (fewer where memory is short). Each size costs a cuDNN
+  // autotune at warm-up; decoding one at a time is ~10% slower per image than 8 at once (~1% of an
+  // image's GPU time).
   int decode_batch = 1;
   // Warm-up times UNet steps (for the admission policy) until this many seconds after it began,
   // cheapest first, and estimates the rest from what it measured (engine/warm_up.h). At least
@@ -52,10 +53,12 @@ struct EngineOptions {
   // A running job (from its first image's start) past this many seconds, or its request's
   // smaller max_run_s, stops between UNet steps and ends `timed_out`.
   double max_run_s = 3600;
-  // Memory a request's estimated peak (pipeline/memory.h: one UNet call of max_batch images of
-  // its size with CFG, plus a VAE decode of decode_batch) may take; larger sizes are refused
-  // (RequestError on width). 0: what the devices have free when the engine starts (the least of
-  // them), or no check where that cannot be read.
+  // Memory an estimated peak (pipeline/memory.h) may take. A request is refused (RequestError
+  // on width) only when one of its images cannot fit alone (its UNet call, with CFG if it asks
+  // for guidance, beside its decode); a worker merges images into a UNet call, and decodes them,
+  // only as far as the estimates fit, so images that do not fit together run one call after
+  // another (memory_plan.h). 0: what the devices have free when the engine starts (the least of
+  // them), or no limit where that cannot be read.
   uint64_t max_memory_bytes = 0;
   double result_ttl_s = 3600;              // finished images are kept this long
   uint64_t result_max_bytes = 1ull << 30;  // ... and within this many PNG bytes (oldest go first)
@@ -153,9 +156,9 @@ struct EngineStats {
   cache::HistogramCounts queue_wait{job_latency_buckets()}, first_step{job_latency_buckets()},
       latency{job_latency_buckets()}, run_time{job_latency_buckets()};
   // Per UNet call: images in it, and the call's seconds (the device's step time under load: a
-  // call returns when the previous step is done); per VAE decode call, seconds.
+  // call returns when the previous step is done); per VAE decode call, seconds and images.
   cache::HistogramCounts unet_batch_images{batch_size_buckets()},
-      vae_decode{cache::fast_latency_buckets()};
+      vae_decode{cache::fast_latency_buckets()}, vae_decode_images{batch_size_buckets()};
   // Per step: rows of padding CUDA graph buckets added; and the rows computed for images (one per
   // image, two with CFG), summed.
   cache::HistogramCounts unet_padded_rows{padding_row_buckets()};

@@ -73,11 +73,10 @@ struct Engine::Impl {
   bool cancel_all = false;  // shutdown deadline passed
   bool threads_exit = false;
   std::vector<WorkerStatus> worker_status;  // one per model, in order
-  // Set at creation, read-only after: the memory a request's estimated peak may take (0: no
-  // check), where it came from, and the largest square side within it.
+  // Set at creation, read-only after: the memory an estimated peak may take (0: no check), and
+  // where it came from.
   uint64_t memory_budget = 0;
   std::string memory_budget_source;
-  int largest_square = 0;
   uint64_t next_token = 1;
 
   // Events go through one FIFO and one dispatcher thread, so every subscriber sees a job's
@@ -116,8 +115,12 @@ struct Engine::Impl {
   std::string warm_up_error() const;               // "device: why" of the first failed worker
 
   // --- no lock needed (read-only state) ---
-  pipeline::MemoryEstimate estimate_memory(int width, int height) const;
-  // Throws pipeline::RequestError (field width) when the request's estimated peak memory
+  // The largest of the models' estimates (ModelRunner::estimate_memory).
+  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_rows,
+                                           int decode_images) const;
+  // The largest square side whose image of `rows` UNet rows fits memory_budget (0: none).
+  int largest_square(int rows) const;
+  // Throws pipeline::RequestError (field width) when one of the request's images, alone,
   // exceeds memory_budget.
   void check_memory(const JobRequest& request) const;
 

@@ -49,10 +49,10 @@ class ModelRunner {
     uint64_t allocated = 0, reserved = 0;
   };
   virtual Memory memory() const { return {}; }
-  // The estimated peak bytes of one UNet call over `unet_images` images of this size (with CFG)
-  // and one VAE decode of `decode_images` (pipeline/memory.h); zeros: unknown (never refused).
-  virtual pipeline::MemoryEstimate estimate_memory(int /*width*/, int /*height*/,
-                                                   int /*unet_images*/,
+  // The estimated peak bytes of one UNet call of `unet_rows` rows of this size (one per image,
+  // two with CFG) and one VAE decode of `decode_images` (pipeline/memory.h); zeros: unknown
+  // (never refused). Pure arithmetic: any thread.
+  virtual pipeline::MemoryEstimate estimate_memory(int /*width*/, int /*height*/, int /*unet_rows*/,
                                                    int /*decode_images*/) const {
     return {};
   }

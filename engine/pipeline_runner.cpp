@@ -33,9 +33,9 @@ class PipelineRunner : public ModelRunner {
     const auto m = pipeline::bench_support::memory(*model_);
     return {m.allocated, m.reserved};
   }
-  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_images,
+  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_rows,
                                            int decode_images) const override {
-    return pipeline::estimate_memory(shape_, width, height, unet_images, decode_images);
+    return pipeline::estimate_memory(shape_, width, height, unet_rows, decode_images);
   }
   uint64_t available_memory() const override { return pipeline::available_memory(*model_); }
   int evals_total(const pipeline::ImageSpec& spec) const override {

@@ -27,7 +27,8 @@ Worker::Worker(Engine::Impl& engine, ModelRunner& model, size_t index)
       model_(model),
       index_(index),
       device_(model.info().device),
-      gpu_(device_.rfind("cuda", 0) == 0) {
+      gpu_(device_.rfind("cuda", 0) == 0),
+      memory_(model, engine.memory_budget, 2 * engine.options.max_batch) {
   // The cache may call these on its own thread after this worker is gone: they hold the model.
   std::shared_ptr<ModelRunner> runner = engine.models[index];
   codec_.to_bytes = [runner](const void* value) {
@@ -46,6 +47,8 @@ void Worker::run() {
       if (!retire_and_admit(&admitted)) break;
       if (!admitted.empty()) {
         preparing_ += admitted.size();
+        for (const auto& [job, k] : admitted)
+          preparing_rows_[{job->request.width, job->request.height}] += unet_rows_of(job->request);
         {
           std::lock_guard<std::mutex> lock(text_mutex_);
           for (auto& a : admitted) to_prepare_.push_back(std::move(a));
@@ -122,6 +125,8 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
       e.queue->remove(job->id);
       continue;
     }
+    // The queue's order holds: the jobs behind one that must wait for memory wait too.
+    if (!fits_in_memory(job->request, *admitted)) break;
     const int k = job->images_admitted++;
     ++job->images_in_flight;
     if (job->images_admitted == job->request.num_images) e.queue->remove(job->id);
@@ -138,6 +143,23 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
   if (admission_ && e.queue->size() == 0) admission_->queue_drained();
 }
 
+bool Worker::fits_in_memory(const JobRequest& request, const std::vector<Admission>& admitted) {
+  const auto same_size = [&](const JobRequest& r) {
+    return r.width == request.width && r.height == request.height;
+  };
+  int rows = 0;
+  for (const auto& a : active_)
+    if (same_size(a.job->request)) rows += unet_rows_of(a.job->request);
+  for (const auto& [job, k] : admitted)
+    if (same_size(job->request)) rows += unet_rows_of(job->request);
+  if (const auto it = preparing_rows_.find({request.width, request.height});
+      it != preparing_rows_.end())
+    rows += it->second;
+  // Alone it always runs: submit() refused what cannot fit alone.
+  return rows == 0 ||
+         rows + unet_rows_of(request) <= memory_.unet_rows(request.width, request.height);
+}
+
 void Worker::activate() {
   if (prepared_count_.load() == 0) return;
   std::vector<Prepared> ready;
@@ -147,6 +169,11 @@ void Worker::activate() {
     prepared_count_ = 0;
   }
   preparing_ -= ready.size();
+  for (const auto& p : ready) {
+    const JobRequest& r = p.admission.first->request;
+    const auto it = preparing_rows_.find({r.width, r.height});
+    if ((it->second -= unet_rows_of(r)) == 0) preparing_rows_.erase(it);
+  }
   for (auto& p : ready) {
     const auto& [job, k] = p.admission;
     {
@@ -205,11 +232,17 @@ std::pair<int, int> Worker::next_resolution() {
 bool Worker::step() {
   const auto size = next_resolution();
   std::vector<ImageRun*> batch;
+  int unet_rows = 0;
   for (auto& a : active_) {
     a.stepped = a.job->request.width == size.first && a.job->request.height == size.second;
-    if (a.stepped) batch.push_back(a.run.get());
+    if (!a.stepped) continue;
+    batch.push_back(a.run.get());
+    unet_rows += unet_rows_of(a.job->request);
   }
   try {
+    // Admission kept the call within the budget beside a one-image decode; a larger decode in
+    // flight makes it wait.
+    const auto held = memory_.hold_unet(memory_.unet_bytes(size.first, size.second, unet_rows));
     const auto start = SteadyClock::now();
     model_.step(batch);
     // A step call returns once the previous step is done on the device, so the time between

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <future>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -23,6 +24,7 @@
 
 #include "engine/admission.h"
 #include "engine/engine_impl.h"
+#include "engine/memory_plan.h"
 #include "engine/model_runner.h"
 
 namespace sdserve::engine {
@@ -60,6 +62,9 @@ class Worker {
   // takes queued images. False when the thread should exit.
   bool retire_and_admit(std::vector<Admission>* admitted);
   void admit(std::unique_lock<std::mutex>& lock, std::vector<Admission>* admitted);
+  // Whether an image of `request` may join the UNet calls of its size beside the images of that
+  // size already on this worker (active, with the text thread, or `admitted` this turn).
+  bool fits_in_memory(const JobRequest& request, const std::vector<Admission>& admitted);
   // An admitted image with its job's prompt embeddings, or why they could not be made.
   struct Prepared {
     Admission admission;
@@ -98,6 +103,7 @@ class Worker {
   std::vector<Active> active_;
   std::pair<int, int> last_resolution_{0, 0};
   std::optional<AdmissionPolicy> admission_;  // from the step times measured at warm-up
+  MemoryPlan memory_;                         // the memory budget's caps and ledger
   SteadyClock::time_point last_step_;
 
   // Finished images wait here for the decoder thread (VAE decode overlaps the next UNet calls).
@@ -117,6 +123,7 @@ class Worker {
   bool text_exit_ = false;                 // guarded by text_mutex_
   std::atomic<size_t> prepared_count_{0};  // prepared_.size(), read under the engine's mutex
   size_t preparing_ = 0;  // images handed to the text thread and not yet activated (worker)
+  std::map<std::pair<int, int>, int> preparing_rows_;  // their UNet rows by size (worker)
 };
 
 }  // namespace sdserve::engine

@@ -32,6 +32,10 @@ void Worker::warm_up_decoder() {
   spec.guidance_scale = 1.0;  // no unconditional embedding needed
   const auto cond = model_.encode_text("", 1);
   for (int n = 1; n <= engine_.options.decode_batch && (n == 1 || !stop_requested()); ++n) {
+    // Only the batches the decoder may run within the memory budget.
+    if (n > 1 && memory_.budget() > 0 &&
+        memory_.decode_bytes(warm_up_size_, warm_up_size_, n) > memory_.budget())
+      break;
     std::vector<std::unique_ptr<ImageRun>> owned;
     std::vector<ImageRun*> batch;
     for (int k = 0; k < n; ++k) {
@@ -56,11 +60,34 @@ void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
       std::unique_lock<std::mutex> lock(decode_mutex_);
       decode_cv_.wait(lock, [&] { return !to_decode_.empty() || decode_exit_; });
       if (to_decode_.empty()) return;
-      // Up to decode_batch images per call, oldest first.
-      const size_t n = std::min(to_decode_.size(),
-                                static_cast<size_t>(std::max(1, engine_.options.decode_batch)));
-      for (size_t i = 0; i < n; ++i) finished.push_back(std::move(to_decode_[i]));
-      to_decode_.erase(to_decode_.begin(), to_decode_.begin() + static_cast<std::ptrdiff_t>(n));
+      // The oldest image and the next of its size, up to decode_batch: a GPU decodes a call's
+      // latents as one tensor.
+      const JobRequest& first = to_decode_.front().job->request;
+      const int width = first.width, height = first.height;
+      const size_t most = static_cast<size_t>(std::max(1, engine_.options.decode_batch));
+      for (auto it = to_decode_.begin(); it != to_decode_.end() && finished.size() < most;) {
+        if (it->job->request.width == width && it->job->request.height == height) {
+          finished.push_back(std::move(*it));
+          it = to_decode_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    // As many as fit the memory budget beside the UNet call in flight; the rest go back first.
+    const JobRequest& r = finished.front().job->request;
+    std::vector<uint64_t> bytes;
+    for (size_t n = 1; n <= finished.size(); ++n)
+      bytes.push_back(memory_.decode_bytes(r.width, r.height, static_cast<int>(n)));
+    size_t take = 0;
+    const auto held = memory_.hold_decode(bytes, &take);
+    if (take < finished.size()) {
+      std::lock_guard<std::mutex> lock(decode_mutex_);
+      to_decode_.insert(
+          to_decode_.begin(),
+          std::make_move_iterator(finished.begin() + static_cast<std::ptrdiff_t>(take)),
+          std::make_move_iterator(finished.end()));
+      finished.erase(finished.begin() + static_cast<std::ptrdiff_t>(take), finished.end());
     }
     decode(std::move(finished));
   }
@@ -96,6 +123,7 @@ void Worker::decode(std::vector<Active> finished) {
       std::lock_guard<std::mutex> lock(engine_.mutex);
       engine_.stats.vae_decode.observe(
           std::chrono::duration<double>(SteadyClock::now() - start).count());
+      engine_.stats.vae_decode_images.observe(static_cast<double>(to_decode.size()));
     }
     pipeline::log(
         pipeline::LogLevel::kDebug,

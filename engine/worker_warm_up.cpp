@@ -126,6 +126,10 @@ bool Worker::time_steps(const std::vector<int>& batch_sizes, SteadyClock::time_p
   const double budget = engine_.options.warm_up_budget_s;
   const int calls = gpu_ ? 3 : 1;  // on a GPU: the capture and two timed (time_step())
   for (StepTiming probe : warm_up_probes(model_.info().native_size, batch_sizes, gpu_)) {
+    // A UNet call the memory budget cannot hold is never run (the probes grow).
+    if (memory_.budget() > 0 &&
+        memory_.unet_bytes(probe.size, probe.size, 2 * probe.batch) > memory_.budget())
+      break;
     // The first step is always timed: the estimates need one.
     if (!measured->empty() &&
         seconds_since(start) + calls * predict_seconds(measured->back(), probe.size, probe.batch) >

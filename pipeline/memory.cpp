@@ -23,12 +23,12 @@ constexpr int64_t kMaxCrossTokens = 77 * 16;
 
 }  // namespace
 
-MemoryEstimate estimate_memory(const MemoryShape& s, int width, int height, int unet_images,
+MemoryEstimate estimate_memory(const MemoryShape& s, int width, int height, int unet_rows,
                                int decode_images) {
   MemoryEstimate e;
   const int64_t lh = std::max(1, height / std::max(1, s.vae_scale));
   const int64_t lw = std::max(1, width / std::max(1, s.vae_scale));
-  const uint64_t rows = 2 * nonneg(unet_images);
+  const uint64_t rows = nonneg(unet_rows);
   const uint64_t eb = nonneg(s.unet_element_bytes), ab = nonneg(s.attention_element_bytes);
   uint64_t kept = 0, largest = 0;
   const int n_levels = static_cast<int>(s.levels.size());
@@ -51,7 +51,7 @@ MemoryEstimate estimate_memory(const MemoryShape& s, int width, int height, int 
   e.unet = kept + largest;
 
   // The VAE's decoder climbs from the latent size, doubling each level after the first.
-  const uint64_t images = nonneg(decode_images);
+  const uint64_t images = nonneg(std::min(decode_images, std::max(1, s.decode_chunk)));
   const uint64_t vb = nonneg(s.vae_element_bytes);
   std::vector<int> channels(s.vae_channels.rbegin(), s.vae_channels.rend());
   uint64_t vae = 0;

@@ -34,6 +34,9 @@ struct MemoryShape {
   std::vector<int> vae_channels;    // the VAE's block_out_channels
   bool vae_mid_attention = true;    // one head over every latent pixel
   int vae_element_bytes = 4;
+  // Images the VAE decodes at once (Model::decode: chunks on a GPU, one by one on the CPU): a
+  // decode of more holds no more than this many at its peak.
+  int decode_chunk = 1;
 };
 
 struct MemoryEstimate {
@@ -43,9 +46,8 @@ struct MemoryEstimate {
   uint64_t total() const { return unet + vae; }
 };
 
-// One UNet call over `unet_images` images at width x height, each with two rows (the
-// unconditional one: any job of that size may share the call, so assume classifier-free
-// guidance), plus a VAE decode of `decode_images`:
+// One UNet call of `unet_rows` rows at width x height (one per image, two with classifier-free
+// guidance), plus a VAE decode of `decode_images` (as many at once as decode_chunk allows):
 //   UNet = sum over levels of the down path's outputs kept for the up path ((layers + 1) x rows x
 //          C x N) + the largest level's working set (16 x rows x C x N: GEGLU's 8C projection,
 //          its 4C product, q/k/v, norms, residuals) + twice its attention scores (rows x heads x
@@ -53,7 +55,7 @@ struct MemoryEstimate {
 //   VAE  = the largest level's working set (4 x images x C x pixels, C the larger of its own and
 //          the level above's channels) + twice its mid-block attention (images x N^2).
 // Bytes: each tensor's element size from the shape.
-MemoryEstimate estimate_memory(const MemoryShape& shape, int width, int height, int unet_images,
+MemoryEstimate estimate_memory(const MemoryShape& shape, int width, int height, int unet_rows,
                                int decode_images);
 
 // The model's shape for estimate_memory(), from the configs it loaded and its device.

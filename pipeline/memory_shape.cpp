@@ -53,8 +53,7 @@ MemoryShape memory_shape(const Model& model) {
   const UNetConfig& c = impl.unet->config();
   const VaeConfig& vae = impl.vae->config();  // impl.vae_config is set only for fp16 retries
   MemoryShape s;
-  s.vae_scale =
-      1 << std::max<int>(0, static_cast<int>(vae.block_out_channels.size()) - 1);
+  s.vae_scale = 1 << std::max<int>(0, static_cast<int>(vae.block_out_channels.size()) - 1);
   const auto at = [](const std::vector<int64_t>& v, size_t i, int64_t fallback) {
     return v.empty() ? fallback : v[std::min(i, v.size() - 1)];
   };
@@ -75,12 +74,12 @@ MemoryShape memory_shape(const Model& model) {
   s.fused_attention = fused;
   s.attention_element_bytes =
       c.upcast_attention && !fused ? 4 : s.unet_element_bytes;  // blocks.cpp's upcast
-  for (int64_t ch : vae.block_out_channels)
-    s.vae_channels.push_back(static_cast<int>(ch));
+  for (int64_t ch : vae.block_out_channels) s.vae_channels.push_back(static_cast<int>(ch));
   s.vae_mid_attention = vae.mid_block_add_attention;
   // The VAE runs in float32 where its config asks for it (force_upcast) on the CPU, else in the
   // compute dtype; the larger of the two covers the float32 retry of an fp16 overflow.
   s.vae_element_bytes = std::max(4, s.unet_element_bytes);
+  s.decode_chunk = impl.device.is_cuda() ? static_cast<int>(Model::Impl::kDecodeChunk) : 1;
   return s;
 }
 

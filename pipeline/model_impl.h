@@ -39,6 +39,8 @@ struct Model::Impl {
   bench_support::StepProfile last_profile;
   Model::StepRows last_step_rows;
   Vae vae{nullptr};
+  // Images one VAE call decodes on a GPU (decode_float); the CPU decodes one at a time.
+  static constexpr int64_t kDecodeChunk = 8;
   // When `vae` decodes in fp16 although its config asks for float32 (force_upcast): a decode
   // with inf/NaN is redone by a float32 copy, loaded from these weights at the first overflow,
   // and every later decode uses that copy.

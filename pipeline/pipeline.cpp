@@ -330,7 +330,6 @@ torch::Tensor Model::Impl::decode_float(const std::vector<Trajectory*>& batch) {
   // The fp32 VAE's activations at 512x512 are ~1 GiB per image: decoding in chunks bounds the
   // peak (batch 32 peaked at 40 GiB in one piece) at no cost in speed (8 images decode at the
   // same per-image rate as 16 or 32; docs/PERFORMANCE.md).
-  constexpr int64_t kDecodeChunk = 8;
   std::vector<torch::Tensor> images;
   for (int64_t i = 0; i < z.size(0); i += kDecodeChunk) {
     auto part = vae_decode(z.narrow(0, i, std::min(kDecodeChunk, z.size(0) - i)));

@@ -128,6 +128,8 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                     .Register(r);
   vae_decode_ =
       histogram("sdserve_vae_decode_seconds", "VAE decode calls", cache::fast_latency_buckets());
+  vae_decode_images_ = histogram("sdserve_vae_decode_images", "Images per VAE decode call",
+                                 engine::batch_size_buckets());
   images_per_second_ = &BuildGauge()
                             .Name("sdserve_images_per_second")
                             .Help("Images finished per second over the last minute")
@@ -411,6 +413,7 @@ std::string Metrics::scrape(const ScrapeInput& in) {
              counts, unet_step_seen_[bucket]);
     }
     mirror(*vae_decode_, stats->vae_decode, vae_decode_seen_);
+    mirror(*vae_decode_images_, stats->vae_decode_images, vae_decode_images_seen_);
     // Rates over the last minute of scrapes (since start on the first).
     const double now = steady_seconds();
     progress_.push_back({now, stats->images_done, stats->image_steps});

@@ -73,9 +73,9 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* http_duration_;
   // Per job and per model call (engine stats), mirrored like the cache's histograms.
   prometheus::Histogram *queue_wait_, *first_step_, *latency_, *run_time_, *unet_batch_images_,
-      *unet_padded_rows_, *vae_decode_;
+      *unet_padded_rows_, *vae_decode_, *vae_decode_images_;
   Mirrored queue_wait_seen_, first_step_seen_, latency_seen_, run_time_seen_,
-      unet_batch_images_seen_, unet_padded_rows_seen_, vae_decode_seen_;
+      unet_batch_images_seen_, unet_padded_rows_seen_, vae_decode_seen_, vae_decode_images_seen_;
   prometheus::Family<prometheus::Histogram>* unet_step_;
   std::map<int, Mirrored> unet_step_seen_;  // by batch bucket
   prometheus::Gauge *images_per_second_, *iterations_per_second_;

@@ -23,10 +23,15 @@ using namespace std::chrono_literals;
 
 class FakeRun : public ImageRun {
  public:
-  explicit FakeRun(int total) : total_(total) {}
+  explicit FakeRun(const pipeline::ImageSpec& spec)
+      : pixels(static_cast<uint64_t>(spec.width) * spec.height),
+        rows(spec.guidance_scale > 1 ? 2 : 1),
+        total_(spec.steps) {}
   int evals_done() const override { return done_; }
   int evals_total() const override { return total_; }
   int done_ = 0;
+  uint64_t pixels;  // for the fake's memory estimate (estimate_memory below)
+  int rows;
 
  private:
   int total_;
@@ -64,7 +69,7 @@ class FakeRunner : public ModelRunner {
   std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec, pipeline::EmbeddingPtr,
                                   pipeline::EmbeddingPtr) override {
     ++begins;
-    return std::make_unique<FakeRun>(spec.steps);
+    return std::make_unique<FakeRun>(spec);
   }
   void step(const std::vector<ImageRun*>& batch) override {
     if (fail_steps > 0) {
@@ -73,7 +78,12 @@ class FakeRunner : public ModelRunner {
           "CUDA out of memory.\nException raised from malloc at alloc.cpp:1 (most recent call "
           "first):\nframe #0: 0x7f00deadbeef");
     }
+    uint64_t bytes = 0;
+    for (ImageRun* r : batch)
+      bytes += static_cast<FakeRun*>(r)->pixels * static_cast<FakeRun*>(r)->rows;
+    in_flight(&unet_bytes_now, bytes);
     if (step_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(step_ms.load()));
+    in_flight(&unet_bytes_now, 0);
     largest_batch = std::max(largest_batch.load(), static_cast<int>(batch.size()));
     for (ImageRun* r : batch) ++static_cast<FakeRun*>(r)->done_;
   }
@@ -82,6 +92,17 @@ class FakeRunner : public ModelRunner {
       --fail_decodes;
       throw std::runtime_error("VAE broke");
     }
+    uint64_t bytes = 0;
+    for (ImageRun* r : batch) {
+      bytes += static_cast<FakeRun*>(r)->pixels;
+      // As on a GPU, which decodes a call's latents as one tensor.
+      if (static_cast<FakeRun*>(r)->pixels != static_cast<FakeRun*>(batch.front())->pixels)
+        throw std::runtime_error("latents of different sizes in one decode");
+    }
+    in_flight(&decode_bytes_now, bytes);
+    if (decode_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(decode_ms.load()));
+    in_flight(&decode_bytes_now, 0);
+    largest_decode = std::max(largest_decode.load(), static_cast<int>(batch.size()));
     std::vector<pipeline::RgbImage> out;
     for (size_t i = 0; i < batch.size(); ++i) {
       pipeline::RgbImage img{8, 8, std::vector<uint8_t>(8 * 8 * 3, 128)};
@@ -97,22 +118,31 @@ class FakeRunner : public ModelRunner {
   pipeline::RgbImage preview(const ImageRun&, const PreviewOptions&) override {
     return {8, 8, std::vector<uint8_t>(8 * 8 * 3, 0)};
   }
-  // A byte per pixel and image in the UNet call, a byte per pixel and image in the decode.
-  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_images,
+  // A byte per pixel and row in the UNet call, a byte per pixel and image in the decode.
+  pipeline::MemoryEstimate estimate_memory(int width, int height, int unet_rows,
                                            int decode_images) const override {
     pipeline::MemoryEstimate e;
-    e.unet = e.unet_attention = static_cast<uint64_t>(width) * height * unet_images;
+    e.unet = e.unet_attention = static_cast<uint64_t>(width) * height * unet_rows;
     e.vae = static_cast<uint64_t>(width) * height * decode_images;
     return e;
   }
   uint64_t available_memory() const override { return free_memory; }
+  void in_flight(uint64_t* now, uint64_t bytes) {
+    std::lock_guard<std::mutex> lock(in_flight_mutex);
+    *now = bytes;
+    most_together = std::max(most_together, unet_bytes_now + decode_bytes_now);
+  }
   uint64_t free_memory = 0;
 
   std::atomic<int> begins{0};
   std::atomic<int> fail_steps{0}, fail_decodes{0}, bad_images{0};
   std::atomic<bool> fail_warm_up{false};
   std::atomic<int> step_ms{0};  // how long a step takes
-  std::atomic<int> largest_batch{0};
+  std::atomic<int> largest_batch{0}, largest_decode{0};
+  std::atomic<int> decode_ms{0};  // how long a decode takes
+  // The estimate's bytes of the UNet call and the decode in flight, and the most of both at once.
+  std::mutex in_flight_mutex;
+  uint64_t unet_bytes_now = 0, decode_bytes_now = 0, most_together = 0;
   std::vector<double> step_seconds;  // what warm-up says a step takes per batch size
   bool sleep_timing = false;
   std::vector<std::pair<int, int>> timed;  // (size, batch) of each time_step() call
@@ -536,20 +566,23 @@ TEST(EngineFaults, JobRunningPastMaxRunSEndsTimedOutBetweenSteps) {
   EXPECT_EQ(wait_final(*engine, next.id).status, JobStatus::kSucceeded);
 }
 
-// A request whose estimated peak (one UNet call of max_batch images of its size, plus a decode)
-// exceeds the memory budget is refused before it is queued, naming width; the budget is
-// max_memory_bytes, else what the device had free when the engine started.
+// A request one of whose images, alone, exceeds the memory budget (its UNet call plus its
+// decode) is refused before it is queued, naming width; the budget is max_memory_bytes, else what
+// the device had free when the engine started. More images of a size that fits run one call
+// after another instead.
 TEST(EngineFaults, RequestPastTheMemoryBudgetIsRefusedBeforeQueueing) {
   auto fake = std::make_shared<FakeRunner>();
-  fake->free_memory = 270000;  // 3 bytes a pixel (max_batch 2 + 1 decode): up to 296x296
+  fake->free_memory = 270000;  // 3 bytes a pixel (2 rows + 1 decode): up to 296x296
   EngineOptions o;
   o.max_batch = 2;
   auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
                                std::make_shared<cache::PassThroughCache>());
   wait_warm(*engine);
-  auto fits = request("fits");
+  // Four images of 256x256, where a call holds 3 rows beside a decode: one image a call.
+  auto fits = request("fits", 4);
   fits.width = fits.height = 256;
   EXPECT_EQ(wait_final(*engine, engine->submit(fits).id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(fake->largest_batch.load(), 1);
   auto big = request("too big", 1);
   big.width = 512;
   big.height = 512;
@@ -560,8 +593,18 @@ TEST(EngineFaults, RequestPastTheMemoryBudgetIsRefusedBeforeQueueing) {
     EXPECT_EQ(e.field(), "width");
     const std::string m = e.what();
     for (const char* words :
-         {"512x512", "estimated 1 MB", "available", "max_batch 2", "num_images (1)",
-          "max_memory_mb 0", "largest square size that fits is 296x296"})
+         {"512x512", "estimated 1 MB", "for one image", "available", "with guidance",
+          "num_images (1)", "max_memory_mb 0", "largest square size that fits is 296x296"})
+      EXPECT_NE(m.find(words), std::string::npos) << words << " in " << m;
+  }
+  // Without guidance an image is one UNet row: 2 bytes a pixel, up to 360x360.
+  big.guidance_scale = 1;
+  try {
+    engine->submit(big);
+    ADD_FAILURE() << "a request past the memory budget was accepted";
+  } catch (const pipeline::RequestError& e) {
+    const std::string m = e.what();
+    for (const char* words : {"without guidance", "largest square size that fits is 360x360"})
       EXPECT_NE(m.find(words), std::string::npos) << words << " in " << m;
   }
   EXPECT_EQ(engine->stats().jobs_submitted, 1u);
@@ -571,9 +614,72 @@ TEST(EngineFaults, RequestPastTheMemoryBudgetIsRefusedBeforeQueueing) {
   auto small_engine = Engine::create(tight, std::vector<std::shared_ptr<ModelRunner>>{fake},
                                      std::make_shared<cache::PassThroughCache>());
   wait_warm(*small_engine);
+  fits.num_images = 1;
   EXPECT_THROW(small_engine->submit(fits), pipeline::RequestError);
   EXPECT_EQ(wait_final(*small_engine, small_engine->submit(request("64 px")).id).status,
             JobStatus::kSucceeded);
+}
+
+// A UNet call and a decode run at once only while their estimates fit the budget together. With
+// 12 units, a call holds five 64x64 images (10 units beside a 64x64 decode's 1) and one 128x128
+// image (8 beside its decode's 4): a 128x128 decode (4) cannot run beside the 64x64 call, and
+// waits for it, with decodes much slower than steps. Every job succeeds and the most in flight at
+// once stays within the budget; with room to spare the same traffic goes past it.
+TEST(EngineFaults, UNetCallsAndDecodesTogetherStayWithinTheBudget) {
+  constexpr uint64_t kUnit = 64 * 64;  // the fake's bytes for one 64x64 row or decoded image
+  const auto run = [&](uint64_t budget) {
+    auto fake = std::make_shared<FakeRunner>();
+    EngineOptions o;
+    o.max_batch = 8;
+    o.decode_batch = 4;
+    o.light_load_max_wait_s = 0;
+    o.max_memory_bytes = budget;
+    auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                                 std::make_shared<cache::PassThroughCache>());
+    wait_warm(*engine);
+    fake->step_ms = 5;
+    fake->decode_ms = 40;
+    auto long_job = request("five images of 64x64", 5);
+    long_job.steps = 60;
+    std::vector<std::string> ids{engine->submit(long_job).id};
+    for (int i = 0; i < 3; ++i) {
+      auto r = request("128x128 " + std::to_string(i));
+      r.width = r.height = 128;  // a row or a decoded image of 4 units
+      ids.push_back(engine->submit(r).id);
+    }
+    for (const auto& id : ids) EXPECT_EQ(wait_final(*engine, id).status, JobStatus::kSucceeded);
+    std::lock_guard<std::mutex> lock(fake->in_flight_mutex);
+    return fake->most_together;
+  };
+  EXPECT_LE(run(12 * kUnit), 12 * kUnit);
+  EXPECT_GT(run(1000 * kUnit), 12 * kUnit);
+}
+
+// A decode call holds images of one size (a GPU decodes them as one tensor; the fake refuses
+// mixed sizes too): while the first 64x64 image decodes, a 128x128 and a 64x64 image finish, and
+// are decoded in two calls, not one.
+TEST(EngineFaults, DecodeCallsHoldOneSize) {
+  auto fake = std::make_shared<FakeRunner>();
+  EngineOptions o;
+  o.max_batch = 4;
+  o.decode_batch = 4;
+  o.light_load_max_wait_s = 0;
+  auto engine = Engine::create(o, std::vector<std::shared_ptr<ModelRunner>>{fake},
+                               std::make_shared<cache::PassThroughCache>());
+  wait_warm(*engine);
+  fake->largest_decode = 0;  // the decoder's warm-up decoded each batch size
+  fake->step_ms = 5;
+  fake->decode_ms = 150;
+  auto first = request("first");
+  first.steps = 2;
+  auto big = request("128x128");
+  big.width = big.height = 128;
+  auto later = request("later");
+  later.steps = 4;
+  std::vector<std::string> ids;
+  for (const auto& r : {first, big, later}) ids.push_back(engine->submit(r).id);
+  for (const auto& id : ids) EXPECT_EQ(wait_final(*engine, id).status, JobStatus::kSucceeded);
+  EXPECT_EQ(fake->largest_decode.load(), 1);
 }
 
 // The service's limit applies to jobs that ask for none; the engine refuses a limit of 0.

@@ -11,7 +11,9 @@
 #include "cache/embedding_cache.h"
 #include "engine/job_queue.h"
 #include "engine/result_store.h"
+#include "pipeline/errors.h"
 #include "pipeline/image.h"
+#include "pipeline/memory.h"
 #include "pipeline/pipeline.h"
 #include "test_util.h"
 
@@ -274,6 +276,69 @@ TEST(Engine, HighPriorityOvertakesNormal) {
   EXPECT_EQ(engine->get(normal.id)->queue_position, 1);
   ASSERT_EQ(wait_final(*engine, normal.id), JobStatus::kSucceeded);
   EXPECT_LT(*engine->get(high.id)->times.finished_at, *engine->get(normal.id)->times.finished_at);
+}
+
+// Images per UNet call: (the most, how many calls).
+std::pair<int, uint64_t> unet_batches(const EngineStats& stats) {
+  const auto& h = stats.unet_batch_images;
+  int most = 0;
+  uint64_t calls = 0;
+  for (size_t i = 0; i < h.counts.size(); ++i) {
+    calls += h.counts[i];
+    if (h.counts[i] > 0) most = i < h.bounds.size() ? static_cast<int>(h.bounds[i]) : 1 << 30;
+  }
+  return {most, calls};
+}
+
+// max_memory_bytes where one 64x64 image (its UNet call with guidance, beside its decode) fits
+// the model's own estimate and two in one call do not: jobs of that size submitted together all
+// succeed, each UNet call holding one image; a size that does not fit even alone is refused
+// naming width. With the default budget the same jobs share calls.
+TEST(Engine, MemoryBudgetCapsTheUNetBatchNotTheRequest) {
+  const auto shape = pipeline::memory_shape(*tiny_model());
+  const uint64_t one = pipeline::estimate_memory(shape, 64, 64, 2, 1).total();
+  const uint64_t two = pipeline::estimate_memory(shape, 64, 64, 4, 1).total();
+  ASSERT_LT(one, two);
+  const auto run = [](uint64_t budget) {
+    EngineOptions o;
+    o.max_batch = 4;
+    o.light_load_max_wait_s = 0;  // batch whatever waits
+    o.max_memory_bytes = budget;
+    auto engine = make_engine(o);
+    std::vector<std::string> ids;
+    for (int i = 0; i < 3; ++i) ids.push_back(engine->submit(small_request(8, 20 + i)).id);
+    auto two_images = small_request(8, 30);
+    two_images.num_images = 2;
+    ids.push_back(engine->submit(two_images).id);
+    for (const auto& id : ids) EXPECT_EQ(wait_final(*engine, id), JobStatus::kSucceeded);
+    return unet_batches(engine->stats());
+  };
+  const uint64_t budget = (one + two) / 2;
+  const auto [most, calls] = run(budget);
+  EXPECT_EQ(most, 1);
+  EXPECT_EQ(calls, 5u * 8);  // five images, eight steps each, one at a time
+  EXPECT_GT(run(0).first, 1);
+
+  EngineOptions o;
+  o.max_memory_bytes = budget;
+  auto engine = make_engine(o);
+  auto big = small_request();
+  big.width = big.height = 128;
+  ASSERT_GT(pipeline::estimate_memory(shape, 128, 128, 2, 1).total(), budget);
+  try {
+    engine->submit(big);
+    ADD_FAILURE() << "a 128x128 request past the budget was accepted";
+  } catch (const pipeline::RequestError& e) {
+    EXPECT_EQ(e.field(), "width");
+    const std::string m = e.what();
+    int side = 64;
+    while (pipeline::estimate_memory(shape, side + 8, side + 8, 2, 1).total() <= budget) side += 8;
+    const std::string fits =
+        "largest square size that fits is " + std::to_string(side) + "x" + std::to_string(side);
+    for (const std::string& words : {std::string("128x128"), std::string("for one image"),
+                                     std::string("(max_memory_mb)"), fits})
+      EXPECT_NE(m.find(words), std::string::npos) << words << " in " << m;
+  }
 }
 
 TEST(Engine, InvalidRequestNamesField) {

@@ -27,7 +27,7 @@ pipeline::MemoryShape sd15_shape() {
 }
 
 TEST(MemoryEstimate, Sd15At2048IsSeventeenGigabytesPerHeadAndRow) {
-  const auto e = pipeline::estimate_memory(sd15_shape(), 2048, 2048, 1, 1);
+  const auto e = pipeline::estimate_memory(sd15_shape(), 2048, 2048, 2, 1);  // one image, CFG
   // 256 x 256 latents: 65,536 tokens at the first level, 65,536^2 float32 scores per head and row
   // (17.2 GB), 8 heads, 2 rows (CFG), twice at the peak (scores and their softmax).
   const uint64_t per_head_and_row = 65536ull * 65536ull * 4ull;
@@ -37,20 +37,34 @@ TEST(MemoryEstimate, Sd15At2048IsSeventeenGigabytesPerHeadAndRow) {
   // The VAE's mid-block attention: one head over 65,536 latent pixels, twice.
   EXPECT_GE(e.vae, 2 * per_head_and_row);
   EXPECT_EQ(pipeline::bytes_text(e.unet_attention), "549.8 GB");
-  // max_batch images of a size share one call: the estimate grows with them.
-  const auto batch = pipeline::estimate_memory(sd15_shape(), 2048, 2048, 8, 1);
+  // Images of a size share one call: the estimate grows with its rows.
+  const auto batch = pipeline::estimate_memory(sd15_shape(), 2048, 2048, 16, 1);
   EXPECT_EQ(batch.unet_attention, 8 * e.unet_attention);
+  // Without guidance an image is one row.
+  const auto no_cfg = pipeline::estimate_memory(sd15_shape(), 2048, 2048, 1, 1);
+  EXPECT_EQ(2 * no_cfg.unet_attention, e.unet_attention);
+}
+
+// A decode holds at most decode_chunk images at its peak (one at a time on the CPU).
+TEST(MemoryEstimate, DecodeOfSeveralImagesHoldsOneChunk) {
+  auto s = sd15_shape();
+  s.decode_chunk = 1;
+  const auto one = pipeline::estimate_memory(s, 512, 512, 2, 1);
+  EXPECT_EQ(pipeline::estimate_memory(s, 512, 512, 2, 4).vae, one.vae);
+  s.decode_chunk = 8;
+  EXPECT_EQ(pipeline::estimate_memory(s, 512, 512, 2, 4).vae, 4 * one.vae);
+  EXPECT_EQ(pipeline::estimate_memory(s, 512, 512, 2, 16).vae, 8 * one.vae);
 }
 
 TEST(MemoryEstimate, Sd15At512IsAFewGigabytesAndFusedAttentionDropsTheScores) {
-  const auto e = pipeline::estimate_memory(sd15_shape(), 512, 512, 1, 1);
+  const auto e = pipeline::estimate_memory(sd15_shape(), 512, 512, 2, 1);
   // 4,096 tokens: 2 rows x 8 heads x 4096^2 x 4 B = 1.07 GB of scores, twice.
   EXPECT_EQ(e.unet_attention, 2ull * 2 * 8 * 4096 * 4096 * 4);
   EXPECT_LT(e.total(), 6'000'000'000ull);
   auto fused = sd15_shape();
   fused.fused_attention = true;
   fused.unet_element_bytes = fused.attention_element_bytes = 2;  // fp16 on CUDA
-  const auto f = pipeline::estimate_memory(fused, 512, 512, 1, 1);
+  const auto f = pipeline::estimate_memory(fused, 512, 512, 2, 1);
   EXPECT_EQ(f.unet_attention, 0u);
   EXPECT_LT(f.unet, e.unet / 4);
 }
@@ -71,6 +85,7 @@ TEST(MemoryEstimate, ShapeComesFromTheModelsConfigs) {
   EXPECT_EQ(s.vae_channels, (std::vector<int>{32, 32, 64, 64}));
   EXPECT_FALSE(s.fused_attention);  // the CPU
   EXPECT_EQ(s.unet_element_bytes, 4);
+  EXPECT_EQ(s.decode_chunk, 1);  // the CPU decodes one image at a time
   EXPECT_GT(pipeline::available_memory(*model), 0u);
 }
 
@@ -103,7 +118,7 @@ TEST(MemoryEstimate, CoversTheMeasuredPeakOfAUNetCall) {
   if (status_kb("VmHWM") > before + (64 << 20)) GTEST_SKIP() << "VmHWM was not reset";
   model->step({run.get()});
   const uint64_t rise = status_kb("VmHWM") - before;
-  const auto e = pipeline::estimate_memory(pipeline::memory_shape(*model), 512, 512, 1, 1);
+  const auto e = pipeline::estimate_memory(pipeline::memory_shape(*model), 512, 512, 2, 1);
   std::cout << "measured peak rise " << pipeline::bytes_text(rise) << ", estimated UNet call "
             << pipeline::bytes_text(e.unet) << " (attention "
             << pipeline::bytes_text(e.unet_attention) << ")\n";

@@ -95,7 +95,7 @@ TEST(LimitsTest, RequestThatCannotFitInMemoryIsRefusedUpFront) {
     EXPECT_EQ(err["field"], "width");
     const std::string message = err["message"];
     for (const char* words :
-         {"2048x2048", "estimated", "available", "max_memory_mb", "max_batch", "num_images"})
+         {"2048x2048", "estimated", "for one image", "available", "max_memory_mb", "num_images"})
       EXPECT_NE(message.find(words), std::string::npos) << words << " in " << message;
     const auto a1111 =
         post(port, "/sdapi/v1/txt2img",
@@ -109,7 +109,7 @@ TEST(LimitsTest, RequestThatCannotFitInMemoryIsRefusedUpFront) {
     ServerProcess server({"--max-memory-mb", "100"});
     const int port = server.port();
     json big = small_job("past max_memory_mb", 2, 3);
-    big["width"] = big["height"] = 512;  // 17 GB of scores at max_batch 8
+    big["width"] = big["height"] = 512;  // 2.1 GB of attention scores for one image
     const auto r = post(port, "/v1/jobs", big);
     ASSERT_EQ(r.status, 400) << r.body;
     EXPECT_NE(r.body.find("max_memory_mb)"), std::string::npos) << r.body;

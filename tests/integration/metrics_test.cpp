@@ -69,6 +69,11 @@ TEST(MetricsTest, CountersAndHistogramsFollowRealTraffic) {
   EXPECT_EQ(metric(port, "sdserve_unet_padded_rows_count"), calls);
   EXPECT_EQ(metric(port, "sdserve_unet_padded_rows_sum"), 0);
   EXPECT_GE(metric(port, "sdserve_vae_decode_seconds_count"), 1);
+  // One decode call per image decoded (decode_batch 1).
+  EXPECT_EQ(metric(port, "sdserve_vae_decode_images_count"),
+            metric(port, "sdserve_vae_decode_seconds_count"));
+  EXPECT_EQ(metric(port, "sdserve_vae_decode_images_sum"),
+            metric(port, "sdserve_vae_decode_images_count"));
   EXPECT_GE(metric(port, "sdserve_previews_total{result=\"sent\"}"), 1);  // a's, every step
   EXPECT_EQ(metric(port, "sdserve_queued_jobs{priority=\"low\"}"), 0);
   // HTTP by route template and status class, never by raw path.
