@@ -78,10 +78,8 @@ const torch::Tensor& i2i_ref(const std::string& name) {
   return test::family_ref("tiny-sd15-img2img", name);
 }
 
-class Img2ImgParity : public ::testing::TestWithParam<Img2ImgRun> {};
-
-TEST_P(Img2ImgParity, StepLatentsAndImageMatchDiffusers) {
-  const auto& run = GetParam();
+// One run through the step-level API, each step's latents and the image against diffusers'.
+void check_run(const Model& m, const Img2ImgRun& run, double tolerance, const std::string& label) {
   const auto& c = run.info;
   const auto choice = choice_for(c["scheduler"]);
   ImageSpec spec;
@@ -96,22 +94,21 @@ TEST_P(Img2ImgParity, StepLatentsAndImageMatchDiffusers) {
   if (init.width != spec.width || init.height != spec.height)
     init = resize_lanczos(init, spec.width, spec.height);  // as diffusers' image processor
   spec.init_image = std::make_shared<const RgbImage>(std::move(init));
-  const auto& m = model();
-  auto cond = m->encode_text(c["prompt"], 1, TextRole::kPrompt, PromptSyntax::kNone);
+  auto cond = m.encode_text(c["prompt"], 1, TextRole::kPrompt, PromptSyntax::kNone);
   EmbeddingPtr uncond;
   if (spec.guidance_scale > 1)
-    uncond = m->encode_text(c["negative"], 1, TextRole::kNegative, PromptSyntax::kNone);
+    uncond = m.encode_text(c["negative"], 1, TextRole::kNegative, PromptSyntax::kNone);
   std::vector<std::unique_ptr<Trajectory>> owned;
   std::vector<Trajectory*> batch;
   for (uint64_t seed : c["per_image_seeds"]) {
     spec.seed = seed;
-    owned.push_back(m->begin(spec, cond, uncond));
+    owned.push_back(m.begin(spec, cond, uncond));
     batch.push_back(owned.back().get());
   }
   const torch::Tensor want = i2i_ref(run.name + "_latents");
   // Only the evaluations that run (of int(steps x strength) steps), one latent each in diffusers'
   // callback.
-  ASSERT_EQ(batch[0]->evals_total(), m->evals_total(spec));
+  ASSERT_EQ(batch[0]->evals_total(), m.evals_total(spec));
   ASSERT_EQ(batch[0]->evals_total(), want.size(0));
   ASSERT_EQ(batch[0]->evals_done(), 0);
   const torch::Tensor timesteps = i2i_ref(run.name + "_timesteps");
@@ -122,19 +119,36 @@ TEST_P(Img2ImgParity, StepLatentsAndImageMatchDiffusers) {
     EXPECT_NEAR(all[state.first_eval + i], timesteps[i].item<double>(), 1e-3) << "timestep " << i;
   double worst = 0;
   for (int i = 0; i < batch[0]->evals_total(); ++i) {
-    m->step(batch);
+    m.step(batch);
     std::vector<torch::Tensor> got;
     for (auto* t : batch) got.push_back(t->state().latent.cpu());
     const double err = test::rel_diff(torch::cat(got), want[i]);
     worst = std::max(worst, err);
-    ASSERT_LE(err, kTolerance) << run.name << " evaluation " << i;
+    ASSERT_LE(err, tolerance) << run.name << " evaluation " << i;
   }
   EXPECT_TRUE(batch[0]->done());
   const double image_err =
-      test::rel_diff(model()->impl().decode_float(batch), i2i_ref(run.name + "_image"));
-  EXPECT_LE(image_err, kTolerance) << run.name;
-  std::cout << "[ parity ] " << run.name << ": latents " << worst << ", image " << image_err
-            << "\n";
+      test::rel_diff(m.impl().decode_float(batch), i2i_ref(run.name + "_image"));
+  EXPECT_LE(image_err, tolerance) << run.name;
+  std::cout << "[ " << label << " ] " << run.name << ": latents " << worst << ", image "
+            << image_err << "\n";
+}
+
+class Img2ImgParity : public ::testing::TestWithParam<Img2ImgRun> {};
+
+TEST_P(Img2ImgParity, StepLatentsAndImageMatchDiffusers) {
+  check_run(*model(), GetParam(), kTolerance, "parity");
+}
+
+// The same runs on a GPU in float32 (the CPU generator's draws moved to the device, as the
+// service does). The bound is family_cuda_test.cpp's for fp32 runs.
+TEST(Img2ImgCuda, RunsMatchInFloat32) {
+  SKIP_WITHOUT_CUDA();
+  LoadOptions o;
+  o.device = "cuda";
+  o.precision = "fp32";
+  const auto cuda = Model::load(test::model_dir(), o);
+  for (const auto& run : runs()) check_run(*cuda, run, 1e-3, "parity cuda fp32");
 }
 
 INSTANTIATE_TEST_SUITE_P(AllRuns, Img2ImgParity, ::testing::ValuesIn(runs()),
