@@ -56,30 +56,6 @@ std::string base64(const std::string& in) {
   return out;
 }
 
-// Sends raw bytes on a new connection and returns what came back (up to the first response's
-// headers), for requests an HTTP client would refuse to write.
-std::string raw_request(int port, const std::string& request) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string got;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-    timeval tv{10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    send(fd, request.data(), request.size(), MSG_NOSIGNAL);
-    char buf[4096];
-    while (got.find("\r\n\r\n") == std::string::npos) {
-      const ssize_t n = recv(fd, buf, sizeof buf, 0);
-      if (n <= 0) break;
-      got.append(buf, static_cast<size_t>(n));
-    }
-  }
-  close(fd);
-  return got;
-}
-
 // A connected socket that sends nothing (an idle client), closed when destroyed.
 class IdleConnection {
  public:
@@ -107,10 +83,6 @@ bool wait_healthz(int port, int status) {
   }
   return false;
 }
-
-// The routes that read a JSON body.
-const std::vector<std::string> kBodyRoutes = {"/v1/jobs", "/v1/generate", "/sdapi/v1/txt2img",
-                                              "/sdapi/v1/png-info"};
 
 class HostileTest : public SharedServerTest {};
 
