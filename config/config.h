@@ -6,7 +6,9 @@
 // environment, --max-queue (or --max_queue) on the command line. An unknown key or a bad value
 // in any layer is a ConfigError whose message names the key and where it came from.
 //
-// A leaf library: no engine, server or torch dependencies.
+// A leaf library: no engine, server or torch dependencies. keys.cpp holds the key table (and
+// --help), values.cpp reads and checks one value, validate.cpp checks across keys, load.cpp
+// reads the layers.
 #pragma once
 
 #include <cstdint>

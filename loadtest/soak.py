@@ -6,20 +6,20 @@
     loadtest/soak.py --url http://127.0.0.1:8080 --pid 1234 --stop
     loadtest/soak.py --csv soak.csv -- --max-queue 128   # flags after -- go to `sdserve serve`
 
-Standard library only. Worker threads loop over a weighted mix of valid traffic (jobs followed
-over their WebSocket, /v1/generate, status reads, cancels, /v1/events multi-subscribe) and
-hostile probes (--list-probes). Every --sample seconds the server's RSS and thread count and the
-job and probe counters go to the CSV. It passes (exit 0) when the server is alive at the end,
-every valid job succeeded (or was cancelled by the soak itself), every valid request got the
-right answer, every probe got a well-formed answer and none hung, RSS at the end grew at most
---rss-tolerance over RSS just after warm-up, and the server exits 0 within 60 s of SIGTERM.
-Exit 1 when it fails, 2 when it could not start. Nothing here waits without a timeout.
+The standard library and websocket-client (Debian: python3-websocket). Worker threads loop over
+a weighted mix of valid traffic (jobs followed over their WebSocket, /v1/generate, status reads,
+cancels, /v1/events multi-subscribe) and hostile probes (--list-probes). Every --sample seconds
+the server's RSS and thread count and the job and probe counters go to the CSV. It passes (exit
+0) when the server is alive at the end, every valid job succeeded (or was cancelled by the soak
+itself), every valid request got the right answer, every probe got a well-formed answer and none
+hung, RSS at the end grew at most --rss-tolerance over RSS just after warm-up, and the server
+exits 0 within 60 s of SIGTERM. Exit 1 when it fails, 2 when it could not start. Nothing here
+waits without a timeout.
 """
 import argparse
 import base64
 import collections
 import csv
-import hashlib
 import json
 import os
 import random
@@ -34,8 +34,12 @@ import threading
 import time
 import urllib.parse
 
+try:
+    import websocket  # websocket-client: Debian's python3-websocket
+except ImportError:
+    sys.exit("soak.py: needs websocket-client (Debian: apt-get install python3-websocket)")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 FINAL = ("succeeded", "failed", "cancelled", "expired", "timed_out")
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "lms", "ddim", "pndm", "uni_pc",
             "DPM++ 2M Karras", "Euler a"]
@@ -96,7 +100,8 @@ class Fail(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# HTTP/1.1 and RFC 6455 over plain sockets: every read bounded by a deadline
+# HTTP/1.1 over plain sockets (hostile requests are bytes no HTTP library would send) and
+# WebSockets through websocket-client: every read bounded by a deadline
 
 HARD_STOP = [float("inf")]  # when the soak ends, every socket gives up by this time
 
@@ -181,10 +186,7 @@ class Conn:
 
     def abort(self):
         """Vanish: close with a reset instead of a FIN."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
+        reset(self.sock)
         self.close()
 
     def close(self):
@@ -192,6 +194,14 @@ class Conn:
             self.sock.close()
         except OSError:
             pass
+
+
+def reset(sock):
+    """Makes the socket's close send a reset instead of a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
 
 
 class Response:
@@ -292,119 +302,89 @@ class Client:
             path = path.encode()
         if body is not None:
             raw_body = json.dumps(body).encode()
-        head = [method.encode() + b" " + path + b" HTTP/1.1",
-                f"Host: {self.host}:{self.port}".encode(), b"Connection: close"]
+        head = {"Host": f"{self.host}:{self.port}", "Connection": "close"}
         if raw_body is not None:
-            head += [b"Content-Type: application/json", b"Content-Length: %d" % len(raw_body)]
-        for k, v in (headers or {}).items():
-            head.append(f"{k}: {v}".encode())
-        data = b"\r\n".join(head) + b"\r\n\r\n" + (raw_body or b"")
+            head.update({"Content-Type": "application/json", "Content-Length": len(raw_body)})
+        head.update(headers or {})  # replaces a default of the same name (Connection: Upgrade)
+        data = method.encode() + b" " + path + b" HTTP/1.1\r\n" + \
+            "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode() + b"\r\n" + \
+            (raw_body or b"")
         return self.raw(data, deadline, method, early_answer=raw_body is not None)
 
 
 class WebSocket:
-    """A minimal RFC 6455 client: handshake, masked frames out, text/binary/control in."""
+    """A WebSocket client (websocket-client, Debian's python3-websocket) whose every read is
+    bounded by a deadline and by the end of the soak (HARD_STOP). A handshake the server refuses
+    leaves `accepted` false and `refusal` saying why; probes that need the refusal's body send
+    the upgrade as a plain request instead (Soak.upgrade)."""
 
     def __init__(self, host, port, path, deadline):
-        if isinstance(path, str):
-            path = path.encode()
-        self.conn = Conn(host, port, deadline)
-        self.response = None
+        self.deadline = deadline
         self.closed = False
-        key = base64.b64encode(os.urandom(16))
-        req = (b"GET " + path + b" HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
-               b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key +
-               b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        self.refusal = None
+        self.ws = None
+        conn = Conn(host, port, deadline)  # connect errors as Refused / Hung, like HTTP
         try:
-            self.conn.send(req)
-            res = read_response(self.conn)
-        except Exception:
-            self.conn.close()
-            raise
-        self.response = res
-        if res.status != 101:
-            self.conn.close()
-            return
-        expect = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
-        if res.headers.get("sec-websocket-accept") != expect or \
-                res.headers.get("upgrade", "").lower() != "websocket":
-            self.conn.close()
-            raise Malformed("bad WebSocket handshake answer")
+            conn.sock.settimeout(max(0.1, min(deadline, HARD_STOP[0]) - time.time()))
+            # No Origin: a script is not a web page (the service refuses foreign origins).
+            self.ws = websocket.create_connection(
+                f"ws://{host}:{port}{path}", socket=conn.sock, suppress_origin=True,
+                skip_utf8_validation=True)  # checked in recv(), in C rather than in Python
+        except websocket.WebSocketBadStatusException as e:
+            conn.close()
+            self.refusal = f"{e.status_code} (handshake refused)"
+        except Exception as e:
+            conn.close()
+            raise _mapped(e, "handshake")
 
     @property
     def accepted(self):
-        return self.response is not None and self.response.status == 101
+        return self.ws is not None
 
     def set_deadline(self, deadline):
-        self.conn.deadline = deadline
+        self.deadline = deadline
 
-    def send_frame(self, opcode, payload, fin=True):
-        n = len(payload)
-        head = bytes([(0x80 if fin else 0) | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        mask = os.urandom(4)
-        if n:
-            k = int.from_bytes(mask * ((n + 3) // 4), "big") >> (8 * (-n % 4))
-            payload = (int.from_bytes(payload, "big") ^ k).to_bytes(n, "big")
-        self.conn.send(head + mask + payload)
+    def _left(self, what):
+        left = min(self.deadline, HARD_STOP[0]) - time.time()
+        if left <= 0:
+            raise Hung(what)
+        return left
+
+    def _read(self, fn):
+        # Short slices, so that the end of the soak interrupts a blocked read too; the library
+        # keeps a partly read frame across timeouts.
+        while True:
+            self.ws.settimeout(min(self._left("no WebSocket message in time"), 0.5))
+            try:
+                return fn()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception as e:
+                raise _mapped(e, "recv")
 
     def send_text(self, text):
-        self.send_frame(0x1, text.encode() if isinstance(text, str) else text)
-
-    def _frame(self):
-        b0, b1 = self.conn.read_exact(2)
-        if b1 & 0x80:
-            raise Malformed("the server masked a frame")
-        if b0 & 0x70:
-            raise Malformed("reserved bits set")
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack(">H", self.conn.read_exact(2))[0]
-        elif n == 127:
-            n = struct.unpack(">Q", self.conn.read_exact(8))[0]
-        if n > 64 << 20:
-            raise Malformed(f"frame of {n} bytes")
-        return bool(b0 & 0x80), b0 & 0x0F, self.conn.read_exact(n)
+        # One timeout for the whole message: a send cut short would leave half a frame.
+        self.ws.settimeout(self._left("send timed out (the server stopped reading)"))
+        try:
+            self.ws.send(text)
+        except Exception as e:
+            raise _mapped(e, "send")
 
     def recv(self):
-        """Returns ("text", str), ("binary", bytes) or ("close", code)."""
-        parts, kind = [], None
-        while True:
-            fin, op, payload = self._frame()
-            if op == 0x9:
-                self.send_frame(0xA, payload)
-                continue
-            if op == 0xA:
-                continue
-            if op == 0x8:
-                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
-                if not self.closed:
-                    self.closed = True
-                    try:
-                        self.send_frame(0x8, payload[:2])
-                    except (Closed, Hung):
-                        pass
-                return "close", code
-            if op in (0x1, 0x2):
-                if kind is not None:
-                    raise Malformed("new message inside a fragmented one")
-                kind = "text" if op == 0x1 else "binary"
-            elif op != 0x0 or kind is None:
-                raise Malformed(f"unexpected opcode {op}")
-            parts.append(payload)
-            if fin:
-                data = b"".join(parts)
-                if kind == "text":
-                    try:
-                        return "text", data.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise Malformed("text frame is not UTF-8")
-                return "binary", data
+        """Returns ("text", str), ("binary", bytes) or ("close", code). The library answers
+        pings and the server's close frame, and joins fragments."""
+        op, frame = self._read(self.ws.recv_data_frame)
+        if frame.mask:
+            raise Malformed("the server masked a frame")
+        if op == websocket.ABNF.OPCODE_CLOSE:
+            self.closed = True
+            return "close", struct.unpack(">H", frame.data[:2])[0] if len(frame.data) >= 2 else 1005
+        if op == websocket.ABNF.OPCODE_TEXT:
+            try:
+                return "text", frame.data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Malformed("text frame is not UTF-8")
+        return "binary", frame.data
 
     def recv_json(self):
         kind, data = self.recv()
@@ -417,24 +397,48 @@ class WebSocket:
 
     def close(self, code=1000, wait=5.0):
         """Clean close: our close frame, then the server's, then the socket. True when clean."""
+        self.deadline = min(self.deadline, time.time() + wait)
         try:
             if not self.closed:
                 self.closed = True
-                self.send_frame(0x8, struct.pack(">H", code))
-            self.conn.deadline = min(self.conn.deadline, time.time() + wait)
-            while True:
-                fin, op, payload = self._frame()
-                if op == 0x8:
-                    return True
+                self.ws.settimeout(self._left("close timed out"))
+                try:
+                    self.ws.send_close(code)
+                except Exception as e:
+                    raise _mapped(e, "close")
+            while self._read(self.ws.recv_frame).opcode != websocket.ABNF.OPCODE_CLOSE:
+                pass  # raw frames: recv_data_frame would answer the close a second time
+            return True
         except Closed:
             return True  # the server closed first (after its own close frame)
         except (Hung, Malformed):
             return False
         finally:
-            self.conn.close()
+            self.ws.shutdown()
+
+    def send_partial_frame(self):
+        """The first 16 bytes of a 100-byte text frame, the rest never sent."""
+        frame = websocket.ABNF.create_frame("x" * 100, websocket.ABNF.OPCODE_TEXT).format()
+        self.ws.sock.sendall(frame[:16])
 
     def abort(self):
-        self.conn.abort()
+        """Vanish: close with a reset."""
+        if self.ws.sock:
+            reset(self.ws.sock)
+        self.ws.shutdown()
+
+
+def _mapped(e, op):
+    """The library's and the socket's errors as this tool's outcomes."""
+    if isinstance(e, (Hung, Closed, Malformed, Refused)):
+        return e
+    if isinstance(e, (websocket.WebSocketTimeoutException, socket.timeout)):
+        return Hung(f"{op} timed out" + (" (the server stopped reading)" if op == "send" else ""))
+    if isinstance(e, (websocket.WebSocketConnectionClosedException, ConnectionError)):
+        return Closed(f"{op}: {e}")
+    if isinstance(e, websocket.WebSocketException):
+        return Malformed(f"{op}: {type(e).__name__}: {e}")
+    return e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -691,7 +695,7 @@ class Soak:
             ws = WebSocket(self.host, self.port, f"/v1/jobs/{job_id}/events", self.deadline(
                 self.a.job_timeout))
             if not ws.accepted:
-                raise Fail(f"events WebSocket refused: {ws.response.describe()}")
+                raise Fail(f"events WebSocket refused: {ws.refusal}")
             ws.set_deadline(min(until, self.hard_stop))
             seen = []
             while True:
@@ -840,7 +844,7 @@ class Soak:
     def v_multi(self, rng):
         ws = WebSocket(self.host, self.port, "/v1/events", self.deadline(self.a.timeout))
         if not ws.accepted:
-            raise Fail(f"/v1/events refused: {ws.response.describe()}")
+            raise Fail(f"/v1/events refused: {ws.refusal}")
         t0 = time.time()
         ids = [i for i in (self.submit(rng) for _ in range(3)) if i]
         pending = set(ids)
@@ -896,6 +900,14 @@ class Soak:
         if 400 <= res.status < 500:
             return "malformed", "4xx without a JSON error body: " + res.describe()
         return "unexpected", res.describe()
+
+    def upgrade(self, path):
+        """A WebSocket handshake sent as a plain request, for probes that expect a refusal: the
+        answer's body is read (websocket-client keeps only its status), and a path may hold
+        bytes that are not UTF-8. The connection closes after the answer, even a 101."""
+        return self.http.request("GET", path, None, self.deadline(self.a.timeout), headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": 13,
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()})
 
     def post_raw(self, raw_body, path="/v1/jobs", seconds=None):
         return self.http.request("POST", path, raw_body=raw_body,
@@ -982,11 +994,10 @@ class Soak:
         path = rng.choice([b"/v1/jobs/" + bad, b"/v1/jobs/" + bad + b"/images/0",
                            b"/v1/" + bad, b"/v1/jobs/" + bad + b"/events"])
         if path.endswith(b"/events") and rng.random() < 0.5:
-            ws = WebSocket(self.host, self.port, path, self.deadline(self.a.timeout))
-            if ws.accepted:
-                ws.abort()
+            res = self.upgrade(path)
+            if res.status == 101:
                 return "unexpected", "101 for a WebSocket on a bad job id"
-            return self.expect_refusal(ws.response)
+            return self.expect_refusal(res)
         method = rng.choice(["GET", "DELETE", "POST"])
         return self.expect_refusal(self.http.request(method, path, None,
                                                      self.deadline(self.a.timeout)))
@@ -1048,10 +1059,10 @@ class Soak:
         path = f"/v1/jobs/{job_id}/events" if mode == "mid_stream" else "/v1/events"
         ws = WebSocket(self.host, self.port, path, self.deadline(self.a.timeout))
         if not ws.accepted:
-            return "unexpected", f"WebSocket refused: {ws.response.describe()}"
+            return "unexpected", f"WebSocket refused: {ws.refusal}"
         if mode == "mid_frame":
             ws.send_text(json.dumps({"subscribe": job_id}))
-            ws.conn.send(bytes([0x81, 0x80 | 100]) + os.urandom(4) + b"x" * 10)
+            ws.send_partial_frame()
         ws.recv()
         ws.abort()
         return "ok", mode
@@ -1059,7 +1070,7 @@ class Soak:
     def h_ws_noread(self, rng):
         ws = WebSocket(self.host, self.port, "/v1/events", self.deadline(self.a.timeout))
         if not ws.accepted:
-            return "unexpected", f"/v1/events refused: {ws.response.describe()}"
+            return "unexpected", f"/v1/events refused: {ws.refusal}"
         rss0 = self.server.proc_status()[0]
         sent, t0, closed = 0, time.time(), ""
         ws.set_deadline(self.deadline(6))
@@ -1113,7 +1124,7 @@ class Soak:
             return "skipped", "no finished job yet"
         ws = WebSocket(self.host, self.port, "/v1/events", self.deadline(self.a.timeout))
         if not ws.accepted:
-            return "unexpected", f"/v1/events refused: {ws.response.describe()}"
+            return "unexpected", f"/v1/events refused: {ws.refusal}"
         ws.set_deadline(self.deadline(30))
         total, acks, errors, finals, t0 = 5000, 0, 0, 0, time.time()
         kinds = collections.Counter()
@@ -1152,15 +1163,14 @@ class Soak:
         what = rng.choice(["get", "delete", "image", "image_big", "events", "subscribe"])
         dl = self.deadline(self.a.timeout)
         if what == "events":
-            ws = WebSocket(self.host, self.port, f"/v1/jobs/{rid}/events", dl)
-            if ws.accepted:
-                ws.abort()
+            res = self.upgrade(f"/v1/jobs/{rid}/events")
+            if res.status == 101:
                 return "unexpected", "101 for the events of a random job id"
-            return self.expect_refusal(ws.response, (404,))
+            return self.expect_refusal(res, (404,))
         if what == "subscribe":
             ws = WebSocket(self.host, self.port, "/v1/events", dl)
             if not ws.accepted:
-                return "unexpected", f"/v1/events refused: {ws.response.describe()}"
+                return "unexpected", f"/v1/events refused: {ws.refusal}"
             ws.send_text(json.dumps({"subscribe": rid}))
             kind, msg = ws.recv_json()
             clean = ws.close(wait=5)

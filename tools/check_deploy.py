@@ -106,10 +106,10 @@ def exported_metrics():
 
 
 def known_env_vars():
-    src = read(os.path.join(ROOT, "config", "config.cpp"))
+    src = "".join(read(p) for p in sorted(glob.glob(os.path.join(ROOT, "config", "*.cpp"))))
     keys = {"SDSERVE_" + k.upper() for k in re.findall(r'\bkey\(\s*"([a-z0-9_]+)"', src)}
     if not keys:
-        sys.exit("check_deploy.py: no configuration keys found in config/config.cpp")
+        sys.exit("check_deploy.py: no configuration keys found in config/*.cpp")
     # Variables with the prefix that are not keys but are read (SDSERVE_CONFIG, SDSERVE_MODELS_DIR).
     keys.update(re.findall(r'"(SDSERVE_[A-Z0-9_]+)"', src))
     return keys
@@ -493,7 +493,7 @@ def cmd_static(args):
     allowed = allowed_sd | PROMETHEUS_SERIES
     known_env = known_env_vars()
     print(f"check_deploy.py: {len(base_names)} metrics exported by server/*.cpp, "
-          f"{len(known_env)} SDSERVE_ variables known to config/config.cpp")
+          f"{len(known_env)} SDSERVE_ variables known to config/*.cpp")
     used = set()
     dash_target = check_compose(os.path.join(DEPLOY, "compose.yaml"), known_env)
     check_grafana_provisioning(dash_target)

@@ -89,6 +89,13 @@ inline HttpResult post(int port, const std::string& target, const json& body,
                        const Headers& headers = {}) {
   return http(port, verb::post, target, body.dump(), headers);
 }
+// Sends raw bytes on a new connection and returns what came back (up to the first response's
+// headers; 10 s at most), for requests an HTTP client would refuse to write.
+std::string raw_request(int port, const std::string& request);
+
+// The routes that read a JSON body (server/handlers.cpp takes_body()).
+inline const std::vector<std::string> kBodyRoutes = {"/v1/jobs", "/v1/generate",
+                                                     "/sdapi/v1/txt2img", "/sdapi/v1/png-info"};
 
 // A WebSocket client; frames are read on its own thread into a queue.
 // A test suite whose tests share one default `sdserve serve` (started before the suite's first
