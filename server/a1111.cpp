@@ -319,12 +319,64 @@ Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model
   return t;
 }
 
+Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model) {
+  if (!body.is_object())
+    throw ApiError(400, "invalid_json", "the body must be a JSON object (an img2img request)");
+  Json rest(body);  // what txt2img also has, once the img2img fields are taken out
+  const auto take = [&](const char* name) {
+    Json v = rest.contains(name) ? rest[name] : Json();
+    rest.erase(name);
+    return v;
+  };
+  const Json init_images = take("init_images");
+  if (!init_images.is_array() || init_images.empty() || !init_images[0].is_string())
+    refuse("init_images", "init_images is required: a list with one base64 PNG or JPEG");
+  if (init_images.size() > 1)
+    refuse("init_images", "init_images holds " + std::to_string(init_images.size()) +
+                              " images; one per request is supported (send one request per image)");
+  const Json strength = take("denoising_strength");
+  const Json resize_mode = take("resize_mode");
+  if (!(resize_mode.is_null() || is_number_equal(resize_mode, 0)))
+    refuse("resize_mode",
+           "resize_mode 0 (just resize) is supported; crop, fill and latent upscale (1-3) are "
+           "not yet");
+  const Json mask = take("mask");
+  if (!is_empty(mask)) refuse("mask", "inpainting (mask) is not supported yet");
+  const Json latent_mask = take("latent_mask");
+  if (!is_empty(latent_mask)) refuse("latent_mask", "latent_mask is not supported");
+  const Json noise = take("initial_noise_multiplier");
+  if (!(noise.is_null() || is_number_equal(noise, 1)))
+    refuse("initial_noise_multiplier", "initial_noise_multiplier other than 1 is not supported");
+  const Json include = take("include_init_images");
+  if (!include.is_null() && !include.is_boolean())
+    refuse("include_init_images", "include_init_images must be true or false");
+  // Without a mask these do not change the image; image_cfg_scale is instruct-pix2pix's only.
+  for (const char* name : {"mask_blur", "mask_blur_x", "mask_blur_y", "mask_round",
+                           "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                           "inpainting_mask_invert", "image_cfg_scale"})
+    take(name);
+  Txt2Img t = translate_txt2img(BodyJson(rest), model);
+  Json native(t.native);
+  native["init_image"] = init_images[0];
+  // A1111's default; a wrong type or range is /v1's 400, renamed for the caller.
+  native["strength"] = strength.is_null() ? Json(0.75) : strength;
+  t.native = BodyJson(native);
+  t.img2img = true;
+  t.denoising_strength = strength.is_number() ? strength.get<double>() : 0.75;
+  // As A1111: the answer's parameters echo the images only when include_init_images is true.
+  const bool echo_images = include.is_boolean() && include.get<bool>();
+  t.echo["init_images"] = echo_images ? init_images : Json();
+  t.echo["mask"] = echo_images ? mask : Json();
+  t.echo["denoising_strength"] = t.denoising_strength;
+  t.echo["resize_mode"] = 0;
+  return t;
+}
+
 ApiError renamed(const ApiError& e) {
   static const std::map<std::string, std::string> names = {
-      {"guidance_scale", "cfg_scale"},
-      {"sampler", "sampler_name"},
-      {"num_images", "batch_size"},
-      {"clip_skip", "override_settings.CLIP_stop_at_last_layers"}};
+      {"guidance_scale", "cfg_scale"}, {"strength", "denoising_strength"},
+      {"init_image", "init_images"},   {"sampler", "sampler_name"},
+      {"num_images", "batch_size"},    {"clip_skip", "override_settings.CLIP_stop_at_last_layers"}};
   const auto it = names.find(e.field);
   if (it == names.end()) return e;
   std::string message = e.what();
@@ -376,7 +428,7 @@ Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
                {"sd_vae_hash", nullptr},
                {"seed_resize_from_w", -1},
                {"seed_resize_from_h", -1},
-               {"denoising_strength", nullptr},
+               {"denoising_strength", t.img2img ? Json(t.denoising_strength) : Json()},
                {"extra_generation_params", {{"Schedule type", scheduler_label(r.scheduler)}}},
                {"index_of_first_image", 0},
                {"infotexts", infotexts},

@@ -34,12 +34,19 @@ struct Txt2Img {
   bool send_images = true;
   std::string sampler_name;  // as the caller named it ("Euler a"), for info
   std::string scheduler;     // A1111's label ("Automatic", "Karras")
+  bool img2img = false;      // POST /sdapi/v1/img2img
+  double denoising_strength = 0;
 };
 
 // Throws ApiError 400 naming the A1111 field: wrong types, unknown fields, and features that
 // would change the image and that sdserve lacks (hires fix, scripts, face restoration, ...).
 // `body`: the request's, from parse_body().
 Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model);
+
+// POST /sdapi/v1/img2img, translated: the txt2img fields as above, plus init_images (one),
+// denoising_strength (0.75) as /v1's init_image and strength, resize_mode 0 (just resize, the
+// default). Inpainting (mask) and the other resize modes are refused by name until they exist.
+Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model);
 
 // An ApiError about a /v1 field ("guidance_scale") renamed for the A1111 caller ("cfg_scale").
 ApiError renamed(const ApiError& e);

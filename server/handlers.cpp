@@ -180,6 +180,8 @@ Route match_route(const std::string& target) {
     r.kind = Route::kGenerate;
   else if (path == "/sdapi/v1/txt2img")
     r.kind = Route::kSdTxt2Img;
+  else if (path == "/sdapi/v1/img2img")
+    r.kind = Route::kSdImg2Img;
   else if (path == "/sdapi/v1/samplers")
     r.kind = Route::kSdSamplers;
   else if (path == "/sdapi/v1/schedulers")
@@ -239,6 +241,8 @@ const char* route_template(Route::Kind kind) {
       return "/";
     case Route::kSdTxt2Img:
       return "/sdapi/v1/txt2img";
+    case Route::kSdImg2Img:
+      return "/sdapi/v1/img2img";
     case Route::kSdSamplers:
       return "/sdapi/v1/samplers";
     case Route::kSdSchedulers:
@@ -264,6 +268,7 @@ std::string allowed_methods(Route::Kind kind) {
     case Route::kJobs:
     case Route::kGenerate:
     case Route::kSdTxt2Img:
+    case Route::kSdImg2Img:
     case Route::kSdInterrupt:
     case Route::kSdPngInfo:
       return "POST";
@@ -281,6 +286,7 @@ bool method_allowed(Route::Kind kind, http::verb method) {
     case Route::kJobs:
     case Route::kGenerate:
     case Route::kSdTxt2Img:
+    case Route::kSdImg2Img:
     case Route::kSdInterrupt:
     case Route::kSdPngInfo:
       return method == http::verb::post;
@@ -334,11 +340,12 @@ Response error_response(const ApiError& e, const Request& req) {
 
 bool takes_body(Route::Kind kind) {
   return kind == Route::kJobs || kind == Route::kGenerate || kind == Route::kSdTxt2Img ||
-         kind == Route::kSdPngInfo;
+         kind == Route::kSdImg2Img || kind == Route::kSdPngInfo;
 }
 
 bool submits_job(Route::Kind kind) {
-  return kind == Route::kJobs || kind == Route::kGenerate || kind == Route::kSdTxt2Img;
+  return kind == Route::kJobs || kind == Route::kGenerate || kind == Route::kSdTxt2Img ||
+         kind == Route::kSdImg2Img;
 }
 
 engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson& body) {
@@ -495,6 +502,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
       return json_response(http::status::ok, a1111::png_info(body), req);
     case Route::kGenerate:
     case Route::kSdTxt2Img:
+    case Route::kSdImg2Img:
     case Route::kSdProgress:
     case Route::kSdInterrupt:
     case Route::kNotFound:

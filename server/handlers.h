@@ -32,6 +32,7 @@ struct Route {
     kPage,       // / (server/web/index.html)
     // AUTOMATIC1111's API (server/a1111.h)
     kSdTxt2Img,     // POST /sdapi/v1/txt2img (waits for its job, as /v1/generate)
+    kSdImg2Img,     // POST /sdapi/v1/img2img (the same, from an init image)
     kSdSamplers,    // /sdapi/v1/samplers
     kSdSchedulers,  // /sdapi/v1/schedulers
     kSdModels,      // /sdapi/v1/sd-models

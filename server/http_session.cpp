@@ -217,7 +217,8 @@ void HttpSession::dispatch(const Route& route) {
   // The one place a body is parsed (bounded): routes get the result, never the text.
   const BodyJson body = takes_body(route.kind) ? parse_body(req_.body()) : BodyJson();
   if (route.kind == Route::kGenerate) return start_generate(req_, body);
-  if (route.kind == Route::kSdTxt2Img) return start_txt2img(req_, body);
+  if (route.kind == Route::kSdTxt2Img || route.kind == Route::kSdImg2Img)
+    return start_txt2img(req_, body, route.kind == Route::kSdImg2Img);
   if (route.kind == Route::kSdProgress) {
     const auto engine = ctx_->engine();
     return send(
@@ -244,9 +245,10 @@ void HttpSession::start_generate(const Request& req, const BodyJson& body) {
   wait_for_job(snap);
 }
 
-void HttpSession::start_txt2img(const Request& req, const BodyJson& body) {
+void HttpSession::start_txt2img(const Request& req, const BodyJson& body, bool img2img) {
   const auto model = ctx_->model();
-  auto t = a1111::translate_txt2img(body, model ? &model->info() : nullptr);
+  const auto* info = model ? &model->info() : nullptr;
+  auto t = img2img ? a1111::translate_img2img(body, info) : a1111::translate_txt2img(body, info);
   engine::JobSnapshot snap;
   try {
     snap = submit_job(*ctx_, req, t.native);
@@ -320,7 +322,9 @@ void HttpSession::on_client_gone() {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_)
           .count();
   job_id_ = waiting_->job_id;
-  const Route::Kind kind = waiting_->txt2img ? Route::kSdTxt2Img : Route::kGenerate;
+  const Route::Kind kind = !waiting_->txt2img           ? Route::kGenerate
+                           : waiting_->txt2img->img2img ? Route::kSdImg2Img
+                                                        : Route::kSdTxt2Img;
   log_request("POST", route_template(kind), kind, 499, ms, 0,
               waiting_->cancel_on_disconnect ? "client went away; job cancelled"
                                              : "client went away; job continues");

@@ -33,7 +33,8 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
 
   void dispatch(const Route& route);
   void start_generate(const Request& req, const BodyJson& body);
-  void start_txt2img(const Request& req, const BodyJson& body);  // A1111's POST /sdapi/v1/txt2img
+  void start_txt2img(const Request& req, const BodyJson& body,
+                     bool img2img);  // A1111's POST /sdapi/v1/txt2img
   void wait_for_job(const engine::JobSnapshot& snap);
   std::string caller() const;  // who an A1111 progress / interrupt is about
   void watch_disconnect();

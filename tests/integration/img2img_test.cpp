@@ -2,6 +2,7 @@
 // checks, and img2img jobs sharing UNet batches with txt2img ones without changing their pixels.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
 
 #include "harness.h"
@@ -10,8 +11,10 @@
 namespace sdserve::itest {
 namespace {
 
+constexpr const char* kBase64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
 std::string base64_of(const std::vector<uint8_t>& in) {
-  static const char* kDigits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  const char* kDigits = kBase64;
   std::string out;
   size_t i = 0;
   for (; i + 2 < in.size(); i += 3) {
@@ -25,6 +28,23 @@ std::string base64_of(const std::vector<uint8_t>& in) {
     out += kDigits[(v >> 12) & 63];
     out += i + 1 < in.size() ? kDigits[(v >> 6) & 63] : '=';
     out += '=';
+  }
+  return out;
+}
+
+std::vector<uint8_t> unbase64_of(const std::string& in) {
+  std::vector<uint8_t> out;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (const char c : in) {
+    const char* at = std::strchr(kBase64, c);
+    if (c == '=' || at == nullptr) continue;
+    acc = (acc << 6) | static_cast<uint32_t>(at - kBase64);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<uint8_t>((acc >> bits) & 0xFF));
+    }
   }
   return out;
 }
@@ -124,6 +144,73 @@ TEST(Img2ImgTest, BadInitImagesAndStrengthsAre400NamingTheField) {
   json t = small_job("x", 4, 1);
   t["strength"] = 0.5;
   refused(t, "strength", "needs an init_image");
+  EXPECT_EQ(get(port, "/healthz").status, 200);
+}
+
+TEST(Img2ImgTest, A1111Img2ImgGivesTheV1ImageAndRefusesWhatItLacksByName) {
+  ServerProcess server;
+  const int port = server.port();
+  const std::string b64 = base64_of(fixture_bytes("img2img-init-96x64.png"));
+  const json a1111 = {{"prompt", "a photo of a cat"},
+                      {"init_images", {b64}},
+                      {"denoising_strength", 0.5},
+                      {"steps", 8},
+                      {"seed", 5},
+                      {"cfg_scale", 7.5},
+                      {"sampler_name", "Euler"},
+                      {"width", 96},
+                      {"height", 64},
+                      {"mask_blur", 4},
+                      {"inpainting_fill", 1},
+                      {"inpaint_full_res", true}};
+  const auto r = post(port, "/sdapi/v1/img2img", a1111);
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json answer = r.body_json();
+  ASSERT_EQ(answer["images"].size(), 1u);
+  const json info = json::parse(answer["info"].get<std::string>());
+  EXPECT_EQ(info["denoising_strength"], 0.5);
+  EXPECT_NE(info["infotexts"][0].get<std::string>().find("Denoising strength: 0.5"),
+            std::string::npos);
+  EXPECT_TRUE(answer["parameters"]["init_images"].is_null()) << "include_init_images is false";
+  const std::string png_b64 = answer["images"][0];
+  // The same request on /v1 gives the same pixels.
+  json native = {{"prompt", "a photo of a cat"},
+                 {"init_image", b64},
+                 {"strength", 0.5},
+                 {"steps", 8},
+                 {"seed", 5},
+                 {"guidance_scale", 7.5},
+                 {"sampler", "euler"},
+                 {"width", 96},
+                 {"height", 64}};
+  const auto v1 = post(port, "/v1/generate", native);
+  ASSERT_EQ(v1.status, 200) << v1.body;
+  const auto v1_png = pipeline::decode_png(std::vector<uint8_t>(v1.body.begin(), v1.body.end()));
+  const json back = post(port, "/sdapi/v1/png-info", {{"image", png_b64}}).body_json();
+  EXPECT_EQ(back["parameters"]["Denoising strength"], "0.5");
+  EXPECT_EQ(v1_png.width, 96);
+  EXPECT_EQ(pipeline::decode_png(unbase64_of(png_b64)).pixels, v1_png.pixels);
+
+  const auto refused = [&](json body, const std::string& field) {
+    const auto x = post(port, "/sdapi/v1/img2img", body);
+    EXPECT_EQ(x.status, 400) << x.body;
+    EXPECT_EQ(field_of(x), field) << x.body;
+  };
+  json j = a1111;
+  j["mask"] = b64;
+  refused(j, "mask");
+  j = a1111;
+  j["resize_mode"] = 1;
+  refused(j, "resize_mode");
+  j = a1111;
+  j["denoising_strength"] = 1.5;
+  refused(j, "denoising_strength");
+  j = a1111;
+  j.erase("init_images");
+  refused(j, "init_images");
+  j = a1111;
+  j["init_images"] = {"bm90IGFuIGltYWdl"};  // "not an image"
+  refused(j, "init_images");
   EXPECT_EQ(get(port, "/healthz").status, 200);
 }
 
