@@ -26,6 +26,8 @@ fp16 weights to --work-dir first (same compute as the real checkpoint; not count
   --batches LIST        comma-separated batch sizes (default 1,2,4,8,16,32)
   --steps N             (default 30)   --cfg X (default 7.5)   --sampler NAME (default euler)
   --width N --height N  (default 512; 1024 with --sdxl)
+  --strength X          image to image at strength X (0..1) from a generated picture; the VAE
+                        encode is timed, int(steps x X) steps run (default: text to image)
   --repeats N           timed runs per measurement, median reported (default 3)
   --no-cuda-graphs      run the UNet eagerly
   --no-channels-last    keep NCHW convolutions
@@ -101,6 +103,8 @@ int run_bench(const std::vector<std::string>& args) {
       o.guidance_scale = parse_double_arg(a, v, 0, 30);
     else if (a == "--sampler")
       o.sampler = v;
+    else if (a == "--strength")
+      o.strength = parse_double_arg(a, v, 0, 1);
     else if (a == "--width")
       o.width = parse_int_arg(a, v, 64, 2048), size_given = true;
     else if (a == "--height")
