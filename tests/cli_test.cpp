@@ -71,6 +71,29 @@ TEST_F(CliGenerate, WritesPngsWithParameters) {
   EXPECT_NE(p.find("Clip skip: 2"), std::string::npos) << p;
 }
 
+TEST_F(CliGenerate, InitImageTakesItsSizeAndRecordsTheStrength) {
+  const std::string init = test::fixture("img2img-init-96x64.png");
+  const auto r = run("generate --prompt 'a cat' --seed 5 --steps 6 --init-image " + init +
+                     " --strength 0.5 -q -o " + path("i2i.png"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  std::vector<std::pair<std::string, std::string>> text;
+  const auto img = pipeline::decode_png(read_file(path("i2i.png")), &text);
+  EXPECT_EQ(img.width, 96);
+  EXPECT_EQ(img.height, 64);
+  ASSERT_EQ(text.size(), 1u);
+  EXPECT_NE(text[0].second.find("Denoising strength: 0.5"), std::string::npos) << text[0].second;
+  // No step would run; a strength without a picture; a file that is not one.
+  EXPECT_EQ(run("generate --prompt x --steps 6 --init-image " + init + " --strength 0.05 -q -o " +
+                path("no.png"))
+                .code,
+            2);
+  EXPECT_EQ(run("generate --prompt x --strength 0.5 -q -o " + path("no.png")).code, 2);
+  const auto bad = run("generate --prompt x --init-image " + test::fixture("README.md") +
+                       " -q -o " + path("no.png"));
+  EXPECT_EQ(bad.code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("not a PNG or JPEG"), std::string::npos) << bad.output;
+}
+
 TEST_F(CliGenerate, JpegOutputKeepsParametersInExif) {
   const auto r =
       run("generate --prompt 'caf\xc3\xa9 au lait' --seed 5 --steps 2 --width 64 --height 64 "
