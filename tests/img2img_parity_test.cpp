@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "pipeline/errors.h"
@@ -33,37 +34,43 @@ RgbImage fixture_png(const std::string& name) {
   return decode_png(read_bytes(test::fixture(name)));
 }
 
-const std::shared_ptr<Model>& model() {
-  static auto m = [] {
+// "sd15" (the bundled model), "sd2", "sdxl" (tests/fixtures/tiny-*), loaded once each.
+const std::shared_ptr<Model>& model(const std::string& family = "sd15") {
+  static std::map<std::string, std::shared_ptr<Model>> loaded;
+  auto& m = loaded[family];
+  if (!m) {
     LoadOptions o;
     o.device = "cpu";
     o.precision = "fp32";
-    return Model::load(test::model_dir(), o);
-  }();
+    m = Model::load(family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + family), o);
+  }
   return m;
 }
 
 struct Img2ImgRun {
-  std::string name;
+  std::string family;  // sd15, sd2, sdxl
+  std::string name;    // the cases' name without "_image"
   nlohmann::json info;
 };
 
 void PrintTo(const Img2ImgRun& run, std::ostream* os) {
-  *os << run.name;
+  *os << run.family << " " << run.name;
 }
 
 std::vector<Img2ImgRun> runs() {
-  std::ifstream in(test::fixture("tiny-sd15-img2img-cases.json"));
   std::vector<Img2ImgRun> out;
-  // Read at test registration: a missing or broken file leaves no runs (which the count test
-  // below reports) instead of aborting every test in the binary.
-  const auto cases = nlohmann::json::parse(in, nullptr, false);
-  if (cases.is_discarded() || !cases.contains("cases")) return out;
-  for (const auto& c : cases["cases"])
-    if (c["kind"] == "img2img_image") {
-      const std::string name = c["name"];
-      out.push_back({name.substr(0, name.size() - std::string("_image").size()), c});
-    }
+  for (const std::string family : {"sd15", "sd2", "sdxl"}) {
+    std::ifstream in(test::fixture("tiny-" + family + "-img2img-cases.json"));
+    // Read at test registration: a missing or broken file leaves no runs (which the count test
+    // below reports) instead of aborting every test in the binary.
+    const auto cases = nlohmann::json::parse(in, nullptr, false);
+    if (cases.is_discarded() || !cases.contains("cases")) continue;
+    for (const auto& c : cases["cases"])
+      if (c["kind"] == "img2img_image") {
+        const std::string name = c["name"];
+        out.push_back({family, name.substr(0, name.size() - std::string("_image").size()), c});
+      }
+  }
   return out;
 }
 
@@ -74,8 +81,8 @@ SamplerChoice choice_for(const std::string& fixture_scheduler) {
   return {fixture_scheduler, "normal"};
 }
 
-const torch::Tensor& i2i_ref(const std::string& name) {
-  return test::family_ref("tiny-sd15-img2img", name);
+const torch::Tensor& i2i_ref(const Img2ImgRun& run, const std::string& what) {
+  return test::family_ref("tiny-" + run.family + "-img2img", run.name + what);
 }
 
 // One run through the step-level API, each step's latents and the image against diffusers'.
@@ -105,13 +112,13 @@ void check_run(const Model& m, const Img2ImgRun& run, double tolerance, const st
     owned.push_back(m.begin(spec, cond, uncond));
     batch.push_back(owned.back().get());
   }
-  const torch::Tensor want = i2i_ref(run.name + "_latents");
+  const torch::Tensor want = i2i_ref(run, "_latents");
   // Only the evaluations that run (of int(steps x strength) steps), one latent each in diffusers'
   // callback.
   ASSERT_EQ(batch[0]->evals_total(), m.evals_total(spec));
   ASSERT_EQ(batch[0]->evals_total(), want.size(0));
   ASSERT_EQ(batch[0]->evals_done(), 0);
-  const torch::Tensor timesteps = i2i_ref(run.name + "_timesteps");
+  const torch::Tensor timesteps = i2i_ref(run, "_timesteps");
   ASSERT_EQ(batch[0]->evals_total(), timesteps.size(0)) << "evaluations that run";
   const auto& state = batch[0]->state();
   const auto& all = state.sampler->timesteps();
@@ -127,36 +134,44 @@ void check_run(const Model& m, const Img2ImgRun& run, double tolerance, const st
     ASSERT_LE(err, tolerance) << run.name << " evaluation " << i;
   }
   EXPECT_TRUE(batch[0]->done());
-  const double image_err =
-      test::rel_diff(m.impl().decode_float(batch), i2i_ref(run.name + "_image"));
+  const double image_err = test::rel_diff(m.impl().decode_float(batch), i2i_ref(run, "_image"));
   EXPECT_LE(image_err, tolerance) << run.name;
-  std::cout << "[ " << label << " ] " << run.name << ": latents " << worst << ", image "
-            << image_err << "\n";
+  std::cout << "[ " << label << " ] " << run.family << " " << run.name << ": latents " << worst
+            << ", image " << image_err << "\n";
 }
 
 class Img2ImgParity : public ::testing::TestWithParam<Img2ImgRun> {};
 
 TEST_P(Img2ImgParity, StepLatentsAndImageMatchDiffusers) {
-  check_run(*model(), GetParam(), kTolerance, "parity");
+  check_run(*model(GetParam().family), GetParam(), kTolerance, "parity");
 }
 
 // The same runs on a GPU in float32 (the CPU generator's draws moved to the device, as the
 // service does). The bound is family_cuda_test.cpp's for fp32 runs.
 TEST(Img2ImgCuda, RunsMatchInFloat32) {
   SKIP_WITHOUT_CUDA();
-  LoadOptions o;
-  o.device = "cuda";
-  o.precision = "fp32";
-  const auto cuda = Model::load(test::model_dir(), o);
-  for (const auto& run : runs()) check_run(*cuda, run, 1e-3, "parity cuda fp32");
+  std::map<std::string, std::shared_ptr<Model>> cuda;
+  for (const auto& run : runs()) {
+    auto& m = cuda[run.family];
+    if (!m) {
+      LoadOptions o;
+      o.device = "cuda";
+      o.precision = "fp32";
+      m = Model::load(
+          run.family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + run.family), o);
+    }
+    check_run(*m, run, 1e-3, "parity cuda fp32");
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllRuns, Img2ImgParity, ::testing::ValuesIn(runs()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(AllRuns, Img2ImgParity, ::testing::ValuesIn(runs()), [](const auto& info) {
+  return info.param.family + "_" + info.param.name;
+});
 
 TEST(Img2ImgParityRuns, EveryCaseIsInstantiated) {
-  // 4 samplers x 3 strengths, 5 more samplers, two images, no guidance, non-square, resized.
-  EXPECT_EQ(runs().size(), 21u);
+  // SD 1.x: 4 samplers x 3 strengths, 5 more samplers, two images, no guidance, non-square,
+  // resized; SD 2.x (v-prediction) and SDXL (size conditioning): 3 each.
+  EXPECT_EQ(runs().size(), 27u);
 }
 
 TEST(Img2ImgRequests, StrengthAndInitImageAreChecked) {
