@@ -476,10 +476,11 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
       Response res{http::status::ok, req.version()};
       res.set(http::field::content_type, "text/html; charset=utf-8");
       res.set(http::field::cache_control, "no-cache");
-      // Everything the page needs is in it or behind this origin (and blob: URLs it makes).
+      // Everything the page needs is in it or behind this origin (and blob: URLs it makes, and
+      // data: URLs of the picture a user picks for img2img).
       res.set("Content-Security-Policy",
               "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-              "img-src 'self' blob:; connect-src 'self' ws: wss:");
+              "img-src 'self' blob: data:; connect-src 'self' ws: wss:");
       res.body() = std::string(web_page());
       return res;
     }

@@ -6,6 +6,7 @@ the progress bar and the final images appear; then cancels a long job with the C
     page_test.py SDSERVE_BINARY
 Exit 77 (ctest: skipped) where Chromium or python3-websocket is missing; CI installs both.
 """
+import base64
 import json
 import os
 import shutil
@@ -132,6 +133,27 @@ def main():
                 failures.append(f"captions lack the parameters: {checks['captions']}")
             if checks["generate"] or not checks["cancel"]:
                 failures.append("buttons not reset after the job")
+
+            # img2img: a picture given to the page (as a file input, drop or paste would), its
+            # size taken, the job run from it.
+            fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures",
+                                   "img2img-init-96x64.png")
+            with open(fixture, "rb") as f:
+                data_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+            page.eval(f"setInitImage({json.dumps(data_url)}); true")
+            page.wait("$('width').value === '96' && !$('initthumb').hidden", "the init image to load")
+            page.eval("$('strength').value = 0.5; $('steps').value = 8; $('count').value = 1;"
+                      "$('seed').value = 7; $('generate').click(); true")
+            # The gallery keeps earlier results; the newest comes first.
+            page.wait("document.querySelectorAll('#gallery figure.result img').length === 3 &&"
+                      "(i => i.complete && i.naturalWidth === 96 && i.naturalHeight === 64)"
+                      "(document.querySelector('#gallery figure.result img'))",
+                      "a 96x64 image from the init image")
+            status = page.eval("$('status').textContent")
+            if not status.startswith("Done"):
+                failures.append(f"img2img status is {status!r}")
+            page.eval("$('initclear').click(); $('width').value = 64; $('height').value = 64; true")
+            print("img2img: OK")
 
             # A long job, cancelled from the page once it runs.
             page.eval("$('steps').value = 150; $('count').value = 1; $('generate').click(); true")
