@@ -281,45 +281,6 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
   return out;
 }
 
-RgbImage decode_png(const std::vector<uint8_t>& bytes,
-                    std::vector<std::pair<std::string, std::string>>* text) {
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_throw, png_warn);
-  if (png == nullptr) throw std::runtime_error("PNG: cannot create reader");
-  png_infop info = png_create_info_struct(png);
-  struct Guard {
-    png_structp* p;
-    png_infop* i;
-    ~Guard() { png_destroy_read_struct(p, i, nullptr); }
-  } guard{&png, &info};
-  PngReadCursor cursor{&bytes, 0};
-  png_set_read_fn(png, &cursor, png_read_from_vector);
-  png_read_info(png, info);
-  png_set_expand(png);
-  png_set_strip_16(png);
-  png_set_strip_alpha(png);
-  png_set_gray_to_rgb(png);
-  png_read_update_info(png, info);
-  RgbImage image;
-  image.width = static_cast<int>(png_get_image_width(png, info));
-  image.height = static_cast<int>(png_get_image_height(png, info));
-  image.pixels.resize(static_cast<size_t>(image.width) * image.height * 3);
-  for (int y = 0; y < image.height; ++y)
-    png_read_row(png, image.pixels.data() + static_cast<size_t>(y) * image.width * 3, nullptr);
-  png_read_end(png, info);
-  if (text != nullptr) {
-    png_textp chunks = nullptr;
-    int n = png_get_text(png, info, &chunks, nullptr);
-    for (int i = 0; i < n; ++i) {
-      const auto& t = chunks[i];
-      const bool itxt =
-          t.compression == PNG_ITXT_COMPRESSION_NONE || t.compression == PNG_ITXT_COMPRESSION_zTXt;
-      std::string value(t.text, itxt ? t.itxt_length : t.text_length);
-      text->emplace_back(t.key, itxt ? value : latin1_to_utf8(value));
-    }
-  }
-  return image;
-}
-
 namespace {
 
 void check_declared_size(const char* format, uint64_t width, uint64_t height,
@@ -333,7 +294,11 @@ void check_declared_size(const char* format, uint64_t width, uint64_t height,
                      std::to_string(limits.max_pixels) + " pixels)");
 }
 
-RgbImage decode_png_checked(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
+// The one PNG reader. `limits` (clients' images) bounds the declared size before any pixel is
+// decoded, and libpng's own allocations; `to_end` also reads the chunks after the pixels (and
+// checks them), where `text` receives the text chunks.
+RgbImage read_png(const std::vector<uint8_t>& bytes, const ImageLimits* limits, bool to_end,
+                  std::vector<std::pair<std::string, std::string>>* text) {
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_throw, png_warn);
   if (png == nullptr) throw std::runtime_error("PNG: cannot create reader");
   png_infop info = png_create_info_struct(png);
@@ -344,13 +309,15 @@ RgbImage decode_png_checked(const std::vector<uint8_t>& bytes, const ImageLimits
   } guard{&png, &info};
   PngReadCursor cursor{&bytes, 0};
   png_set_read_fn(png, &cursor, png_read_from_vector);
-  // Bounds libpng's own allocations too (ancillary chunks, decompression).
-  png_set_user_limits(png, static_cast<png_uint_32>(limits.max_side),
-                      static_cast<png_uint_32>(limits.max_side));
-  png_set_chunk_malloc_max(png, 8 << 20);
+  if (limits != nullptr) {
+    png_set_user_limits(png, static_cast<png_uint_32>(limits->max_side),
+                        static_cast<png_uint_32>(limits->max_side));
+    png_set_chunk_malloc_max(png, 8 << 20);
+  }
   png_read_info(png, info);
-  check_declared_size("PNG", png_get_image_width(png, info), png_get_image_height(png, info),
-                      limits);
+  if (limits != nullptr)
+    check_declared_size("PNG", png_get_image_width(png, info), png_get_image_height(png, info),
+                        *limits);
   png_set_expand(png);
   png_set_strip_16(png);
   png_set_strip_alpha(png);
@@ -366,8 +333,30 @@ RgbImage decode_png_checked(const std::vector<uint8_t>& bytes, const ImageLimits
   for (int pass = 0; pass < passes; ++pass)
     for (int y = 0; y < image.height; ++y)
       png_read_row(png, image.pixels.data() + static_cast<size_t>(y) * image.width * 3, nullptr);
+  if (!to_end) return image;
+  png_read_end(png, info);
+  if (text != nullptr) {
+    png_textp chunks = nullptr;
+    int n = png_get_text(png, info, &chunks, nullptr);
+    for (int i = 0; i < n; ++i) {
+      const auto& t = chunks[i];
+      const bool itxt =
+          t.compression == PNG_ITXT_COMPRESSION_NONE || t.compression == PNG_ITXT_COMPRESSION_zTXt;
+      std::string value(t.text, itxt ? t.itxt_length : t.text_length);
+      text->emplace_back(t.key, itxt ? value : latin1_to_utf8(value));
+    }
+  }
   return image;
 }
+
+}  // namespace
+
+RgbImage decode_png(const std::vector<uint8_t>& bytes,
+                    std::vector<std::pair<std::string, std::string>>* text) {
+  return read_png(bytes, nullptr, /*to_end=*/true, text);
+}
+
+namespace {
 
 RgbImage decode_jpeg_checked(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
   tjhandle handle = tjInitDecompress();
@@ -401,7 +390,7 @@ RgbImage decode_image(const std::vector<uint8_t>& bytes, const ImageLimits& limi
     return bytes.size() >= at + n && std::memcmp(bytes.data() + at, magic, n) == 0;
   };
   try {
-    if (starts("\x89PNG\r\n\x1a\n")) return decode_png_checked(bytes, limits);
+    if (starts("\x89PNG\r\n\x1a\n")) return read_png(bytes, &limits, /*to_end=*/false, nullptr);
     if (starts("\xff\xd8\xff")) return decode_jpeg_checked(bytes, limits);
   } catch (const ImageError&) {
     throw;

@@ -56,7 +56,7 @@ std::string got(double value) {
 void validate(const ImageSpec& spec) {
   using L = Limits;
   for (const auto& [field, side] : {std::pair{"width", spec.width}, {"height", spec.height}})
-    if (side < L::kMinSide || side > L::kMaxSide || side % L::kSideMultiple != 0)
+    if (!valid_side(side))
       throw RequestError(field, rule(field) + got(static_cast<long long>(side)));
   // SDXL's size conditioning: numbers the UNet embeds, not sizes it computes at.
   for (const auto& [field, value] : {std::pair{"original_size.width", spec.original_width},

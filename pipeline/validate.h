@@ -18,6 +18,11 @@ struct Limits {
   static constexpr int kMaxImages = 16;
 };
 
+// A width or height the pipeline takes: a multiple of kSideMultiple in [kMinSide, kMaxSide].
+inline bool valid_side(int side) {
+  return side >= Limits::kMinSide && side <= Limits::kMaxSide && side % Limits::kSideMultiple == 0;
+}
+
 // The sentence an error about `field` starts with, e.g. "width must be a multiple of 8 between 64
 // and 2048". `text_layers` bounds clip_skip (the model's; SD 1.x has 12).
 std::string rule(const std::string& field, int text_layers = 12);

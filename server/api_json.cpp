@@ -259,10 +259,7 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   if (doc.contains("cancel_on_disconnect"))
     r.cancel_on_disconnect = read.boolean(doc["cancel_on_disconnect"], "cancel_on_disconnect");
   // Resized only once the size is known to be valid: a bad width is reported as such.
-  if (init && r.width >= pipeline::Limits::kMinSide && r.width <= pipeline::Limits::kMaxSide &&
-      r.height >= pipeline::Limits::kMinSide && r.height <= pipeline::Limits::kMaxSide &&
-      r.width % pipeline::Limits::kSideMultiple == 0 &&
-      r.height % pipeline::Limits::kSideMultiple == 0)
+  if (init && pipeline::valid_side(r.width) && pipeline::valid_side(r.height))
     r.init_image = fit_init_image(std::move(*init), r.width, r.height);
   try {
     engine::validate(r, bounds);

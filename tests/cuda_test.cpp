@@ -30,11 +30,9 @@ std::pair<double, double> run_case(const Model& model, const nlohmann::json& c,
   spec.width = spec.height = 64;
   spec.steps = c["steps"];
   spec.guidance_scale = c["cfg"];
-  spec.sampler = sched == "euler_a"           ? "euler_ancestral"
-                 : sched == "unipc"           ? "uni_pc"
-                 : sched == "dpmpp_2m_karras" ? "dpmpp_2m"
-                                              : sched;
-  spec.scheduler = sched == "dpmpp_2m_karras" ? "karras" : "normal";
+  const auto choice = test::fixture_choice(sched);
+  spec.sampler = choice.sampler;
+  spec.scheduler = choice.scheduler;
   auto cond = model.encode_text(c["prompt"]);
   EmbeddingPtr uncond;
   if (spec.guidance_scale > 1) uncond = model.encode_text(c["negative"]);

@@ -52,14 +52,6 @@ inline std::vector<nlohmann::json> cases_of_kind(const std::string& family,
   return out;
 }
 
-// The fixture's scheduler names as sampler + schedule.
-inline pipeline::SamplerChoice fixture_choice(const std::string& scheduler) {
-  if (scheduler == "euler_a") return {"euler_ancestral", "normal"};
-  if (scheduler == "dpmpp_2m_karras") return {"dpmpp_2m", "karras"};
-  if (scheduler == "unipc") return {"uni_pc", "normal"};
-  return {scheduler, "normal"};
-}
-
 struct FamilyRun {
   std::string family;
   std::string name;  // run_<sched>_<k>

@@ -74,13 +74,6 @@ std::vector<Img2ImgRun> runs() {
   return out;
 }
 
-SamplerChoice choice_for(const std::string& fixture_scheduler) {
-  if (fixture_scheduler == "euler_a") return {"euler_ancestral", "normal"};
-  if (fixture_scheduler == "dpmpp_2m_karras") return {"dpmpp_2m", "karras"};
-  if (fixture_scheduler == "unipc") return {"uni_pc", "normal"};
-  return {fixture_scheduler, "normal"};
-}
-
 const torch::Tensor& i2i_ref(const Img2ImgRun& run, const std::string& what) {
   return test::family_ref("tiny-" + run.family + "-img2img", run.name + what);
 }
@@ -88,7 +81,7 @@ const torch::Tensor& i2i_ref(const Img2ImgRun& run, const std::string& what) {
 // One run through the step-level API, each step's latents and the image against diffusers'.
 void check_run(const Model& m, const Img2ImgRun& run, double tolerance, const std::string& label) {
   const auto& c = run.info;
-  const auto choice = choice_for(c["scheduler"]);
+  const auto choice = test::fixture_choice(c["scheduler"]);
   ImageSpec spec;
   spec.width = c["w"];
   spec.height = c["h"];

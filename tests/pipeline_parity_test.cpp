@@ -56,20 +56,13 @@ std::vector<FixtureRun> fixture_runs() {
   return out;
 }
 
-SamplerChoice choice_for(const std::string& fixture_scheduler) {
-  if (fixture_scheduler == "euler_a") return {"euler_ancestral", "normal"};
-  if (fixture_scheduler == "dpmpp_2m_karras") return {"dpmpp_2m", "karras"};
-  if (fixture_scheduler == "unipc") return {"uni_pc", "normal"};
-  return {fixture_scheduler, "normal"};
-}
-
 class PipelineParity : public ::testing::TestWithParam<FixtureRun> {};
 
 TEST_P(PipelineParity, StepLatentsAndImageMatchDiffusers) {
   const FixtureRun& run = GetParam();
   const auto& c = run.image_case;
   const auto& model = shared_tiny();
-  const auto choice = choice_for(c["scheduler"]);
+  const auto choice = test::fixture_choice(c["scheduler"]);
   ImageSpec spec;
   spec.width = spec.height = 64;
   spec.steps = c["steps"];
@@ -120,7 +113,7 @@ TEST(PipelineParityTimesteps, EverySchedulerMatches) {
   for (const auto& c : all["cases"]) {
     if (c["kind"] != "scheduler_timesteps") continue;
     ++checked;
-    const auto choice = choice_for(c["scheduler"]);
+    const auto choice = test::fixture_choice(c["scheduler"]);
     ImageSpec spec;
     spec.width = spec.height = 64;
     spec.steps = c["steps"];

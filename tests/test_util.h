@@ -9,6 +9,7 @@
 
 #include "pipeline/io/model_files.h"
 #include "pipeline/io/tensor_io.h"
+#include "pipeline/sampler_names.h"
 
 // GPU tests skip cleanly where there is no CUDA device (CI).
 #define SKIP_WITHOUT_CUDA() \
@@ -63,6 +64,14 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
 // Max abs difference over max abs of the reference: the end-to-end measure.
 inline double rel_diff(const torch::Tensor& got, const torch::Tensor& want) {
   return max_abs_diff(got, want) / want.to(torch::kFloat64).abs().max().item<double>();
+}
+
+// The reference fixtures' scheduler names (diffusers' classes) as sampler + schedule.
+inline pipeline::SamplerChoice fixture_choice(const std::string& scheduler) {
+  if (scheduler == "euler_a") return {"euler_ancestral", "normal"};
+  if (scheduler == "dpmpp_2m_karras") return {"dpmpp_2m", "karras"};
+  if (scheduler == "unipc") return {"uni_pc", "normal"};
+  return {scheduler, "normal"};
 }
 
 }  // namespace sdserve::test
