@@ -80,6 +80,11 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   spec.seed = request.seed.value_or(0) + static_cast<uint64_t>(k);
   spec.init_image = request.init_image;  // shared by the request's images, never copied
   spec.strength = request.strength;
+  spec.mask = request.mask;
+  spec.masked_content = request.inpaint.fill;
+  spec.overlay = request.overlay;
+  spec.mask_blur =
+      request.inpaint.mask_blur_x == request.inpaint.mask_blur_y ? request.inpaint.mask_blur_x : -1;
   return spec;
 }
 

@@ -58,6 +58,11 @@ struct JobRequest {
   // resizes it), and the part of the schedule that runs (pipeline::ImageSpec). Null: txt2img.
   std::shared_ptr<const pipeline::RgbImage> init_image;
   double strength = 0.8;
+  // Inpainting: the mask at width x height (255 = repaint) and the paste back, prepared by the
+  // server (pipeline::prepare_inpaint); `inpaint` is what the client asked for (blur, fill, ...).
+  std::shared_ptr<const pipeline::GrayImage> mask;
+  std::shared_ptr<const pipeline::InpaintOverlay> overlay;
+  pipeline::InpaintOptions inpaint;
   std::optional<PreviewOptions> preview;
   Priority priority = Priority::kNormal;
   std::optional<double> timeout_s;  // absent: the configured default

@@ -221,7 +221,8 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   const int vae_scale = 1 << (static_cast<int>(vae_config.block_out_channels.size()) - 1);
   info.native_size = files.unet_config.value("sample_size", 64) * vae_scale;
   info.text_layers = text_layers;
-  info.latent_channels = unet_config.in_channels;
+  info.latent_channels = static_cast<int>(vae_config.latent_channels);
+  info.inpainting = unet_config.in_channels == 2 * vae_config.latent_channels + 1;
   info.size_conditioning = unet_config.text_time;
   info.negatives_differ = unet_config.text_time;
   info.load_seconds =

@@ -28,6 +28,8 @@ std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, cons
     strength << request.image.strength;
     out << ", Denoising strength: " << strength.str();
   }
+  if (request.image.mask && request.image.mask_blur >= 0)
+    out << ", Mask blur: " << request.image.mask_blur;
   if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
   // A1111 notes a non-default emphasis when the prompts have brackets it would otherwise weight.
   const auto brackets = [](const std::string& s) {

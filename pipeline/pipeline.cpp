@@ -62,30 +62,96 @@ int first_eval(const ImageSpec& spec, const Sampler& sampler) {
   return (spec.steps - steps_that_run(spec)) * sampler.order();
 }
 
+// A picture as diffusers' VaeImageProcessor feeds the VAE: (1, 3, H, W) float32 in [-1, 1] on
+// the CPU (x / 255, then 2x - 1).
+torch::Tensor unit_range(const RgbImage& image) {
+  const auto pixels = torch::from_blob(const_cast<uint8_t*>(image.pixels.data()),
+                                       {1, image.height, image.width, 3}, torch::kUInt8)
+                          .permute({0, 3, 1, 2})
+                          .to(torch::kFloat32)
+                          .div(255.0);
+  // Contiguous: torch 1.13's CPU VAE encoder gets a constant channels-last picture (an inpainting
+  // model's all-masked picture) wrong (tests/fixtures/make/make_inpaint_refs.py).
+  return (2.0 * pixels - 1.0).contiguous();
+}
+
+// A sample of the VAE's latent distribution for `x` (the generator's next draw, on the CPU),
+// scaled: diffusers' _encode_vae_image with retrieve_latents' "sample".
+torch::Tensor encode_sample(Model::Impl& impl, const torch::Tensor& x, at::Generator& generator) {
+  const auto vae_dtype = impl.vae->parameters().front().scalar_type();
+  const auto moments = impl.vae->encode_moments(x.to(impl.device, vae_dtype)).to(torch::kFloat32);
+  const int64_t c = moments.size(1) / 2;
+  const auto mean = moments.narrow(1, 0, c);
+  const auto std = torch::exp(0.5 * moments.narrow(1, c, c).clamp(-30.0, 20.0));
+  const auto draw =
+      torch::randn(mean.sizes(), generator, torch::TensorOptions().dtype(torch::kFloat32));
+  return impl.vae_scaling_factor * (mean + std * draw.to(impl.device));
+}
+
 // Image to image, as diffusers' prepare_latents: the init image VAE-encoded, a sample of its
 // latent distribution (the generator's first draw), scaled, then noised with the second draw to
 // the first evaluation that runs. Both draws are the image's own, as every other draw.
 void start_from_image(Model::Impl& impl, Trajectory::State& state) {
   const ImageSpec& spec = state.spec;
-  const RgbImage& image = *spec.init_image;
-  const auto vae_dtype = impl.vae->parameters().front().scalar_type();
-  // [0, 255] -> [-1, 1] in float32, as diffusers' VaeImageProcessor (x / 255, then 2x - 1).
-  auto pixels = torch::from_blob(const_cast<uint8_t*>(image.pixels.data()),
-                                 {1, image.height, image.width, 3}, torch::kUInt8)
-                    .permute({0, 3, 1, 2})
-                    .to(torch::kFloat32)
-                    .div(255.0);
-  const auto x = (2.0 * pixels - 1.0).to(impl.device, vae_dtype);
-  const auto moments = impl.vae->encode_moments(x).to(torch::kFloat32);
-  const int64_t c = moments.size(1) / 2;
-  const auto mean = moments.narrow(1, 0, c);
-  const auto std = torch::exp(0.5 * moments.narrow(1, c, c).clamp(-30.0, 20.0));
-  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
-  const auto draw = torch::randn(mean.sizes(), state.generator, options).to(impl.device);
-  const auto latents = impl.vae_scaling_factor * (mean + std * draw);
-  const auto noise = torch::randn(latents.sizes(), state.generator, options).to(impl.device);
+  const auto latents = encode_sample(impl, unit_range(*spec.init_image), state.generator);
+  const auto noise =
+      torch::randn(latents.sizes(), state.generator, torch::TensorOptions().dtype(torch::kFloat32))
+          .to(impl.device);
   const int first = first_eval(spec, *state.sampler);
   state.latent = state.sampler->add_noise(latents, noise, first);
+  state.sampler->start_at(first);
+  state.evals_done = state.first_eval = first;
+}
+
+// Inpainting, as diffusers' StableDiffusion[XL]InpaintPipeline, draw for draw: the init latents
+// (unless an inpainting UNet starts from pure noise), the noise, then the masked picture's
+// latents, which diffusers encodes (and so draws for) even where a 4-channel UNet never reads
+// them. A1111's latent fills come after, so they leave diffusers' draws alone.
+void start_inpainting(Model::Impl& impl, Trajectory::State& state) {
+  const ImageSpec& spec = state.spec;
+  const bool unet9 = impl.info.inpainting;
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  const int64_t h = spec.height / 8, w = spec.width / 8, c = impl.info.latent_channels;
+  const bool pure_noise = !spec.init_image || spec.strength == 1.0;  // is_strength_max
+  torch::Tensor pixels, image_latents;
+  if (spec.init_image) pixels = unit_range(*spec.init_image);
+  if (spec.init_image && (!unet9 || !pure_noise))
+    image_latents = encode_sample(impl, pixels, state.generator);
+  const auto noise = torch::randn({1, c, h, w}, state.generator, f32).to(impl.device);
+  // 1 = repaint: binarised at 0.5 as diffusers' mask processor, then nearest to latent size.
+  torch::Tensor mask = torch::ones({1, 1, spec.height, spec.width}, f32);
+  if (spec.mask)
+    mask = torch::from_blob(const_cast<uint8_t*>(spec.mask->pixels.data()),
+                            {1, 1, spec.height, spec.width}, torch::kUInt8)
+               .ge(128)
+               .to(torch::kFloat32);
+  const auto latent_mask =
+      torch::nn::functional::interpolate(
+          mask, torch::nn::functional::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}))
+          .to(impl.device);
+  if (unet9) {
+    const auto masked = pixels.defined() ? pixels * mask.lt(0.5)
+                                         : torch::zeros({1, 3, spec.height, spec.width}, f32);
+    state.inpaint_condition =
+        torch::cat({latent_mask, encode_sample(impl, masked, state.generator)}, 1);
+  } else {
+    torch::randn({1, c, h, w}, state.generator, f32);  // the masked picture's draw
+  }
+  if (image_latents.defined() && (spec.masked_content == MaskedContent::kLatentNoise ||
+                                  spec.masked_content == MaskedContent::kLatentNothing)) {
+    const auto fill = spec.masked_content == MaskedContent::kLatentNoise
+                          ? torch::randn({1, c, h, w}, state.generator, f32).to(impl.device)
+                          : torch::zeros_like(image_latents);
+    image_latents = image_latents * (1 - latent_mask) + fill * latent_mask;
+  }
+  const int first = spec.init_image ? first_eval(spec, *state.sampler) : 0;
+  state.latent = pure_noise ? noise * state.sampler->init_noise_sigma()
+                            : state.sampler->add_noise(image_latents, noise, first);
+  if (!unet9) {
+    state.blend_latents = image_latents;
+    state.blend_noise = noise;
+    state.blend_mask = latent_mask;
+  }
   state.sampler->start_at(first);
   state.evals_done = state.first_eval = first;
 }
@@ -180,6 +246,10 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
   state->generator = at::detail::createCPUGenerator(spec.seed);
   state->cond = std::move(cond);
   if (cfg) state->uncond = std::move(uncond);
+  if (spec.mask || impl_->info.inpainting) {
+    start_inpainting(*impl_, *state);
+    return std::make_unique<Trajectory>(std::move(state));
+  }
   if (spec.init_image) {
     start_from_image(*impl_, *state);
     return std::make_unique<Trajectory>(std::move(state));
@@ -225,9 +295,11 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
     scaled[i] = s.sampler->scale_model_input(s.latent, s.evals_done);
     const auto t = static_cast<float>(s.sampler->timesteps()[s.evals_done]);
     const auto ids = text_time ? impl_->time_ids(s.spec) : std::vector<float>();
+    const auto input =
+        s.inpaint_condition.defined() ? torch::cat({scaled[i], s.inpaint_condition}, 1) : scaled[i];
     for (const Embedding* e : {s.uncond.get(), s.cond.get()}) {
       if (!e) continue;
-      inputs.push_back(scaled[i]);
+      inputs.push_back(input);
       contexts.push_back(e->hidden());
       timesteps.push_back(t);
       if (text_time) {
@@ -312,6 +384,14 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
     s.last_timestep = s.sampler->timesteps()[s.evals_done];
     s.latent = s.sampler->step(eps, s.evals_done, s.latent, s.generator);
     ++s.evals_done;
+    if (s.blend_mask.defined()) {
+      // diffusers' 4-channel inpainting: outside the mask, the init latents at the next
+      // evaluation's noise level (clean after the last).
+      const auto known = s.evals_done < s.sampler->num_evals()
+                             ? s.sampler->add_noise(s.blend_latents, s.blend_noise, s.evals_done)
+                             : s.blend_latents;
+      s.latent = (1 - s.blend_mask) * known + s.blend_mask * s.latent;
+    }
   }
 #ifdef SDSERVE_WITH_CUDA
   if (impl_->device.is_cuda()) step_event(*impl_).record();
@@ -361,6 +441,17 @@ torch::Tensor Model::Impl::vae_decode(const torch::Tensor& z) {
   return vae_fp32->decode(z.to(torch::kFloat32));
 }
 
+namespace {
+// Inpainting's paste back (ImageSpec::overlay), where a spec asks for it.
+std::vector<RgbImage> pasted_back(const std::vector<Trajectory*>& batch,
+                                  std::vector<RgbImage> images) {
+  for (size_t i = 0; i < batch.size(); ++i)
+    if (const auto& overlay = batch[i]->spec().overlay)
+      images[i] = apply_overlay(images[i], *overlay);
+  return images;
+}
+}  // namespace
+
 std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const {
   if (batch.empty()) return {};
 #ifdef SDSERVE_WITH_CUDA
@@ -374,14 +465,14 @@ std::vector<RgbImage> Model::decode(const std::vector<Trajectory*>& batch) const
     ready.record(c10::cuda::getDefaultCUDAStream(impl_->device.index()));
     ready.block(side);
     c10::cuda::CUDAStreamGuard guard(side);
-    return to_rgb8(impl_->decode_float(batch));
+    return pasted_back(batch, to_rgb8(impl_->decode_float(batch)));
   }
 #endif
   // On the CPU, decoding images one at a time keeps an image's bytes independent of what
   // finished beside it (a batched convolution may round differently); the GPU batches for speed.
   std::vector<RgbImage> out;
   for (auto* t : batch) out.push_back(to_rgb8(impl_->decode_float({t})).front());
-  return out;
+  return pasted_back(batch, std::move(out));
 }
 
 int Model::evals_total(const ImageSpec& spec) const {

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "pipeline/image.h"
+#include "pipeline/inpaint.h"
 
 namespace sdserve::pipeline {
 
@@ -67,6 +68,8 @@ struct ModelInfo {
   // SDXL: a negative prompt's embedding differs from the same text's as a prompt (TextRole).
   bool negatives_differ = false;
   int latent_channels = 4;
+  // An inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents).
+  bool inpainting = false;
   double load_seconds = 0;
   // A digest of the text encoder's config and weights (as loaded, in the compute dtype): equal on
   // every replica that loads the same text encoder, different for any other. Embedding cache keys
@@ -96,6 +99,17 @@ struct ImageSpec {
   // last int(steps x strength) steps start; only those steps run. Null: text to image.
   std::shared_ptr<const RgbImage> init_image;
   double strength = 1.0;  // 0..1; read only with an init image
+  // Inpainting, as diffusers' inpaint pipelines: repaint where the mask is white (binarised at
+  // 128), width x height, over init_image. A 4-channel UNet blends the init image's latents,
+  // noised to each step's level, back in outside the mask after every step; an inpainting UNet
+  // (ModelInfo::inpainting) reads the mask and the masked picture's latents, and without a mask
+  // repaints everything (text to image on such a model: no init image either). strength 1 starts
+  // from pure noise. Pixel preparation (blur, crop, fill) is prepare_inpaint()'s.
+  std::shared_ptr<const GrayImage> mask;
+  MaskedContent masked_content = MaskedContent::kOriginal;  // the latent fills act here
+  // decode() pastes the result back through it (A1111's overlay); null: the result as it is.
+  std::shared_ptr<const InpaintOverlay> overlay;
+  int mask_blur = 0;  // for the PNG parameters only ("Mask blur"); -1: x and y differ
 };
 
 // The steps that run for a spec: steps, or int(steps x strength) of them with an init image.

@@ -35,6 +35,16 @@ std::string rule(const std::string& field, int text_layers) {
   if (field == "strength")
     return "strength must be a number between 0 and 1, with int(steps x strength) at least 1 "
            "(the steps that run)";
+  if (field == "mask_blur" || field == "mask_blur_x" || field == "mask_blur_y")
+    return field + " must be an integer" + range(0, L::kMaxMaskBlur) + " (pixels)";
+  if (field == "inpainting_fill")
+    return "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent "
+           "nothing)";
+  if (field == "inpaint_full_res_padding")
+    return "inpaint_full_res_padding must be an integer" + range(0, L::kMaxSide) + " (pixels)";
+  if (field == "inpaint_full_res" || field == "inpainting_mask_invert" ||
+      field == "inpaint_paste_back" || field == "resize_mask")
+    return field + " must be true or false (or 1 or 0)";
   if (field == "num_images") return "num_images must be an integer" + range(1, L::kMaxImages);
   if (field == "clip_skip") return "clip_skip must be an integer" + range(1, text_layers);
   if (field == "sampler") return "sampler must be a string naming one of " + known_sampler_list();
@@ -83,6 +93,24 @@ void validate(const ImageSpec& spec) {
                                            std::to_string(spec.width) + "x" +
                                            std::to_string(spec.height) +
                                            " (resize it first: server/init_image.h)");
+  }
+  if (spec.mask) {
+    if (!spec.init_image) throw RequestError("mask", "mask needs an init_image to repaint");
+    const auto& mask = *spec.mask;
+    if (mask.width != spec.width || mask.height != spec.height ||
+        mask.pixels.size() != static_cast<size_t>(mask.width) * mask.height)
+      throw RequestError("mask", "mask is " + std::to_string(mask.width) + "x" +
+                                     std::to_string(mask.height) + ", the request " +
+                                     std::to_string(spec.width) + "x" +
+                                     std::to_string(spec.height) + " (prepare_inpaint fits it)");
+  }
+  if (spec.overlay) {
+    const auto& o = *spec.overlay;
+    const auto& p = o.original;
+    if (p.pixels.size() != static_cast<size_t>(p.width) * p.height * 3 ||
+        o.alpha.width != p.width || o.alpha.height != p.height || o.w < 1 || o.h < 1 || o.x < 0 ||
+        o.y < 0 || o.x + o.w > p.width || o.y + o.h > p.height)
+      throw RequestError("mask", "the paste-back region does not fit the picture");
   }
   const SamplerChoice choice = resolve_sampler(spec.sampler, spec.scheduler);
   if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)

@@ -16,6 +16,7 @@ struct Limits {
   static constexpr int kMaxSteps = 150;
   static constexpr double kMaxGuidanceScale = 30;
   static constexpr int kMaxImages = 16;
+  static constexpr int kMaxMaskBlur = 64;  // pixels (A1111's slider stops at 64)
 };
 
 // A width or height the pipeline takes: a multiple of kSideMultiple in [kMinSide, kMaxSide].

@@ -145,17 +145,38 @@ std::string error_body(const std::string& type, const std::string& message,
 }
 
 const std::vector<std::string>& request_fields() {
-  static const std::vector<std::string> fields = {"prompt",        "negative_prompt",
-                                                  "width",         "height",
-                                                  "steps",         "guidance_scale",
-                                                  "sampler",       "scheduler",
-                                                  "seed",          "num_images",
-                                                  "clip_skip",     "prompt_syntax",
-                                                  "preview",       "priority",
-                                                  "timeout_s",     "cancel_on_disconnect",
-                                                  "original_size", "crops_coords_top_left",
-                                                  "target_size",   "max_run_s",
-                                                  "init_image",    "strength"};
+  static const std::vector<std::string> fields = {"prompt",
+                                                  "negative_prompt",
+                                                  "width",
+                                                  "height",
+                                                  "steps",
+                                                  "guidance_scale",
+                                                  "sampler",
+                                                  "scheduler",
+                                                  "seed",
+                                                  "num_images",
+                                                  "clip_skip",
+                                                  "prompt_syntax",
+                                                  "preview",
+                                                  "priority",
+                                                  "timeout_s",
+                                                  "cancel_on_disconnect",
+                                                  "original_size",
+                                                  "crops_coords_top_left",
+                                                  "target_size",
+                                                  "max_run_s",
+                                                  "init_image",
+                                                  "strength",
+                                                  "mask",
+                                                  "mask_blur",
+                                                  "mask_blur_x",
+                                                  "mask_blur_y",
+                                                  "inpainting_fill",
+                                                  "inpaint_full_res",
+                                                  "inpaint_full_res_padding",
+                                                  "inpainting_mask_invert",
+                                                  "inpaint_paste_back",
+                                                  "resize_mask"};
   return fields;
 }
 
@@ -180,6 +201,43 @@ void parse_pair(const json& doc, const char* name, const char* first, const char
                   second);
     }
   }
+}
+
+// A boolean that A1111 clients also send as 0 or 1.
+bool flag(const json& v, const std::string& field, const FieldReader& read) {
+  if (v.is_number_integer() && (v.get<int64_t>() == 0 || v.get<int64_t>() == 1))
+    return v.get<int64_t>() == 1;
+  return read.boolean(v, field);
+}
+
+int ranged(const json& v, const std::string& field, int lo, int hi, const FieldReader& read) {
+  const int value = read.integer(v, field);
+  if (value < lo || value > hi) read.reject(field, v);
+  return value;
+}
+
+// The inpainting fields (pipeline::InpaintOptions); their defaults are diffusers'.
+pipeline::InpaintOptions parse_inpaint(const json& doc, const FieldReader& read) {
+  pipeline::InpaintOptions o;
+  const auto has = [&](const char* name) { return doc.contains(name) && !doc[name].is_null(); };
+  constexpr int kBlur = pipeline::Limits::kMaxMaskBlur;
+  if (has("mask_blur"))
+    o.mask_blur_x = o.mask_blur_y = ranged(doc["mask_blur"], "mask_blur", 0, kBlur, read);
+  if (has("mask_blur_x")) o.mask_blur_x = ranged(doc["mask_blur_x"], "mask_blur_x", 0, kBlur, read);
+  if (has("mask_blur_y")) o.mask_blur_y = ranged(doc["mask_blur_y"], "mask_blur_y", 0, kBlur, read);
+  if (has("inpainting_fill"))
+    o.fill = static_cast<pipeline::MaskedContent>(
+        ranged(doc["inpainting_fill"], "inpainting_fill", 0, 3, read));
+  if (has("inpaint_full_res"))
+    o.only_masked = flag(doc["inpaint_full_res"], "inpaint_full_res", read);
+  if (has("inpaint_full_res_padding"))
+    o.padding = ranged(doc["inpaint_full_res_padding"], "inpaint_full_res_padding", 0,
+                       pipeline::Limits::kMaxSide, read);
+  if (has("inpainting_mask_invert"))
+    o.invert = flag(doc["inpainting_mask_invert"], "inpainting_mask_invert", read);
+  if (has("inpaint_paste_back"))
+    o.paste_back = flag(doc["inpaint_paste_back"], "inpaint_paste_back", read);
+  return o;
 }
 
 }  // namespace
@@ -228,6 +286,20 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   }
   if (doc.contains("width")) r.width = read.integer(doc["width"], "width");
   if (doc.contains("height")) r.height = read.integer(doc["height"], "height");
+  std::optional<pipeline::GrayImage> mask;
+  if (doc.contains("mask") && !doc["mask"].is_null()) {
+    if (!init) invalid("mask", "mask needs an init_image (the picture to repaint)");
+    mask = pipeline::to_gray(decode_request_image(read.string(doc["mask"], "mask"), "mask"));
+    const bool resize =
+        doc.contains("resize_mask") && flag(doc["resize_mask"], "resize_mask", read);
+    if (!resize && (mask->width != init->width || mask->height != init->height))
+      invalid("mask", "mask is " + std::to_string(mask->width) + "x" +
+                          std::to_string(mask->height) + " but init_image is " +
+                          std::to_string(init->width) + "x" + std::to_string(init->height) +
+                          "; send a mask of the picture's size (or resize_mask: true)");
+    r.strength = 1.0;  // diffusers' inpainting default: the hole starts from pure noise
+  }
+  r.inpaint = parse_inpaint(doc, read);
   if (doc.contains("strength")) {
     if (!init) invalid("strength", "strength needs an init_image (image to image)");
     r.strength = read.number(doc["strength"], "strength");
@@ -259,8 +331,15 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   if (doc.contains("cancel_on_disconnect"))
     r.cancel_on_disconnect = read.boolean(doc["cancel_on_disconnect"], "cancel_on_disconnect");
   // Resized only once the size is known to be valid: a bad width is reported as such.
-  if (init && pipeline::valid_side(r.width) && pipeline::valid_side(r.height))
+  if (init && mask && pipeline::valid_side(r.width) && pipeline::valid_side(r.height)) {
+    auto prepared =
+        pipeline::prepare_inpaint(*init, std::move(*mask), r.width, r.height, r.inpaint);
+    r.init_image = std::move(prepared.image);
+    r.mask = std::move(prepared.mask);
+    r.overlay = std::move(prepared.overlay);
+  } else if (init && pipeline::valid_side(r.width) && pipeline::valid_side(r.height)) {
     r.init_image = fit_init_image(std::move(*init), r.width, r.height);
+  }
   try {
     engine::validate(r, bounds);
   } catch (const pipeline::RequestError& e) {
@@ -305,8 +384,18 @@ Json request_json(const engine::JobRequest& r) {
              r.init_image ? Json{{"width", r.init_image->width}, {"height", r.init_image->height}}
                           : Json()},
             {"strength", r.init_image ? Json(r.strength) : Json()},
+            {"mask", r.mask ? Json{{"width", r.mask->width}, {"height", r.mask->height}} : Json()},
             {"priority", engine::to_string(r.priority)},
             {"cancel_on_disconnect", r.cancel_on_disconnect}};
+  const auto& o = r.inpaint;
+  for (const auto& [name, value] : {std::pair<const char*, Json>{"mask_blur_x", o.mask_blur_x},
+                                    {"mask_blur_y", o.mask_blur_y},
+                                    {"inpainting_fill", static_cast<int>(o.fill)},
+                                    {"inpaint_full_res", o.only_masked},
+                                    {"inpaint_full_res_padding", o.padding},
+                                    {"inpainting_mask_invert", o.invert},
+                                    {"inpaint_paste_back", o.paste_back}})
+    j[name] = r.mask ? value : Json();
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);
   j["timeout_s"] = r.timeout_s ? Json(*r.timeout_s) : Json(nullptr);
   j["max_run_s"] = r.max_run_s ? Json(*r.max_run_s) : Json(nullptr);

@@ -338,9 +338,9 @@ TEST(ModelFiles, RefusesOtherFamiliesInAFolder) {
   expect_refused(model.string(), {"cross-attends to width 1024", "give width 32"});
   edit_json(unet, [](json& j) {
     j["cross_attention_dim"] = 32;
-    j["in_channels"] = 9;
+    j["in_channels"] = 8;
   });
-  expect_family_refused(model.string(), "an inpainting model");
+  expect_family_refused(model.string(), "an InstructPix2Pix model");
   edit_json(unet, [](json& j) {
     j["in_channels"] = 4;
     j["addition_embed_type"] = "text_time";
@@ -348,8 +348,8 @@ TEST(ModelFiles, RefusesOtherFamiliesInAFolder) {
   expect_refused(model.string(), {"text_time conditioning", "no text_encoder_2/"});
   edit_json(unet, [](json& j) { j["addition_embed_type"] = nullptr; });
   edit_json(model / "model_index.json",
-            [](json& j) { j["_class_name"] = "StableDiffusionInpaintPipeline"; });
-  expect_family_refused(model.string(), "an inpainting model");
+            [](json& j) { j["_class_name"] = "StableDiffusionInstructPix2PixPipeline"; });
+  expect_family_refused(model.string(), "an InstructPix2Pix model");
   edit_json(model / "model_index.json", [](json& j) { j["_class_name"] = "FluxPipeline"; });
   expect_family_refused(model.string(), "Flux");
   edit_json(model / "model_index.json",
@@ -394,12 +394,12 @@ TEST(ModelFiles, RefusesOtherFamiliesInASingleFile) {
           dir, "flux.safetensors",
           [&](Tensors& t) { rename_prefix(t, unet + "input_blocks.", "double_blocks."); }),
       "Flux");
-  expect_family_refused(edited_single_file(dir, "inpaint.safetensors",
+  expect_family_refused(edited_single_file(dir, "pix2pix.safetensors",
                                            [&](Tensors& t) {
                                              auto& d = t.at(unet + "input_blocks.0.0.weight");
-                                             d = zeros(d.dtype, {32, 9, 3, 3});
+                                             d = zeros(d.dtype, {32, 8, 3, 3});
                                            }),
-                        "an inpainting model");
+                        "an InstructPix2Pix model");
 }
 
 TEST(ModelFiles, RefusesUnrecognisedSingleFiles) {

@@ -317,13 +317,14 @@ std::vector<std::pair<std::string, std::string>> ldm_vae_names(const json& confi
 }
 
 void check_unet_inputs(const std::string& source, int64_t in_channels) {
-  if (in_channels == 9)
-    refuse_family(source, kFamilyInpaint,
-                  "its UNet takes 9 input channels: latents, mask and masked image");
-  if (in_channels != 4)
+  // 4: latents; 9: an inpainting model's latents, mask and masked-picture latents.
+  if (in_channels == 8)
+    refuse_family(source, kFamilyPix2Pix,
+                  "its UNet takes 8 input channels: latents and the picture's latents");
+  if (in_channels != 4 && in_channels != 9)
     refuse_unrecognised(source, "its UNet takes " + std::to_string(in_channels) +
-                                    " input channels where text-to-image SD takes 4 latent "
-                                    "channels");
+                                    " input channels where SD takes 4 (latents) or 9 "
+                                    "(inpainting: latents, mask, masked picture)");
 }
 
 ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& file,
@@ -363,16 +364,18 @@ ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& 
     out.scheduler_config = sdxl_scheduler_config();
   } else if (!sd1) {
     // SD 2.x: OpenCLIP-H without its last layer, v-prediction at 768x768 (SD 2.0-v / 2.1, the
-    // ones people run; a 512-base epsilon model needs single_file_config).
+    // ones people run; a 512-base epsilon model needs single_file_config), except the SD 2
+    // inpainting model (a 9-channel UNet): epsilon at 512x512.
     const OpenClipLayout h{"cond_stage_model.model.", true, false, !configs_given};
     out.text_encoder_config = infer_openclip_config(*file, h);
     out.text_encoder = openclip_weights(file, h, out.text_encoder_config, "text_encoder");
     width = out.text_encoder_config.at("hidden_size").get<int64_t>();
     out.unet_config["upcast_attention"] = true;
-    out.unet_config["sample_size"] = 96;
+    const bool inpainting = in_channels == 9;
+    out.unet_config["sample_size"] = inpainting ? 64 : 96;
     out.scheduler_config = sd1_scheduler_config();
     out.scheduler_config["_class_name"] = "DDIMScheduler";
-    out.scheduler_config["prediction_type"] = "v_prediction";
+    out.scheduler_config["prediction_type"] = inpainting ? "epsilon" : "v_prediction";
     out.scheduler_config["skip_prk_steps"] = nullptr;
   } else {
     out.text_encoder_config = infer_text_encoder_config(*file, text_encoder_prefix(*file));
@@ -389,7 +392,7 @@ ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& 
   out.vae_config = infer_vae_config(*file);
   if (sdxl) out.vae_config["scaling_factor"] = 0.13025;
   const auto latent = out.vae_config.at("latent_channels").get<int64_t>();
-  if (latent != in_channels)
+  if (latent != in_channels && 2 * latent + 1 != in_channels)
     refuse_unrecognised(path, "its VAE has " + std::to_string(latent) +
                                   " latent channels but its UNet takes " +
                                   std::to_string(in_channels));

@@ -38,7 +38,7 @@ ConvertedCheckpoint convert_single_file(const std::shared_ptr<SafetensorsFile>& 
 inline constexpr const char* kFamilySdxlRefiner = "the Stable Diffusion XL refiner";
 inline constexpr const char* kFamilySd3 = "Stable Diffusion 3";
 inline constexpr const char* kFamilyFlux = "Flux";
-inline constexpr const char* kFamilyInpaint = "an inpainting model";
+inline constexpr const char* kFamilyPix2Pix = "an InstructPix2Pix model";
 
 // The (diffusers name, original-layout name below the component's prefix) pairs the converter
 // reads for a UNet / VAE of this config: tests build original-layout files from folders with it.

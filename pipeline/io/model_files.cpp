@@ -266,8 +266,8 @@ void detect_folder_family(const fs::path& folder, const json& index) {
     refuse_family(index_path, kFamilySd3, "model_index.json names " + cls);
   if (cls.find("Flux") != std::string::npos)
     refuse_family(index_path, kFamilyFlux, "model_index.json names " + cls);
-  if (cls.find("Inpaint") != std::string::npos)
-    refuse_family(index_path, kFamilyInpaint, "model_index.json names " + cls);
+  if (cls.find("InstructPix2Pix") != std::string::npos)
+    refuse_family(index_path, kFamilyPix2Pix, "model_index.json names " + cls);
   if (!index.contains("unet") && index.contains("transformer"))
     refuse_unrecognised(index_path, "its denoiser is a transformer/, not a unet/");
   const bool second = index.contains("text_encoder_2") || is_dir(folder / "text_encoder_2");

@@ -37,6 +37,12 @@ struct Trajectory::State {
   torch::Tensor last_input;
   torch::Tensor last_eps;
   double last_timestep = 0;
+  // Inpainting with a 4-channel UNet: the clean init latents, the noise they were noised with,
+  // and the latent mask (1, 1, h, w; 1 = repaint); after each step the latents outside the mask
+  // are the init latents at the next evaluation's noise level.
+  torch::Tensor blend_latents, blend_noise, blend_mask;
+  // Inpainting UNet: the mask and masked-picture latents (1, 5, h, w) each row's input ends with.
+  torch::Tensor inpaint_condition;
 };
 
 }  // namespace sdserve::pipeline
