@@ -37,6 +37,15 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
                       a multiple of 8, unless --width/--height; resized with Lanczos)
   --strength X        with --init-image: how much of it is redrawn, 0..1 (default 0.8; the
                       last int(steps x X) steps run)
+  --mask FILE         inpainting: repaint where this PNG or JPEG is white (with --init-image;
+                      resized to the picture when its size differs; default --strength 1)
+  --mask-blur N       Gaussian blur of the mask, 0..64 px (default 0)
+  --inpainting-fill N what the hole starts from: 0 fill, 1 original (default), 2 latent
+                      noise, 3 latent nothing (A1111's)
+  --only-masked PAD   inpaint only the mask's bounding box grown by PAD px, at full size,
+                      and paste it back (A1111's "Only masked")
+  --invert-mask       repaint where the mask is black
+  --paste-back        paste the result over the picture through the mask (A1111 does)
   -n N                number of images, 1..16 (default 1): out.png, out-1.png, ...
   --clip-skip N       1 = last CLIP layer (default), 2 = penultimate (A1111's convention)
   --prompt-syntax S   a1111 (default: (word:1.2), [word], BREAK, prompts past 75 tokens) or
@@ -81,7 +90,8 @@ struct GenerateArgs {
   GenerateArgs() { request.image.width = request.image.height = 0; }  // 0: the model's size
   pipeline::GenerateRequest request;
   pipeline::LoadOptions load;
-  std::string model = pipeline::bundled_model_path(), output, init_image;
+  std::string model = pipeline::bundled_model_path(), output, init_image, mask;
+  pipeline::InpaintOptions inpaint;
   bool quiet = false;
 };
 
@@ -100,6 +110,10 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
     }
     if (a == "-q" || a == "--quiet") {
       g.quiet = true;
+      continue;
+    }
+    if (a == "--invert-mask" || a == "--paste-back") {
+      (a == "--invert-mask" ? g.inpaint.invert : g.inpaint.paste_back) = true;
       continue;
     }
     if (i + 1 >= args.size())
@@ -130,6 +144,14 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
       g.init_image = v;
     else if (a == "--strength")
       request.image.strength = parse_double_arg(a, v, 0, 1), have_strength = true;
+    else if (a == "--mask")
+      g.mask = v;
+    else if (a == "--mask-blur")
+      g.inpaint.mask_blur_x = g.inpaint.mask_blur_y = parse_int_arg(a, v, 0, L::kMaxMaskBlur);
+    else if (a == "--inpainting-fill")
+      g.inpaint.fill = static_cast<pipeline::MaskedContent>(parse_int_arg(a, v, 0, 3));
+    else if (a == "--only-masked")
+      g.inpaint.only_masked = true, g.inpaint.padding = parse_int_arg(a, v, 0, L::kMaxSide);
     else if (a == "-n")
       request.num_images = parse_int_arg(a, v, 1, L::kMaxImages);
     else if (a == "--clip-skip")
@@ -149,6 +171,15 @@ bool parse_generate_args(const std::vector<std::string>& args, GenerateArgs& g) 
   }
   if (!have_prompt) throw UsageError("--prompt is required");
   if (have_strength && g.init_image.empty()) throw UsageError("--strength needs --init-image");
+  if (!g.mask.empty() && g.init_image.empty()) throw UsageError("--mask needs --init-image");
+  if (!g.mask.empty() && !have_strength) request.image.strength = 1.0;  // diffusers' inpainting
+  const pipeline::InpaintOptions plain;
+  if (g.mask.empty() &&
+      (g.inpaint.invert || g.inpaint.paste_back || g.inpaint.only_masked ||
+       g.inpaint.mask_blur_x != plain.mask_blur_x || g.inpaint.fill != plain.fill))
+    throw UsageError(
+        "--mask-blur, --inpainting-fill, --only-masked, --invert-mask and "
+        "--paste-back need --mask");
   if (g.output.empty()) throw UsageError("-o/--output is required");
   if (output_format(g.output).empty())
     throw UsageError("-o '" + g.output + "': sdserve writes .png or .jpg/.jpeg images");
@@ -183,24 +214,37 @@ int run_generate(const std::vector<std::string>& args) {
   setup_logging(quiet ? "warn" : "info");
   using L = pipeline::Limits;
   auto m = pipeline::Model::load(g.model, g.load);
-  if (!g.init_image.empty()) {
-    std::ifstream in(g.init_image, std::ios::binary);
-    if (!in) throw UsageError("--init-image '" + g.init_image + "' cannot be read");
+  const auto read_picture = [](const std::string& flag, const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw UsageError(flag + " '" + path + "' cannot be read");
     const std::vector<uint8_t> bytes{std::istreambuf_iterator<char>(in),
                                      std::istreambuf_iterator<char>()};
-    pipeline::RgbImage init;
     try {
-      init = pipeline::decode_image(bytes);
+      return pipeline::decode_image(bytes);
     } catch (const pipeline::ImageError& e) {
-      throw UsageError("--init-image '" + g.init_image + "': " + e.what());
+      throw UsageError(flag + " '" + path + "': " + e.what());
     }
+  };
+  if (!g.init_image.empty()) {
+    pipeline::RgbImage init = read_picture("--init-image", g.init_image);
     // Sizes not given come from the image (diffusers' rule: rounded down to a multiple of 8).
     auto& spec = g.request.image;
     if (spec.width == 0) spec.width = std::max(L::kMinSide, init.width / 8 * 8);
     if (spec.height == 0) spec.height = std::max(L::kMinSide, init.height / 8 * 8);
-    if (init.width != spec.width || init.height != spec.height)
-      init = pipeline::resize_lanczos(init, spec.width, spec.height);
-    spec.init_image = std::make_shared<const pipeline::RgbImage>(std::move(init));
+    if (!g.mask.empty()) {
+      auto prepared =
+          pipeline::prepare_inpaint(init, pipeline::to_gray(read_picture("--mask", g.mask)),
+                                    spec.width, spec.height, g.inpaint);
+      spec.init_image = std::move(prepared.image);
+      spec.mask = std::move(prepared.mask);
+      spec.overlay = std::move(prepared.overlay);
+      spec.masked_content = g.inpaint.fill;
+      spec.mask_blur = g.inpaint.mask_blur_x;
+    } else {
+      if (init.width != spec.width || init.height != spec.height)
+        init = pipeline::resize_lanczos(init, spec.width, spec.height);
+      spec.init_image = std::make_shared<const pipeline::RgbImage>(std::move(init));
+    }
   }
   // Sizes not given default to the model's own.
   if (g.request.image.width == 0) g.request.image.width = m->info().native_size;

@@ -341,7 +341,9 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
            "resize_mode 0 (just resize) is supported; crop, fill and latent upscale (1-3) are "
            "not yet");
   const Json mask = take("mask");
-  if (!is_empty(mask)) refuse("mask", "inpainting (mask) is not supported yet");
+  if (!mask.is_null() && !mask.is_string())
+    refuse("mask", "mask must be a base64 PNG or JPEG (white = repaint), or null");
+  const bool inpaint = !is_empty(mask);
   const Json latent_mask = take("latent_mask");
   if (!is_empty(latent_mask)) refuse("latent_mask", "latent_mask is not supported");
   const Json noise = take("initial_noise_multiplier");
@@ -350,14 +352,35 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
   const Json include = take("include_init_images");
   if (!include.is_null() && !include.is_boolean())
     refuse("include_init_images", "include_init_images must be true or false");
-  // Without a mask these do not change the image; image_cfg_scale is instruct-pix2pix's only.
-  for (const char* name : {"mask_blur", "mask_blur_x", "mask_blur_y", "mask_round",
-                           "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-                           "inpainting_mask_invert", "image_cfg_scale"})
-    take(name);
+  // A1111's inpainting fields, with its API's defaults; without a mask they change nothing.
+  Json inpainting = {{"mask_blur_x", 4},
+                     {"mask_blur_y", 4},
+                     {"inpainting_fill", 0},
+                     {"inpaint_full_res", true},
+                     {"inpaint_full_res_padding", 0},
+                     {"inpainting_mask_invert", 0}};
+  for (const char* name : {"mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                           "inpaint_full_res_padding", "inpainting_mask_invert"}) {
+    const Json v = take(name);
+    if (!v.is_null()) inpainting[name] = v;
+  }
+  const Json blur = take("mask_blur");  // A1111: when set, both axes
+  if (!blur.is_null()) inpainting["mask_blur_x"] = inpainting["mask_blur_y"] = blur;
+  const Json round = take("mask_round");
+  if (inpaint && !(round.is_null() || round == Json(true)))
+    refuse("mask_round",
+           "mask_round false (a soft latent mask) is not supported; the latent "
+           "mask is binarised, as diffusers and A1111's default do");
+  take("image_cfg_scale");  // instruct-pix2pix's only
   Txt2Img t = translate_txt2img(BodyJson(rest), model);
   Json native(t.native);
   native["init_image"] = init_images[0];
+  if (inpaint) {
+    native["mask"] = mask;
+    native["resize_mask"] = true;         // A1111 fits a mask of another size to the picture
+    native["inpaint_paste_back"] = true;  // and pastes the result over it through the mask
+    for (auto it = inpainting.begin(); it != inpainting.end(); ++it) native[it.key()] = it.value();
+  }
   // A1111's default; a wrong type or range is /v1's 400, renamed for the caller.
   native["strength"] = strength.is_null() ? Json(0.75) : strength;
   t.native = BodyJson(native);
@@ -369,6 +392,8 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
   t.echo["mask"] = echo_images ? mask : Json();
   t.echo["denoising_strength"] = t.denoising_strength;
   t.echo["resize_mode"] = 0;
+  for (auto it = inpainting.begin(); it != inpainting.end(); ++it) t.echo[it.key()] = it.value();
+  t.echo["mask_blur"] = inpainting["mask_blur_x"];
   return t;
 }
 

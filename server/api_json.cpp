@@ -523,6 +523,7 @@ Json model_json(const pipeline::ModelInfo& m) {
           {"native_size", m.native_size},
           {"text_layers", m.text_layers},
           {"latent_channels", m.latent_channels},
+          {"inpainting", m.inpainting},
           {"load_seconds", m.load_seconds}};
 }
 

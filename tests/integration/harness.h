@@ -147,6 +147,12 @@ class WsClient {
   std::unique_ptr<Impl> impl_;
 };
 
+// Pictures in requests: base64 (standard alphabet, padded) both ways, and a file of
+// tests/fixtures as bytes.
+std::string base64_of(const std::vector<uint8_t>& bytes);
+std::vector<uint8_t> unbase64_of(const std::string& text);
+std::vector<uint8_t> fixture_bytes(const std::string& name);
+
 // Job helpers.
 json small_job(const std::string& prompt, int steps = 4, uint64_t seed = 1);
 // Submits and returns the 202 body (fails the test on anything else).
