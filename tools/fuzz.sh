@@ -37,7 +37,7 @@ max_len() {
     config) echo 8192 ;;
     tokenizer) echo 8192 ;;  # above the tokenizer's 4096-byte chunks
     prompt_syntax) echo 16384 ;;  # past 16 chunks of 75 tokens
-    image) echo 65536 ;;  # the fixtures' PNGs (up to 20 KB) and room to grow
+    image) echo 65536 ;;  # the fixtures' PNGs (up to 20 KB), WebPs (up to 4 KB) and room to grow
     *) echo "fuzz: unknown target '$1' (known: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
   esac
 }
@@ -45,7 +45,7 @@ for t in "${TARGETS[@]}"; do max_len "$t" > /dev/null; done
 
 # --- toolchain ---------------------------------------------------------------------------------
 PACKAGES=(clang libclang-rt-14-dev cmake make pkg-config nlohmann-json3-dev libutf8proc-dev
-  libpng-dev libturbojpeg0-dev)
+  libpng-dev libturbojpeg0-dev libwebp-dev)
 tools/install_packages.sh fuzz "${PACKAGES[@]}"
 
 # --- build -------------------------------------------------------------------------------------

@@ -214,7 +214,19 @@ tok = {
 for name, text in tok.items():
     write("tokenizer", name, text)
 
-for target in ("request_body", "ws_command", "safetensors", "config", "tokenizer"):
+# --- image: WebP beside the PNG/JPEG seeds (made by Pillow: tests/fixtures/make) -----------------
+for name, fixture in (("lossless_webp", "img2img-init-96x64-lossless.webp"),
+                      ("lossy_webp", "img2img-init-96x64-lossy.webp"),
+                      ("animated_webp", "webp-animated-2-frames.webp")):
+    with open(os.path.join(REPO, "tests", "fixtures", fixture), "rb") as f:
+        write("image", name, f.read())
+# A VP8X header declaring 60000x60000 and nothing else: refused before any pixel is decoded.
+write("image", "vp8x_bomb_webp",
+      b"RIFF" + struct.pack("<I", 22) + b"WEBPVP8X" + struct.pack("<I", 10) + bytes(4) +
+      (60000 - 1).to_bytes(3, "little") + (60000 - 1).to_bytes(3, "little"))
+
+for target in ("request_body", "ws_command", "safetensors", "config", "tokenizer",
+               "image"):
     d = os.path.join(HERE, "regressions", target)
     os.makedirs(d, exist_ok=True)
     keep = os.path.join(d, ".gitkeep")
