@@ -33,8 +33,8 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
   --seed N            seed of the first image; image k uses seed + k (default: random)
   --width N --height N  multiples of 8, 64..2048 (default: the model's native size, 512 for
                         SD 1.x, 1024 for SDXL)
-  --init-image FILE   image to image: start from this PNG or JPEG (its size, rounded down to
-                      a multiple of 8, unless --width/--height; resized with Lanczos)
+  --init-image FILE   image to image: start from this PNG, JPEG or WebP (its size, rounded
+                      down to a multiple of 8, unless --width/--height; resized with Lanczos)
   --strength X        with --init-image: how much of it is redrawn, 0..1 (default 0.8; the
                       last int(steps x X) steps run)
   --mask FILE         inpainting: repaint where this PNG or JPEG is white (with --init-image;

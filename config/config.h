@@ -30,7 +30,9 @@ struct ServiceConfig {
   std::string host = "127.0.0.1";
   int port = 8080;  // 0: any free port (the bound one is logged)
   int http_threads = 2;
-  int64_t max_body_bytes = 1 << 20;
+  // 48 MiB: a JSON body with a 2048x2048 PNG of RGBA noise and a mask of the same size, both
+  // base64 (2 x 22.4 MB), fits; so does the same as multipart/form-data.
+  int64_t max_body_bytes = 48 << 20;
   int max_header_bytes = 16 << 10;
   int max_connections = 1000;  // open HTTP and WebSocket connections; beyond, new ones get 503
   double read_timeout_s = 30;  // a request must arrive within this; idle keep-alive closes then

@@ -1291,7 +1291,7 @@ def main():
     ap.add_argument("--job-timeout", type=float, default=30,
                     help="seconds a valid job may take from submit to final")
     ap.add_argument("--max-body-bytes", type=int, default=None,
-                    help="the server's max_body_bytes (default: from the server args, or 1 MiB)")
+                    help="the server's max_body_bytes (default: from the server args, or 48 MiB)")
     ap.add_argument("--noread-mb", type=int, default=16, help="MB a ws_noread client sends")
     ap.add_argument("--park", type=int, default=4, help="never-reading sockets kept open")
     ap.add_argument("--seed", type=int, default=1)
@@ -1321,7 +1321,7 @@ def main():
     if not hostile and not valid:
         ap.error("nothing to run")
     if a.max_body_bytes is None:
-        a.max_body_bytes = 1048576
+        a.max_body_bytes = 48 << 20
         for i, x in enumerate(server_args):
             if x == "--max-body-bytes" and i + 1 < len(server_args):
                 a.max_body_bytes = int(server_args[i + 1])

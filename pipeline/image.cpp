@@ -2,6 +2,9 @@
 
 #include <png.h>
 #include <turbojpeg.h>
+#ifdef SDSERVE_WITH_WEBP
+#include <webp/decode.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -382,24 +385,64 @@ RgbImage decode_jpeg_checked(const std::vector<uint8_t>& bytes, const ImageLimit
   return image;
 }
 
+#ifdef SDSERVE_WITH_WEBP
+// Lossy and lossless WebP through libwebp, alpha dropped (as PIL's convert("RGB")). The size
+// comes from the headers (VP8X's canvas may declare up to 16777216 per side) and is checked
+// before anything is decoded. Animated files are refused: which frame was meant is a guess.
+RgbImage decode_webp_checked(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
+  WebPBitstreamFeatures features;
+  const VP8StatusCode status = WebPGetFeatures(bytes.data(), bytes.size(), &features);
+  if (status == VP8_STATUS_NOT_ENOUGH_DATA)
+    throw ImageError("the image is corrupt: WebP: truncated");
+  if (status != VP8_STATUS_OK)
+    throw ImageError("the image is corrupt: WebP: unreadable headers (libwebp status " +
+                     std::to_string(static_cast<int>(status)) + ")");
+  check_declared_size("WebP", static_cast<uint64_t>(std::max(features.width, 0)),
+                      static_cast<uint64_t>(std::max(features.height, 0)), limits);
+  if (features.has_animation)
+    throw ImageError("animated WebP is not supported: send one frame (a still WebP, PNG or JPEG)");
+  RgbImage image;
+  image.width = features.width;
+  image.height = features.height;
+  image.pixels.resize(static_cast<size_t>(image.width) * image.height * 3);
+  if (WebPDecodeRGBInto(bytes.data(), bytes.size(), image.pixels.data(), image.pixels.size(),
+                        image.width * 3) == nullptr)
+    throw ImageError("the image is corrupt: WebP: the pixels cannot be decoded");
+  return image;
+}
+#endif
+
 }  // namespace
+
+bool webp_supported() {
+#ifdef SDSERVE_WITH_WEBP
+  return true;
+#else
+  return false;
+#endif
+}
 
 RgbImage decode_image(const std::vector<uint8_t>& bytes, const ImageLimits& limits) {
   const auto starts = [&](const char* magic, size_t at = 0) {
     const size_t n = std::strlen(magic);
     return bytes.size() >= at + n && std::memcmp(bytes.data() + at, magic, n) == 0;
   };
+  const bool webp = starts("RIFF") && starts("WEBP", 8);
   try {
     if (starts("\x89PNG\r\n\x1a\n")) return read_png(bytes, &limits, /*to_end=*/false, nullptr);
     if (starts("\xff\xd8\xff")) return decode_jpeg_checked(bytes, limits);
+#ifdef SDSERVE_WITH_WEBP
+    if (webp) return decode_webp_checked(bytes, limits);
+#endif
   } catch (const ImageError&) {
     throw;
   } catch (const std::exception& e) {
     throw ImageError(std::string("the image is corrupt: ") + e.what());
   }
-  if (starts("RIFF") && starts("WEBP", 8))
-    throw ImageError("WebP is not supported yet: send PNG or JPEG");
-  throw ImageError("not a PNG or JPEG image");
+  if (webp)
+    throw ImageError(
+        "WebP is not supported by this build (built without libwebp): send PNG or JPEG");
+  throw ImageError(webp_supported() ? "not a PNG, JPEG or WebP image" : "not a PNG or JPEG image");
 }
 
 std::string read_png_text(const std::vector<uint8_t>& png, const std::string& key) {

@@ -25,8 +25,8 @@ std::vector<uint8_t> encode_png(const RgbImage& image,
 RgbImage decode_png(const std::vector<uint8_t>& bytes,
                     std::vector<std::pair<std::string, std::string>>* text = nullptr);
 
-// An image a client sent that cannot be used: not PNG or JPEG, corrupt, or over the limits. The
-// message says which, for a 400.
+// An image a client sent that cannot be used: not PNG, JPEG or WebP, corrupt, or over the limits.
+// The message says which, for a 400.
 class ImageError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -37,10 +37,13 @@ struct ImageLimits {
   int64_t max_pixels = 4096 * 4096;  // width x height (48 MiB decoded)
 };
 
-// A client's PNG or JPEG as 8-bit RGB (alpha dropped, as PIL's convert("RGB")). The declared
-// size is checked against `limits` before any pixel is decoded, so a small file declaring
-// 60000x60000 costs nothing. Throws ImageError.
+// A client's PNG, JPEG or WebP (lossy or lossless; not animated) as 8-bit RGB (alpha dropped,
+// as PIL's convert("RGB")). The declared size is checked against `limits` before any pixel is
+// decoded, so a small file declaring 60000x60000 costs nothing. WebP needs a build with libwebp
+// (webp_supported()); without it WebP is refused, saying so. Throws ImageError.
 RgbImage decode_image(const std::vector<uint8_t>& bytes, const ImageLimits& limits = {});
+// Whether this build decodes WebP (CMake found libwebp).
+bool webp_supported();
 
 // The text of a PNG's first tEXt or uncompressed iTXt chunk named `key`, as UTF-8 (tEXt is
 // Latin-1); "" when there is none. Reads chunk headers only, not the image: cheap and safe on any

@@ -9,6 +9,7 @@
 #include "config/safe_json.h"
 #include "pipeline/errors.h"
 #include "server/a1111.h"
+#include "server/multipart.h"
 #include "server/web_page.h"
 
 namespace sdserve::server {
@@ -341,6 +342,17 @@ Response error_response(const ApiError& e, const Request& req) {
 bool takes_body(Route::Kind kind) {
   return kind == Route::kJobs || kind == Route::kGenerate || kind == Route::kSdTxt2Img ||
          kind == Route::kSdImg2Img || kind == Route::kSdPngInfo;
+}
+
+BodyJson request_body(const Request& req, Route::Kind kind) {
+  if (!takes_body(kind)) return BodyJson();
+  const auto content_type = req[http::field::content_type];
+  if (!multipart::is_form(content_type)) return parse_body(req.body());
+  if (kind != Route::kJobs && kind != Route::kGenerate)
+    throw ApiError(415, "unsupported_media_type",
+                   "this route takes a JSON body; multipart/form-data is taken by POST /v1/jobs "
+                   "and POST /v1/generate");
+  return multipart::form_body(content_type, req.body());
 }
 
 bool submits_job(Route::Kind kind) {

@@ -76,6 +76,10 @@ Response error_response(const ApiError& error, const Request& req);
 // /sdapi/v1/png-info). The router parses it with parse_body() before the route runs and hands it
 // over; routes never read req.body() themselves. Others ignore any body.
 bool takes_body(Route::Kind kind);
+// The body of a route that takes one, parsed: JSON through parse_body(), or, on POST /v1/jobs
+// and /v1/generate, a multipart/form-data form (server/multipart.h) as the same JSON; null for
+// routes that take none. Throws ApiError (400; 415 for a form on a JSON-only route).
+BodyJson request_body(const Request& req, Route::Kind kind);
 // Whether a route submits a job (its 400s count in sdserve_jobs_rejected_total{reason="invalid"}).
 bool submits_job(Route::Kind kind);
 

@@ -215,7 +215,7 @@ void HttpSession::dispatch(const Route& route) {
     return;
   }
   // The one place a body is parsed (bounded): routes get the result, never the text.
-  const BodyJson body = takes_body(route.kind) ? parse_body(req_.body()) : BodyJson();
+  const BodyJson body = request_body(req_, route.kind);
   if (route.kind == Route::kGenerate) return start_generate(req_, body);
   if (route.kind == Route::kSdTxt2Img || route.kind == Route::kSdImg2Img)
     return start_txt2img(req_, body, route.kind == Route::kSdImg2Img);

@@ -42,7 +42,8 @@ pipeline::RgbImage decode_request_image(const std::string& text, const std::stri
   const auto bytes = unbase64(data);
   if (!bytes || bytes->empty())
     throw ApiError(400, "validation_error",
-                   field + " must be a PNG or JPEG image as base64 text or a data: URL", field);
+                   field + " must be a PNG, JPEG or WebP image as base64 text or a data: URL",
+                   field);
   try {
     return pipeline::decode_image(*bytes);
   } catch (const pipeline::ImageError& e) {

@@ -53,7 +53,7 @@ TEST(ConfigTest, DefaultsMatchTheDocumentedOnes) {
   EXPECT_EQ(l.config.max_timeout_s, 3600);
   EXPECT_EQ(l.config.result_ttl_s, 3600);
   EXPECT_EQ(l.config.result_max_mb, 1024);
-  EXPECT_EQ(l.config.max_body_bytes, 1048576);
+  EXPECT_EQ(l.config.max_body_bytes, 48 << 20);
   EXPECT_EQ(l.config.max_connections, 1000);
   EXPECT_TRUE(l.config.api_keys.empty());
   EXPECT_EQ(l.config.shutdown_grace_s, 30);

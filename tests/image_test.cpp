@@ -3,7 +3,11 @@
 #include <gtest/gtest.h>
 #include <turbojpeg.h>
 
+#include <fstream>
+#include <iterator>
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace sdserve::pipeline {
 namespace {
@@ -193,4 +197,84 @@ TEST(Image, RejectsMismatchedBuffer) {
 }
 
 }  // namespace
+
+// WebP init images (libwebp, when the build has it). Named namespace: unity builds batch files.
+namespace webp_test {
+
+std::vector<uint8_t> fixture(const std::string& name) {
+  std::ifstream in(std::string(SDSERVE_FIXTURES) + "/" + name, std::ios::binary);
+  EXPECT_TRUE(in.good()) << name;
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+std::string error_of(const std::vector<uint8_t>& bytes, const ImageLimits& limits = {}) {
+  try {
+    decode_image(bytes, limits);
+  } catch (const ImageError& e) {
+    return e.what();
+  }
+  return "<decoded>";
+}
+
+// A still WebP's extended header (VP8X) declaring width x height, with no image after it.
+std::vector<uint8_t> vp8x_declaring(uint32_t width, uint32_t height) {
+  std::vector<uint8_t> b = {'R', 'I', 'F', 'F', 22, 0, 0, 0, 'W', 'E', 'B', 'P',
+                            'V', 'P', '8', 'X', 10, 0, 0, 0, 0,   0,   0,   0};
+  for (const uint32_t side : {width - 1, height - 1})
+    for (int k = 0; k < 3; ++k) b.push_back(static_cast<uint8_t>(side >> (8 * k)));
+  return b;
+}
+
+TEST(ImageWebp, LosslessDecodesToThePngsPixels) {
+  const auto webp = fixture("img2img-init-96x64-lossless.webp");
+  if (!webp_supported()) {
+    EXPECT_NE(error_of(webp).find("built without libwebp"), std::string::npos) << error_of(webp);
+    GTEST_SKIP() << "built without libwebp";
+  }
+  const RgbImage png = decode_image(fixture("img2img-init-96x64.png"));
+  const RgbImage image = decode_image(webp);
+  EXPECT_EQ(image.width, 96);
+  EXPECT_EQ(image.height, 64);
+  EXPECT_EQ(image.pixels, png.pixels);
+}
+
+TEST(ImageWebp, LossyDecodesAsPillowDoes) {
+  if (!webp_supported()) GTEST_SKIP() << "built without libwebp";
+  const RgbImage pillow = decode_image(fixture("img2img-init-96x64-lossy.png"));
+  const RgbImage image = decode_image(fixture("img2img-init-96x64-lossy.webp"));
+  ASSERT_EQ(image.width, 96);
+  ASSERT_EQ(image.height, 64);
+  EXPECT_EQ(image.pixels, pillow.pixels);
+  // Lossy indeed: the pixels are not the original's.
+  EXPECT_NE(image.pixels, decode_image(fixture("img2img-init-96x64.png")).pixels);
+}
+
+TEST(ImageWebp, DeclaredSizeIsCheckedBeforeDecoding) {
+  if (!webp_supported()) GTEST_SKIP() << "built without libwebp";
+  // VP8X's 24-bit sides can declare 60000x60000 (10.8 GB of RGB) in 30 bytes.
+  const std::string bomb = error_of(vp8x_declaring(60000, 60000));
+  EXPECT_NE(bomb.find("WebP image of 60000x60000 is over the limits"), std::string::npos) << bomb;
+  // The fixture's own size against smaller limits: the pixel count, then a side.
+  const auto webp = fixture("img2img-init-96x64-lossless.webp");
+  EXPECT_NE(error_of(webp, ImageLimits{8192, 96 * 64 - 1}).find("over the limits"),
+            std::string::npos);
+  EXPECT_NE(error_of(webp, ImageLimits{95, 1 << 20}).find("over the limits"), std::string::npos);
+  EXPECT_EQ(error_of(webp, ImageLimits{96, 96 * 64}), "<decoded>");
+}
+
+TEST(ImageWebp, AnimatedTruncatedAndCorruptAreRefused) {
+  if (!webp_supported()) GTEST_SKIP() << "built without libwebp";
+  const std::string animated = error_of(fixture("webp-animated-2-frames.webp"));
+  EXPECT_NE(animated.find("animated WebP is not supported"), std::string::npos) << animated;
+  auto webp = fixture("img2img-init-96x64-lossless.webp");
+  for (const size_t keep : {size_t{12}, size_t{30}, webp.size() / 2, webp.size() - 1}) {
+    const auto cut = std::vector<uint8_t>(webp.begin(), webp.begin() + keep);
+    EXPECT_NE(error_of(cut).find("corrupt"), std::string::npos) << keep << ": " << error_of(cut);
+  }
+  for (size_t i = 40; i < webp.size(); i += 97) webp[i] ^= 0x5A;
+  const std::string corrupt = error_of(webp);
+  EXPECT_NE(corrupt.find("corrupt"), std::string::npos) << corrupt;
+}
+
+}  // namespace webp_test
 }  // namespace sdserve::pipeline

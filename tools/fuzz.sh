@@ -3,7 +3,7 @@
 #
 #   tools/fuzz.sh [seconds_per_target] [target ...]     (default 60 s; all targets)
 #
-# Targets: request_body ws_command safetensors config tokenizer prompt_syntax image
+# Targets: request_body multipart ws_command safetensors config tokenizer prompt_syntax image
 # (see tests/fuzz/README.md).
 # Installs clang/libFuzzer when missing, builds tests/fuzz into build-fuzz/, then per target:
 #  1. replays every input in tests/fuzz/regressions/<target>/ (crashes found before, kept forever;
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_TARGET=${1:-60}
 shift || true
-ALL_TARGETS=(request_body ws_command safetensors config tokenizer prompt_syntax image)
+ALL_TARGETS=(request_body multipart ws_command safetensors config tokenizer prompt_syntax image)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 BUILD=build-fuzz
@@ -32,12 +32,13 @@ fi
 max_len() {
   case "$1" in
     request_body) echo 16384 ;;
+    multipart) echo 16384 ;;  # a form of every field, a small image file and room to damage
     ws_command) echo 4096 ;;
     safetensors) echo 16384 ;;
     config) echo 8192 ;;
     tokenizer) echo 8192 ;;  # above the tokenizer's 4096-byte chunks
     prompt_syntax) echo 16384 ;;  # past 16 chunks of 75 tokens
-    image) echo 65536 ;;  # the fixtures' PNGs (up to 20 KB) and room to grow
+    image) echo 65536 ;;  # the fixtures' PNGs (up to 20 KB), WebPs (up to 4 KB) and room to grow
     *) echo "fuzz: unknown target '$1' (known: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
   esac
 }
@@ -45,7 +46,7 @@ for t in "${TARGETS[@]}"; do max_len "$t" > /dev/null; done
 
 # --- toolchain ---------------------------------------------------------------------------------
 PACKAGES=(clang libclang-rt-14-dev cmake make pkg-config nlohmann-json3-dev libutf8proc-dev
-  libpng-dev libturbojpeg0-dev)
+  libpng-dev libturbojpeg0-dev libwebp-dev)
 tools/install_packages.sh fuzz "${PACKAGES[@]}"
 
 # --- build -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ start=$(date +%s)
 # clang 14 and its sanitizer runtimes, plus what the sources and tests need (Debian 12; the Redis
 # client's tests start a real redis-server).
 PACKAGES=(clang libclang-rt-14-dev cmake ninja-build pkg-config nlohmann-json3-dev
-  libgtest-dev libutf8proc-dev libpng-dev libturbojpeg0-dev libhiredis-dev libboost1.81-dev
+  libgtest-dev libutf8proc-dev libpng-dev libturbojpeg0-dev libwebp-dev libhiredis-dev libboost1.81-dev
   redis-server)
 tools/install_packages.sh sanitize "${PACKAGES[@]}"
 

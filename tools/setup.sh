@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(build-essential cmake ninja-build pkg-config
   libtorch-dev libboost1.81-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libhiredis-dev prometheus-cpp-dev libgtest-dev libgmock-dev
-  libutf8proc-dev libpng-dev libturbojpeg0-dev libopenblas0-pthread redis-server
+  libutf8proc-dev libpng-dev libturbojpeg0-dev libwebp-dev libopenblas0-pthread redis-server
   python3 python3-requests python3-pil python3-websocket chromium)
 tools/install_packages.sh setup "${PACKAGES[@]}"
 # libopenblas0-pthread: Debian's alternatives then point libblas.so.3 / liblapack.so.3 (which

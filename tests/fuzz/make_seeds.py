@@ -214,7 +214,73 @@ tok = {
 for name, text in tok.items():
     write("tokenizer", name, text)
 
-for target in ("request_body", "ws_command", "safetensors", "config", "tokenizer"):
+# --- multipart: "Content-Type value\n" then a multipart/form-data body ---------------------------
+BOUNDARY = "------------------------d74496d66958873e"
+
+
+def form(fields, boundary=BOUNDARY, content_type=None):
+    """fields: [(name, value bytes/str, filename or None)] -> a seed as curl -F writes the form."""
+    body = b""
+    for name, value, filename in fields:
+        value = value.encode() if isinstance(value, str) else value
+        body += b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="'
+        body += name.encode() + b'"'
+        if filename is not None:
+            body += b'; filename="' + filename.encode() + b'"\r\nContent-Type: image/png'
+        body += b"\r\n\r\n" + value + b"\r\n"
+    body += b"--" + boundary.encode() + b"--\r\n"
+    ct = content_type or "multipart/form-data; boundary=" + boundary
+    return ct.encode() + b"\n" + body
+
+
+TINY_PNG_BYTES = base64.b64decode(TINY_PNG)
+with open(os.path.join(REPO, "tests", "fixtures", "img2img-init-96x64-lossless.webp"), "rb") as f:
+    LOSSLESS_WEBP = f.read()
+mp = {
+    "curl_img2img": form([("prompt", "a cat", None), ("steps", "12", None),
+                          ("init_image", TINY_PNG_BYTES, "in.png"), ("strength", "0.6", None)]),
+    "every_type": form([("prompt", "12", None), ("negative_prompt", "true", None),
+                        ("guidance_scale", " 6.5 ", None), ("seed", "-1", None),
+                        ("cancel_on_disconnect", "true", None),
+                        ("preview", '{"every": 2, "format": "png"}', None),
+                        ("sampler", "DPM++ 2M Karras", None), ("width", "64", None)]),
+    "webp_file": form([("prompt", "x", None), ("init_image", LOSSLESS_WEBP, "in.webp")]),
+    "text_image": form([("prompt", "x", None),
+                        ("init_image", "data:image/png;base64," + TINY_PNG, None)]),
+    "bad_values": form([("prompt", "caf\xc3", None), ("steps", "twelve", None),
+                        ("seed", "1e400", None), ("stesp", "1", None)]),
+    "duplicate": form([("prompt", "a", None), ("prompt", "b", None)]),
+    "empty_file": form([("prompt", "a", None), ("init_image", "", ""), ("mask", "", "m.png")]),
+    "quoted_boundary": form([("prompt", "a", None)], boundary="a'()+_,-./:=? b",
+                            content_type='Multipart/Form-Data; charset=utf-8; '
+                                         'boundary="a\'()+_,-./:=? b"'),
+    "no_boundary": b"multipart/form-data\n" + form([("prompt", "a", None)]).split(b"\n", 1)[1],
+    "unterminated": form([("prompt", "a cat", None)])[:-12],
+    "lf_only": form([("prompt", "a", None)]).replace(b"\r\n", b"\n"),
+    "no_name": b"multipart/form-data; boundary=b\n--b\r\nContent-Disposition: form-data\r\n\r\n"
+               b"x\r\n--b\r\n\r\ny\r\n--b--",
+    "headers": b"multipart/form-data; boundary=b\npreamble\r\n--b \t\r\n"
+               b"content-disposition: form-data; NAME=prompt; filename*=UTF-8''a%20b\r\n"
+               b"Content-Transfer-Encoding: binary\r\nX-Other: 1\r\n\r\na\r\n--b\r\n"
+               b'Content-Disposition: form-data; name="p\\"q"\r\n'
+               b"Content-Transfer-Encoding: base64\r\n\r\neA==\r\n--b--epilogue",
+}
+for name, data in mp.items():
+    write("multipart", name, data)
+
+# --- image: WebP beside the PNG/JPEG seeds (made by Pillow: tests/fixtures/make) -----------------
+for name, fixture in (("lossless_webp", "img2img-init-96x64-lossless.webp"),
+                      ("lossy_webp", "img2img-init-96x64-lossy.webp"),
+                      ("animated_webp", "webp-animated-2-frames.webp")):
+    with open(os.path.join(REPO, "tests", "fixtures", fixture), "rb") as f:
+        write("image", name, f.read())
+# A VP8X header declaring 60000x60000 and nothing else: refused before any pixel is decoded.
+write("image", "vp8x_bomb_webp",
+      b"RIFF" + struct.pack("<I", 22) + b"WEBPVP8X" + struct.pack("<I", 10) + bytes(4) +
+      (60000 - 1).to_bytes(3, "little") + (60000 - 1).to_bytes(3, "little"))
+
+for target in ("request_body", "multipart", "ws_command", "safetensors", "config", "tokenizer",
+               "image"):
     d = os.path.join(HERE, "regressions", target)
     os.makedirs(d, exist_ok=True)
     keep = os.path.join(d, ".gitkeep")

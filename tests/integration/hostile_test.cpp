@@ -119,7 +119,7 @@ std::string many_keys(size_t n, const std::string& prefix) {
   return s + "}";
 }
 
-// Bodies built to make a parser slow (each under the 1 MiB default max_body_bytes). 95,000 keys
+// Bodies built to make a parser slow (each under 1 MiB, below max_body_bytes). 95,000 keys
 // took 19.6 s on /sdapi/v1/txt2img; the goal is 50 ms per MiB on one core. The bound here is
 // 20 times that (CI is shared and runs tests in parallel), still far below what was quadratic.
 TEST_F(HostileTest, AnyBodyIsParsedOrRefusedInLinearTime) {
