@@ -35,6 +35,7 @@ std::string rule(const std::string& field, int text_layers) {
   if (field == "strength")
     return "strength must be a number between 0 and 1, with int(steps x strength) at least 1 "
            "(the steps that run)";
+  if (field == "hires" || field.rfind("hires.", 0) == 0) return hires_rule(field);
   if (field == "num_images") return "num_images must be an integer" + range(1, L::kMaxImages);
   if (field == "clip_skip") return "clip_skip must be an integer" + range(1, text_layers);
   if (field == "sampler") return "sampler must be a string naming one of " + known_sampler_list();
@@ -88,6 +89,7 @@ void validate(const ImageSpec& spec) {
   if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)
     throw RequestError("sampler", "sampler '" + spec.sampler + "' / scheduler '" + spec.scheduler +
                                       "' must be canonical (use resolve_sampler first)");
+  validate_hires(spec);
 }
 
 int steps_that_run(const ImageSpec& spec) {

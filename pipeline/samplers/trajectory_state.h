@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <optional>
 
 #include "pipeline/pipeline.h"
 #include "pipeline/samplers/sampler.h"
@@ -37,6 +38,18 @@ struct Trajectory::State {
   torch::Tensor last_input;
   torch::Tensor last_eps;
   double last_timestep = 0;
+
+  // --- Hires fix (pipeline/hires.cpp) ---
+  // While the first pass runs: the second's settings, size and evaluations (begun in place when
+  // the first ends). Evaluations of the passes already ended: a trajectory counts all of its own.
+  struct SecondPass {
+    ImageSpec spec;  // second_pass_spec()
+    HiresSize size;
+    std::string upscaler;
+    int evals = 0;
+  };
+  std::optional<SecondPass> second_pass;
+  int earlier_evals = 0;
 };
 
 }  // namespace sdserve::pipeline
