@@ -80,7 +80,16 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   spec.seed = request.seed.value_or(0) + static_cast<uint64_t>(k);
   spec.init_image = request.init_image;  // shared by the request's images, never copied
   spec.strength = request.strength;
+  spec.hires = request.hires;
   return spec;
+}
+
+std::vector<std::pair<int, int>> pass_sizes(const JobRequest& request) {
+  return pipeline::pass_sizes(image_spec(request));
+}
+
+std::pair<int, int> final_size(const JobRequest& request) {
+  return pipeline::final_size(image_spec(request));
 }
 
 std::string rule(const std::string& field, const RequestBounds& bounds, int steps) {
