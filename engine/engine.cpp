@@ -147,6 +147,7 @@ JobSnapshot Engine::submit(JobRequest request) {
   job->evals_done.assign(job->request.num_images, 0);
   job->last_preview.assign(job->request.num_images, 0);
   job->evals_per_image = evals_per_image;
+  job->steps_total = pipeline::steps_in_all_passes(image_spec(job->request));
 
   std::unique_lock<std::mutex> lock(impl_->mutex);
   if (impl_->stopping) {
@@ -360,16 +361,28 @@ int Engine::Impl::largest_square(int rows) const {
 void Engine::Impl::check_memory(const JobRequest& r) const {
   if (memory_budget == 0) return;
   const int rows = unet_rows_of(r);
-  const auto e = estimate_memory(r.width, r.height, rows, 1);
-  if (e.total() <= memory_budget) return;
-  using pipeline::bytes_text;
-  const std::string size = std::to_string(r.width) + "x" + std::to_string(r.height);
-  const int side = largest_square(rows);
-  const std::string fits = side > 0 ? "the largest square size that fits is " +
-                                          std::to_string(side) + "x" + std::to_string(side)
-                                    : "no size fits";
-  throw pipeline::RequestError(
-      "width", "width x height " + size + " needs an estimated " + bytes_text(e.total()) +
+  // Every size the image runs at (a hires image's second pass is larger); each estimate holds a
+  // decode of that size, so the first pass's is on the safe side.
+  const auto sizes = pass_sizes(r);
+  for (size_t pass = 0; pass < sizes.size(); ++pass) {
+    const auto [width, height] = sizes[pass];
+    const auto e = estimate_memory(width, height, rows, 1);
+    if (e.total() <= memory_budget) continue;
+    using pipeline::bytes_text;
+    const std::string size = std::to_string(width) + "x" + std::to_string(height);
+    const int side = largest_square(rows);
+    const std::string fits = side > 0 ? "the largest square size that fits is " +
+                                            std::to_string(side) + "x" + std::to_string(side)
+                                      : "no size fits";
+    // The field that chose the size: the first pass's, or the hires fix's scale / resize.
+    const bool second = pass > 0;
+    const std::string field = !second                                       ? "width"
+                              : r.hires->width == 0 && r.hires->height == 0 ? "hires.scale"
+                              : r.hires->width != 0                         ? "hires.width"
+                                                                            : "hires.height";
+    throw pipeline::RequestError(
+        field, (second ? "the hires fix's second pass at " : "width x height ") + size +
+                   " needs an estimated " + bytes_text(e.total()) +
                    " of memory at its peak for one image, more than the " +
                    bytes_text(memory_budget) + " available (" + memory_budget_source +
                    "): its UNet call " + (rows == 2 ? "with" : "without") + " guidance " +
@@ -378,7 +391,8 @@ void Engine::Impl::check_memory(const JobRequest& r) const {
                    std::to_string(r.num_images) +
                    ") does not raise it, since images that do not fit together run one call "
                    "after another; " +
-                   fits + ": ask for fewer pixels");
+                   fits + ": ask for fewer pixels" + (second ? " (" + field + ")" : ""));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -400,7 +414,7 @@ JobSnapshot Engine::Impl::snapshot(const JobState& job) const {
   s.id = job.id;
   s.status = job.status;
   s.queue_position = job.status == JobStatus::kQueued ? queue->position(job.id) : -1;
-  s.steps = pipeline::steps_that_run(image_spec(job.request));
+  s.steps = job.steps_total;
   s.evaluations = mean_evals(job);
   s.evaluations_total = job.evals_per_image;
   s.seed = job.seed;
@@ -429,7 +443,7 @@ JobEvent Engine::Impl::state_event(const JobState& job) const {
       break;
     case JobStatus::kRunning:
       e.type = EventType::kStarted;
-      e.steps = pipeline::steps_that_run(image_spec(job.request));
+      e.steps = job.steps_total;
       e.evaluations = mean_evals(job);
       e.evaluations_total = job.evals_per_image;
       break;

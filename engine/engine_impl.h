@@ -40,6 +40,9 @@ struct JobState {
   int images_in_flight = 0;           // admitted, not yet stored: in a batch or awaiting encoding
   std::vector<int> evals_done;        // per image
   int evals_per_image = 0;
+  // Sampler steps that run per image, every pass (pipeline::steps_in_all_passes): the "steps"
+  // of its views and events.
+  int steps_total = 0;
   bool cancel_requested = false;
   bool first_step_seen = false;  // the first progress event went out (a metric's moment)
   bool results_evicted = false;  // the result store dropped its images (TTL or byte cap)
@@ -120,8 +123,9 @@ struct Engine::Impl {
                                            int decode_images) const;
   // The largest square side whose image of `rows` UNet rows fits memory_budget (0: none).
   int largest_square(int rows) const;
-  // Throws pipeline::RequestError (field width) when one of the request's images, alone,
-  // exceeds memory_budget.
+  // Throws pipeline::RequestError (field width, or hires.scale / hires.width / hires.height for
+  // a hires fix's second pass) when one of the request's images, alone, exceeds memory_budget
+  // at any size it runs at.
   void check_memory(const JobRequest& request) const;
 
   // --- thread bodies ---

@@ -85,7 +85,16 @@ pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   spec.overlay = request.overlay;
   spec.mask_blur =
       request.inpaint.mask_blur_x == request.inpaint.mask_blur_y ? request.inpaint.mask_blur_x : -1;
+  spec.hires = request.hires;
   return spec;
+}
+
+std::vector<std::pair<int, int>> pass_sizes(const JobRequest& request) {
+  return pipeline::pass_sizes(image_spec(request));
+}
+
+std::pair<int, int> final_size(const JobRequest& request) {
+  return pipeline::final_size(image_spec(request));
 }
 
 std::string rule(const std::string& field, const RequestBounds& bounds, int steps) {

@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pipeline/pipeline.h"
@@ -63,6 +64,9 @@ struct JobRequest {
   std::shared_ptr<const pipeline::GrayImage> mask;
   std::shared_ptr<const pipeline::InpaintOverlay> overlay;
   pipeline::InpaintOptions inpaint;
+  // The hires fix (pipeline::HiresSpec): a second pass at a larger size in the same job; width x
+  // height is the first pass's. Absent: one pass.
+  std::optional<pipeline::HiresSpec> hires;
   std::optional<PreviewOptions> preview;
   Priority priority = Priority::kNormal;
   std::optional<double> timeout_s;  // absent: the configured default
@@ -100,6 +104,10 @@ using WallClock = std::chrono::system_clock;
 // The pipeline's settings for image k of a request (seed + k; a request without a seed yet
 // uses 0).
 pipeline::ImageSpec image_spec(const JobRequest& request, int k = 0);
+// The sizes the request's UNet calls run at (the first pass's, then the hires fix's second when
+// it differs) and the size its images end at (and are decoded at).
+std::vector<std::pair<int, int>> pass_sizes(const JobRequest& request);
+std::pair<int, int> final_size(const JobRequest& request);
 
 // When a job was queued, started and finished.
 struct JobTimes {

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "engine/job.h"
@@ -26,8 +27,11 @@ class ImageRun {
  public:
   virtual ~ImageRun() = default;
   virtual int evals_done() const = 0;   // model evaluations so far
-  virtual int evals_total() const = 0;  // evaluations the image takes
+  virtual int evals_total() const = 0;  // evaluations the image takes (every pass)
   bool done() const { return evals_done() >= evals_total(); }
+  // (width, height) in pixels of the latents the next step runs on: the request's, or with the
+  // hires fix the second pass's once the first has ended. One UNet call holds one size.
+  virtual std::pair<int, int> size() const = 0;
 };
 
 class ModelRunner {

@@ -13,6 +13,9 @@ class PipelineRun : public ImageRun {
   explicit PipelineRun(std::unique_ptr<pipeline::Trajectory> t) : trajectory(std::move(t)) {}
   int evals_done() const override { return trajectory->evals_done(); }
   int evals_total() const override { return trajectory->evals_total(); }
+  std::pair<int, int> size() const override {
+    return {trajectory->spec().width, trajectory->spec().height};
+  }
   std::unique_ptr<pipeline::Trajectory> trajectory;
 };
 

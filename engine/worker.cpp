@@ -48,7 +48,8 @@ void Worker::run() {
       if (!admitted.empty()) {
         preparing_ += admitted.size();
         for (const auto& [job, k] : admitted)
-          preparing_rows_[{job->request.width, job->request.height}] += unet_rows_of(job->request);
+          for (const auto& size : pass_sizes(job->request))
+            preparing_rows_[size] += unet_rows_of(job->request);
         {
           std::lock_guard<std::mutex> lock(text_mutex_);
           for (auto& a : admitted) to_prepare_.push_back(std::move(a));
@@ -143,21 +144,29 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
   if (admission_ && e.queue->size() == 0) admission_->queue_drained();
 }
 
+// An image counts at every size it has yet to run at: a hires image's first pass ends without
+// admission, and its rows join the calls of the second pass's size then.
 bool Worker::fits_in_memory(const JobRequest& request, const std::vector<Admission>& admitted) {
-  const auto same_size = [&](const JobRequest& r) {
-    return r.width == request.width && r.height == request.height;
+  const auto ahead = [](const Active& a) {
+    auto sizes = pass_sizes(a.job->request);
+    if (a.run->size() != sizes.front()) sizes = {a.run->size()};  // in its second pass
+    return sizes;
   };
-  int rows = 0;
-  for (const auto& a : active_)
-    if (same_size(a.job->request)) rows += unet_rows_of(a.job->request);
-  for (const auto& [job, k] : admitted)
-    if (same_size(job->request)) rows += unet_rows_of(job->request);
-  if (const auto it = preparing_rows_.find({request.width, request.height});
-      it != preparing_rows_.end())
-    rows += it->second;
-  // Alone it always runs: submit() refused what cannot fit alone.
-  return rows == 0 ||
-         rows + unet_rows_of(request) <= memory_.unet_rows(request.width, request.height);
+  const auto has = [](const std::vector<std::pair<int, int>>& sizes, std::pair<int, int> size) {
+    return std::find(sizes.begin(), sizes.end(), size) != sizes.end();
+  };
+  for (const auto& size : pass_sizes(request)) {
+    int rows = 0;
+    for (const auto& a : active_)
+      if (has(ahead(a), size)) rows += unet_rows_of(a.job->request);
+    for (const auto& [job, k] : admitted)
+      if (has(pass_sizes(job->request), size)) rows += unet_rows_of(job->request);
+    if (const auto it = preparing_rows_.find(size); it != preparing_rows_.end()) rows += it->second;
+    // Alone it always runs: submit() refused what cannot fit alone.
+    if (rows > 0 && rows + unet_rows_of(request) > memory_.unet_rows(size.first, size.second))
+      return false;
+  }
+  return true;
 }
 
 void Worker::activate() {
@@ -171,8 +180,10 @@ void Worker::activate() {
   preparing_ -= ready.size();
   for (const auto& p : ready) {
     const JobRequest& r = p.admission.first->request;
-    const auto it = preparing_rows_.find({r.width, r.height});
-    if ((it->second -= unet_rows_of(r)) == 0) preparing_rows_.erase(it);
+    for (const auto& size : pass_sizes(r)) {
+      const auto it = preparing_rows_.find(size);
+      if ((it->second -= unet_rows_of(r)) == 0) preparing_rows_.erase(it);
+    }
   }
   for (auto& p : ready) {
     const auto& [job, k] = p.admission;
@@ -221,7 +232,7 @@ std::pair<int, int> Worker::next_resolution() {
   // change.
   std::optional<std::pair<int, int>> smallest, after;
   for (const auto& a : active_) {
-    const std::pair<int, int> size{a.job->request.width, a.job->request.height};
+    const std::pair<int, int> size = a.run->size();
     if (!smallest || size < *smallest) smallest = size;
     if (size > last_resolution_ && (!after || size < *after)) after = size;
   }
@@ -234,7 +245,7 @@ bool Worker::step() {
   std::vector<ImageRun*> batch;
   int unet_rows = 0;
   for (auto& a : active_) {
-    a.stepped = a.job->request.width == size.first && a.job->request.height == size.second;
+    a.stepped = a.run->size() == size;
     if (!a.stepped) continue;
     batch.push_back(a.run.get());
     unet_rows += unet_rows_of(a.job->request);
@@ -319,7 +330,7 @@ void Worker::publish() {
     e.job_id = job->id;
     e.type = EventType::kProgress;
     e.droppable = true;
-    e.steps = job->request.steps;
+    e.steps = job->steps_total;
     e.evaluations = Engine::Impl::mean_evals(*job);
     e.evaluations_total = job->evals_per_image;
     e.it_per_s = secs > 0 ? e.evaluations / secs : 0.0;  // model evaluations per second
@@ -363,7 +374,7 @@ void Worker::send_previews() {
                       ev.droppable = true;
                       ev.binary = std::move(bytes);
                       ev.image = k;
-                      ev.steps = job->request.steps;
+                      ev.steps = job->steps_total;
                       ev.evaluations = done;
                       ev.evaluations_total = job->evals_per_image;
                       ev.format = opts.format;

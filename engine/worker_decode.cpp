@@ -62,11 +62,10 @@ void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
       if (to_decode_.empty()) return;
       // The oldest image and the next of its size, up to decode_batch: a GPU decodes a call's
       // latents as one tensor.
-      const JobRequest& first = to_decode_.front().job->request;
-      const int width = first.width, height = first.height;
+      const auto size = to_decode_.front().run->size();  // the final one: the run is done
       const size_t most = static_cast<size_t>(std::max(1, engine_.options.decode_batch));
       for (auto it = to_decode_.begin(); it != to_decode_.end() && finished.size() < most;) {
-        if (it->job->request.width == width && it->job->request.height == height) {
+        if (it->run->size() == size) {
           finished.push_back(std::move(*it));
           it = to_decode_.erase(it);
         } else {
@@ -75,10 +74,10 @@ void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
       }
     }
     // As many as fit the memory budget beside the UNet call in flight; the rest go back first.
-    const JobRequest& r = finished.front().job->request;
+    const auto [width, height] = finished.front().run->size();
     std::vector<uint64_t> bytes;
     for (size_t n = 1; n <= finished.size(); ++n)
-      bytes.push_back(memory_.decode_bytes(r.width, r.height, static_cast<int>(n)));
+      bytes.push_back(memory_.decode_bytes(width, height, static_cast<int>(n)));
     size_t take = 0;
     const auto held = memory_.hold_decode(bytes, &take);
     if (take < finished.size()) {

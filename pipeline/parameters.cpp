@@ -23,14 +23,33 @@ std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, cons
       << "x" << request.image.height;
   if (!model_hash.empty()) out << ", Model hash: " << model_hash;
   out << ", Model: " << model.name;
-  if (request.image.init_image) {
+  const auto& hires = request.image.hires;
+  if (request.image.init_image || hires) {
     std::ostringstream strength;
-    strength << request.image.strength;
+    strength << (hires ? hires->strength : request.image.strength);
     out << ", Denoising strength: " << strength.str();
   }
   if (request.image.mask && request.image.mask_blur >= 0)
     out << ", Mask blur: " << request.image.mask_blur;
   if (request.clip_skip > 1) out << ", Clip skip: " << request.clip_skip;
+  if (hires) {
+    // A1111's keys in its order; "Size" above stays the first pass's, as there.
+    const ImageSpec second = second_pass_spec(request.image);
+    const auto label = [](const std::string& s) { return s == "karras" ? "Karras" : "Automatic"; };
+    if (second.sampler != request.image.sampler)
+      out << ", Hires sampler: " << display_name(second.sampler);
+    if (hires->width == 0 && hires->height == 0) {
+      std::ostringstream scale;
+      scale << hires->scale;
+      out << ", Hires upscale: " << scale.str();
+    } else {
+      out << ", Hires resize: " << hires->width << "x" << hires->height;
+    }
+    if (hires->steps > 0) out << ", Hires steps: " << hires->steps;  // 0: A1111 leaves it out
+    out << ", Hires upscaler: " << hires->upscaler;
+    if (std::string(label(second.scheduler)) != label(request.image.scheduler))
+      out << ", Hires schedule type: " << label(second.scheduler);
+  }
   // A1111 notes a non-default emphasis when the prompts have brackets it would otherwise weight.
   const auto brackets = [](const std::string& s) {
     return s.find_first_of("([") != std::string::npos;

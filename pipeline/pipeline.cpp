@@ -8,6 +8,7 @@
 #include <map>
 
 #include "pipeline/errors.h"
+#include "pipeline/hires.h"
 #include "pipeline/log.h"
 #include "pipeline/model_impl.h"
 #include "pipeline/runtime/device.h"
@@ -164,10 +165,11 @@ const ImageSpec& Trajectory::spec() const {
   return state_->spec;
 }
 int Trajectory::evals_done() const {
-  return state_->evals_done - state_->first_eval;
+  return state_->earlier_evals + state_->evals_done - state_->first_eval;
 }
 int Trajectory::evals_total() const {
-  return state_->sampler->num_evals() - state_->first_eval;
+  return state_->earlier_evals + state_->sampler->num_evals() - state_->first_eval +
+         (state_->second_pass ? state_->second_pass->evals : 0);
 }
 
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -258,6 +260,7 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
   auto noise = torch::randn({1, impl_->info.latent_channels, spec.height / 8, spec.width / 8},
                             state->generator, torch::TensorOptions().dtype(torch::kFloat32));
   state->latent = noise.to(impl_->device) * state->sampler->init_noise_sigma();
+  if (spec.hires) plan_second_pass(*impl_, *state);
   return std::make_unique<Trajectory>(std::move(state));
 }
 
@@ -392,6 +395,7 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
                              : s.blend_latents;
       s.latent = (1 - s.blend_mask) * known + s.blend_mask * s.latent;
     }
+    if (s.second_pass && s.evals_done == s.sampler->num_evals()) begin_second_pass(*impl_, s);
   }
 #ifdef SDSERVE_WITH_CUDA
   if (impl_->device.is_cuda()) step_event(*impl_).record();
@@ -480,7 +484,8 @@ int Model::evals_total(const ImageSpec& spec) const {
   const auto sampler = make_sampler(
       spec.sampler, spec.scheduler == "karras" ? SigmaSchedule::kKarras : SigmaSchedule::kNormal,
       spec.steps, impl_->scheduler);
-  return sampler->num_evals() - (spec.init_image ? first_eval(spec, *sampler) : 0);
+  return sampler->num_evals() - (spec.init_image ? first_eval(spec, *sampler) : 0) +
+         (spec.hires ? second_pass_evals(*impl_, spec) : 0);
 }
 
 torch::Tensor Model::Impl::predicted_x0(const Trajectory::State& s) const {

@@ -17,8 +17,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "pipeline/image.h"
@@ -77,6 +79,27 @@ struct ModelInfo {
   std::string text_fingerprint;
 };
 
+// --- Hires fix (A1111's enable_hr): pipeline/hires_spec.cpp (the rules), pipeline/hires.cpp -----
+// After text to image, a second pass in the same trajectory: the finished latents upscaled in
+// latent space (no VAE), then denoised again as image to image at the larger size. The reference
+// is diffusers' img2img pipeline given the upscaled latents as its 4-channel image, with a fresh
+// CPU generator seeded as the first pass's (A1111 also draws the second pass's noise from the
+// image's seed).
+struct HiresSpec {
+  // The second pass's size, by A1111's rule (hires_size()): width and height 0 scale the first
+  // pass's size by `scale`; one of them set keeps the aspect ratio; both set cover that size at
+  // the first pass's aspect ratio and the latents are cropped to it, centred.
+  double scale = 2.0;
+  int width = 0;                    // A1111's hr_resize_x
+  int height = 0;                   // A1111's hr_resize_y
+  std::string upscaler = "Latent";  // one of hires_upscalers()
+  int steps = 0;                    // 0: the first pass's steps
+  double strength = 0.7;            // as img2img's: the last int(steps x strength) steps run
+  // Canonical names (resolve_sampler); an empty sampler: the first pass's sampler and scheduler.
+  std::string sampler;
+  std::string scheduler;
+};
+
 // One image's settings. Sizes are pixels (multiples of 8).
 struct ImageSpec {
   int width = 512;
@@ -110,10 +133,38 @@ struct ImageSpec {
   // decode() pastes the result back through it (A1111's overlay); null: the result as it is.
   std::shared_ptr<const InpaintOverlay> overlay;
   int mask_blur = 0;  // for the PNG parameters only ("Mask blur"); -1: x and y differ
+
+  // --- Hires fix (text to image only): width x height is the first pass's size ---
+  std::optional<HiresSpec> hires;
 };
 
 // The steps that run for a spec: steps, or int(steps x strength) of them with an init image.
 int steps_that_run(const ImageSpec& spec);
+
+// --- Hires fix: the second pass's geometry and settings (torch-free: hires_spec.cpp) ---
+// In pixels (multiples of 8): the size the latents are interpolated to (A1111's
+// calculate_target_resolution, floored to whole latents), the crop from its left and top, and the
+// image's final size.
+struct HiresSize {
+  int upscaled_width = 0, upscaled_height = 0;
+  int crop_left = 0, crop_top = 0;
+  int width = 0, height = 0;
+};
+HiresSize hires_size(const ImageSpec& spec);  // spec.hires must be set
+// The second pass's settings: the final size, its steps, sampler, scheduler and strength (read
+// as image to image's), the rest as the first pass's; hires unset.
+ImageSpec second_pass_spec(const ImageSpec& spec);
+// The steps the second pass runs: int(steps x strength) of its steps, as img2img's.
+int second_pass_steps_that_run(const ImageSpec& second_pass);
+// Sampler steps that run in all passes (users' step counts and progress).
+int steps_in_all_passes(const ImageSpec& spec);
+// The image's final size: width x height, or the second pass's.
+std::pair<int, int> final_size(const ImageSpec& spec);
+// The sizes UNet calls run at for a spec: the first pass's, then the second's when it differs.
+std::vector<std::pair<int, int>> pass_sizes(const ImageSpec& spec);
+// A1111's latent upscalers: "Latent" (bilinear), "Latent (antialiased)", "Latent (bicubic)",
+// "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)".
+const std::vector<std::string>& hires_upscalers();
 
 // How a prompt's text becomes what the text encoder reads (docs/PROMPTS.md):
 //  kA1111: AUTOMATIC1111's syntax: (word), (word:1.3), [word], \( escapes, BREAK; a prompt past
@@ -156,9 +207,11 @@ enum class TextRole { kPrompt, kNegative };
 class Trajectory {
  public:
   ~Trajectory();
+  // The current pass's settings: with the hires fix, second_pass_spec() once the first has ended.
   const ImageSpec& spec() const;
   // UNet evaluations done so far and in all, counting only those that run (image to image skips
-  // the first ones): steps, except heun (2 * steps - 1) and pndm (steps + 1).
+  // the first ones): steps, except heun (2 * steps - 1) and pndm (steps + 1). With the hires fix
+  // both passes count.
   int evals_done() const;
   int evals_total() const;
   bool done() const { return evals_done() >= evals_total(); }
@@ -210,8 +263,10 @@ class Model {
   // `uncond` may be null when spec.guidance_scale <= 1.
   std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
                                     EmbeddingPtr uncond) const;
-  // One model evaluation for each trajectory (none may be done), in a single UNet batch; rows
-  // whose prompt embeddings differ in length (long prompts) take one UNet call per length.
+  // One model evaluation for each trajectory (none may be done; all at one spec().width x
+  // height), in a single UNet batch; rows whose prompt embeddings differ in length (long prompts)
+  // take one UNet call per length. A hires trajectory whose first pass this ends begins its
+  // second here: its spec() (and size) change.
   void step(const std::vector<Trajectory*>& batch) const;
   // The last step()'s UNet rows (one per image, two with CFG) and the rows of padding its CUDA
   // graphs added (batch buckets); for the metrics. Read on the thread that called step().
@@ -221,7 +276,7 @@ class Model {
   };
   StepRows last_step_rows() const;
   // Model evaluations a spec takes (steps, except heun 2 * steps - 1, pndm steps + 1), only
-  // those that run with an init image.
+  // those that run with an init image; both passes' with the hires fix.
   int evals_total(const ImageSpec& spec) const;
   // Decodes finished trajectories to 8-bit RGB.
   std::vector<RgbImage> decode(const std::vector<Trajectory*>& batch) const;

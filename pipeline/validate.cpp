@@ -45,6 +45,7 @@ std::string rule(const std::string& field, int text_layers) {
   if (field == "inpaint_full_res" || field == "inpainting_mask_invert" ||
       field == "inpaint_paste_back" || field == "resize_mask")
     return field + " must be true or false (or 1 or 0)";
+  if (field == "hires" || field.rfind("hires.", 0) == 0) return hires_rule(field);
   if (field == "num_images") return "num_images must be an integer" + range(1, L::kMaxImages);
   if (field == "clip_skip") return "clip_skip must be an integer" + range(1, text_layers);
   if (field == "sampler") return "sampler must be a string naming one of " + known_sampler_list();
@@ -116,6 +117,7 @@ void validate(const ImageSpec& spec) {
   if (choice.sampler != spec.sampler || choice.scheduler != spec.scheduler)
     throw RequestError("sampler", "sampler '" + spec.sampler + "' / scheduler '" + spec.scheduler +
                                       "' must be canonical (use resolve_sampler first)");
+  validate_hires(spec);
 }
 
 int steps_that_run(const ImageSpec& spec) {

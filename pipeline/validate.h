@@ -29,10 +29,14 @@ inline bool valid_side(int side) {
 std::string rule(const std::string& field, int text_layers = 12);
 
 // Each throws RequestError naming the first field that is out of range.
-// width, height, the size conditioning, steps, guidance_scale, sampler, scheduler
+// width, height, the size conditioning, steps, guidance_scale, sampler, scheduler, hires.*
 void validate(const ImageSpec& spec);
 // + num_images and clip_skip (1..text_layers, the model's text-encoder depth).
 void validate(const GenerateRequest& request, int text_layers);
+
+// The hires fix's fields (hires_spec.cpp): validate(ImageSpec) and rule() call these.
+void validate_hires(const ImageSpec& spec);
+std::string hires_rule(const std::string& field);  // "hires", "hires.scale", ...
 
 // " (got 65)": the rejected value, for messages.
 std::string got(long long value);

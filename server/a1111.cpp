@@ -42,7 +42,7 @@ const std::set<std::string>& ignored_fields() {
   return fields;
 }
 
-// The hires fix's own fields: meaningless (and ignored) unless enable_hr, which is refused.
+// The hires fix's own fields: ignored unless enable_hr (as A1111 does), else hires_fields().
 bool is_hires_field(const std::string& name) {
   static const std::set<std::string> fields = {"hr_scale",
                                                "hr_upscaler",
@@ -92,9 +92,6 @@ void check_image_changing(const std::string& name, const Json& v, const std::str
     off(is_false(v), "face restoration (restore_faces) is not supported");
   } else if (name == "tiling") {
     off(is_false(v), "tiling is not supported");
-  } else if (name == "enable_hr") {
-    off(is_false(v),
-        "the hires fix (enable_hr) is not supported; ask for the final width and height");
   } else if (name == "refiner_checkpoint") {
     off(is_empty(v), "a refiner (refiner_checkpoint) is not supported");
   } else if (name == "script_name") {
@@ -192,9 +189,10 @@ std::string lower(std::string s) {
 }
 
 // A1111's scheduler label -> ours. "Automatic" is each sampler's own default (A1111 gives
-// DPM++ 2M the Karras schedule).
-std::string scheduler_for(const Json& v, const std::string& sampler_name, std::string* label) {
-  if (!v.is_null() && !v.is_string()) refuse("scheduler", "scheduler must be a string");
+// DPM++ 2M the Karras schedule). `field`: the request field it came from, for errors.
+std::string scheduler_for(const Json& v, const std::string& sampler_name, std::string* label,
+                          const std::string& field = "scheduler") {
+  if (!v.is_null() && !v.is_string()) refuse(field, field + " must be a string");
   const std::string s = v.is_string() ? lower(v.get<std::string>()) : "automatic";
   if (s == "karras") {
     *label = "Karras";
@@ -206,12 +204,82 @@ std::string scheduler_for(const Json& v, const std::string& sampler_name, std::s
     const bool karras_default = name == "dpm++ 2m" || name == "dpmpp_2m";
     return karras_default ? "karras" : "";
   }
-  refuse("scheduler",
-         "scheduler '" + v.get<std::string>() + "' is not supported; use 'Automatic' or 'Karras'");
+  refuse(field,
+         field + " '" + v.get<std::string>() + "' is not supported; use 'Automatic' or 'Karras'");
 }
 
 const char* scheduler_label(const std::string& ours) {
   return ours == "karras" ? "Karras" : "Automatic";
+}
+
+// The hires fix (enable_hr): A1111's fields as /v1's "hires" object (docs/API.md). Types and
+// ranges are /v1's checks, whose errors renamed() gives A1111's names; what sdserve lacks is
+// refused here by name. `first`: the /v1 body so far (prompts, cfg); `sampler_name` and
+// `scheduler`: the first pass's as the caller named them (A1111's "Use same scheduler" is that
+// label, read for the second pass's sampler: "Automatic" gives each sampler its own).
+Json hires_fields(const Json& doc, const Json& first, const std::string& sampler_name,
+                  const Json& scheduler) {
+  const auto get = [&](const char* name) { return doc.contains(name) ? doc[name] : Json(); };
+  const auto is_same = [](const Json& v, const char* same) {
+    return is_empty(v) || (v.is_string() && v.get<std::string>() == same);
+  };
+  Json h = Json::object();
+  // A1111's API defaults: hr_scale 2, the "Latent" upscaler (its latent_upscale_default_mode),
+  // denoising_strength 0.75, hr_second_pass_steps 0 (the first pass's steps).
+  h["scale"] = get("hr_scale").is_null() ? Json(2.0) : get("hr_scale");
+  if (!get("hr_resize_x").is_null()) h["width"] = get("hr_resize_x");
+  if (!get("hr_resize_y").is_null()) h["height"] = get("hr_resize_y");
+  if (!get("hr_upscaler").is_null()) h["upscaler"] = get("hr_upscaler");
+  if (!get("hr_second_pass_steps").is_null()) h["steps"] = get("hr_second_pass_steps");
+  h["strength"] = get("denoising_strength").is_null() ? Json(0.75) : get("denoising_strength");
+  const Json hr_sampler = get("hr_sampler_name"), hr_scheduler = get("hr_scheduler");
+  const bool same_sampler = is_same(hr_sampler, "Use same sampler");
+  const bool same_scheduler = is_same(hr_scheduler, "Use same scheduler");
+  if (!same_sampler || !same_scheduler) {
+    if (!same_sampler && !hr_sampler.is_string())
+      refuse("hr_sampler_name", "hr_sampler_name must be a string, e.g. 'Euler a'");
+    const std::string name = same_sampler ? sampler_name : hr_sampler.get<std::string>();
+    std::string label;
+    const std::string field = same_scheduler ? "scheduler" : "hr_scheduler";
+    const std::string schedule =
+        scheduler_for(same_scheduler ? scheduler : hr_scheduler, name, &label, field);
+    try {
+      const auto choice = pipeline::resolve_sampler(name, schedule);
+      h["sampler"] = choice.sampler;
+      h["scheduler"] = choice.scheduler;
+    } catch (const pipeline::RequestError& e) {
+      const std::string named = e.field() == "scheduler" ? field : "hr_sampler_name";
+      refuse(named, named + ": " + e.what());
+    }
+  }
+  // A second pass with its own prompt, checkpoint or guidance would need more than one
+  // embedding or model per image: accepted only where it is the first pass's.
+  for (const auto& [name, same] :
+       {std::pair{"hr_prompt", "prompt"}, {"hr_negative_prompt", "negative_prompt"}}) {
+    const Json v = get(name);
+    if (!is_empty(v) && v != first.value(same, Json("")))
+      refuse(name, std::string(name) + " other than " + same +
+                       " is not supported (a second pass with its own prompt); leave it empty");
+  }
+  if (!is_same(get("hr_checkpoint_name"), "Use same checkpoint"))
+    refuse("hr_checkpoint_name",
+           "hr_checkpoint_name (another model for the second pass) is not supported; leave it "
+           "empty or 'Use same checkpoint'");
+  const Json cfg = get("hr_cfg");
+  if (!cfg.is_null() && cfg != first["guidance_scale"])
+    refuse("hr_cfg", "hr_cfg other than cfg_scale is not supported; leave it unset");
+  if (!get("hr_distilled_cfg").is_null())
+    refuse("hr_distilled_cfg", "hr_distilled_cfg (Flux) is not supported");
+  const Json modules = get("hr_additional_modules");
+  if (!(is_empty(modules) || modules == Json::array({"Use same choices"})))
+    refuse("hr_additional_modules",
+           "hr_additional_modules is not supported; leave it empty or ['Use same choices']");
+  for (const char* name : {"firstphase_width", "firstphase_height"})
+    if (!(get(name).is_null() || is_number_equal(get(name), 0)))
+      refuse(name, std::string(name) +
+                       " (the old hires sizing) is not supported: send the first pass's size as "
+                       "width and height, and hr_scale or hr_resize_x / hr_resize_y");
+  return h;
 }
 
 }  // namespace
@@ -289,15 +357,19 @@ Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model
       {"format", "png"},
       {"max_size", 256}};
 
-  const bool hires = doc.contains("enable_hr") && !is_false(doc["enable_hr"]);
+  const Json enable_hr = doc.value("enable_hr", Json(nullptr));
+  if (!enable_hr.is_null() && !enable_hr.is_boolean())
+    refuse("enable_hr", "enable_hr must be true or false");
+  t.hires = enable_hr.is_boolean() && enable_hr.get<bool>();
+  if (t.hires)
+    n["hires"] = hires_fields(doc, n, t.sampler_name, doc.value("scheduler", Json(nullptr)));
   static const std::set<std::string> mapped = {
-      "prompt",      "negative_prompt",  "width",         "height",    "steps",      "cfg_scale",
-      "seed",        "sampler_name",     "sampler_index", "scheduler", "batch_size", "n_iter",
-      "send_images", "override_settings"};
+      "prompt",      "negative_prompt",   "width",         "height",    "steps",      "cfg_scale",
+      "seed",        "sampler_name",      "sampler_index", "scheduler", "batch_size", "n_iter",
+      "send_images", "override_settings", "enable_hr"};
   for (auto it = doc.begin(); it != doc.end(); ++it) {
     const std::string& name = it.key();
-    if (mapped.count(name) || ignored_fields().count(name)) continue;
-    if (is_hires_field(name) && !hires) continue;
+    if (mapped.count(name) || ignored_fields().count(name) || is_hires_field(name)) continue;
     check_image_changing(name, it.value(), n.value("sampler", std::string()));
   }
 
@@ -316,6 +388,14 @@ Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model
                        {"height", n["height"]},
                        {"send_images", t.send_images}};
   for (auto it = filled.begin(); it != filled.end(); ++it) t.echo[it.key()] = it.value();
+  if (t.hires) {
+    const Json& h = n["hires"];
+    t.denoising_strength = h["strength"].is_number() ? h["strength"].get<double>() : 0.75;
+    t.echo["enable_hr"] = true;
+    t.echo["hr_scale"] = h["scale"];
+    t.echo["hr_upscaler"] = h.value("upscaler", Json("Latent"));
+    t.echo["denoising_strength"] = h["strength"];
+  }
   return t;
 }
 
@@ -402,6 +482,28 @@ ApiError renamed(const ApiError& e) {
       {"guidance_scale", "cfg_scale"}, {"strength", "denoising_strength"},
       {"init_image", "init_images"},   {"sampler", "sampler_name"},
       {"num_images", "batch_size"},    {"clip_skip", "override_settings.CLIP_stop_at_last_layers"}};
+  // The hires fix's messages may name several of its fields: each is renamed.
+  static const std::vector<std::pair<std::string, std::string>> hires = {
+      {"hires.scale", "hr_scale"},
+      {"hires.width", "hr_resize_x"},
+      {"hires.height", "hr_resize_y"},
+      {"hires.upscaler", "hr_upscaler"},
+      {"hires.steps", "hr_second_pass_steps"},
+      {"hires.strength", "denoising_strength"},
+      {"hires.sampler", "hr_sampler_name"},
+      {"hires.scheduler", "hr_scheduler"}};
+  if (e.field == "hires" || e.field.rfind("hires.", 0) == 0) {
+    std::string message = e.what(), field = e.field == "hires" ? "enable_hr" : e.field;
+    for (const auto& [from, to] : hires) {
+      for (size_t at = message.find(from); at != std::string::npos;
+           at = message.find(from, at + to.size()))
+        message.replace(at, from.size(), to);
+      if (field == from) field = to;
+    }
+    ApiError out(e.status, e.type, message, field);
+    out.retry_after_s = e.retry_after_s;
+    return out;
+  }
   const auto it = names.find(e.field);
   if (it == names.end()) return e;
   std::string message = e.what();
@@ -453,7 +555,7 @@ Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
                {"sd_vae_hash", nullptr},
                {"seed_resize_from_w", -1},
                {"seed_resize_from_h", -1},
-               {"denoising_strength", t.img2img ? Json(t.denoising_strength) : Json()},
+               {"denoising_strength", t.img2img || t.hires ? Json(t.denoising_strength) : Json()},
                {"extra_generation_params", {{"Schedule type", scheduler_label(r.scheduler)}}},
                {"index_of_first_image", 0},
                {"infotexts", infotexts},

@@ -32,14 +32,16 @@ struct Txt2Img {
   Json echo;        // A1111's "parameters": the request with its defaults filled in
   int batch_size = 1, n_iter = 1;
   bool send_images = true;
-  std::string sampler_name;  // as the caller named it ("Euler a"), for info
-  std::string scheduler;     // A1111's label ("Automatic", "Karras")
-  bool img2img = false;      // POST /sdapi/v1/img2img
-  double denoising_strength = 0;
+  std::string sampler_name;       // as the caller named it ("Euler a"), for info
+  std::string scheduler;          // A1111's label ("Automatic", "Karras")
+  bool img2img = false;           // POST /sdapi/v1/img2img
+  bool hires = false;             // txt2img with enable_hr: /v1's "hires"
+  double denoising_strength = 0;  // img2img's, or the hires fix's
 };
 
 // Throws ApiError 400 naming the A1111 field: wrong types, unknown fields, and features that
-// would change the image and that sdserve lacks (hires fix, scripts, face restoration, ...).
+// would change the image and that sdserve lacks (scripts, face restoration, pixel upscalers for
+// the hires fix, ...). enable_hr with a latent hr_upscaler becomes /v1's "hires".
 // `body`: the request's, from parse_body().
 Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model);
 

@@ -118,6 +118,60 @@ void parse_sampler(const json& doc, const FieldReader& read, engine::JobRequest&
   }
 }
 
+// hires: the hires fix's second pass (pipeline::HiresSpec; docs/API.md). Its sampler and
+// scheduler resolve as the top-level ones: absent, the first pass's; a scheduler alone applies
+// to the first pass's sampler.
+pipeline::HiresSpec parse_hires(const json& v, const FieldReader& read,
+                                const engine::JobRequest& r) {
+  if (!v.is_object()) read.reject("hires", v);
+  pipeline::HiresSpec h;
+  std::optional<std::string> sampler, scheduler;
+  for (const auto& [name, value] : v.items()) {
+    const std::string field = "hires." + name;
+    if (name == "scale") {
+      h.scale = read.number(value, field);
+    } else if (name == "width") {
+      h.width = read.integer(value, field);
+    } else if (name == "height") {
+      h.height = read.integer(value, field);
+    } else if (name == "upscaler") {
+      h.upscaler = read.string(value, field);
+      // A1111's names, any case: "latent (bicubic)" is "Latent (bicubic)".
+      for (const auto& known : pipeline::hires_upscalers())
+        if (lower(known) == lower(h.upscaler)) h.upscaler = known;
+    } else if (name == "steps") {
+      h.steps = read.integer(value, field);
+    } else if (name == "strength") {
+      h.strength = read.number(value, field);
+    } else if (name == "sampler") {
+      sampler = read.string(value, field);
+    } else if (name == "scheduler") {
+      scheduler = read.string(value, field);
+    } else {
+      invalid(field.size() <= 72 ? field : std::string("hires"),
+              "unknown field " + quoted_name(field) +
+                  "; hires takes scale, width, height, upscaler, steps, strength, sampler and "
+                  "scheduler");
+    }
+  }
+  if (sampler || scheduler) {
+    const std::string name = sampler.value_or(r.sampler);
+    if (name.size() > 64 || scheduler.value_or("").size() > 64)
+      invalid(sampler ? "hires.sampler" : "hires.scheduler",
+              "hires.sampler " + quoted_name(name) + " / hires.scheduler " +
+                  quoted_name(scheduler.value_or("")) + " is unknown (see GET /v1/samplers)");
+    try {
+      const auto choice = pipeline::resolve_sampler(name, scheduler.value_or(""));
+      h.sampler = choice.sampler;
+      h.scheduler = choice.scheduler;
+    } catch (const pipeline::RequestError& e) {
+      const std::string field = e.field() == "scheduler" ? "hires.scheduler" : "hires.sampler";
+      invalid(field, field + ": " + e.what());
+    }
+  }
+  return h;
+}
+
 std::optional<uint64_t> parse_seed(const json& s, const FieldReader& read) {
   if (s.is_null()) return std::nullopt;
   if (!s.is_number_integer()) read.reject("seed", s);
@@ -176,7 +230,8 @@ const std::vector<std::string>& request_fields() {
                                                   "inpaint_full_res_padding",
                                                   "inpainting_mask_invert",
                                                   "inpaint_paste_back",
-                                                  "resize_mask"};
+                                                  "resize_mask",
+"hires"};
   return fields;
 }
 
@@ -311,6 +366,8 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   if (doc.contains("guidance_scale"))
     r.guidance_scale = read.number(doc["guidance_scale"], "guidance_scale");
   parse_sampler(doc, read, r);
+  if (doc.contains("hires") && !doc["hires"].is_null())
+    r.hires = parse_hires(doc["hires"], read, r);
   if (doc.contains("seed")) r.seed = parse_seed(doc["seed"], read);
   r.seed = r.seed.value_or(pipeline::random_seed());  // chosen now, so it can be reported at once
   if (doc.contains("num_images")) r.num_images = read.integer(doc["num_images"], "num_images");
@@ -399,6 +456,21 @@ Json request_json(const engine::JobRequest& r) {
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);
   j["timeout_s"] = r.timeout_s ? Json(*r.timeout_s) : Json(nullptr);
   j["max_run_s"] = r.max_run_s ? Json(*r.max_run_s) : Json(nullptr);
+  if (r.hires) {
+    // The second pass's settings as they run: its sampler, and the image's final size.
+    const auto second = pipeline::second_pass_spec(engine::image_spec(r));
+    j["hires"] = {{"scale", r.hires->scale},
+                  {"width", r.hires->width},
+                  {"height", r.hires->height},
+                  {"upscaler", r.hires->upscaler},
+                  {"steps", r.hires->steps},
+                  {"strength", r.hires->strength},
+                  {"sampler", second.sampler},
+                  {"scheduler", second.scheduler},
+                  {"final_size", {{"width", second.width}, {"height", second.height}}}};
+  } else {
+    j["hires"] = nullptr;
+  }
   if (r.preview) {
     j["preview"] = {{"every", r.preview->every},
                     {"format", r.preview->format},

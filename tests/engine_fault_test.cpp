@@ -26,14 +26,17 @@ class FakeRun : public ImageRun {
   explicit FakeRun(const pipeline::ImageSpec& spec)
       : pixels(static_cast<uint64_t>(spec.width) * spec.height),
         rows(spec.guidance_scale > 1 ? 2 : 1),
+        size_(spec.width, spec.height),
         total_(spec.steps) {}
   int evals_done() const override { return done_; }
   int evals_total() const override { return total_; }
+  std::pair<int, int> size() const override { return size_; }
   int done_ = 0;
   uint64_t pixels;  // for the fake's memory estimate (estimate_memory below)
   int rows;
 
  private:
+  std::pair<int, int> size_;
   int total_;
 };
 

@@ -149,6 +149,24 @@ TEST_P(InpaintParity, StepLatentsAndImageMatchDiffusers) {
   check_run(*model(run.family, run.info["unet"]), run, kTolerance, "parity");
 }
 
+// The same runs on a GPU in float32 (the CPU generator's draws moved to the device, as the
+// service does); img2img_parity_test.cpp's CUDA bound.
+TEST(InpaintCuda, RunsMatchInFloat32) {
+  SKIP_WITHOUT_CUDA();
+  std::map<std::string, std::shared_ptr<Model>> cuda;
+  for (const auto& run : runs()) {
+    const int unet = run.info["unet"];
+    auto& m = cuda[run.family + std::to_string(unet)];
+    if (!m) {
+      LoadOptions o;
+      o.device = "cuda";
+      o.precision = "fp32";
+      m = Model::load(model_path(run.family, unet), o);
+    }
+    check_run(*m, run, 1e-3, "parity cuda fp32");
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllRuns, InpaintParity, ::testing::ValuesIn(runs()), [](const auto& info) {
   return info.param.family + "_" + info.param.name;
 });

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <optional>
 
 #include "pipeline/pipeline.h"
 #include "pipeline/samplers/sampler.h"
@@ -43,6 +44,18 @@ struct Trajectory::State {
   torch::Tensor blend_latents, blend_noise, blend_mask;
   // Inpainting UNet: the mask and masked-picture latents (1, 5, h, w) each row's input ends with.
   torch::Tensor inpaint_condition;
+
+  // --- Hires fix (pipeline/hires.cpp) ---
+  // While the first pass runs: the second's settings, size and evaluations (begun in place when
+  // the first ends). Evaluations of the passes already ended: a trajectory counts all of its own.
+  struct SecondPass {
+    ImageSpec spec;  // second_pass_spec()
+    HiresSize size;
+    std::string upscaler;
+    int evals = 0;
+  };
+  std::optional<SecondPass> second_pass;
+  int earlier_evals = 0;
 };
 
 }  // namespace sdserve::pipeline

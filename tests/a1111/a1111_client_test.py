@@ -91,7 +91,8 @@ with tempfile.TemporaryDirectory() as out:
         if "interrupted: True images: 0" not in text:
             fail("the interrupt did not stop the caller's job", text)
         # Fields that would change the image and are not implemented: refused by name.
-        for body, field in (({"prompt": "x", "enable_hr": True}, "enable_hr"),
+        for body, field in (({"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"},
+                             "hr_upscaler"),
                             ({"prompt": "x", "cfg": 7}, "cfg"),
                             ({"prompt": "x", "cfg_scale": "seven"}, "cfg_scale"),
                             ({"prompt": "x", "sampler_name": "Euler b"}, "sampler_name"),

@@ -257,10 +257,11 @@ TEST_F(HostileTest, A1111RefusalsCountAsRejectedJobs) {
   const std::string series = "sdserve_jobs_rejected_total{reason=\"invalid\"}";
   const double before = std::max(0.0, metric(port(), series));
   const std::vector<std::pair<std::string, std::string>> refused = {
-      {"/sdapi/v1/txt2img", R"({"prompt": "x", "enable_hr": true})"},    // unsupported
-      {"/sdapi/v1/txt2img", R"({"prompt": "x", "steps": 0})"},           // out of range
-      {"/sdapi/v1/txt2img", R"({"prompt": "x", "batch_size": "two"})"},  // wrong type
-      {"/sdapi/v1/txt2img", "{\"prompt\": "},                            // not JSON
+      {"/sdapi/v1/txt2img",
+       R"({"prompt": "x", "enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"})"},  // unsupported
+      {"/sdapi/v1/txt2img", R"({"prompt": "x", "steps": 0})"},                   // out of range
+      {"/sdapi/v1/txt2img", R"({"prompt": "x", "batch_size": "two"})"},          // wrong type
+      {"/sdapi/v1/txt2img", "{\"prompt\": "},                                    // not JSON
       {"/v1/jobs", R"({"prompt": "x", "steps": 0})"}};
   for (const auto& [route, body] : refused) {
     const auto res = http(port(), verb::post, route, body);

@@ -148,6 +148,20 @@ TEST(SanitizeJobRequest, EachFieldsErrorNamesItsField) {
       {R"({"prompt": "a", "timeout_s": 3601})", "timeout_s"},
       {R"({"prompt": "a", "cancel_on_disconnect": "yes"})", "cancel_on_disconnect"},
       {R"({"prompt": "a", "promt": "b"})", "promt"},
+      {R"({"prompt": "a", "hires": 2})", "hires"},
+      {R"({"prompt": "a", "hires": {"scale": "2"}})", "hires.scale"},
+      {R"({"prompt": "a", "hires": {"scale": 8}})", "hires.scale"},
+      {R"({"prompt": "a", "width": 1024, "hires": {"scale": 3}})", "hires.scale"},
+      {R"({"prompt": "a", "hires": {"width": 1.5}})", "hires.width"},
+      {R"({"prompt": "a", "hires": {"height": 4000}})", "hires.height"},
+      {R"({"prompt": "a", "hires": {"upscaler": "ESRGAN_4x"}})", "hires.upscaler"},
+      {R"({"prompt": "a", "hires": {"upscaler": 4}})", "hires.upscaler"},
+      {R"({"prompt": "a", "hires": {"steps": -1}})", "hires.steps"},
+      {R"({"prompt": "a", "steps": 10, "hires": {"strength": 0.05}})", "hires.strength"},
+      {R"({"prompt": "a", "hires": {"sampler": "eulr"}})", "hires.sampler"},
+      {R"({"prompt": "a", "hires": {"sampler": "ddim", "scheduler": "karras"}})",
+       "hires.scheduler"},
+      {R"({"prompt": "a", "hires": {"bogus": 1}})", "hires.bogus"},
   };
   for (const auto& [body, field] : cases) {
     const ApiError e = error_of(body);
@@ -158,6 +172,38 @@ TEST(SanitizeJobRequest, EachFieldsErrorNamesItsField) {
     EXPECT_LT(std::string(e.what()).size(), 1000u) << body;
     expect_serialisable(e);
   }
+}
+
+TEST(SanitizeJobRequest, HiresIsReadWithItsDefaults) {
+  // R"j(...)j": the upscaler's name holds )" itself.
+  auto r = parse_job_request(R"j({"prompt": "a", "width": 64, "height": 96, "steps": 10,
+      "sampler": "Euler a", "hires": {"scale": 1.5, "upscaler": "latent (BICUBIC)"}})j",
+                             kLimits);
+  ASSERT_TRUE(r.hires.has_value());
+  EXPECT_DOUBLE_EQ(r.hires->scale, 1.5);
+  EXPECT_EQ(r.hires->upscaler, "Latent (bicubic)") << "A1111's spelling, any case";
+  EXPECT_EQ(r.hires->steps, 0);
+  EXPECT_DOUBLE_EQ(r.hires->strength, 0.7);
+  EXPECT_EQ(r.hires->sampler, "") << "the first pass's";
+  EXPECT_EQ(engine::final_size(r), std::make_pair(96, 144));
+  const auto j = request_json(r);
+  EXPECT_EQ(j["hires"]["sampler"], "euler_ancestral");
+  EXPECT_EQ(j["hires"]["final_size"]["width"], 96);
+  EXPECT_EQ(j["hires"]["final_size"]["height"], 144);
+  // A scheduler alone applies to the first pass's sampler; a sampler alone takes its own default.
+  r = parse_job_request(R"({"prompt": "a", "sampler": "euler", "hires": {"scheduler": "karras"}})",
+                        kLimits);
+  EXPECT_EQ(r.hires->sampler, "euler");
+  EXPECT_EQ(r.hires->scheduler, "karras");
+  r = parse_job_request(
+      R"({"prompt": "a", "hires": {"sampler": "DPM++ 2M Karras", "steps": 8, "width": 1024}})",
+      kLimits);
+  EXPECT_EQ(r.hires->sampler, "dpmpp_2m");
+  EXPECT_EQ(r.hires->scheduler, "karras");
+  EXPECT_EQ(r.hires->width, 1024);
+  const auto off = parse_job_request(R"({"prompt": "a", "hires": null})", kLimits);
+  EXPECT_FALSE(off.hires.has_value());
+  EXPECT_TRUE(request_json(off)["hires"].is_null());
 }
 
 TEST(SanitizeJobRequest, UnparseableBodiesAreInvalidJson) {
