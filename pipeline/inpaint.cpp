@@ -134,14 +134,14 @@ GrayImage crop(const GrayImage& image, const CropRegion& r) {
   return out;
 }
 
-RgbImage fit(const RgbImage& image, int width, int height) {
-  return image.width == width && image.height == height ? image
-                                                        : resize_lanczos(image, width, height);
+RgbImage fit(const RgbImage& image, int width, int height,
+             ResizeMode mode = ResizeMode::kJustResize) {
+  return resize_picture(image, width, height, mode);
 }
 
-GrayImage fit(const GrayImage& image, int width, int height) {
-  return image.width == width && image.height == height ? image
-                                                        : resize_lanczos(image, width, height);
+GrayImage fit(const GrayImage& image, int width, int height,
+              ResizeMode mode = ResizeMode::kJustResize) {
+  return resize_picture(image, width, height, mode);
 }
 
 // One axis of A1111's expand_crop_region: grow [lo, hi) to `want` within [0, size).
@@ -162,6 +162,56 @@ void grow_to(int& lo, int& hi, double want, int size) {
 
 }  // namespace
 
+RgbImage resize_picture(const RgbImage& image, int width, int height, ResizeMode mode) {
+  if (image.width == width && image.height == height) return image;
+  if (mode == ResizeMode::kJustResize) return resize_lanczos(image, width, height);
+  // A1111's resize_image: compare aspect ratios, scale one side to the size, the other by the
+  // picture's proportions (integer division), paste centred.
+  const double ratio = static_cast<double>(width) / height;
+  const double src_ratio = static_cast<double>(image.width) / image.height;
+  const bool cover = mode == ResizeMode::kCropAndResize;
+  const bool full_width = cover ? ratio > src_ratio : ratio < src_ratio;
+  const int src_w = std::max(1, full_width ? width : image.width * height / image.height);
+  const int src_h = std::max(1, full_width ? image.height * width / image.width : height);
+  const RgbImage scaled = resize_lanczos(image, src_w, src_h);
+  RgbImage out{width, height, std::vector<uint8_t>(static_cast<size_t>(width) * height * 3, 0)};
+  const int ox = width / 2 - src_w / 2, oy = height / 2 - src_h / 2;
+  const auto put = [&](int x, int y, int sx, int sy) {
+    std::copy_n(&scaled.pixels[(static_cast<size_t>(sy) * src_w + sx) * 3], 3,
+                &out.pixels[(static_cast<size_t>(y) * width + x) * 3]);
+  };
+  for (int y = std::max(0, oy); y < std::min(height, oy + src_h); ++y)
+    for (int x = std::max(0, ox); x < std::min(width, ox + src_w); ++x) put(x, y, x - ox, y - oy);
+  if (mode == ResizeMode::kResizeAndFill) {
+    // The bars: as many rows (columns) as the top (left) one, each a copy of the edge.
+    if (ratio < src_ratio && oy > 0) {
+      for (int k = 0; k < oy; ++k)
+        for (int x = 0; x < width; ++x) {
+          put(x, k, x, 0);
+          if (oy + src_h + k < height) put(x, oy + src_h + k, x, src_h - 1);
+        }
+    } else if (ratio > src_ratio && ox > 0) {
+      for (int k = 0; k < ox; ++k)
+        for (int y = 0; y < height; ++y) {
+          put(k, y, 0, y);
+          if (ox + src_w + k < width) put(ox + src_w + k, y, src_w - 1, y);
+        }
+    }
+  }
+  return out;
+}
+
+GrayImage resize_picture(const GrayImage& image, int width, int height, ResizeMode mode) {
+  if (image.width == width && image.height == height) return image;
+  RgbImage rgb{image.width, image.height, std::vector<uint8_t>(image.pixels.size() * 3)};
+  for (size_t i = 0; i < image.pixels.size(); ++i)
+    rgb.pixels[i * 3] = rgb.pixels[i * 3 + 1] = rgb.pixels[i * 3 + 2] = image.pixels[i];
+  const RgbImage resized = resize_picture(rgb, width, height, mode);
+  GrayImage out{width, height, std::vector<uint8_t>(static_cast<size_t>(width) * height)};
+  for (size_t i = 0; i < out.pixels.size(); ++i) out.pixels[i] = resized.pixels[i * 3];
+  return out;
+}
+
 GrayImage to_gray(const RgbImage& image) {
   GrayImage out{image.width, image.height, {}};
   const size_t n = static_cast<size_t>(image.width) * image.height;
@@ -176,13 +226,8 @@ GrayImage to_gray(const RgbImage& image) {
 
 GrayImage resize_lanczos(const GrayImage& image, int width, int height) {
   // Pillow resamples each band alike: one channel of an RGB resize is the "L" resize.
-  RgbImage rgb{image.width, image.height, std::vector<uint8_t>(image.pixels.size() * 3)};
-  for (size_t i = 0; i < image.pixels.size(); ++i)
-    rgb.pixels[i * 3] = rgb.pixels[i * 3 + 1] = rgb.pixels[i * 3 + 2] = image.pixels[i];
-  const RgbImage resized = resize_lanczos(rgb, width, height);
-  GrayImage out{width, height, std::vector<uint8_t>(static_cast<size_t>(width) * height)};
-  for (size_t i = 0; i < out.pixels.size(); ++i) out.pixels[i] = resized.pixels[i * 3];
-  return out;
+  if (image.width == width && image.height == height) return image;
+  return resize_picture(image, width, height, ResizeMode::kJustResize);
 }
 
 GrayImage gaussian_blur(const GrayImage& image, double sigma_x, double sigma_y) {
@@ -243,14 +288,16 @@ PreparedInpaint prepare_inpaint(const RgbImage& image, GrayImage mask, int width
   GrayImage work_mask;
   CropRegion region;
   if (options.only_masked && masked_crop_region(mask, options.padding, width, height, &region)) {
-    picture = fit(crop(image, region), width, height);
-    work_mask = fit(crop(mask, region), width, height);
+    // As A1111: the region already has the request's aspect, so "resize and fill" only fills
+    // what integer rounding leaves.
+    picture = fit(crop(image, region), width, height, ResizeMode::kResizeAndFill);
+    work_mask = fit(crop(mask, region), width, height, ResizeMode::kResizeAndFill);
     out.overlay = std::make_shared<InpaintOverlay>(InpaintOverlay{
         image, mask, region.x1, region.y1, region.x2 - region.x1, region.y2 - region.y1});
   } else {
     // An empty mask has no region: the whole picture, as A1111 falls back to.
-    picture = fit(image, width, height);
-    work_mask = fit(mask, width, height);
+    picture = fit(image, width, height, options.resize_mode);
+    work_mask = fit(mask, width, height, options.resize_mode);
     if (options.paste_back || options.only_masked) {
       // A1111 doubles the mask it pastes through here, so the hole's soft edge leans generated.
       GrayImage alpha = work_mask;

@@ -22,6 +22,16 @@ GrayImage to_gray(const RgbImage& image);
 // Lanczos resize, value for value as Pillow resizes an "L" image (resize_lanczos on one channel).
 GrayImage resize_lanczos(const GrayImage& image, int width, int height);
 
+// How a picture of another size becomes the request's (A1111's resize_mode).
+enum class ResizeMode {
+  kJustResize = 0,     // stretched to the size (diffusers' only way)
+  kCropAndResize = 1,  // scaled to cover the size, centred, the overflow cut off
+  kResizeAndFill = 2,  // scaled to fit inside, centred, the bars filled with its edge rows/columns
+};
+// Lanczos throughout (resize_lanczos); A1111's arithmetic for the scaled size and offsets.
+RgbImage resize_picture(const RgbImage& image, int width, int height, ResizeMode mode);
+GrayImage resize_picture(const GrayImage& image, int width, int height, ResizeMode mode);
+
 // What the masked area starts from (A1111's inpainting_fill).
 enum class MaskedContent {
   kFill = 0,           // the picture's colours blurred into the hole (pixel space)
@@ -44,6 +54,7 @@ struct InpaintOptions {
   // Paste the result over the picture through the blurred mask (A1111 always does; diffusers
   // does not). only_masked implies it.
   bool paste_back = false;
+  ResizeMode resize_mode = ResizeMode::kJustResize;  // picture and mask to width x height
 };
 
 // Where decode() puts the generated picture: resized to w x h at (x, y) in `original`, and blended
@@ -63,7 +74,7 @@ struct PreparedInpaint {
   std::shared_ptr<const InpaintOverlay> overlay;  // null: the result is the image
 };
 // `mask` is resized to the picture's size first when it differs (A1111). Without only_masked the
-// picture and mask are resized to width x height (Lanczos) when they differ.
+// picture and mask are fitted to width x height by options.resize_mode when they differ.
 PreparedInpaint prepare_inpaint(const RgbImage& image, GrayImage mask, int width, int height,
                                 const InpaintOptions& options);
 

@@ -37,6 +37,8 @@ std::string rule(const std::string& field, int text_layers) {
            "(the steps that run)";
   if (field == "mask_blur" || field == "mask_blur_x" || field == "mask_blur_y")
     return field + " must be an integer" + range(0, L::kMaxMaskBlur) + " (pixels)";
+  if (field == "resize_mode")
+    return "resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill)";
   if (field == "inpainting_fill")
     return "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent "
            "nothing)";

@@ -415,11 +415,7 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
     refuse("init_images", "init_images holds " + std::to_string(init_images.size()) +
                               " images; one per request is supported (send one request per image)");
   const Json strength = take("denoising_strength");
-  const Json resize_mode = take("resize_mode");
-  if (!(resize_mode.is_null() || is_number_equal(resize_mode, 0)))
-    refuse("resize_mode",
-           "resize_mode 0 (just resize) is supported; crop, fill and latent upscale (1-3) are "
-           "not yet");
+  const Json resize_mode = take("resize_mode");  // /v1 checks it (3, latent upscale, is refused)
   const Json mask = take("mask");
   if (!mask.is_null() && !mask.is_string())
     refuse("mask", "mask must be a base64 PNG or JPEG (white = repaint), or null");
@@ -455,6 +451,7 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
   Txt2Img t = translate_txt2img(BodyJson(rest), model);
   Json native(t.native);
   native["init_image"] = init_images[0];
+  if (!resize_mode.is_null()) native["resize_mode"] = resize_mode;
   if (inpaint) {
     native["mask"] = mask;
     native["resize_mask"] = true;         // A1111 fits a mask of another size to the picture
@@ -471,7 +468,7 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
   t.echo["init_images"] = echo_images ? init_images : Json();
   t.echo["mask"] = echo_images ? mask : Json();
   t.echo["denoising_strength"] = t.denoising_strength;
-  t.echo["resize_mode"] = 0;
+  t.echo["resize_mode"] = resize_mode.is_null() ? Json(0) : resize_mode;
   for (auto it = inpainting.begin(); it != inpainting.end(); ++it) t.echo[it.key()] = it.value();
   t.echo["mask_blur"] = inpainting["mask_blur_x"];
   return t;

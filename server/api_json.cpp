@@ -231,7 +231,8 @@ const std::vector<std::string>& request_fields() {
                                                   "inpainting_mask_invert",
                                                   "inpaint_paste_back",
                                                   "resize_mask",
-"hires"};
+                                                  "resize_mode",
+                                                  "hires"};
   return fields;
 }
 
@@ -290,6 +291,15 @@ pipeline::InpaintOptions parse_inpaint(const json& doc, const FieldReader& read)
                        pipeline::Limits::kMaxSide, read);
   if (has("inpainting_mask_invert"))
     o.invert = flag(doc["inpainting_mask_invert"], "inpainting_mask_invert", read);
+  if (has("resize_mode")) {
+    const int mode = read.integer(doc["resize_mode"], "resize_mode");
+    if (mode == 3)
+      invalid("resize_mode",
+              "resize_mode 3 (just resize, latent upscale) is not supported; 0 "
+              "(just resize), 1 (crop and resize) and 2 (resize and fill) are");
+    if (mode < 0 || mode > 2) read.reject("resize_mode", doc["resize_mode"]);
+    o.resize_mode = static_cast<pipeline::ResizeMode>(mode);
+  }
   if (has("inpaint_paste_back"))
     o.paste_back = flag(doc["inpaint_paste_back"], "inpaint_paste_back", read);
   return o;
@@ -395,7 +405,7 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
     r.mask = std::move(prepared.mask);
     r.overlay = std::move(prepared.overlay);
   } else if (init && pipeline::valid_side(r.width) && pipeline::valid_side(r.height)) {
-    r.init_image = fit_init_image(std::move(*init), r.width, r.height);
+    r.init_image = fit_init_image(std::move(*init), r.width, r.height, r.inpaint.resize_mode);
   }
   try {
     engine::validate(r, bounds);
@@ -453,6 +463,7 @@ Json request_json(const engine::JobRequest& r) {
                                     {"inpainting_mask_invert", o.invert},
                                     {"inpaint_paste_back", o.paste_back}})
     j[name] = r.mask ? value : Json();
+  j["resize_mode"] = r.init_image ? Json(static_cast<int>(o.resize_mode)) : Json();
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);
   j["timeout_s"] = r.timeout_s ? Json(*r.timeout_s) : Json(nullptr);
   j["max_run_s"] = r.max_run_s ? Json(*r.max_run_s) : Json(nullptr);

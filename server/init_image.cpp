@@ -1,5 +1,7 @@
 #include "server/init_image.h"
 
+#include "pipeline/inpaint.h"
+
 #include "server/api_json.h"
 
 namespace sdserve::server {
@@ -56,9 +58,9 @@ int default_side(int image_side) {
 }
 
 std::shared_ptr<const pipeline::RgbImage> fit_init_image(pipeline::RgbImage image, int width,
-                                                         int height) {
+                                                         int height, pipeline::ResizeMode mode) {
   if (image.width != width || image.height != height)
-    image = pipeline::resize_lanczos(image, width, height);
+    image = pipeline::resize_picture(image, width, height, mode);
   return std::make_shared<const pipeline::RgbImage>(std::move(image));
 }
 

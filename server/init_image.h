@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "pipeline/image.h"
+#include "pipeline/inpaint.h"
 
 namespace sdserve::server {
 
@@ -24,8 +25,10 @@ pipeline::RgbImage decode_request_image(const std::string& text, const std::stri
 int default_side(int image_side);
 
 // The init image at width x height: as it is when that is its size, else resized with Lanczos
-// as diffusers' image processor does (A1111's resize_mode 0, "just resize").
-std::shared_ptr<const pipeline::RgbImage> fit_init_image(pipeline::RgbImage image, int width,
-                                                         int height);
+// as diffusers' image processor does (A1111's resize_mode 0, "just resize"), or cropped or filled
+// to keep its proportions (resize_mode 1 and 2: pipeline::resize_picture).
+std::shared_ptr<const pipeline::RgbImage> fit_init_image(
+    pipeline::RgbImage image, int width, int height,
+    pipeline::ResizeMode mode = pipeline::ResizeMode::kJustResize);
 
 }  // namespace sdserve::server

@@ -303,6 +303,35 @@ TEST(InpaintPixels, OnlyMaskedCropsResizesAndPastesBack) {
   EXPECT_EQ(inverted.mask->pixels[0], 255);
 }
 
+// A1111's resize modes on a 40x20 picture into 32x32: crop keeps the middle at full height,
+// fill keeps all of it at full width between bars copied from its edge rows.
+TEST(InpaintPixels, ResizeModesCropOrFillAsA1111) {
+  RgbImage picture{40, 20, std::vector<uint8_t>(40 * 20 * 3)};
+  for (int y = 0; y < 20; ++y)
+    for (int x = 0; x < 40; ++x) {
+      uint8_t* p = &picture.pixels[(y * 40 + x) * 3];
+      p[0] = static_cast<uint8_t>(x * 6), p[1] = static_cast<uint8_t>(y * 12), p[2] = 100;
+    }
+  const auto stretched = resize_picture(picture, 32, 32, ResizeMode::kJustResize);
+  EXPECT_EQ(stretched.pixels, resize_lanczos(picture, 32, 32).pixels);
+  // Crop: scaled to 64x32 (covering), centred at x = -16: column 16 of the scaled picture first.
+  const auto cropped = resize_picture(picture, 32, 32, ResizeMode::kCropAndResize);
+  const auto scaled = resize_lanczos(picture, 64, 32);
+  for (int y : {0, 13, 31})
+    for (int x : {0, 17, 31})
+      for (int c = 0; c < 3; ++c)
+        EXPECT_EQ(cropped.pixels[(y * 32 + x) * 3 + c], scaled.pixels[(y * 64 + x + 16) * 3 + c]);
+  // Fill: scaled to 32x16 (fitting), rows 8..23; rows 0..7 repeat its first row, 24..31 its last.
+  const auto filled = resize_picture(picture, 32, 32, ResizeMode::kResizeAndFill);
+  const auto fitted = resize_lanczos(picture, 32, 16);
+  const auto row = [](const RgbImage& im, int y) {
+    return std::vector<uint8_t>(&im.pixels[y * im.width * 3], &im.pixels[(y + 1) * im.width * 3]);
+  };
+  for (int y = 0; y < 8; ++y) EXPECT_EQ(row(filled, y), row(fitted, 0)) << y;
+  for (int y = 8; y < 24; ++y) EXPECT_EQ(row(filled, y), row(fitted, y - 8)) << y;
+  for (int y = 24; y < 32; ++y) EXPECT_EQ(row(filled, y), row(fitted, 15)) << y;
+}
+
 TEST(InpaintPixels, FillTakesTheColoursAroundTheHole) {
   RgbImage picture{64, 64, std::vector<uint8_t>(64 * 64 * 3)};
   for (int y = 0; y < 64; ++y)

@@ -158,7 +158,7 @@ TEST(Img2ImgTest, A1111Img2ImgGivesTheV1ImageAndRefusesWhatItLacksByName) {
   j["mask_round"] = false;
   refused(j, "mask_round");
   j = a1111;
-  j["resize_mode"] = 1;
+  j["resize_mode"] = 3;  // latent upscale
   refused(j, "resize_mode");
   j = a1111;
   j["denoising_strength"] = 1.5;

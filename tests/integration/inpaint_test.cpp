@@ -204,6 +204,45 @@ TEST(InpaintTest, A1111InpaintingIsV1WithA1111sDefaults) {
   EXPECT_EQ(field_of(x), "inpainting_fill") << x.body;
 }
 
+// A1111's resize modes 1 (crop) and 2 (fill) are /v1's resize_mode: the same pixels, and each
+// differs from plain stretching.
+TEST(InpaintTest, ResizeModesCropAndFillAsOnA1111) {
+  ServerProcess server;
+  const int port = server.port();
+  const std::string init = base64_of(fixture_bytes("img2img-init-96x64.png"));
+  std::vector<std::vector<uint8_t>> results;
+  for (int mode : {0, 1, 2}) {
+    const json a1111 = {{"prompt", "a photo of a cat"},
+                        {"init_images", {init}},
+                        {"steps", 4},
+                        {"seed", 4},
+                        {"denoising_strength", 0.5},
+                        {"width", 64},
+                        {"height", 64},
+                        {"resize_mode", mode},
+                        {"cfg_scale", 7.5},
+                        {"sampler_name", "Euler"}};
+    const auto r = post(port, "/sdapi/v1/img2img", a1111);
+    ASSERT_EQ(r.status, 200) << r.body;
+    const auto image = pipeline::decode_png(unbase64_of(r.body_json()["images"][0]));
+    const json native = {{"prompt", "a photo of a cat"},
+                         {"init_image", init},
+                         {"steps", 4},
+                         {"seed", 4},
+                         {"strength", 0.5},
+                         {"width", 64},
+                         {"height", 64},
+                         {"resize_mode", mode}};
+    const auto v1 = post(port, "/v1/generate", native);
+    ASSERT_EQ(v1.status, 200) << v1.body;
+    EXPECT_EQ(png_of(v1.body).pixels, image.pixels) << "resize_mode " << mode;
+    results.push_back(image.pixels);
+  }
+  EXPECT_NE(results[1], results[0]);
+  EXPECT_NE(results[2], results[0]);
+  EXPECT_NE(results[2], results[1]);
+}
+
 // A 9-channel inpainting model loads and serves text to image (a full mask, as A1111) and
 // inpainting; the masked job's repainted area differs from the picture.
 TEST(InpaintTest, AnInpaintingModelServesTxt2ImgAndInpainting) {
