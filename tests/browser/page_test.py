@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The page at / in a real browser: headless Chromium, driven over the DevTools protocol,
 submits a job through the form against the real sdserve binary and checks that step previews,
-the progress bar and the final images appear; then cancels a long job with the Cancel button.
+the progress bar and the final images appear; runs image to image from a picture, then
+inpainting from a WebP with a mask painted by mouse strokes on the brush canvas; then cancels a
+long job with the Cancel button.
 
     page_test.py SDSERVE_BINARY
-Exit 77 (ctest: skipped) where Chromium or python3-websocket is missing; CI installs both.
+Exit 77 (ctest: skipped) where Chromium, python3-websocket or python3-pil is missing; CI
+installs them.
 """
 import base64
+import io
 import json
 import os
 import shutil
@@ -20,11 +24,12 @@ import urllib.request
 chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 try:
     import websocket
+    from PIL import Image  # reads the mask the page sends and the inpainted result
 except ImportError:
     websocket = None
 if not chromium or websocket is None:
-    print("skipped: needs Chromium and python3-websocket "
-          "(Debian: apt-get install chromium python3-websocket)")
+    print("skipped: needs Chromium, python3-websocket and python3-pil "
+          "(Debian: apt-get install chromium python3-websocket python3-pil)")
     sys.exit(77)
 
 binary = sys.argv[1]
@@ -81,6 +86,103 @@ class Page:
         raise RuntimeError(f"timed out waiting for {what}; status: {status!r}")
 
 
+def image_of(data):
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def mask_sent(page):
+    """The mask PNG the page would send now, as a PIL image."""
+    url = page.eval("maskDataUrl()")
+    if not url.startswith("data:image/png;base64,"):
+        raise RuntimeError(f"the mask is not a PNG data URL: {url[:40]!r}")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def inpaint(page, port, fixture, failures):
+    """Inpainting from the page, the picture a lossless WebP of the img2img fixture (the same
+    pixels): a stroke painted with the mouse over the picture's right part (real pointer events
+    on the brush canvas), the mask checked as the server would get it, then a job whose
+    unpainted part comes back as the picture itself (paste back, the page's default) and whose
+    painted part is redrawn."""
+    failed_before = len(failures)
+    with open(fixture.replace(".png", "-lossless.webp"), "rb") as f:
+        data_url = "data:image/webp;base64," + base64.b64encode(f.read()).decode()
+    page.eval(f"setInitImage({json.dumps(data_url)}); true")
+    page.wait("$('width').value === '96' && $('maskcanvas').width === 96 && !$('maskbox').hidden",
+              "the picture and its mask canvas")
+    if page.eval("$('strength').value") != "0.6":
+        failures.append("strength is not img2img's 0.6 before a mask is painted")
+    # Brush 16 px of the picture; the stroke runs along y = 32 from x = 56 to x = 88.
+    page.eval("$('brushsize').value = 16; $('maskcanvas').scrollIntoView({block: 'center'}); true")
+    box = page.eval("(b => [b.left, b.top, b.width, b.height])"
+                    "($('maskcanvas').getBoundingClientRect())")
+    at = lambda x, y: {"x": box[0] + x * box[2] / 96, "y": box[1] + y * box[3] / 64}  # noqa: E731
+    page.call("Input.dispatchMouseEvent", type="mousePressed", button="left", buttons=1,
+              clickCount=1, **at(56, 32))
+    for x in range(60, 89, 4):
+        page.call("Input.dispatchMouseEvent", type="mouseMoved", button="left", buttons=1,
+                  **at(x, 32))
+    page.call("Input.dispatchMouseEvent", type="mouseReleased", button="left", buttons=0,
+              clickCount=1, **at(88, 32))
+    page.wait("maskPainted()", "the stroke on the mask canvas")
+
+    mask = mask_sent(page)
+    px = mask.convert("L").load()
+    if mask.size != (96, 64):
+        failures.append(f"the mask is {mask.size}, not the picture's 96x64")
+    values = set(mask.convert("L").getdata())
+    if values != {0, 255}:
+        failures.append(f"the mask is not white on black: values {sorted(values)[:8]}")
+    if px[72, 32] != 255 or px[50, 32] != 255 or px[72, 26] != 255:
+        failures.append("the stroke is not white in the mask")
+    if px[10, 10] != 0 or px[72, 10] != 0 or px[40, 32] != 0 or px[72, 50] != 0:
+        failures.append("outside the stroke the mask is not black")
+    if page.eval("$('strength').value") != "1":
+        failures.append("strength did not become 1 once a mask was painted")
+    page.eval("$('maskinvert').click(); true")
+    inv = mask_sent(page).convert("L").load()
+    if inv[10, 10] != 255 or inv[72, 32] != 0:
+        failures.append("Invert mask did not swap painted and unpainted")
+    page.eval("$('maskinvert').click(); true")
+
+    page.eval("$('steps').value = 8; $('count').value = 1; $('seed').value = 11;"
+              "$('generate').click(); true")
+    page.wait("document.querySelectorAll('#gallery figure.result img').length === 4 &&"
+              "(i => i.complete && i.naturalWidth === 96 && i.naturalHeight === 64)"
+              "(document.querySelector('#gallery figure.result img'))",
+              "the inpainted 96x64 image")
+    status = page.eval("$('status').textContent")
+    if not status.startswith("Done"):
+        failures.append(f"inpainting status is {status!r}")
+    job_id = page.eval("document.querySelector('#gallery figure.result').dataset.job")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/jobs/{job_id}", timeout=10) as r:
+        job = json.loads(r.read())
+    req = job["request"]
+    print("inpainting job request:", json.dumps({k: req.get(k) for k in (
+        "mask", "strength", "mask_blur_x", "inpaint_full_res", "inpaint_paste_back")}))
+    if req.get("mask") != {"width": 96, "height": 64}:
+        failures.append(f"the job's mask is {req.get('mask')}, not 96x64")
+    if req.get("strength") != 1 or req.get("mask_blur_x") != 4 or not req.get("inpaint_paste_back"):
+        failures.append(f"the job's inpainting fields are not the page's: {req}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{job['images'][0]}", timeout=10) as r:
+        result = image_of(r.read())
+    picture = Image.open(fixture).convert("RGB")
+    # Left of the stroke, beyond the 4 px blur's reach, the picture itself; in it, redrawn.
+    far = [(x, y) for x in range(0, 34) for y in range(64)]
+    kept = sum(result.getpixel(p) == picture.getpixel(p) for p in far)
+    hole = [(x, y) for x in range(60, 92) for y in range(28, 37)]
+    same = sum(result.getpixel(p) == picture.getpixel(p) for p in hole)
+    if kept != len(far):
+        failures.append(f"only {kept} of {len(far)} unpainted pixels kept the picture's values")
+    if same > len(hole) // 2:
+        failures.append(f"{same} of {len(hole)} painted pixels are the picture's: not redrawn")
+
+    page.eval("$('maskclear').click(); true")
+    if page.eval("maskPainted() || $('strength').value !== '0.6'"):
+        failures.append("Clear mask did not empty it and give img2img's strength back")
+    print("inpainting:", "OK" if len(failures) == failed_before else "FAILED")
+
+
 def main():
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +194,8 @@ def main():
                                   env=env)
         browser = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", f"--remote-debugging-port={devtools}", f"--user-data-dir={tmp}/profile",
+             "--no-first-run", "--window-size=1200,1600", f"--remote-debugging-port={devtools}",
+             f"--user-data-dir={tmp}/profile",
              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz")
@@ -141,7 +244,8 @@ def main():
             with open(fixture, "rb") as f:
                 data_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
             page.eval(f"setInitImage({json.dumps(data_url)}); true")
-            page.wait("$('width').value === '96' && !$('initthumb').hidden", "the init image to load")
+            page.wait("$('width').value === '96' && !$('maskwrap').hidden",
+                      "the init image to load")
             page.eval("$('strength').value = 0.5; $('steps').value = 8; $('count').value = 1;"
                       "$('seed').value = 7; $('generate').click(); true")
             # The gallery keeps earlier results; the newest comes first.
@@ -152,8 +256,13 @@ def main():
             status = page.eval("$('status').textContent")
             if not status.startswith("Done"):
                 failures.append(f"img2img status is {status!r}")
+            if page.eval("'mask' in request()"):
+                failures.append("img2img without a painted mask sends a mask")
             page.eval("$('initclear').click(); $('width').value = 64; $('height').value = 64; true")
             print("img2img: OK")
+
+            inpaint(page, port, fixture, failures)
+            page.eval("$('initclear').click(); $('width').value = 64; $('height').value = 64; true")
 
             # A long job, cancelled from the page once it runs.
             page.eval("$('steps').value = 150; $('count').value = 1; $('generate').click(); true")
