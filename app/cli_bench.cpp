@@ -28,6 +28,8 @@ fp16 weights to --work-dir first (same compute as the real checkpoint; not count
   --width N --height N  (default 512; 1024 with --sdxl)
   --strength X          image to image at strength X (0..1) from a generated picture; the VAE
                         encode is timed, int(steps x X) steps run (default: text to image)
+  --mixed               with --strength: every other image of a batch is text to image, in
+                        the same UNet calls (rows at their own timesteps)
   --repeats N           timed runs per measurement, median reported (default 3)
   --no-cuda-graphs      run the UNet eagerly
   --no-channels-last    keep NCHW convolutions
@@ -79,6 +81,10 @@ int run_bench(const std::vector<std::string>& args) {
       o.sdxl = true;
       continue;
     }
+    if (a == "--mixed") {
+      o.mixed = true;
+      continue;
+    }
     if (i + 1 >= args.size()) throw UsageError(a + " needs a value");
     const std::string& v = args[++i];
     if (a == "--redis-url")
@@ -119,6 +125,7 @@ int run_bench(const std::vector<std::string>& args) {
       throw UsageError("unknown option '" + a + "'");
   }
   if (o.sdxl && !size_given) o.width = o.height = 1024;  // SDXL's native size
+  if (o.mixed && o.strength <= 0) throw UsageError("--mixed needs --strength");
   setup_logging("warn");
   if (cache_mode) {
     if (o.model.empty()) throw UsageError("--embedding-cache needs --model");

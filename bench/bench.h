@@ -24,6 +24,9 @@ struct BenchOptions {
   // > 0: image to image at this strength, from a generated picture of width x height (the
   // VAE encode is in every timing; the last int(steps x strength) steps run).
   double strength = 0;
+  // With strength: every other image of a batch is text to image (the same batch, each row at
+  // its own timestep): what sharing UNet calls between the two kinds costs or saves.
+  bool mixed = false;
   std::vector<int> batches = {1, 2, 4, 8, 16, 32};
   int repeats = 3;  // timed runs per batch size (the median is reported)
   // CUDA: when > 0, after the timings, one step at this batch size (and its VAE decode) inside
@@ -48,6 +51,7 @@ struct BenchReport {
   double guidance_scale = 0;
   std::string sampler;
   double strength = 0;                  // 0: text to image
+  bool mixed = false;                   // half the batch text to image
   double write_model_s = 0;             // random weights generated and written (not start-up)
   double load_s = 0;                    // Model::load
   double startup_to_first_image_s = 0;  // process start -> first image decoded
