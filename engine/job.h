@@ -64,6 +64,7 @@ struct JobRequest {
   std::shared_ptr<const pipeline::GrayImage> mask;
   std::shared_ptr<const pipeline::InpaintOverlay> overlay;
   pipeline::InpaintOptions inpaint;
+  bool resize_mask = false;  // the mask was another size than the picture, and resized to it
   // The hires fix (pipeline::HiresSpec): a second pass at a larger size in the same job; width x
   // height is the first pass's. Absent: one pass.
   std::optional<pipeline::HiresSpec> hires;

@@ -357,6 +357,7 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
     mask = pipeline::to_gray(decode_request_image(read.string(doc["mask"], "mask"), "mask"));
     const bool resize =
         doc.contains("resize_mask") && flag(doc["resize_mask"], "resize_mask", read);
+    r.resize_mask = resize;
     if (!resize && (mask->width != init->width || mask->height != init->height))
       invalid("mask", "mask is " + std::to_string(mask->width) + "x" +
                           std::to_string(mask->height) + " but init_image is " +
@@ -464,6 +465,8 @@ Json request_json(const engine::JobRequest& r) {
                                     {"inpaint_paste_back", o.paste_back}})
     j[name] = r.mask ? value : Json();
   j["resize_mode"] = r.init_image ? Json(static_cast<int>(o.resize_mode)) : Json();
+  j["mask_blur"] = r.mask && o.mask_blur_x == o.mask_blur_y ? Json(o.mask_blur_x) : Json();
+  j["resize_mask"] = r.mask ? Json(r.resize_mask) : Json();
   j["seed"] = r.seed ? Json(*r.seed) : Json(nullptr);
   j["timeout_s"] = r.timeout_s ? Json(*r.timeout_s) : Json(nullptr);
   j["max_run_s"] = r.max_run_s ? Json(*r.max_run_s) : Json(nullptr);

@@ -35,7 +35,7 @@ RgbImage fixture_png(const std::string& name) {
 }
 
 std::string model_path(const std::string& family, int unet) {
-  if (unet == 9) return test::fixture("tiny-sd15-inpaint");
+  if (unet == 9) return test::fixture("tiny-" + family + "-inpaint");
   return family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + family);
 }
 
@@ -172,8 +172,8 @@ INSTANTIATE_TEST_SUITE_P(AllRuns, InpaintParity, ::testing::ValuesIn(runs()), []
 });
 
 TEST(InpaintParityRuns, EveryCaseIsInstantiated) {
-  // SD 1.x: 12 runs on the 4-channel UNet, 7 on the inpainting one; SD 2.x 2, SDXL 3.
-  EXPECT_EQ(runs().size(), 24u);
+  // SD 1.x: 12 runs on the 4-channel UNet, 7 on the inpainting one; SD 2.x 2; SDXL 3 and 2.
+  EXPECT_EQ(runs().size(), 26u);
 }
 
 // The inpainting model as a single file (its folder converted by the SD 1.x layout) is read as
