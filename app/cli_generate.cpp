@@ -37,7 +37,7 @@ constexpr const char* kHelp = R"(usage: sdserve generate --prompt TEXT [options]
                       down to a multiple of 8, unless --width/--height; resized with Lanczos)
   --strength X        with --init-image: how much of it is redrawn, 0..1 (default 0.8; the
                       last int(steps x X) steps run)
-  --mask FILE         inpainting: repaint where this PNG or JPEG is white (with --init-image;
+  --mask FILE         inpainting: repaint where this PNG, JPEG or WebP is white (with --init-image;
                       resized to the picture when its size differs; default --strength 1)
   --mask-blur N       Gaussian blur of the mask, 0..64 px (default 0)
   --inpainting-fill N what the hole starts from: 0 fill, 1 original (default), 2 latent

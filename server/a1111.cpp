@@ -410,7 +410,7 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
   };
   const Json init_images = take("init_images");
   if (!init_images.is_array() || init_images.empty() || !init_images[0].is_string())
-    refuse("init_images", "init_images is required: a list with one base64 PNG or JPEG");
+    refuse("init_images", "init_images is required: a list with one base64 PNG, JPEG or WebP");
   if (init_images.size() > 1)
     refuse("init_images", "init_images holds " + std::to_string(init_images.size()) +
                               " images; one per request is supported (send one request per image)");
@@ -418,7 +418,7 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
   const Json resize_mode = take("resize_mode");  // /v1 checks it (3, latent upscale, is refused)
   const Json mask = take("mask");
   if (!mask.is_null() && !mask.is_string())
-    refuse("mask", "mask must be a base64 PNG or JPEG (white = repaint), or null");
+    refuse("mask", "mask must be a base64 PNG, JPEG or WebP (white = repaint), or null");
   const bool inpaint = !is_empty(mask);
   const Json latent_mask = take("latent_mask");
   if (!is_empty(latent_mask)) refuse("latent_mask", "latent_mask is not supported");
