@@ -54,17 +54,8 @@ void PrintTo(const HiresRun& run, std::ostream* os) {
 
 std::vector<HiresRun> runs() {
   std::vector<HiresRun> out;
-  for (const std::string family : {"sd15", "sdxl"}) {
-    std::ifstream in(test::fixture("tiny-" + family + "-hires-cases.json"));
-    // Read at test registration: a missing file leaves no runs (the count test reports it).
-    const auto cases = nlohmann::json::parse(in, nullptr, false);
-    if (cases.is_discarded() || !cases.contains("cases")) continue;
-    for (const auto& c : cases["cases"])
-      if (c["kind"] == "hires_step_latents") {
-        const std::string name = c["name"];
-        out.push_back({family, name.substr(0, name.size() - std::string("_latents").size()), c});
-      }
-  }
+  for (auto& r : test::diffusers_runs("hires", {"sd15", "sdxl"}, "hires_step_latents", "_latents"))
+    out.push_back({r.family, r.name, r.info});
   return out;
 }
 

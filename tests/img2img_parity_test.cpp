@@ -25,15 +25,6 @@ namespace img2img_parity {
 // embeddings come from our text encoder here and from diffusers' there (equal within 1e-6).
 constexpr double kTolerance = 5e-5;
 
-std::vector<uint8_t> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-RgbImage fixture_png(const std::string& name) {
-  return decode_png(read_bytes(test::fixture(name)));
-}
-
 // "sd15" (the bundled model), "sd2", "sdxl" (tests/fixtures/tiny-*), loaded once each.
 const std::shared_ptr<Model>& model(const std::string& family = "sd15") {
   static std::map<std::string, std::shared_ptr<Model>> loaded;
@@ -47,31 +38,11 @@ const std::shared_ptr<Model>& model(const std::string& family = "sd15") {
   return m;
 }
 
-struct Img2ImgRun {
-  std::string family;  // sd15, sd2, sdxl
-  std::string name;    // the cases' name without "_image"
-  nlohmann::json info;
-};
-
-void PrintTo(const Img2ImgRun& run, std::ostream* os) {
-  *os << run.family << " " << run.name;
-}
+using Img2ImgRun = test::DiffusersRun;
+using test::fixture_png;
 
 std::vector<Img2ImgRun> runs() {
-  std::vector<Img2ImgRun> out;
-  for (const std::string family : {"sd15", "sd2", "sdxl"}) {
-    std::ifstream in(test::fixture("tiny-" + family + "-img2img-cases.json"));
-    // Read at test registration: a missing or broken file leaves no runs (which the count test
-    // below reports) instead of aborting every test in the binary.
-    const auto cases = nlohmann::json::parse(in, nullptr, false);
-    if (cases.is_discarded() || !cases.contains("cases")) continue;
-    for (const auto& c : cases["cases"])
-      if (c["kind"] == "img2img_image") {
-        const std::string name = c["name"];
-        out.push_back({family, name.substr(0, name.size() - std::string("_image").size()), c});
-      }
-  }
-  return out;
+  return test::diffusers_runs("img2img", {"sd15", "sd2", "sdxl"}, "img2img_image", "_image");
 }
 
 const torch::Tensor& i2i_ref(const Img2ImgRun& run, const std::string& what) {

@@ -25,14 +25,7 @@ namespace inpaint_parity {
 // and up to two VAE encodes.
 constexpr double kTolerance = 5e-5;
 
-std::vector<uint8_t> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-RgbImage fixture_png(const std::string& name) {
-  return decode_png(read_bytes(test::fixture(name)));
-}
+using test::fixture_png;
 
 std::string model_path(const std::string& family, int unet) {
   if (unet == 9) return test::fixture("tiny-" + family + "-inpaint");
@@ -53,29 +46,10 @@ const std::shared_ptr<Model>& model(const std::string& family, int unet) {
   return m;
 }
 
-struct InpaintRun {
-  std::string family;
-  std::string name;  // the cases' name without "_image"
-  nlohmann::json info;
-};
-
-void PrintTo(const InpaintRun& run, std::ostream* os) {
-  *os << run.family << " " << run.name;
-}
+using InpaintRun = test::DiffusersRun;
 
 std::vector<InpaintRun> runs() {
-  std::vector<InpaintRun> out;
-  for (const std::string family : {"sd15", "sd2", "sdxl"}) {
-    std::ifstream in(test::fixture("tiny-" + family + "-inpaint-cases.json"));
-    const auto cases = nlohmann::json::parse(in, nullptr, false);
-    if (cases.is_discarded() || !cases.contains("cases")) continue;  // the count test says so
-    for (const auto& c : cases["cases"])
-      if (c["kind"] == "inpaint_image") {
-        const std::string name = c["name"];
-        out.push_back({family, name.substr(0, name.size() - std::string("_image").size()), c});
-      }
-  }
-  return out;
+  return test::diffusers_runs("inpaint", {"sd15", "sd2", "sdxl"}, "inpaint_image", "_image");
 }
 
 // The run's request as the server hands it over: picture and mask at the request's size

@@ -4,9 +4,15 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <fstream>
+#include <initializer_list>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <ostream>
 #include <string>
+#include <vector>
 
+#include "pipeline/image.h"
 #include "pipeline/io/model_files.h"
 #include "pipeline/io/tensor_io.h"
 #include "pipeline/sampler_names.h"
@@ -43,6 +49,44 @@ inline const std::map<std::string, torch::Tensor>& reference() {
 }
 inline const torch::Tensor& ref(const std::string& name) {
   return reference().at(name);
+}
+
+// A PNG of tests/fixtures (or of the built fixtures), decoded.
+inline pipeline::RgbImage fixture_png(const std::string& name) {
+  std::ifstream in(fixture(name), std::ios::binary);
+  return pipeline::decode_png(
+      {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()});
+}
+
+// One diffusers run recorded in tests/fixtures/tiny-FAMILY-SET-cases.json: its family, the
+// cases' name without the suffix of the tensor that marks it, and what made it.
+struct DiffusersRun {
+  std::string family;
+  std::string name;
+  nlohmann::json info;
+};
+inline void PrintTo(const DiffusersRun& run, std::ostream* os) {
+  *os << run.family << " " << run.name;
+}
+// The runs of SET ("img2img", "inpaint", "hires") for each family, one per case of `kind`
+// (whose name ends in `suffix`). Read at test registration: a missing or broken file leaves no
+// runs (each suite's count test reports it) instead of aborting every test in the binary.
+inline std::vector<DiffusersRun> diffusers_runs(const std::string& set,
+                                                std::initializer_list<const char*> families,
+                                                const std::string& kind,
+                                                const std::string& suffix) {
+  std::vector<DiffusersRun> out;
+  for (const std::string family : families) {
+    std::ifstream in(fixture("tiny-" + family + "-" + set + "-cases.json"));
+    const auto cases = nlohmann::json::parse(in, nullptr, false);
+    if (cases.is_discarded() || !cases.contains("cases")) continue;
+    for (const auto& c : cases["cases"])
+      if (c["kind"] == kind) {
+        const std::string name = c["name"];
+        out.push_back({family, name.substr(0, name.size() - suffix.size()), c});
+      }
+  }
+  return out;
 }
 
 // Another family's fixture ("tiny-sd2", "tiny-sdxl"): its folder, reference tensors and cases.
