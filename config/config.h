@@ -50,7 +50,16 @@ struct ServiceConfig {
   double gpu_metrics_interval_s = 5;  // NVML sampling for /metrics; 0: off          // /metrics
                                       // needs an API key too (when keys are set)
   // Model
-  std::string model;               // empty: the bundled tiny model
+  std::string model;               // empty: the bundled tiny model (or default_model)
+  // A models folder (engine/model_catalog.h): checkpoints chosen per request, LoRAs, VAEs and
+  // embeddings. With it and no `model`, the default is default_model or the first by name.
+  std::string models_dir;
+  std::string embeddings_dir;  // A1111's embeddings/ beside models/
+  std::string default_model;   // a checkpoint of models_dir by name or hash
+  std::string hash_cache;      // "": MODELS_DIR/.sdserve-hashes.json
+  // Checkpoints' weights kept on each device at most (least recently used evicted first);
+  // 0: no bound.
+  int model_memory_mb = 0;
   std::string single_file_config;  // pipeline::LoadOptions::single_file_config
   std::string device = "auto";
   std::string precision = "auto";

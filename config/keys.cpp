@@ -53,6 +53,27 @@ const std::vector<Key>& table() {
       key("model", Type::kString,
           "diffusers folder or single-file .safetensors; empty: the bundled tiny model", 0, 0,
           SDSERVE_MEMBER(model)),
+      key("models_dir", Type::kString,
+          "a models folder (A1111's or ComfyUI's layout: Stable-diffusion/ or checkpoints/, "
+          "Lora/ or loras/, VAE/ or vae/, embeddings/): checkpoints chosen per request by "
+          "name or hash; empty: only --model",
+          0, 0, SDSERVE_MEMBER(models_dir)),
+      key("embeddings_dir", Type::kString,
+          "textual-inversion embeddings besides MODELS_DIR/embeddings (A1111 keeps them beside "
+          "models/)",
+          0, 0, SDSERVE_MEMBER(embeddings_dir)),
+      key("default_model", Type::kString,
+          "the checkpoint of models_dir that requests without a model use (name or hash); "
+          "empty: the first by name",
+          0, 0, SDSERVE_MEMBER(default_model)),
+      key("hash_cache", Type::kString,
+          "file keeping the models' SHA-256 hashes by path, size and time; empty: "
+          "MODELS_DIR/.sdserve-hashes.json",
+          0, 0, SDSERVE_MEMBER(hash_cache)),
+      key("model_memory_mb", Type::kInt,
+          "checkpoint weights kept loaded per device at most, least recently used evicted "
+          "first; 0: no bound",
+          0, 1 << 24, SDSERVE_MEMBER(model_memory_mb)),
       key("single_file_config", Type::kString,
           "for a single-file model: a diffusers folder of the same architecture whose configs "
           "and tokenizers to use instead of inferred ones; empty: inferred from shapes",
@@ -287,7 +308,7 @@ std::string help_text() {
       metavar = k.name.size() > 2 && k.name.substr(k.name.size() - 2) == "_s" ? "SECONDS" : "X";
     else if (k.type.rfind("list", 0) == 0)
       metavar = "A,B,...";
-    else if (k.name == "model")
+    else if (k.name == "model" || k.name.find("_dir") != std::string::npos)
       metavar = "PATH";
     else
       metavar = "TEXT";

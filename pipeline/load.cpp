@@ -74,6 +74,36 @@ void check_vocabulary(const ClipTokenizer& tokenizer, const ClipTextConfig& conf
                    " tokens; use the tokenizer that belongs to this text encoder");
 }
 
+// What the files say of a model (ModelInfo's fields that need no weights).
+void describe(const ModelFiles& files, const std::string& path, Precision precision,
+              ModelInfo* info) {
+  info->path = path;
+  info->name = std::filesystem::path(path).filename().replace_extension().string();
+  if (info->name.empty())
+    info->name = std::filesystem::path(path).parent_path().filename().string();
+  info->layout = files.layout;
+  info->family = files.family;
+  info->precision = precision_name(precision);
+  const auto vae_config = VaeConfig::from_json(files.vae_config);
+  const auto unet_config = UNetConfig::from_json(files.unet_config);
+  // sample_size is in latents; the VAE halves the size once per block after the first.
+  const int vae_scale = 1 << (static_cast<int>(vae_config.block_out_channels.size()) - 1);
+  info->native_size = files.unet_config.value("sample_size", 64) * vae_scale;
+  info->text_layers = files.text_encoder_config.value("num_hidden_layers", 12);
+  if (!files.text_encoder_2_config.is_null())
+    info->text_layers =
+        std::min(info->text_layers, files.text_encoder_2_config.value("num_hidden_layers", 12));
+  info->latent_channels = static_cast<int>(vae_config.latent_channels);
+  info->inpainting = unet_config.in_channels == 2 * vae_config.latent_channels + 1;
+  info->size_conditioning = unet_config.text_time;
+  info->negatives_differ = unet_config.text_time;
+}
+
+Precision pick_precision(const std::string& name, bool cuda) {
+  return name == "auto" ? (cuda ? Precision::kFloat16 : Precision::kFloat32)
+                        : parse_precision(name);
+}
+
 }  // namespace
 
 std::string precision_name(Precision p) {
@@ -99,10 +129,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   const auto start = std::chrono::steady_clock::now();
   auto impl = std::make_unique<Impl>();
   impl->device = pick_device(options.device);
-  const Precision precision =
-      options.precision == "auto"
-          ? (impl->device.is_cuda() ? Precision::kFloat16 : Precision::kFloat32)
-          : parse_precision(options.precision);
+  const Precision precision = pick_precision(options.precision, impl->device.is_cuda());
   // The CPU kernels lack fp16 for much of the UNet: every job would fail. Refuse at start-up.
   if (!impl->device.is_cuda() && precision == Precision::kFloat16)
     throw ModelError("precision fp16 needs a CUDA device, and the model would run on " +
@@ -210,21 +237,17 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   }
 
   ModelInfo& info = impl->info;
-  info.path = path;
-  info.name = std::filesystem::path(path).filename().replace_extension().string();
-  if (info.name.empty()) info.name = std::filesystem::path(path).parent_path().filename().string();
-  info.layout = files.layout;
-  info.family = files.family;
+  describe(files, path, precision, &info);
   info.device = impl->device.str();
-  info.precision = precision_name(precision);
-  // sample_size is in latents; the VAE halves the size once per block after the first.
-  const int vae_scale = 1 << (static_cast<int>(vae_config.block_out_channels.size()) - 1);
-  info.native_size = files.unet_config.value("sample_size", 64) * vae_scale;
   info.text_layers = text_layers;
-  info.latent_channels = static_cast<int>(vae_config.latent_channels);
-  info.inpainting = unet_config.in_channels == 2 * vae_config.latent_channels + 1;
-  info.size_conditioning = unet_config.text_time;
-  info.negatives_differ = unet_config.text_time;
+  info.weight_bytes = 0;
+  for (const torch::nn::Module* m : {static_cast<torch::nn::Module*>(impl->unet.get()),
+                                     static_cast<torch::nn::Module*>(impl->vae.get()),
+                                     static_cast<torch::nn::Module*>(impl->text_encoder.get())})
+    for (const auto& t : m->parameters()) info.weight_bytes += t.numel() * t.element_size();
+  if (impl->text_encoder_2)
+    for (const auto& t : impl->text_encoder_2->parameters())
+      info.weight_bytes += t.numel() * t.element_size();
   info.load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   log(LogLevel::kInfo, "loaded " + family_display_name(info.family) + " " + info.layout +
@@ -235,6 +258,32 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
                            seconds_text(unet_build_s) + " + weights " +
                            seconds_text(unet_weights_s) + ", VAE " + seconds_text(vae_s) + ")");
   return std::shared_ptr<Model>(new Model(std::move(impl)));
+}
+
+ModelInfo inspect_model(const std::string& path, const LoadOptions& options) {
+  const auto device = pick_device(options.device);
+  const Precision precision = pick_precision(options.precision, device.is_cuda());
+  const std::string tokenizer_dir = options.default_tokenizer_dir.empty()
+                                        ? bundled_model_path() + "/tokenizer"
+                                        : options.default_tokenizer_dir;
+  const ModelFiles files = open_model_files(path, tokenizer_dir, options.single_file_config);
+  ModelInfo info;
+  describe(files, path, precision, &info);
+  info.device.clear();
+  // Floating-point weights take the compute dtype's bytes (the VAE may stay wider: close enough).
+  const uint64_t element = precision == Precision::kFloat32 ? 4 : 2;
+  for (const WeightSource* source :
+       {&files.unet, &files.vae, &files.text_encoder, &files.text_encoder_2})
+    for (const auto& [name, view] : source->tensors) {
+      uint64_t n = 1;
+      for (int64_t d : view.shape) n *= static_cast<uint64_t>(d);
+      info.weight_bytes += n * element;
+    }
+  return info;
+}
+
+void check_safetensors_file(const std::string& path) {
+  SafetensorsFile::open(path);
 }
 
 int cuda_device_count() {

@@ -73,6 +73,8 @@ struct ModelInfo {
   // An inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents).
   bool inpainting = false;
   double load_seconds = 0;
+  // Bytes its weights take on the device (inspect_model(): an estimate before loading).
+  uint64_t weight_bytes = 0;
   // A digest of the text encoder's config and weights (as loaded, in the compute dtype): equal on
   // every replica that loads the same text encoder, different for any other. Embedding cache keys
   // start from it.
@@ -305,6 +307,16 @@ inline int effective_clip_skip(const ModelInfo& model, int clip_skip, TextRole r
 
 // "Stable Diffusion XL" for "sdxl", and so on (ModelInfo::family); the code itself otherwise.
 std::string family_display_name(const std::string& family);
+
+// What a model is, from its configs and the headers of its files, without loading its weights
+// (milliseconds): a models folder's listing, a request's bounds before its model is loaded.
+// `device` is empty and `text_fingerprint` too; `precision` and `weight_bytes` are what
+// Model::load() with `options` would give. Throws ModelError as Model::load() does.
+ModelInfo inspect_model(const std::string& path, const LoadOptions& options = {});
+
+// Opens a .safetensors file and checks its header against its size, as loading does; throws
+// ModelError saying what is wrong.
+void check_safetensors_file(const std::string& path);
 
 // CUDA devices torch can use (0 on a CPU-only build or machine).
 int cuda_device_count();
