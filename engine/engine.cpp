@@ -96,8 +96,23 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options,
   impl->queue = std::make_unique<BoundedPriorityQueue>(static_cast<size_t>(options.max_queue));
   for (const auto& m : impl->models)
     impl->worker_status.push_back({m->info().device, "warming_up", "", 0, {}});
-  impl->model_hash = std::make_unique<ModelHash>(impl->models.front()->info().path);
+  if (!options.model_hash)
+    impl->model_hash = std::make_unique<ModelHash>(impl->models.front()->info().path);
   Impl* raw = impl.get();
+  for (const auto& m : impl->models) {
+    ModelLoader loader = options.load_model;
+    if (!loader)
+      loader = [](const std::string& name, const std::string&) -> std::shared_ptr<ModelRunner> {
+        throw std::invalid_argument("no model named '" + name + "' is served here");
+      };
+    impl->model_sets.push_back(std::make_unique<ModelSet>(
+        m->info().device, options.model_memory_bytes, std::move(loader), [raw] {
+          std::lock_guard<std::mutex> lock(raw->mutex);
+          ++raw->models_changed;
+          raw->work_cv.notify_all();
+        }));
+    impl->model_sets.back()->add_pinned(options.default_model, m);
+  }
   impl->dispatcher = std::thread([raw] { raw->dispatcher_loop(); });
   // PNG encoding takes ~30 ms per 512x512 image: two threads keep it off the critical path up to
   // ~60 images/s per process.
@@ -113,23 +128,46 @@ Engine::~Engine() {
   shutdown(SteadyClock::now());
 }
 
+std::string Engine::Impl::hash_of(const std::string& model) const {
+  if (options.model_hash) return options.model_hash(model);
+  return model == options.default_model && model_hash ? model_hash->autov2() : std::string();
+}
+
+std::vector<LoadedModel> Engine::loaded_models() const {
+  std::vector<LoadedModel> out;
+  for (const auto& set : impl_->model_sets)
+    for (auto& m : set->loaded()) out.push_back(std::move(m));
+  return out;
+}
+
 std::string Engine::model_sha256() const {
   return impl_->model_hash ? impl_->model_hash->sha256() : std::string();
 }
 
 JobSnapshot Engine::submit(JobRequest request) {
+  if (request.model == impl_->options.default_model) request.model.clear();
   RequestBounds bounds;
   bounds.text_layers = impl_->models.front()->info().text_layers;
   bounds.max_timeout_s = impl_->options.max_timeout_s;
   bounds.max_run_s = impl_->options.max_run_s;
+  if (!request.model.empty()) {
+    if (!impl_->options.describe_model)
+      throw pipeline::RequestError("model", "no model named '" + request.model +
+                                                "' is served here; this service has one model");
+    bounds.text_layers = impl_->options.describe_model(request.model).text_layers;
+  }
   validate(request, bounds);
   impl_->check_memory(request);
   // A prompt the text encoder cannot take (its syntax, its length) is refused now, not when it
-  // would run.
+  // would run. (Another model's tokenizer is not loaded yet: its prompts are checked when its
+  // job runs, and a prompt it cannot take fails the job.)
   const auto& model = *impl_->models.front();
-  model.text_input(request.prompt, request.prompt_syntax, pipeline::TextRole::kPrompt);
-  if (request.guidance_scale > 1.0)
-    model.text_input(request.negative_prompt, request.prompt_syntax, pipeline::TextRole::kNegative);
+  if (request.model.empty()) {
+    model.text_input(request.prompt, request.prompt_syntax, pipeline::TextRole::kPrompt);
+    if (request.guidance_scale > 1.0)
+      model.text_input(request.negative_prompt, request.prompt_syntax,
+                       pipeline::TextRole::kNegative);
+  }
   const double timeout = request.timeout_s.value_or(impl_->options.default_timeout_s);
   const int evals_per_image = impl_->models.front()->evals_total(image_spec(request));
 
@@ -167,6 +205,7 @@ JobSnapshot Engine::submit(JobRequest request) {
   }
   impl_->jobs.emplace(job->id, job);
   ++impl_->stats.jobs_submitted;
+  ++impl_->queue_changes;
   JobSnapshot snap = impl_->snapshot(*job);
   lock.unlock();
   impl_->work_cv.notify_all();
@@ -257,6 +296,13 @@ EngineStats Engine::stats() const {
   }
   s.previews_dropped += impl_->previews_dropped_behind.load();
   s.embedding_cache = impl_->cache->stats();  // the cache's own lock, outside the engine's
+  for (const auto& set : impl_->model_sets) {
+    const auto m = set->stats();
+    s.models.loads += m.loads;
+    s.models.load_failures += m.load_failures;
+    s.models.evictions += m.evictions;
+    s.models.load_seconds += m.load_seconds;
+  }
   return s;
 }
 

@@ -17,6 +17,7 @@
 
 #include "cache/embedding_cache.h"
 #include "engine/job.h"
+#include "engine/model_set.h"
 #include "engine/warm_up.h"
 
 namespace sdserve::pipeline {
@@ -60,6 +61,19 @@ struct EngineOptions {
   // another (memory_plan.h). 0: what the devices have free when the engine starts (the least of
   // them), or no limit where that cannot be read.
   uint64_t max_memory_bytes = 0;
+  // Several checkpoints (a models folder). Jobs whose request names no model, or
+  // `default_model`, run on the models given to create() (one per worker, loaded and warmed up
+  // at start, never evicted); another is loaded on a worker when a job for it comes up in its
+  // queue (engine/model_set.h), within `model_memory_bytes` of weights per device (0: no bound).
+  std::string default_model;
+  ModelLoader load_model;  // unset: jobs for other models fail (no such model)
+  // What a model is without loading it (its family, native size, text layers): a request's
+  // limits at submission. Throws pipeline::RequestError (field "model") for one that cannot run.
+  std::function<pipeline::ModelInfo(const std::string& name)> describe_model;
+  // The model's A1111 hash (AutoV2) for the PNG's parameters, "" while unknown; unset: the
+  // default model's file, hashed in the background.
+  std::function<std::string(const std::string& name)> model_hash;
+  uint64_t model_memory_bytes = 0;
   double result_ttl_s = 3600;              // finished images are kept this long
   uint64_t result_max_bytes = 1ull << 30;  // ... and within this many PNG bytes (oldest go first)
 };
@@ -149,6 +163,9 @@ struct EngineStats {
   // Previews: sent to the job's subscribers; dropped (the encoder fell behind, or a newer one
   // was already sent).
   uint64_t previews_sent = 0, previews_dropped = 0;
+  // Checkpoints loaded, failed to load and evicted on every worker since start, and the seconds
+  // the loads took.
+  ModelSetStats models;
   int queued_by_priority[3] = {0, 0, 0};  // queued jobs, index = Priority (high, normal, low)
   cache::HistogramCounts text_encode{cache::fast_latency_buckets()};  // seconds per encoder call
   // Per job, seconds: queued -> first image admitted, queued -> first progress event, queued ->
@@ -206,6 +223,8 @@ class Engine {
   bool ready() const;
   std::vector<WorkerStatus> workers() const;
   std::vector<DeviceMemory> device_memory() const;  // one per worker, any thread
+  // Every model loaded on a worker now (the default's name is EngineOptions::default_model).
+  std::vector<LoadedModel> loaded_models() const;
   // SHA-256 of the single-file checkpoint (A1111's model hash is its first 10 digits), computed
   // in the background after start; "" until then, and for a diffusers folder.
   std::string model_sha256() const;

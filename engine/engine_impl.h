@@ -65,6 +65,12 @@ struct Engine::Impl {
   std::vector<std::shared_ptr<ModelRunner>> models;
   std::shared_ptr<cache::EmbeddingCache> cache;
   std::unique_ptr<ModelHash> model_hash;  // of the checkpoint file, computed in the background
+  // The name jobs use for the default model ("" when options.default_model is unset).
+  const std::string& model_name(const JobRequest& request) const {
+    return request.model.empty() ? options.default_model : request.model;
+  }
+  // The A1111 hash of a job's model for its PNG ("" while unknown).
+  std::string hash_of(const std::string& model) const;
 
   mutable std::mutex mutex;         // guards everything below up to the threads
   std::condition_variable work_cv;  // workers wait here for jobs
@@ -81,6 +87,12 @@ struct Engine::Impl {
   uint64_t memory_budget = 0;
   std::string memory_budget_source;
   uint64_t next_token = 1;
+  // Counted up when a job is queued and when a model set's load ends: a worker that found
+  // nothing it could run sleeps until one changes.
+  uint64_t queue_changes = 0, models_changed = 0;
+  // One per worker: the checkpoints it holds (the default first). Created before the workers;
+  // declared after `mutex`, so their loader threads (which lock it) end before it goes.
+  std::vector<std::unique_ptr<ModelSet>> model_sets;
 
   // Events go through one FIFO and one dispatcher thread, so every subscriber sees a job's
   // events in the order the state changed, and engine threads never run network code.

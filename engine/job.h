@@ -38,6 +38,9 @@ struct PreviewOptions {
 
 // A generation request as the engine takes it; validate() checks it.
 struct JobRequest {
+  // The checkpoint, by its models-folder name (engine/model_catalog.h; the server resolves what
+  // clients send); "": the default model.
+  std::string model;
   std::string prompt;
   std::string negative_prompt;
   int width = 512;  // parse_job_request starts from the model's native size

@@ -16,6 +16,16 @@ std::optional<std::string> BoundedPriorityQueue::front() const {
   return std::nullopt;
 }
 
+std::vector<std::string> BoundedPriorityQueue::in_order(std::size_t most) const {
+  std::vector<std::string> out;
+  for (const auto& level : levels_)
+    for (const auto& id : level) {
+      if (out.size() >= most) return out;
+      out.push_back(id);
+    }
+  return out;
+}
+
 bool BoundedPriorityQueue::remove(const std::string& id) {
   for (auto& level : levels_) {
     auto it = std::find(level.begin(), level.end(), id);

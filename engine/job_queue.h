@@ -9,6 +9,7 @@
 #include <deque>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "engine/job.h"
 
@@ -21,6 +22,8 @@ class JobQueue {
   virtual bool push(const std::string& id, Priority priority) = 0;
   // The job that should run next, without removing it.
   virtual std::optional<std::string> front() const = 0;
+  // The first `most` jobs in run order (a worker looks past jobs whose model is not loaded).
+  virtual std::vector<std::string> in_order(std::size_t most) const = 0;
   // Removes a job wherever it is; false when it was not queued.
   virtual bool remove(const std::string& id) = 0;
   // 0-based position in run order, -1 when not queued.
@@ -34,6 +37,7 @@ class BoundedPriorityQueue final : public JobQueue {
   explicit BoundedPriorityQueue(std::size_t capacity) : capacity_(capacity) {}
   bool push(const std::string& id, Priority priority) override;
   std::optional<std::string> front() const override;
+  std::vector<std::string> in_order(std::size_t most) const override;
   bool remove(const std::string& id) override;
   int position(const std::string& id) const override;
   std::size_t size() const override;

@@ -4,25 +4,24 @@
 
 namespace sdserve::engine {
 
-MemoryPlan::MemoryPlan(const ModelRunner& model, uint64_t budget, int max_rows)
-    : model_(model), budget_(budget), max_rows_(max_rows) {}
+MemoryPlan::MemoryPlan(uint64_t budget, int max_rows) : budget_(budget), max_rows_(max_rows) {}
 
-uint64_t MemoryPlan::unet_bytes(int width, int height, int rows) const {
-  return model_.estimate_memory(width, height, rows, 0).unet;
+uint64_t MemoryPlan::unet_bytes(const ModelRunner& model, int width, int height, int rows) {
+  return model.estimate_memory(width, height, rows, 0).unet;
 }
 
-uint64_t MemoryPlan::decode_bytes(int width, int height, int images) const {
-  return model_.estimate_memory(width, height, 0, images).vae;
+uint64_t MemoryPlan::decode_bytes(const ModelRunner& model, int width, int height, int images) {
+  return model.estimate_memory(width, height, 0, images).vae;
 }
 
-int MemoryPlan::unet_rows(int width, int height) {
+int MemoryPlan::unet_rows(const ModelRunner& model, int width, int height) {
   if (budget_ == 0) return max_rows_;
-  const auto [it, added] = rows_.try_emplace({width, height}, 0);
+  const auto [it, added] = rows_.try_emplace({model.info().path, width, height}, 0);
   if (!added) return it->second;
   // Beside the smallest decode of this size: a call at this cap never has to wait for one.
-  const uint64_t decode = decode_bytes(width, height, 1);
+  const uint64_t decode = decode_bytes(model, width, height, 1);
   int rows = 0;
-  while (rows < max_rows_ && unet_bytes(width, height, rows + 1) + decode <= budget_) ++rows;
+  while (rows < max_rows_ && unet_bytes(model, width, height, rows + 1) + decode <= budget_) ++rows;
   return it->second = rows;
 }
 

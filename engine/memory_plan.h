@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -28,15 +30,16 @@ inline int unet_rows_of(const JobRequest& request) {
 class MemoryPlan {
  public:
   // `budget` 0: no limit (the caps are max_rows, and nothing waits).
-  MemoryPlan(const ModelRunner& model, uint64_t budget, int max_rows);
+  // Estimates come from each call's model (a worker may hold several checkpoints).
+  MemoryPlan(uint64_t budget, int max_rows);
 
   uint64_t budget() const { return budget_; }
   // The most rows one UNet call at width x height holds beside a decode of one image of that
   // size, at most max_rows; 0 when not even one row fits (an image that alone does not fit still
   // runs alone: check_memory refused it unless no budget is known). Cached per size.
-  int unet_rows(int width, int height);
-  uint64_t unet_bytes(int width, int height, int rows) const;
-  uint64_t decode_bytes(int width, int height, int images) const;
+  int unet_rows(const ModelRunner& model, int width, int height);
+  static uint64_t unet_bytes(const ModelRunner& model, int width, int height, int rows);
+  static uint64_t decode_bytes(const ModelRunner& model, int width, int height, int images);
 
   // What a UNet call or a decode in flight holds of the budget, until it is destroyed.
   class Hold {
@@ -61,10 +64,10 @@ class MemoryPlan {
   Hold hold_decode(const std::vector<uint64_t>& bytes, size_t* images);
 
  private:
-  const ModelRunner& model_;
   const uint64_t budget_;
   const int max_rows_;
-  std::map<std::pair<int, int>, int> rows_;  // unet_rows() per size (the worker's thread)
+  // unet_rows() per (model path, width, height), on the worker's thread.
+  std::map<std::tuple<std::string, int, int>, int> rows_;
 
   std::mutex mutex_;
   std::condition_variable changed_;

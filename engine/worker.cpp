@@ -28,16 +28,8 @@ Worker::Worker(Engine::Impl& engine, ModelRunner& model, size_t index)
       index_(index),
       device_(model.info().device),
       gpu_(device_.rfind("cuda", 0) == 0),
-      memory_(model, engine.memory_budget, 2 * engine.options.max_batch) {
-  // The cache may call these on its own thread after this worker is gone: they hold the model.
-  std::shared_ptr<ModelRunner> runner = engine.models[index];
-  codec_.to_bytes = [runner](const void* value) {
-    return runner->embedding_to_bytes(*static_cast<const pipeline::Embedding*>(value));
-  };
-  codec_.from_bytes = [runner](std::string_view bytes) -> std::shared_ptr<const void> {
-    return runner->embedding_from_bytes(bytes);
-  };
-}
+      models_(*engine.model_sets[index]),
+      memory_(engine.memory_budget, 2 * engine.options.max_batch) {}
 
 void Worker::run() {
   if (warm_up()) {
@@ -47,9 +39,9 @@ void Worker::run() {
       if (!retire_and_admit(&admitted)) break;
       if (!admitted.empty()) {
         preparing_ += admitted.size();
-        for (const auto& [job, k] : admitted)
-          for (const auto& size : pass_sizes(job->request))
-            preparing_rows_[size] += unet_rows_of(job->request);
+        for (const auto& a : admitted)
+          for (const auto& size : pass_sizes(a.job->request))
+            preparing_rows_[size] += unet_rows_of(a.job->request);
         {
           std::lock_guard<std::mutex> lock(text_mutex_);
           for (auto& a : admitted) to_prepare_.push_back(std::move(a));
@@ -95,14 +87,48 @@ bool Worker::retire_and_admit(std::vector<Admission>* admitted) {
     }
   }
   // Images with the text thread keep the worker alive; it wakes when they are ready.
+  const auto runnable_queued = [&] {
+    if (!engine_.queue->front().has_value() || engine_.cancel_all) return false;
+    return !blocked_at_ ||
+           *blocked_at_ != std::make_pair(engine_.queue_changes, engine_.models_changed);
+  };
   engine_.work_cv.wait(lock, [&] {
     return (engine_.threads_exit && preparing_ == 0) || !active_.empty() ||
-           prepared_count_.load() > 0 ||
-           (engine_.queue->front().has_value() && !engine_.cancel_all);
+           prepared_count_.load() > 0 || runnable_queued();
   });
   if (engine_.threads_exit && active_.empty() && preparing_ == 0) return false;
   admit(lock, admitted);
   return true;
+}
+
+std::pair<std::shared_ptr<JobState>, std::shared_ptr<ModelRunner>> Worker::next_runnable() {
+  auto& e = engine_;
+  // A queue of max_queue jobs is scanned at most: jobs for models not loaded wait there.
+  for (const auto& id : e.queue->in_order(e.queue->capacity())) {
+    auto job = e.jobs.at(id);
+    if (job->cancel_requested || is_final(job->status)) {  // never run a dead job's images
+      e.queue->remove(job->id);
+      continue;
+    }
+    const std::string& name = e.model_name(job->request);
+    uint64_t bytes = 0;
+    if (e.options.describe_model && name != e.options.default_model) {
+      try {
+        bytes = e.options.describe_model(name).weight_bytes;
+      } catch (const std::exception&) {  // the load says why
+      }
+    }
+    auto found = models_.acquire(name, bytes);
+    if (found.state == ModelSet::State::kReady) return {std::move(job), std::move(found.runner)};
+    if (found.state == ModelSet::State::kFailed && job->images_admitted == 0) {
+      e.queue->remove(job->id);
+      job->cancel_requested = true;
+      e.finish(*job, JobStatus::kFailed,
+               "model " + name + " could not be loaded: " + public_error(found.error));
+    }
+    // Loading: the job keeps its place; jobs behind it for loaded models go first.
+  }
+  return {nullptr, nullptr};
 }
 
 void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitted) {
@@ -117,17 +143,18 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
         std::chrono::duration<double>(SteadyClock::now() - next.queued_steady).count();
     cap = admission_->cap(queued, waited);
   }
+  // A load waits for the models in use to drain: nothing new starts until it has room.
+  bool none_runnable = models_.waiting_for_room();
+  if (none_runnable) cap = 0;
   // Image by image: a job's images may start at different steps.
   while (!e.cancel_all && static_cast<int>(active_.size() + preparing_ + admitted->size()) < cap) {
-    const auto front = e.queue->front();
-    if (!front) break;
-    auto job = e.jobs.at(*front);
-    if (job->cancel_requested || is_final(job->status)) {  // never run a dead job's images
-      e.queue->remove(job->id);
-      continue;
+    auto [job, model] = next_runnable();
+    if (!job) {
+      none_runnable = true;
+      break;
     }
     // The queue's order holds: the jobs behind one that must wait for memory wait too.
-    if (!fits_in_memory(job->request, *admitted)) break;
+    if (!fits_in_memory(job->request, *model, *admitted)) break;
     const int k = job->images_admitted++;
     ++job->images_in_flight;
     if (job->images_admitted == job->request.num_images) e.queue->remove(job->id);
@@ -139,14 +166,18 @@ void Worker::admit(std::unique_lock<std::mutex>&, std::vector<Admission>* admitt
           std::chrono::duration<double>(job->started_steady - job->queued_steady).count());
       e.emit(*job, e.state_event(*job));
     }
-    admitted->emplace_back(std::move(job), k);
+    admitted->push_back({std::move(job), k, std::move(model)});
   }
   if (admission_ && e.queue->size() == 0) admission_->queue_drained();
+  blocked_at_.reset();
+  if (none_runnable && e.queue->size() > 0)
+    blocked_at_ = std::make_pair(e.queue_changes, e.models_changed);
 }
 
 // An image counts at every size it has yet to run at: a hires image's first pass ends without
 // admission, and its rows join the calls of the second pass's size then.
-bool Worker::fits_in_memory(const JobRequest& request, const std::vector<Admission>& admitted) {
+bool Worker::fits_in_memory(const JobRequest& request, const ModelRunner& model,
+                            const std::vector<Admission>& admitted) {
   const auto ahead = [](const Active& a) {
     auto sizes = pass_sizes(a.job->request);
     if (a.run->size() != sizes.front()) sizes = {a.run->size()};  // in its second pass
@@ -159,11 +190,12 @@ bool Worker::fits_in_memory(const JobRequest& request, const std::vector<Admissi
     int rows = 0;
     for (const auto& a : active_)
       if (has(ahead(a), size)) rows += unet_rows_of(a.job->request);
-    for (const auto& [job, k] : admitted)
-      if (has(pass_sizes(job->request), size)) rows += unet_rows_of(job->request);
+    for (const auto& a : admitted)
+      if (has(pass_sizes(a.job->request), size)) rows += unet_rows_of(a.job->request);
     if (const auto it = preparing_rows_.find(size); it != preparing_rows_.end()) rows += it->second;
     // Alone it always runs: submit() refused what cannot fit alone.
-    if (rows > 0 && rows + unet_rows_of(request) > memory_.unet_rows(size.first, size.second))
+    if (rows > 0 &&
+        rows + unet_rows_of(request) > memory_.unet_rows(model, size.first, size.second))
       return false;
   }
   return true;
@@ -179,14 +211,15 @@ void Worker::activate() {
   }
   preparing_ -= ready.size();
   for (const auto& p : ready) {
-    const JobRequest& r = p.admission.first->request;
+    const JobRequest& r = p.admission.job->request;
     for (const auto& size : pass_sizes(r)) {
       const auto it = preparing_rows_.find(size);
       if ((it->second -= unet_rows_of(r)) == 0) preparing_rows_.erase(it);
     }
   }
   for (auto& p : ready) {
-    const auto& [job, k] = p.admission;
+    const auto& job = p.admission.job;
+    const int k = p.admission.index;
     {
       std::lock_guard<std::mutex> lock(engine_.mutex);
       if (job->cancel_requested || is_final(job->status)) {  // as retire() does
@@ -207,7 +240,9 @@ void Worker::activate() {
       } else if (!p.error.empty()) {
         throw std::runtime_error(p.error);
       }
-      Active a{job, k, model_.begin(image_spec(job->request, k), cond, uncond), cond, uncond};
+      const auto& model = p.admission.model;
+      Active a{job,  k,      model->begin(image_spec(job->request, k), cond, uncond),
+               cond, uncond, model};
       {
         std::lock_guard<std::mutex> lock(engine_.mutex);
         job->evals_per_image = a.run->evals_total();
@@ -224,28 +259,33 @@ void Worker::activate() {
   }
 }
 
-// One UNet call holds one resolution. With several in the active set, turns go round the
-// resolutions (each gets every G-th call), so a short job of another size runs beside a long one
-// instead of waiting for it, and none starves.
-std::pair<int, int> Worker::next_resolution() {
-  // The smallest size after the one stepped last, else the smallest: a stable order as sets
+// One UNet call holds one model and one resolution. With several in the active set, turns go
+// round them (each gets every G-th call), so a short job of another size or model runs beside a
+// long one instead of waiting for it, and none starves.
+std::pair<ModelRunner*, std::pair<int, int>> Worker::next_group() {
+  // The smallest group after the one stepped last, else the smallest: a stable order as sets
   // change.
-  std::optional<std::pair<int, int>> smallest, after;
+  using Key = std::tuple<std::string, int, int>;
+  std::optional<Key> smallest, after;
   for (const auto& a : active_) {
-    const std::pair<int, int> size = a.run->size();
-    if (!smallest || size < *smallest) smallest = size;
-    if (size > last_resolution_ && (!after || size < *after)) after = size;
+    const auto [w, h] = a.run->size();
+    const Key key{a.model->info().path, w, h};
+    if (!smallest || key < *smallest) smallest = key;
+    if (key > last_group_ && (!after || key < *after)) after = key;
   }
-  last_resolution_ = after ? *after : *smallest;
-  return last_resolution_;
+  last_group_ = after ? *after : *smallest;
+  for (const auto& a : active_)
+    if (a.model->info().path == std::get<0>(last_group_))
+      return {a.model.get(), {std::get<1>(last_group_), std::get<2>(last_group_)}};
+  return {nullptr, {0, 0}};  // not reached: the key came from the set
 }
 
 bool Worker::step() {
-  const auto size = next_resolution();
+  const auto [model, size] = next_group();
   std::vector<ImageRun*> batch;
   int unet_rows = 0;
   for (auto& a : active_) {
-    a.stepped = a.run->size() == size;
+    a.stepped = a.model.get() == model && a.run->size() == size;
     if (!a.stepped) continue;
     batch.push_back(a.run.get());
     unet_rows += unet_rows_of(a.job->request);
@@ -253,13 +293,14 @@ bool Worker::step() {
   try {
     // Admission kept the call within the budget beside a one-image decode; a larger decode in
     // flight makes it wait.
-    const auto held = memory_.hold_unet(memory_.unet_bytes(size.first, size.second, unet_rows));
+    const auto held =
+        memory_.hold_unet(memory_.unet_bytes(*model, size.first, size.second, unet_rows));
     const auto start = SteadyClock::now();
-    model_.step(batch);
+    model->step(batch);
     // A step call returns once the previous step is done on the device, so the time between
     // returns is the device's step time while the worker is busy.
     const auto now = SteadyClock::now();
-    const auto rows = model_.last_step_rows();
+    const auto rows = model->last_step_rows();
     {
       std::lock_guard<std::mutex> lock(engine_.mutex);
       engine_.stats.unet_batch_images.observe(static_cast<double>(batch.size()));
@@ -346,7 +387,7 @@ void Worker::send_previews() {
     if (!a.stepped || !p || a.run->done() || done % std::max(1, p->every) != 0) continue;
     pipeline::RgbImage rgb;
     try {
-      rgb = model_.preview(*a.run, *p);
+      rgb = a.model->preview(*a.run, *p);
     } catch (const std::exception& e) {
       pipeline::log(pipeline::LogLevel::kWarn, std::string("preview failed: ") + e.what());
       continue;

@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -41,9 +42,14 @@ class Worker {
     int index = 0;  // image k of the job
     std::unique_ptr<ImageRun> run;
     pipeline::EmbeddingPtr cond, uncond;  // shared by the job's images on this worker
+    std::shared_ptr<ModelRunner> model;   // its checkpoint (held: not evicted while it runs)
     bool stepped = false;                 // in this turn's UNet call
   };
-  using Admission = std::pair<std::shared_ptr<JobState>, int>;  // (job, image index)
+  struct Admission {
+    std::shared_ptr<JobState> job;
+    int index = 0;  // image k of the job
+    std::shared_ptr<ModelRunner> model;
+  };
 
   // worker_warm_up.cpp: false when the worker takes no jobs (warm-up failed, or shutdown
   // stopped it).
@@ -62,9 +68,15 @@ class Worker {
   // takes queued images. False when the thread should exit.
   bool retire_and_admit(std::vector<Admission>* admitted);
   void admit(std::unique_lock<std::mutex>& lock, std::vector<Admission>* admitted);
-  // Whether an image of `request` may join the UNet calls of its size beside the images of that
-  // size already on this worker (active, with the text thread, or `admitted` this turn).
-  bool fits_in_memory(const JobRequest& request, const std::vector<Admission>& admitted);
+  // Whether an image of `request` (on `model`) may join the UNet calls of its size beside the
+  // images of that size already on this worker (active, with the text thread, or `admitted`
+  // this turn).
+  bool fits_in_memory(const JobRequest& request, const ModelRunner& model,
+                      const std::vector<Admission>& admitted);
+  // The next queued job (in run order) whose model is loaded here, with that model; jobs whose
+  // model is loading are passed over (their load queued), jobs whose model failed to load end
+  // failed. Null when none. With the engine's mutex held.
+  std::pair<std::shared_ptr<JobState>, std::shared_ptr<ModelRunner>> next_runnable();
   // An admitted image with its job's prompt embeddings, or why they could not be made.
   struct Prepared {
     Admission admission;
@@ -73,8 +85,9 @@ class Worker {
   };
   std::vector<Prepared> prepare(const std::vector<Admission>& admitted);  // on the text thread
   void text_loop();
-  void activate();                        // the prepared images join the active set
-  std::pair<int, int> next_resolution();  // (width, height) of this turn's UNet call
+  void activate();  // the prepared images join the active set
+  // This turn's UNet call: its model and (width, height). One call holds one model and size.
+  std::pair<ModelRunner*, std::pair<int, int>> next_group();
   bool step();
   void publish();
   void send_previews();
@@ -89,21 +102,25 @@ class Worker {
     pipeline::TextRole role = pipeline::TextRole::kPrompt;
     pipeline::PromptSyntax syntax = pipeline::PromptSyntax::kA1111;
   };
-  std::string embedding_key(const PromptKey& prompt) const;
-  std::vector<pipeline::EmbeddingPtr> embeddings(const std::vector<PromptKey>& prompts,
+  std::string embedding_key(const ModelRunner& model, const PromptKey& prompt) const;
+  std::vector<pipeline::EmbeddingPtr> embeddings(const std::shared_ptr<ModelRunner>& model,
+                                                 const std::vector<PromptKey>& prompts,
                                                  std::vector<std::string>* errors);
 
   Engine::Impl& engine_;
   ModelRunner& model_;
   const size_t index_;  // in Engine::Impl::models and worker_status
   const std::string device_;
-  const bool gpu_;           // a CUDA device
-  int warm_up_size_ = 0;     // px of the warm-up generation and decodes
-  cache::ValueCodec codec_;  // embeddings to bytes and back, for the cache's shared tier
+  const bool gpu_;        // a CUDA device
+  int warm_up_size_ = 0;  // px of the warm-up generation and decodes
+  ModelSet& models_;
+  // (queue_changes, models_changed) when admit() last found queued jobs but none it could run
+  // (their models loading, or a load waiting for room): the worker sleeps until they change.
+  std::optional<std::pair<uint64_t, uint64_t>> blocked_at_;
   std::vector<Active> active_;
-  std::pair<int, int> last_resolution_{0, 0};
-  std::optional<AdmissionPolicy> admission_;  // from the step times measured at warm-up
-  MemoryPlan memory_;                         // the memory budget's caps and ledger
+  std::tuple<std::string, int, int> last_group_;  // (model path, width, height) stepped last
+  std::optional<AdmissionPolicy> admission_;      // from the step times measured at warm-up
+  MemoryPlan memory_;                             // the memory budget's caps and ledger
   SteadyClock::time_point last_step_;
 
   // Finished images wait here for the decoder thread (VAE decode overlaps the next UNet calls).

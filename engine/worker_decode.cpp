@@ -34,7 +34,7 @@ void Worker::warm_up_decoder() {
   for (int n = 1; n <= engine_.options.decode_batch && (n == 1 || !stop_requested()); ++n) {
     // Only the batches the decoder may run within the memory budget.
     if (n > 1 && memory_.budget() > 0 &&
-        memory_.decode_bytes(warm_up_size_, warm_up_size_, n) > memory_.budget())
+        memory_.decode_bytes(model_, warm_up_size_, warm_up_size_, n) > memory_.budget())
       break;
     std::vector<std::unique_ptr<ImageRun>> owned;
     std::vector<ImageRun*> batch;
@@ -60,12 +60,13 @@ void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
       std::unique_lock<std::mutex> lock(decode_mutex_);
       decode_cv_.wait(lock, [&] { return !to_decode_.empty() || decode_exit_; });
       if (to_decode_.empty()) return;
-      // The oldest image and the next of its size, up to decode_batch: a GPU decodes a call's
-      // latents as one tensor.
+      // The oldest image and the next of its model and size, up to decode_batch: a GPU decodes
+      // a call's latents as one tensor.
       const auto size = to_decode_.front().run->size();  // the final one: the run is done
+      const ModelRunner* model = to_decode_.front().model.get();
       const size_t most = static_cast<size_t>(std::max(1, engine_.options.decode_batch));
       for (auto it = to_decode_.begin(); it != to_decode_.end() && finished.size() < most;) {
-        if (it->run->size() == size) {
+        if (it->run->size() == size && it->model.get() == model) {
           finished.push_back(std::move(*it));
           it = to_decode_.erase(it);
         } else {
@@ -77,7 +78,8 @@ void Worker::decoder_loop(std::shared_ptr<std::promise<void>> warmed) {
     const auto [width, height] = finished.front().run->size();
     std::vector<uint64_t> bytes;
     for (size_t n = 1; n <= finished.size(); ++n)
-      bytes.push_back(memory_.decode_bytes(width, height, static_cast<int>(n)));
+      bytes.push_back(
+          memory_.decode_bytes(*finished.front().model, width, height, static_cast<int>(n)));
     size_t take = 0;
     const auto held = memory_.hold_decode(bytes, &take);
     if (take < finished.size()) {
@@ -117,7 +119,7 @@ void Worker::decode(std::vector<Active> finished) {
   std::vector<pipeline::RgbImage> images;
   try {
     const auto start = SteadyClock::now();
-    images = model_.decode(to_decode);
+    images = finished.front().model->decode(to_decode);
     {
       std::lock_guard<std::mutex> lock(engine_.mutex);
       engine_.stats.vae_decode.observe(
@@ -137,7 +139,7 @@ void Worker::decode(std::vector<Active> finished) {
     fail(jobs, "decoding failed: " + public_error(e.what()));
     return;
   }
-  const auto info = model_.info();
+  const auto info = finished.front().model->info();
   Engine::Impl* e = &engine_;
   for (size_t i = 0; i < finished.size(); ++i) {
     auto job = finished[i].job;
@@ -150,7 +152,7 @@ void Worker::decode(std::vector<Active> finished) {
                         // a model it has not hashed.
                         params = pipeline::a1111_parameters(
                             generate_request_of(*job), job->seed + k, info,
-                            e->model_hash ? e->model_hash->autov2() : std::string());
+                            e->hash_of(e->model_name(job->request)));
                       }
                       auto png = std::make_shared<const std::vector<uint8_t>>(
                           pipeline::encode_png(image, {{"parameters", params}}));

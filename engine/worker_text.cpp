@@ -15,14 +15,14 @@ namespace sdserve::engine {
 // The key of a prompt's embedding in every cache tier: what decides the embedding (the text
 // encoder's weights and config, the dtype, clip_skip, the token ids and their weights), never the
 // raw prompt, so two models never share entries and two spellings that tokenise alike do.
-std::string Worker::embedding_key(const PromptKey& p) const {
-  const auto& info = model_.info();
+std::string Worker::embedding_key(const ModelRunner& model, const PromptKey& p) const {
+  const auto& info = model.info();
   const int clip_skip = pipeline::effective_clip_skip(info, p.clip_skip, p.role);
   std::string text = "sdserve embedding\n" + info.text_fingerprint + "\n" + info.family + "\n" +
                      info.precision + "\nclip_skip " + std::to_string(clip_skip);
   // SDXL: a negative's embedding differs from the same text's as a prompt.
   if (info.negatives_differ && p.role == pipeline::TextRole::kNegative) text += "\nnegative";
-  const auto in = model_.text_input(p.prompt, p.syntax, p.role);
+  const auto in = model.text_input(p.prompt, p.syntax, p.role);
   text += "\nids";
   for (int32_t id : in.ids) text += " " + std::to_string(id);
   // Weights as their bit patterns: exact, and short for the usual all-ones.
@@ -38,20 +38,30 @@ std::string Worker::embedding_key(const PromptKey& p) const {
 // Embeddings for (prompt, clip_skip, role, syntax) keys: the cache's where it has them; the misses
 // encoded together (one text-encoder call per clip_skip, role and syntax) and stored. A non-empty
 // `errors` entry says why that prompt could not be encoded.
-std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptKey>& prompts,
+std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::shared_ptr<ModelRunner>& model,
+                                                       const std::vector<PromptKey>& prompts,
                                                        std::vector<std::string>* errors) {
   errors->assign(prompts.size(), "");
+  // Embeddings to bytes and back for the cache's shared tier, by this model (the lambdas hold
+  // it: the cache may call them on its own thread later).
+  cache::ValueCodec codec;
+  codec.to_bytes = [model](const void* value) {
+    return model->embedding_to_bytes(*static_cast<const pipeline::Embedding*>(value));
+  };
+  codec.from_bytes = [model](std::string_view bytes) -> std::shared_ptr<const void> {
+    return model->embedding_from_bytes(bytes);
+  };
   std::vector<std::string> keys;
   for (size_t i = 0; i < prompts.size(); ++i) {
     try {
-      keys.push_back(embedding_key(prompts[i]));
+      keys.push_back(embedding_key(*model, prompts[i]));
     } catch (const std::exception& e) {  // checked at submission; kept from others' jobs anyway
       keys.push_back("unencodable\n" + std::to_string(i));
       (*errors)[i] = e.what();
     }
   }
   std::vector<pipeline::EmbeddingPtr> out;
-  for (auto& v : engine_.cache->find_many(device_, keys, codec_))
+  for (auto& v : engine_.cache->find_many(device_, keys, codec))
     out.push_back(std::static_pointer_cast<const pipeline::Embedding>(v));
   // By (clip_skip, role, syntax); each distinct key once.
   std::map<std::tuple<int, pipeline::TextRole, pipeline::PromptSyntax>, std::vector<size_t>> misses;
@@ -66,13 +76,13 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
     const auto start = SteadyClock::now();
     std::vector<pipeline::EmbeddingPtr> encoded;
     try {
-      encoded = model_.encode_for(texts, clip_skip, role, syntax);
+      encoded = model->encode_for(texts, clip_skip, role, syntax);
     } catch (const std::exception&) {
       // One bad prompt must not fail the others: encode each alone to find it.
       encoded.clear();
       for (size_t j = 0; j < idx.size(); ++j) {
         try {
-          encoded.push_back(model_.encode_for({texts[j]}, clip_skip, role, syntax).at(0));
+          encoded.push_back(model->encode_for({texts[j]}, clip_skip, role, syntax).at(0));
         } catch (const std::exception& e) {
           encoded.push_back(nullptr);
           (*errors)[idx[j]] = e.what();
@@ -87,8 +97,8 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
     for (size_t j = 0; j < idx.size(); ++j) {
       out[idx[j]] = encoded[j];
       if (encoded[j] && (*errors)[idx[j]].empty())
-        engine_.cache->store(device_, keys[idx[j]], encoded[j], model_.embedding_size(*encoded[j]),
-                             codec_);
+        engine_.cache->store(device_, keys[idx[j]], encoded[j], model->embedding_size(*encoded[j]),
+                             codec);
     }
   }
   for (size_t i = 0; i < prompts.size(); ++i) {  // repeats of a key encoded above
@@ -103,40 +113,50 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::vector<PromptK
 
 std::vector<Worker::Prepared> Worker::prepare(const std::vector<Admission>& admitted) {
   // A job's images share its prompt embeddings: looked up (or encoded) once per job in a batch,
-  // all of the batch's together. (Its images in later batches hit the in-memory cache.)
+  // all of a model's together. (Its images in later batches hit the in-memory cache.)
   constexpr size_t kNone = static_cast<size_t>(-1);  // no unconditional prompt (no CFG)
-  std::vector<PromptKey> prompts;
-  std::map<const JobState*, std::pair<size_t, size_t>> slots;  // job -> (cond, uncond) indices
-  for (const auto& [job, k] : admitted) {
-    if (slots.count(job.get())) continue;
-    std::pair<size_t, size_t> slot{prompts.size(), kNone};
-    const auto syntax = job->request.prompt_syntax;
-    prompts.push_back(
-        {job->request.prompt, job->request.clip_skip, pipeline::TextRole::kPrompt, syntax});
-    if (job->request.guidance_scale > 1.0) {
-      slot.second = prompts.size();
-      prompts.push_back({job->request.negative_prompt, job->request.clip_skip,
-                         pipeline::TextRole::kNegative, syntax});
+  struct Group {
+    std::shared_ptr<ModelRunner> model;
+    std::vector<PromptKey> prompts;
+    std::vector<std::string> errors;
+    std::vector<pipeline::EmbeddingPtr> found;
+  };
+  std::map<const ModelRunner*, Group> groups;
+  // job -> (cond, uncond) indices in its model's group
+  std::map<const JobState*, std::pair<size_t, size_t>> slots;
+  for (const auto& a : admitted) {
+    if (slots.count(a.job.get())) continue;
+    Group& g = groups[a.model.get()];
+    g.model = a.model;
+    std::pair<size_t, size_t> slot{g.prompts.size(), kNone};
+    const auto& request = a.job->request;
+    g.prompts.push_back(
+        {request.prompt, request.clip_skip, pipeline::TextRole::kPrompt, request.prompt_syntax});
+    if (request.guidance_scale > 1.0) {
+      slot.second = g.prompts.size();
+      g.prompts.push_back({request.negative_prompt, request.clip_skip,
+                           pipeline::TextRole::kNegative, request.prompt_syntax});
     }
-    slots[job.get()] = slot;
+    slots[a.job.get()] = slot;
   }
-  std::vector<std::string> errors;
-  std::vector<pipeline::EmbeddingPtr> found;
-  try {
-    if (!prompts.empty()) found = embeddings(prompts, &errors);
-  } catch (const std::exception& e) {  // the batch's jobs fail; the thread goes on
-    found.assign(prompts.size(), nullptr);
-    errors.assign(prompts.size(), std::string("prompt embeddings failed: ") + e.what());
+  for (auto& [ptr, g] : groups) {
+    try {
+      g.found = embeddings(g.model, g.prompts, &g.errors);
+    } catch (const std::exception& e) {  // the batch's jobs fail; the thread goes on
+      g.found.assign(g.prompts.size(), nullptr);
+      g.errors.assign(g.prompts.size(), std::string("prompt embeddings failed: ") + e.what());
+    }
   }
   std::vector<Prepared> out;
   for (const auto& admission : admitted) {
     Prepared p{admission, nullptr, nullptr, {}};
-    const auto [c, u] = slots.at(admission.first.get());
-    p.error = errors[c];
-    p.cond = found[c];
+    const Group& g = groups.at(admission.model.get());
+    const auto [c, u] = slots.at(admission.job.get());
+    p.error = g.errors[c];
+    p.cond = g.found[c];
     if (u != kNone) {
-      if (p.error.empty()) p.error = errors[u];
-      p.uncond = found[u];
+      if (p.error.empty()) p.error = g.errors[u];
+      p.uncond = g.found[u];
     }
     out.push_back(std::move(p));
   }

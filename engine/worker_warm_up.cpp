@@ -128,7 +128,7 @@ bool Worker::time_steps(const std::vector<int>& batch_sizes, SteadyClock::time_p
   for (StepTiming probe : warm_up_probes(model_.info().native_size, batch_sizes, gpu_)) {
     // A UNet call the memory budget cannot hold is never run (the probes grow).
     if (memory_.budget() > 0 &&
-        memory_.unet_bytes(probe.size, probe.size, 2 * probe.batch) > memory_.budget())
+        memory_.unet_bytes(model_, probe.size, probe.size, 2 * probe.batch) > memory_.budget())
       break;
     // The first step is always timed: the estimates need one.
     if (!measured->empty() &&
