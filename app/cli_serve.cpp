@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <thread>
 
@@ -12,6 +13,9 @@
 #include "cache/redis_client.h"
 #include "config/config.h"
 #include "engine/engine.h"
+#include "engine/model_catalog.h"
+#include "engine/model_runner.h"
+#include "pipeline/errors.h"
 #include "pipeline/pipeline.h"
 #include "server/logging.h"
 #include "server/server.h"
@@ -32,6 +36,7 @@ engine::EngineOptions engine_options(const config::ServiceConfig& c) {
   o.max_timeout_s = c.max_timeout_s;
   o.max_run_s = c.max_run_s;
   o.max_memory_bytes = static_cast<uint64_t>(c.max_memory_mb) << 20;
+  o.model_memory_bytes = static_cast<uint64_t>(c.model_memory_mb) << 20;
   o.result_ttl_s = c.result_ttl_s;
   o.result_max_bytes = static_cast<uint64_t>(c.result_max_mb) << 20;
   return o;
@@ -52,6 +57,38 @@ std::shared_ptr<cache::EmbeddingCache> make_cache(const config::ServiceConfig& c
     else
       spdlog::info("{}", line);
   });
+}
+
+// The engine's side of a models folder: checkpoints loaded by name, described without loading
+// (a request's limits), hashed for the PNGs.
+void add_models(std::shared_ptr<engine::ModelCatalog> catalog, const pipeline::LoadOptions& load,
+                const std::string& default_name, engine::EngineOptions* o) {
+  o->default_model = default_name;
+  o->load_model = [catalog, load](const std::string& name, const std::string& device) {
+    const auto e = catalog->find(engine::ModelKind::kCheckpoint, name);
+    if (!e) throw std::runtime_error("checkpoint '" + name + "' is no longer in the models folder");
+    if (!e->error.empty()) throw std::runtime_error(e->error);
+    auto options = load;
+    options.device = device;
+    auto model = pipeline::Model::load(e->path, options);
+    const auto& info = model->info();
+    spdlog::info("model {} ({}, {}) loaded on {} in {:.1f} s", name,
+                 pipeline::family_display_name(info.family), info.layout, info.device,
+                 info.load_seconds);
+    return engine::pipeline_runner(std::move(model));
+  };
+  o->describe_model = [catalog](const std::string& name) {
+    const auto e = catalog->find(engine::ModelKind::kCheckpoint, name);
+    if (!e) throw pipeline::RequestError("model", "no checkpoint named '" + name + "'");
+    if (!e->error.empty())
+      throw pipeline::RequestError("model",
+                                   "checkpoint '" + name + "' cannot be used: " + e->error);
+    return e->info;
+  };
+  o->model_hash = [catalog](const std::string& name) {
+    const auto e = catalog->find(engine::ModelKind::kCheckpoint, name);
+    return e ? e->autov2() : std::string();
+  };
 }
 
 }  // namespace
@@ -80,7 +117,46 @@ int run_serve(const std::vector<std::string>& args) {
   if (!loaded.config_file.empty()) spdlog::info("config file: {}", loaded.config_file);
   spdlog::debug("configuration: {}", config::to_json(cfg));
 
+  pipeline::LoadOptions load;
+  load.device = cfg.device;
+  load.precision = cfg.precision;
+  load.vae_precision = cfg.vae_precision;
+  load.single_file_config = cfg.single_file_config;
+
+  // The models folder, when there is one: checkpoints chosen per request. The default model is
+  // --model, else default_model (or the first by name) of the folder, else the bundled one.
+  std::shared_ptr<engine::ModelCatalog> catalog;
   std::string model_path = cfg.model;
+  std::string default_name;
+  if (!cfg.models_dir.empty()) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(cfg.models_dir, ec))
+      throw UsageError("models_dir '" + cfg.models_dir + "' is not a folder");
+    engine::CatalogOptions c;
+    c.models_dir = cfg.models_dir;
+    c.embeddings_dir = cfg.embeddings_dir;
+    c.hash_cache = cfg.hash_cache;
+    c.load = load;
+    if (!cfg.model.empty()) c.extra_checkpoints = {cfg.model};
+    catalog = std::make_shared<engine::ModelCatalog>(c);
+    for (const auto& e : catalog->list(engine::ModelKind::kCheckpoint))
+      if (!e.error.empty()) spdlog::warn("checkpoint {} cannot be used: {}", e.name, e.error);
+    if (!cfg.default_model.empty() && cfg.model.empty()) {
+      const auto e = catalog->find(engine::ModelKind::kCheckpoint, cfg.default_model);
+      if (!e) throw UsageError("default_model '" + cfg.default_model + "' is not in models_dir");
+      if (!e->error.empty())
+        throw UsageError("default_model '" + cfg.default_model + "' cannot be used: " + e->error);
+    }
+    if (const auto e = catalog->default_checkpoint(cfg.model.empty() ? cfg.default_model : "")) {
+      model_path = e->path;
+      default_name = e->name;
+    }
+    spdlog::info("models folder {}: {} checkpoints, {} LoRAs, {} VAEs, {} embeddings",
+                 cfg.models_dir, catalog->list(engine::ModelKind::kCheckpoint).size(),
+                 catalog->list(engine::ModelKind::kLora).size(),
+                 catalog->list(engine::ModelKind::kVae).size(),
+                 catalog->list(engine::ModelKind::kEmbedding).size());
+  }
   if (model_path.empty()) {
     model_path = pipeline::bundled_model_path();
     spdlog::info("no --model given: using the bundled tiny model at {} (for tests and demos only)",
@@ -89,13 +165,9 @@ int run_serve(const std::vector<std::string>& args) {
 
   // Listen first: /healthz answers and /readyz says 503 while the model loads.
   server::Server server(cfg);
+  if (catalog) server.set_catalog(catalog, default_name);
   server.start();
 
-  pipeline::LoadOptions load;
-  load.device = cfg.device;
-  load.precision = cfg.precision;
-  load.vae_precision = cfg.vae_precision;
-  load.single_file_config = cfg.single_file_config;
   // Buckets are counted in images; a UNet batch has one row per image, two with guidance.
   load.batch_buckets.clear();
   for (int b : cfg.batch_buckets)
@@ -122,8 +194,10 @@ int run_serve(const std::vector<std::string>& args) {
   const auto model = models.front();
 
   if (!server.stop_requested()) {
+    auto options = engine_options(cfg);
+    if (catalog) add_models(catalog, load, default_name, &options);
     std::shared_ptr<engine::Engine> engine =
-        engine::Engine::create(engine_options(cfg), models, make_cache(cfg));
+        engine::Engine::create(options, models, make_cache(cfg));
     server.set_backend(engine, model);
     // Jobs queue during warm-up; /readyz turns ready once it has worked everywhere.
     while (!server.stop_requested() && !engine->warm_up_done())

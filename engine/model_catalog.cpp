@@ -267,7 +267,8 @@ void ModelCatalog::refresh(ModelKind kind) {
     }
     if (e.sha256.empty() && !e.folder) {
       std::lock_guard<std::mutex> lock(mutex_);
-      const auto c = hash_cache_.find(e.path);
+      const auto c = hash_cache_.find(
+          e.kind == ModelKind::kLora && e.error.empty() ? e.path + "#after-header" : e.path);
       if (c != hash_cache_.end() && c->second.bytes == e.bytes && c->second.mtime == e.mtime)
         e.sha256 = c->second.sha256;
     }
@@ -386,7 +387,9 @@ void ModelCatalog::hash_loop() {
 }
 
 std::string ModelCatalog::hash(const CatalogEntry& entry) {
-  if (!entry.folder) return file_sha256(entry.path, entry.bytes, entry.mtime);
+  if (!entry.folder)
+    return file_sha256(entry.path, entry.bytes, entry.mtime,
+                       entry.kind == ModelKind::kLora && entry.error.empty());
   std::string lines;
   for (const auto& relative : weight_files(entry.path)) {
     const fs::path file = fs::path(entry.path) / relative;
@@ -398,15 +401,25 @@ std::string ModelCatalog::hash(const CatalogEntry& entry) {
   return lines.empty() ? "" : cache::sha256_hex(lines);
 }
 
-std::string ModelCatalog::file_sha256(const std::string& path, uint64_t bytes, int64_t mtime) {
+std::string ModelCatalog::file_sha256(const std::string& path, uint64_t bytes, int64_t mtime,
+                                      bool after_header) {
+  const std::string key = after_header ? path + "#after-header" : path;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = hash_cache_.find(path);
+    const auto it = hash_cache_.find(key);
     if (it != hash_cache_.end() && it->second.bytes == bytes && it->second.mtime == mtime)
       return it->second.sha256;
   }
   std::ifstream in(path, std::ios::binary);
   if (!in) return "";
+  if (after_header) {  // 8 bytes of header length, little-endian, then the header
+    unsigned char size[8] = {};
+    in.read(reinterpret_cast<char*>(size), 8);
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | size[i];
+    if (!in || n > bytes) return "";
+    in.seekg(static_cast<std::streamoff>(8 + n));
+  }
   cache::Sha256 sha;
   std::vector<char> buffer(4 << 20);
   while (in) {
@@ -421,7 +434,7 @@ std::string ModelCatalog::file_sha256(const std::string& path, uint64_t bytes, i
   const auto digest = sha.finish();
   const std::string hex = cache::to_hex(digest.data(), digest.size());
   std::lock_guard<std::mutex> lock(mutex_);
-  hash_cache_[path] = {bytes, mtime, hex};
+  hash_cache_[key] = {bytes, mtime, hex};
   return hex;
 }
 

@@ -10,7 +10,9 @@
 // pickle, a broken or hostile file, an architecture we do not run) is listed with the reason,
 // and never stops the service. The listing changes only on refresh().
 //
-// Hashes are A1111's: the SHA-256 of the file (AutoV2 = its first 10 hex digits). A diffusers
+// Hashes are A1111's: the SHA-256 of the file (AutoV2 = its first 10 hex digits); for a LoRA,
+// the SHA-256 of the file after its safetensors header (A1111's and kohya's "addnet" hash, so
+// editing its metadata does not change it; A1111 writes its first 12 digits). A diffusers
 // folder has no one file; its hash is the SHA-256 of the lines "RELATIVE_PATH SHA256\n" of its
 // .safetensors weight files, sorted by path. Hashing reads the whole file, so it runs on a thread
 // of its own and its results are kept in a cache file keyed by path, size and modification time
@@ -54,6 +56,8 @@ struct CatalogEntry {
   pipeline::ModelInfo info;
 
   std::string autov2() const { return sha256.substr(0, sha256.empty() ? 0 : 10); }
+  // A1111's short hash of a LoRA (its "Lora hashes" in PNG parameters): 12 digits.
+  std::string lora_shorthash() const { return sha256.substr(0, sha256.empty() ? 0 : 12); }
   // A1111's title: "file_name [autov2]", or the file name until it is hashed.
   std::string title() const;
 };
@@ -100,7 +104,9 @@ class ModelCatalog {
   void inspect(CatalogEntry* entry) const;
   void hash_loop();
   std::string hash(const CatalogEntry& entry);  // "" when stopped or unreadable
-  std::string file_sha256(const std::string& path, uint64_t bytes, int64_t mtime);
+  // `after_header`: from the end of the safetensors header on (LoRAs); cached apart.
+  std::string file_sha256(const std::string& path, uint64_t bytes, int64_t mtime,
+                          bool after_header = false);
   void load_hash_cache();
   void save_hash_cache();
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "pipeline/errors.h"
+#include "pipeline/extra_networks.h"
 #include "pipeline/model_impl.h"
 #include "pipeline/prompt_syntax.h"
 
@@ -94,7 +95,8 @@ TextInput Model::Impl::text_input(const ClipTokenizer& t, const std::string& pro
     return t.tokenize(text, max_tokens);
   };
   for (const auto& chunk :
-       chunk_prompt(parse_prompt_attention(prompt, field), tokenize, rules, field)) {
+       chunk_prompt(parse_prompt_attention(strip_extra_networks(prompt, nullptr, field), field),
+                    tokenize, rules, field)) {
     const auto ids = t.frame(chunk.tokens);
     in.ids.insert(in.ids.end(), ids.begin(), ids.end());
     in.weights.push_back(1.0f);  // start

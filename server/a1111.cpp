@@ -137,7 +137,7 @@ Json hash_or_null(const std::string& sha256, size_t digits) {
 
 // override_settings: the few settings that decide the image here, checked; harmless ones
 // ignored; the rest refused by name.
-void apply_overrides(const Json& o, const pipeline::ModelInfo* model, Json& native) {
+void apply_overrides(const Json& o, Json& native) {
   if (o.is_null()) return;
   if (!o.is_object()) refuse("override_settings", "override_settings must be a JSON object");
   static const std::set<std::string> harmless = {"show_progress_every_n_steps",
@@ -155,13 +155,8 @@ void apply_overrides(const Json& o, const pipeline::ModelInfo* model, Json& nati
     if (key == "CLIP_stop_at_last_layers") {
       native["clip_skip"] = v;
     } else if (key == "sd_model_checkpoint") {
+      // The session resolved it (checkpoint_of) and translates for that model.
       if (!v.is_string()) refuse(field, field + " must be a string");
-      const std::string want = v.get<std::string>();
-      const std::string name = model_title(model);
-      // A1111 titles are "name.safetensors [hash]": the name is what identifies it here.
-      if (want.rfind(name, 0) != 0)
-        refuse(field, "model '" + want + "' is not loaded; this server runs '" + name +
-                          "' (see GET /sdapi/v1/sd-models)");
     } else if (key == "sd_vae") {
       if (!(v.is_null() || (v.is_string() && (v == "Automatic" || v == "None"))))
         refuse(field, "a separate VAE is not supported; use 'Automatic'");
@@ -350,7 +345,7 @@ Txt2Img translate_txt2img(const BodyJson& body, const pipeline::ModelInfo* model
       refuse("send_images", "send_images must be true or false");
     t.send_images = doc["send_images"].get<bool>();
   }
-  apply_overrides(doc.value("override_settings", Json(nullptr)), model, n);
+  apply_overrides(doc.value("override_settings", Json(nullptr)), n);
   // Step previews for GET /sdapi/v1/progress's current_image (A1111 shows one every few steps).
   n["preview"] = {
       {"every", n["steps"].is_number_integer() && n["steps"].get<int64_t>() > 10 ? 5 : 1},
@@ -476,9 +471,13 @@ Txt2Img translate_img2img(const BodyJson& body, const pipeline::ModelInfo* model
 
 ApiError renamed(const ApiError& e) {
   static const std::map<std::string, std::string> names = {
-      {"guidance_scale", "cfg_scale"}, {"strength", "denoising_strength"},
-      {"init_image", "init_images"},   {"sampler", "sampler_name"},
-      {"num_images", "batch_size"},    {"clip_skip", "override_settings.CLIP_stop_at_last_layers"}};
+      {"guidance_scale", "cfg_scale"},
+      {"strength", "denoising_strength"},
+      {"init_image", "init_images"},
+      {"sampler", "sampler_name"},
+      {"num_images", "batch_size"},
+      {"clip_skip", "override_settings.CLIP_stop_at_last_layers"},
+      {"model", "override_settings.sd_model_checkpoint"}};
   // The hires fix's messages may name several of its fields: each is renamed.
   static const std::vector<std::pair<std::string, std::string>> hires = {
       {"hires.scale", "hr_scale"},
@@ -593,21 +592,31 @@ Json schedulers() {
                        {"need_inner_model", false}}});
 }
 
-Json sd_models(const pipeline::ModelInfo* model, const std::string& sha256) {
+Checkpoint checkpoint(const pipeline::ModelInfo& model, const std::string& sha256) {
+  return {model_title(&model, sha256), model.name, model.name, sha256};
+}
+
+Checkpoint checkpoint(const engine::CatalogEntry& entry) {
+  std::string model_name = entry.name;
+  std::replace(model_name.begin(), model_name.end(), '/', '_');
+  return {entry.title(), model_name, entry.file_name, entry.sha256};
+}
+
+Json sd_models(const std::vector<Checkpoint>& checkpoints) {
   Json out = Json::array();
-  if (!model) return out;
-  out.push_back({{"title", model_title(model, sha256)},
-                 {"model_name", model->name},
-                 {"hash", hash_or_null(sha256, 10)},
-                 {"sha256", hash_or_null(sha256, 64)},
-                 {"filename", model->name},
-                 {"config", nullptr}});
+  for (const auto& c : checkpoints)
+    out.push_back({{"title", c.title},
+                   {"model_name", c.model_name},
+                   {"hash", hash_or_null(c.sha256, 10)},
+                   {"sha256", hash_or_null(c.sha256, 64)},
+                   {"filename", c.filename},
+                   {"config", nullptr}});
   return out;
 }
 
-Json options(const pipeline::ModelInfo* model, const std::string& sha256) {
-  return {{"sd_model_checkpoint", model_title(model, sha256)},
-          {"sd_checkpoint_hash", hash_or_null(sha256, 64)},
+Json options(const Checkpoint& current) {
+  return {{"sd_model_checkpoint", current.title},
+          {"sd_checkpoint_hash", hash_or_null(current.sha256, 64)},
           {"sd_vae", "Automatic"},
           {"CLIP_stop_at_last_layers", 1},
           {"emphasis", "Original"},

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/model_catalog.h"
 #include "server/api_json.h"
 
 namespace sdserve::pipeline {
@@ -62,8 +63,15 @@ Json txt2img_answer(const Txt2Img& t, const engine::JobSnapshot& job,
 
 Json samplers();
 Json schedulers();
-Json sd_models(const pipeline::ModelInfo* model, const std::string& sha256);
-Json options(const pipeline::ModelInfo* model, const std::string& sha256);
+// A checkpoint as A1111 lists it: title "file.safetensors [hash10]", model_name, filename.
+struct Checkpoint {
+  std::string title, model_name, filename, sha256;
+};
+Checkpoint checkpoint(const pipeline::ModelInfo& model, const std::string& sha256);
+Checkpoint checkpoint(const engine::CatalogEntry& entry);
+Json sd_models(const std::vector<Checkpoint>& checkpoints);
+// GET /sdapi/v1/options, `current` being the caller's checkpoint.
+Json options(const Checkpoint& current);
 
 // POST /sdapi/v1/png-info: {"image": "data:image/png;base64,..."} -> {info, items, parameters}
 // (A1111's answer: the "parameters" text, every text chunk, and the infotext's fields).

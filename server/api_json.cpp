@@ -232,7 +232,9 @@ const std::vector<std::string>& request_fields() {
                                                   "inpaint_paste_back",
                                                   "resize_mask",
                                                   "resize_mode",
-                                                  "hires"};
+                                                  "hires",
+                                                  "model",
+                                                  "vae"};
   return fields;
 }
 
@@ -338,6 +340,16 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
   FieldReader read(bounds);
   engine::JobRequest r;
   r.width = r.height = bounds.native_size;
+  // The server resolved the name (Context::resolve_model) before: here only its type.
+  if (doc.contains("model") && !doc["model"].is_null())
+    r.model = read.string(doc["model"], "model");
+  if (doc.contains("vae") && !doc["vae"].is_null()) {
+    const std::string vae = read.string(doc["vae"], "vae");
+    if (vae != "auto" && vae != "Automatic" && vae != "None")
+      invalid("vae",
+              "vae: choosing a VAE per request is not supported yet; use \"auto\" (the "
+              "checkpoint's own VAE)");
+  }
   if (!doc.contains("prompt")) invalid("prompt", "prompt is required (a string)");
   r.prompt = read.string(doc["prompt"], "prompt");
   if (doc.contains("negative_prompt"))
@@ -434,7 +446,9 @@ std::string iso8601(engine::WallClock::time_point t) {
 }
 
 Json request_json(const engine::JobRequest& r) {
-  Json j = {{"prompt", r.prompt},
+  // model null: the default model.
+  Json j = {{"model", r.model.empty() ? Json() : Json(r.model)},
+            {"prompt", r.prompt},
             {"negative_prompt", r.negative_prompt},
             {"width", r.width},
             {"height", r.height},

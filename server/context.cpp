@@ -1,6 +1,67 @@
 #include "server/context.h"
 
+#include "server/api_json.h"
+
 namespace sdserve::server {
+
+std::string Context::resolve_model(const std::string& name, const std::string& field) const {
+  if (name.empty() || name == default_model_) return "";
+  if (!catalog_) {
+    const auto m = model();
+    // Without a models folder A1111 titles of the one model ("name.safetensors [hash]") still
+    // name it.
+    if (m && name.rfind(m->info().name, 0) == 0) return "";
+    throw ApiError(400, "validation_error",
+                   field + ": this service runs one model ('" +
+                       (m ? m->info().name : std::string("none")) + "'), not '" + name +
+                       "'; start it with --models-dir to choose models per request",
+                   field);
+  }
+  const auto entry = catalog_->find(engine::ModelKind::kCheckpoint, name);
+  if (!entry)
+    throw ApiError(400, "validation_error",
+                   field + ": no checkpoint named '" + name +
+                       "' (GET /v1/models lists them; POST /v1/models/refresh finds new files)",
+                   field);
+  if (!entry->error.empty())
+    throw ApiError(400, "validation_error",
+                   field + ": checkpoint '" + entry->name + "' cannot be used: " + entry->error,
+                   field);
+  return entry->name == default_model_ ? "" : entry->name;
+}
+
+std::optional<pipeline::ModelInfo> Context::model_info(const std::string& resolved) const {
+  if (resolved.empty()) {
+    const auto m = model();
+    if (!m) return std::nullopt;
+    return m->info();
+  }
+  if (!catalog_) return std::nullopt;
+  const auto entry = catalog_->find(engine::ModelKind::kCheckpoint, resolved);
+  if (!entry) return std::nullopt;
+  return entry->info;
+}
+
+std::string Context::model_sha256(const std::string& resolved) const {
+  if (catalog_) {
+    const auto entry = catalog_->find(engine::ModelKind::kCheckpoint,
+                                      resolved.empty() ? default_model_ : resolved);
+    return entry ? entry->sha256 : "";
+  }
+  const auto e = engine();
+  return e ? e->model_sha256() : "";
+}
+
+std::string Context::a1111_model(const std::string& caller) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = a1111_models_.find(config_.api_keys.empty() ? "" : caller);
+  return it == a1111_models_.end() ? "" : it->second;
+}
+
+void Context::set_a1111_model(const std::string& caller, const std::string& resolved) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  a1111_models_[config_.api_keys.empty() ? "" : caller] = resolved;
+}
 
 void Context::set_backend(std::shared_ptr<engine::Engine> engine,
                           std::shared_ptr<pipeline::Model> model) {

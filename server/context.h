@@ -8,11 +8,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "config/config.h"
 #include "engine/engine.h"
+#include "engine/model_catalog.h"
 #include "pipeline/pipeline.h"
 #include "server/a1111_progress.h"
 #include "server/metrics.h"
@@ -34,7 +36,27 @@ class Context {
   // Drops the server's reference: the engine is destroyed here unless someone holds another.
   void reset_backend();
   std::shared_ptr<engine::Engine> engine() const;
-  std::shared_ptr<pipeline::Model> model() const;
+  std::shared_ptr<pipeline::Model> model() const;  // the default model (its worker's first)
+
+  // The models folder (null: one model, `--model`) and the default checkpoint's name in it. Set
+  // before the server starts, read-only after.
+  void set_catalog(std::shared_ptr<engine::ModelCatalog> catalog, std::string default_model) {
+    catalog_ = std::move(catalog);
+    default_model_ = std::move(default_model);
+  }
+  engine::ModelCatalog* catalog() const { return catalog_.get(); }
+  const std::string& default_model() const { return default_model_; }
+  // A request's model name (or hash, or A1111 title) as the catalog knows it; "" for the
+  // default. Throws ApiError 400 naming `field` for one that is unknown or cannot be used.
+  std::string resolve_model(const std::string& name, const std::string& field) const;
+  // What a checkpoint is (the default: as loaded); null for an unknown name.
+  std::optional<pipeline::ModelInfo> model_info(const std::string& resolved) const;
+  // Its SHA-256 ("" while unknown).
+  std::string model_sha256(const std::string& resolved) const;
+  // The checkpoint A1111 callers without override_settings get (POST /sdapi/v1/options): per
+  // caller (API key) when keys are set, else one for the whole service; "" = the default.
+  std::string a1111_model(const std::string& caller) const;
+  void set_a1111_model(const std::string& caller, const std::string& resolved);
 
   bool shutting_down() const { return shutting_down_.load(); }
   void begin_shutdown() { shutting_down_.store(true); }
@@ -62,7 +84,10 @@ class Context {
   mutable std::mutex mutex_;
   std::shared_ptr<engine::Engine> engine_;
   std::shared_ptr<pipeline::Model> model_;
-  std::map<uint64_t, std::string> subscriptions_;  // token -> job id
+  std::shared_ptr<engine::ModelCatalog> catalog_;
+  std::string default_model_;
+  std::map<std::string, std::string> a1111_models_;  // guarded by mutex_: caller -> model
+  std::map<uint64_t, std::string> subscriptions_;    // token -> job id
   std::map<const WsSession*, std::weak_ptr<WsSession>> websockets_;
 };
 

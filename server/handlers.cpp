@@ -9,6 +9,7 @@
 #include "config/safe_json.h"
 #include "pipeline/errors.h"
 #include "server/a1111.h"
+#include "server/model_routes.h"
 #include "server/multipart.h"
 #include "server/web_page.h"
 
@@ -197,6 +198,20 @@ Route match_route(const std::string& target) {
     r.kind = Route::kSdInterrupt;
   else if (path == "/sdapi/v1/png-info")
     r.kind = Route::kSdPngInfo;
+  else if (path == "/v1/models/refresh")
+    r.kind = Route::kModelsRefresh;
+  else if (path == "/sdapi/v1/sd-vae")
+    r.kind = Route::kSdVae;
+  else if (path == "/sdapi/v1/loras")
+    r.kind = Route::kSdLoras;
+  else if (path == "/sdapi/v1/embeddings")
+    r.kind = Route::kSdEmbeddings;
+  else if (path == "/sdapi/v1/refresh-checkpoints")
+    r.kind = Route::kSdRefreshCheckpoints;
+  else if (path == "/sdapi/v1/refresh-loras")
+    r.kind = Route::kSdRefreshLoras;
+  else if (path == "/sdapi/v1/refresh-vae")
+    r.kind = Route::kSdRefreshVae;
   else if (path.rfind("/v1/jobs/", 0) == 0) {
     const auto parts = split_path(path);  // v1, jobs, id, ...
     if (parts.size() >= 3 && valid_id(parts[2])) {
@@ -252,6 +267,20 @@ const char* route_template(Route::Kind kind) {
       return "/sdapi/v1/sd-models";
     case Route::kSdOptions:
       return "/sdapi/v1/options";
+    case Route::kModelsRefresh:
+      return "/v1/models/refresh";
+    case Route::kSdVae:
+      return "/sdapi/v1/sd-vae";
+    case Route::kSdLoras:
+      return "/sdapi/v1/loras";
+    case Route::kSdEmbeddings:
+      return "/sdapi/v1/embeddings";
+    case Route::kSdRefreshCheckpoints:
+      return "/sdapi/v1/refresh-checkpoints";
+    case Route::kSdRefreshLoras:
+      return "/sdapi/v1/refresh-loras";
+    case Route::kSdRefreshVae:
+      return "/sdapi/v1/refresh-vae";
     case Route::kSdProgress:
       return "/sdapi/v1/progress";
     case Route::kSdInterrupt:
@@ -272,7 +301,13 @@ std::string allowed_methods(Route::Kind kind) {
     case Route::kSdImg2Img:
     case Route::kSdInterrupt:
     case Route::kSdPngInfo:
+    case Route::kModelsRefresh:
+    case Route::kSdRefreshCheckpoints:
+    case Route::kSdRefreshLoras:
+    case Route::kSdRefreshVae:
       return "POST";
+    case Route::kSdOptions:
+      return "GET, POST";
     case Route::kJob:
       return "GET, DELETE";
     case Route::kNotFound:
@@ -290,7 +325,13 @@ bool method_allowed(Route::Kind kind, http::verb method) {
     case Route::kSdImg2Img:
     case Route::kSdInterrupt:
     case Route::kSdPngInfo:
+    case Route::kModelsRefresh:
+    case Route::kSdRefreshCheckpoints:
+    case Route::kSdRefreshLoras:
+    case Route::kSdRefreshVae:
       return method == http::verb::post;
+    case Route::kSdOptions:
+      return method == http::verb::get || method == http::verb::post;
     case Route::kJob:
       return method == http::verb::get || method == http::verb::delete_;
     default:
@@ -345,7 +386,8 @@ bool takes_body(Route::Kind kind) {
 }
 
 BodyJson request_body(const Request& req, Route::Kind kind) {
-  if (!takes_body(kind)) return BodyJson();
+  const bool sets_options = kind == Route::kSdOptions && req.method() == http::verb::post;
+  if (!takes_body(kind) && !sets_options) return BodyJson();
   const auto content_type = req[http::field::content_type];
   if (!multipart::is_form(content_type)) return parse_body(req.body());
   if (kind != Route::kJobs && kind != Route::kGenerate)
@@ -365,16 +407,20 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson&
     throw ApiError(503, "shutting_down", "the server is shutting down and takes no new jobs");
   }
   auto engine = require_engine(ctx);
-  const auto model = ctx.model();
+  // The checkpoint first: its native size and text layers are the request's bounds.
+  std::string model_name;
+  if (body.is_object() && body.contains("model") && body["model"].is_string())
+    model_name = ctx.resolve_model(body["model"].get<std::string>(), "model");
   engine::RequestBounds bounds;
   bounds.max_timeout_s = ctx.config().max_timeout_s;
   bounds.max_run_s = ctx.config().max_run_s;
-  if (model) {
-    bounds.text_layers = model->info().text_layers;
-    bounds.native_size = model->info().native_size;
+  if (const auto info = ctx.model_info(model_name)) {
+    bounds.text_layers = info->text_layers;
+    bounds.native_size = info->native_size;
   }
   // A wrong type or a value out of range throws ApiError 400, which the router counts.
   engine::JobRequest request = job_request(body, bounds);
+  request.model = model_name;
   request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
   try {
     return engine->submit(std::move(request));
@@ -432,6 +478,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
         in.ready = e->ready();
         in.workers = e->workers();
         in.memory = e->device_memory();
+        in.models_loaded = static_cast<int>(e->loaded_models().size());
       }
       if (model) in.model = &model->info();
       in.open_connections = ctx.open_connections.load();
@@ -440,12 +487,28 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
       res.body() = ctx.metrics().scrape(in);
       return res;
     }
-    case Route::kModels: {
+    case Route::kModels:
       require_engine(ctx);
-      json models = json::array();
-      if (const auto m = ctx.model()) models.push_back(model_json(m->info()));
-      return json_response(http::status::ok, {{"models", models}}, req);
+      return json_response(http::status::ok, models_json(ctx), req);
+    case Route::kModelsRefresh:
+      refresh_models(ctx);
+      return json_response(http::status::ok, models_json(ctx), req);
+    case Route::kSdRefreshCheckpoints:
+    case Route::kSdRefreshLoras:
+    case Route::kSdRefreshVae: {
+      const engine::ModelKind kind =
+          route.kind == Route::kSdRefreshCheckpoints ? engine::ModelKind::kCheckpoint
+          : route.kind == Route::kSdRefreshLoras     ? engine::ModelKind::kLora
+                                                     : engine::ModelKind::kVae;
+      refresh_models(ctx, &kind);
+      return json_response(http::status::ok, nullptr, req);
     }
+    case Route::kSdVae:
+      return json_response(http::status::ok, a1111::sd_vae(ctx), req);
+    case Route::kSdLoras:
+      return json_response(http::status::ok, a1111::loras(ctx), req);
+    case Route::kSdEmbeddings:
+      return json_response(http::status::ok, a1111::embeddings(ctx), req);
     case Route::kSamplers:
       return json_response(http::status::ok, samplers_json(), req);
     case Route::kJobs: {
@@ -501,16 +564,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
     case Route::kSdSchedulers:
       return json_response(http::status::ok, a1111::schedulers(), req);
     case Route::kSdModels:
-    case Route::kSdOptions: {
-      const auto m = ctx.model();
-      const auto e = ctx.engine();
-      const std::string sha256 = e ? e->model_sha256() : "";
-      const auto* info = m ? &m->info() : nullptr;
-      return json_response(http::status::ok,
-                           route.kind == Route::kSdModels ? a1111::sd_models(info, sha256)
-                                                          : a1111::options(info, sha256),
-                           req);
-    }
+      return json_response(http::status::ok, a1111::sd_models(ctx), req);
     case Route::kSdPngInfo:
       return json_response(http::status::ok, a1111::png_info(body), req);
     case Route::kGenerate:
@@ -518,6 +572,7 @@ Response handle_request(Context& ctx, const Request& req, const Route& route, co
     case Route::kSdImg2Img:
     case Route::kSdProgress:
     case Route::kSdInterrupt:
+    case Route::kSdOptions:  // per caller: HttpSession
     case Route::kNotFound:
       break;
   }

@@ -40,6 +40,14 @@ struct Route {
     kSdProgress,    // /sdapi/v1/progress (the caller's jobs)
     kSdInterrupt,   // POST /sdapi/v1/interrupt (the caller's jobs)
     kSdPngInfo,     // POST /sdapi/v1/png-info
+    // Models (server/model_routes.h)
+    kModelsRefresh,         // POST /v1/models/refresh
+    kSdVae,                 // /sdapi/v1/sd-vae
+    kSdLoras,               // /sdapi/v1/loras
+    kSdEmbeddings,          // /sdapi/v1/embeddings
+    kSdRefreshCheckpoints,  // POST /sdapi/v1/refresh-checkpoints
+    kSdRefreshLoras,        // POST /sdapi/v1/refresh-loras
+    kSdRefreshVae,          // POST /sdapi/v1/refresh-vae
   } kind = kNotFound;
   std::string job_id;
   std::string image;  // {k} as written

@@ -17,6 +17,7 @@
 
 #include "server/browser_guard.h"
 #include "server/logging.h"
+#include "server/model_routes.h"
 #include "server/ws_session.h"
 
 namespace sdserve::server {
@@ -224,6 +225,13 @@ void HttpSession::dispatch(const Route& route) {
     return send(
         json_response(http::status::ok, ctx_->a1111().progress(caller(), engine.get()), req_));
   }
+  if (route.kind == Route::kSdOptions) {
+    return send(json_response(http::status::ok,
+                              req_.method() == http::verb::post
+                                  ? a1111::set_options(*ctx_, caller(), body)
+                                  : a1111::options(*ctx_, caller()),
+                              req_));
+  }
   if (route.kind == Route::kSdInterrupt) {
     // The caller's queued and running jobs stop (their txt2img calls answer with no images).
     if (const auto engine = ctx_->engine()) {
@@ -246,9 +254,19 @@ void HttpSession::start_generate(const Request& req, const BodyJson& body) {
 }
 
 void HttpSession::start_txt2img(const Request& req, const BodyJson& body, bool img2img) {
-  const auto model = ctx_->model();
-  const auto* info = model ? &model->info() : nullptr;
-  auto t = img2img ? a1111::translate_img2img(body, info) : a1111::translate_txt2img(body, info);
+  // The checkpoint: override_settings.sd_model_checkpoint, else the caller's (POST
+  // /sdapi/v1/options), else the default. Defaults (the size) are that model's.
+  std::string model = ctx_->a1111_model(caller());
+  if (body.is_object() && body.contains("override_settings") &&
+      body["override_settings"].is_object() &&
+      body["override_settings"].contains("sd_model_checkpoint") &&
+      body["override_settings"]["sd_model_checkpoint"].is_string())
+    model = ctx_->resolve_model(body["override_settings"]["sd_model_checkpoint"].get<std::string>(),
+                                "override_settings.sd_model_checkpoint");
+  const auto info = ctx_->model_info(model);
+  auto t = img2img ? a1111::translate_img2img(body, info ? &*info : nullptr)
+                   : a1111::translate_txt2img(body, info ? &*info : nullptr);
+  if (!model.empty()) t.native["model"] = model;
   engine::JobSnapshot snap;
   try {
     snap = submit_job(*ctx_, req, t.native);
@@ -367,11 +385,11 @@ Response HttpSession::generate_response(const Request& req) {
                        "job '" + id + "' was cancelled because the server is shutting down");
       // A1111 answers an interrupted txt2img with what it has: here, no images.
       if (waiting_->txt2img) {
-        const auto model = ctx_->model();
+        const auto model = ctx_->model_info(job->request.model);
         return json_response(
             http::status::ok,
-            a1111::txt2img_answer(*waiting_->txt2img, *job, {}, model ? &model->info() : nullptr,
-                                  engine->model_sha256()),
+            a1111::txt2img_answer(*waiting_->txt2img, *job, {}, model ? &*model : nullptr,
+                                  ctx_->model_sha256(job->request.model)),
             req);
       }
       throw ApiError(409, "cancelled", "job '" + id + "' was cancelled");
@@ -399,11 +417,11 @@ Response HttpSession::generate_response(const Request& req) {
     pngs.push_back(img.png);
   }
   if (waiting_->txt2img) {
-    const auto model = ctx_->model();
+    const auto model = ctx_->model_info(job->request.model);
     Response res = json_response(
         http::status::ok,
-        a1111::txt2img_answer(*waiting_->txt2img, *job, pngs, model ? &model->info() : nullptr,
-                              engine->model_sha256()),
+        a1111::txt2img_answer(*waiting_->txt2img, *job, pngs, model ? &*model : nullptr,
+                              ctx_->model_sha256(job->request.model)),
         req);
     res.set("X-Job-Id", id);
     return res;

@@ -240,6 +240,26 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                      .Add({});
   images_ =
       &BuildCounter().Name("sdserve_images_total").Help("Images finished").Register(r).Add({});
+  models_loaded_ = &prometheus::BuildGauge()
+                        .Name("sdserve_models_loaded")
+                        .Help("Checkpoints loaded on the workers, summed over devices")
+                        .Register(r)
+                        .Add({});
+  model_loads_ = &BuildCounter()
+                      .Name("sdserve_model_loads_total")
+                      .Help("Checkpoints loaded on first use (result: ok | failed), beyond the "
+                            "default loaded at start")
+                      .Register(r);
+  model_evictions_ = &BuildCounter()
+                          .Name("sdserve_model_evictions_total")
+                          .Help("Checkpoints evicted to make room (model_memory_mb)")
+                          .Register(r)
+                          .Add({});
+  model_load_seconds_ = &BuildCounter()
+                             .Name("sdserve_model_load_seconds_total")
+                             .Help("Seconds spent loading checkpoints on first use")
+                             .Register(r)
+                             .Add({});
 
   cache_lookups_ = &BuildCounter()
                         .Name("sdserve_embedding_cache_lookups_total")
@@ -400,6 +420,12 @@ std::string Metrics::scrape(const ScrapeInput& in) {
           .Set(stats->queued_by_priority[level]);
     }
     advance(previews_->Add({{"result", "sent"}}), stats->previews_sent);
+    models_loaded_->Set(in.models_loaded);
+    advance(model_loads_->Add({{"result", "ok"}}), stats->models.loads);
+    advance(model_loads_->Add({{"result", "failed"}}), stats->models.load_failures);
+    advance(*model_evictions_, stats->models.evictions);
+    if (stats->models.load_seconds > model_load_seconds_->Value())
+      model_load_seconds_->Increment(stats->models.load_seconds - model_load_seconds_->Value());
     advance(previews_->Add({{"result", "dropped"}}), stats->previews_dropped);
     mirror(*queue_wait_, stats->queue_wait, queue_wait_seen_);
     mirror(*first_step_, stats->first_step, first_step_seen_);

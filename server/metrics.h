@@ -56,6 +56,7 @@ class Metrics {
     std::vector<engine::DeviceMemory> memory;
     const pipeline::ModelInfo* model = nullptr;
     int open_connections = 0;
+    int models_loaded = 0;  // checkpoints loaded on the workers now, summed over devices
   };
   // Refreshes the engine-derived metrics and renders the Prometheus text exposition format.
   std::string scrape(const ScrapeInput& in);
@@ -70,6 +71,9 @@ class Metrics {
   prometheus::Counter* jobs_submitted_;
   prometheus::Family<prometheus::Counter>*jobs_finished_, *jobs_rejected_;
   prometheus::Counter *unet_steps_, *images_, *unet_rows_;
+  prometheus::Gauge* models_loaded_;
+  prometheus::Family<prometheus::Counter>* model_loads_;
+  prometheus::Counter *model_evictions_, *model_load_seconds_;
   prometheus::Family<prometheus::Histogram>* http_duration_;
   // Per job and per model call (engine stats), mirrored like the cache's histograms.
   prometheus::Histogram *queue_wait_, *first_step_, *latency_, *run_time_, *unet_batch_images_,

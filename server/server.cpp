@@ -184,6 +184,10 @@ void Server::start() {
   }
 }
 
+void Server::set_catalog(std::shared_ptr<engine::ModelCatalog> catalog, std::string default_model) {
+  impl_->ctx->set_catalog(std::move(catalog), std::move(default_model));
+}
+
 void Server::set_backend(std::shared_ptr<engine::Engine> engine,
                          std::shared_ptr<pipeline::Model> model) {
   impl_->ctx->set_backend(std::move(engine), std::move(model));

@@ -18,6 +18,7 @@
 
 namespace sdserve::engine {
 class Engine;
+class ModelCatalog;
 }
 namespace sdserve::pipeline {
 class Model;
@@ -34,6 +35,8 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   unsigned short port() const;
+  // The models folder and the default checkpoint's name in it; before start().
+  void set_catalog(std::shared_ptr<engine::ModelCatalog> catalog, std::string default_model);
   void start();
   // The server becomes the engine's owner (it is destroyed in shutdown(), after every
   // subscription has ended).

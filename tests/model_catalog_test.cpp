@@ -10,6 +10,7 @@
 
 #include "cache/sha256.h"
 #include "engine/model_catalog.h"
+#include "pipeline/io/safetensors.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -130,6 +131,34 @@ TEST_F(ModelCatalogTest, HashesAreA1111sAndFoundByEveryNameClientsSend) {
   EXPECT_EQ(catalog.default_checkpoint()->name, "sd1/tiny");
   EXPECT_EQ(catalog.default_checkpoint("tiny-folder")->name, "tiny-folder");
   EXPECT_EQ(catalog.default_checkpoint("old")->name, "sd1/tiny");  // unusable: not the default
+}
+
+TEST_F(ModelCatalogTest, ALorasHashIsA1111sAddnetHashOfItsTensorsOnly) {
+  // The same tensors behind two different headers (metadata): one hash, of the bytes after the
+  // header, as A1111 and kohya's sd-scripts compute it.
+  const fs::path a = root_ / "Lora" / "a.safetensors", b = root_ / "Lora" / "b.safetensors";
+  fs::create_directories(a.parent_path());
+  std::map<std::string, pipeline::TensorData> tensors;
+  tensors["lora_unet_x.lora_down.weight"] = {pipeline::DType::kF32, {2}, std::vector<std::byte>(8)};
+  pipeline::write_safetensors(a.string(), tensors);
+  std::ifstream in(a, std::ios::binary);
+  const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  const std::string data = bytes.substr(8 + n);
+  // b: the header padded with spaces (valid JSON, another file hash), the same data.
+  std::string header = bytes.substr(8, n) + std::string(8, ' ');
+  std::string b_bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) b_bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+  write(b, b_bytes + header + data);
+  ModelCatalog catalog(options());
+  const auto ea = catalog.find(ModelKind::kLora, "a"), eb = catalog.find(ModelKind::kLora, "b");
+  ASSERT_TRUE(ea && eb);
+  ASSERT_EQ(eb->error, "") << eb->error;
+  EXPECT_EQ(ea->sha256, cache::sha256_hex(data));
+  EXPECT_EQ(eb->sha256, ea->sha256);
+  EXPECT_NE(file_sha256(a.string()), file_sha256(b.string()));
+  EXPECT_EQ(ea->lora_shorthash(), ea->sha256.substr(0, 12));
 }
 
 TEST_F(ModelCatalogTest, TheHashCacheSparesReadingUnchangedFilesAgain) {

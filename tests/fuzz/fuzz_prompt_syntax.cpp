@@ -14,6 +14,7 @@
 #include "bundled_tokenizer.h"
 #include "finding.h"
 #include "pipeline/errors.h"
+#include "pipeline/extra_networks.h"
 #include "pipeline/io/tokenizer.h"
 #include "pipeline/prompt_syntax.h"
 
@@ -26,6 +27,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   rules.comma_token = tok.find_token(",</w>");
   const auto tokenize = [&tok](const std::string& t, size_t max) { return tok.tokenize(t, max); };
   std::vector<TokenChunk> chunks;
+  try {  // A1111's <lora:...> tags: read, or refused naming the prompt
+    for (const auto& t : lora_tags(text, "prompt"))
+      if (t.name.empty() || !std::isfinite(t.te_weight) || !std::isfinite(t.unet_weight))
+        finding("a LoRA tag without a name or with a weight that is not finite");
+    if (strip_extra_networks(text).size() > text.size()) finding("stripping tags grew the text");
+  } catch (const RequestError& e) {
+    if (e.field() != "prompt") finding("an error naming '" + e.field() + "'");
+  }
   try {
     const auto pieces = parse_prompt_attention(text, "prompt");
     if (pieces.empty()) finding("no pieces");
