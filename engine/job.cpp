@@ -1,6 +1,7 @@
 #include "engine/job.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <mutex>
@@ -120,6 +121,10 @@ std::string rule(const std::string& field, const RequestBounds& bounds, int step
     return "seed must be an integer between 0 and 18446744073709551615, or -1 for a random one";
   if (field == "cancel_on_disconnect") return "cancel_on_disconnect must be true or false";
   if (field == "prompt" || field == "negative_prompt") return field + " must be a string";
+  if (field == "loras")
+    return "loras must be a list of at most " + std::to_string(kMaxLoras) +
+           " objects {\"name\": NAME, \"weight\": W} (or te_weight and unet_weight), each "
+           "weight a number between -100 and 100";
   return pipeline::rule(field, bounds.text_layers);
 }
 
@@ -142,6 +147,12 @@ void validate(const JobRequest& request, const RequestBounds& bounds) {
     if (p->method != "latent2rgb" && p->method != "vae")
       throw RequestError("preview.method", rule("preview.method", bounds));
   }
+  if (request.loras.size() > kMaxLoras)
+    throw RequestError("loras", rule("loras", bounds) +
+                                    pipeline::got(static_cast<long long>(request.loras.size())));
+  for (const auto& l : request.loras)
+    if (!(std::fabs(l.te_weight) <= 100 && std::fabs(l.unet_weight) <= 100))
+      throw RequestError("loras", rule("loras", bounds) + " (LoRA " + l.name + ")");
   if (request.timeout_s && !(*request.timeout_s > 0 && *request.timeout_s <= bounds.max_timeout_s))
     throw RequestError("timeout_s", rule("timeout_s", bounds) + pipeline::got(*request.timeout_s));
   if (request.max_run_s && !(*request.max_run_s > 0 && *request.max_run_s <= bounds.max_run_s))

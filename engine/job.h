@@ -41,6 +41,14 @@ struct JobRequest {
   // The checkpoint, by its models-folder name (engine/model_catalog.h; the server resolves what
   // clients send); "": the default model.
   std::string model;
+  // LoRAs, by their models-folder names (the server resolved them: the prompt's <lora:...> tags
+  // in A1111's syntax, then the request's `loras`), with the file the engine loads and its hash
+  // (A1111's addnet SHA-256: the PNG's "Lora hashes" and the embedding cache's key).
+  struct Lora {
+    std::string name, path, sha256;
+    double te_weight = 1.0, unet_weight = 1.0;
+  };
+  std::vector<Lora> loras;
   std::string prompt;
   std::string negative_prompt;
   int width = 512;  // parse_job_request starts from the model's native size
@@ -79,6 +87,9 @@ struct JobRequest {
   bool cancel_on_disconnect = false;
   std::string request_id;  // the HTTP request that submitted it (X-Request-Id), for logs
 };
+
+// LoRAs one request may use, tags and `loras` together.
+constexpr size_t kMaxLoras = 16;
 
 // What the limits of some fields depend on: the model and the service's configuration.
 struct RequestBounds {

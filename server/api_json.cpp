@@ -234,7 +234,8 @@ const std::vector<std::string>& request_fields() {
                                                   "resize_mode",
                                                   "hires",
                                                   "model",
-                                                  "vae"};
+                                                  "vae",
+                                                  "loras"};
   return fields;
 }
 
@@ -350,6 +351,28 @@ engine::JobRequest job_request(const BodyJson& doc, const engine::RequestBounds&
               "vae: choosing a VAE per request is not supported yet; use \"auto\" (the "
               "checkpoint's own VAE)");
   }
+  if (doc.contains("loras") && !doc["loras"].is_null()) {
+    const auto& list = doc["loras"];
+    if (!list.is_array() || list.size() > engine::kMaxLoras) read.reject("loras", list);
+    for (const auto& item : list) {
+      if (!item.is_object() || !item.contains("name")) read.reject("loras", item);
+      engine::JobRequest::Lora l;
+      for (const auto& [key, value] : item.items()) {
+        if (key == "name") {
+          l.name = read.string(value, "loras");
+        } else if (key == "weight") {
+          l.te_weight = l.unet_weight = read.number(value, "loras");
+        } else if (key != "te_weight" && key != "unet_weight") {
+          invalid("loras", "unknown field " + quoted_name(key.substr(0, 64)) +
+                               " in loras; each takes name, weight, te_weight and unet_weight");
+        }
+      }
+      // te_weight / unet_weight override weight, whatever their order in the object.
+      if (item.contains("te_weight")) l.te_weight = read.number(item["te_weight"], "loras");
+      if (item.contains("unet_weight")) l.unet_weight = read.number(item["unet_weight"], "loras");
+      r.loras.push_back(std::move(l));
+    }
+  }
   if (!doc.contains("prompt")) invalid("prompt", "prompt is required (a string)");
   r.prompt = read.string(doc["prompt"], "prompt");
   if (doc.contains("negative_prompt"))
@@ -447,7 +470,12 @@ std::string iso8601(engine::WallClock::time_point t) {
 
 Json request_json(const engine::JobRequest& r) {
   // model null: the default model.
+  Json loras = Json::array();
+  for (const auto& l : r.loras)
+    loras.push_back({{"name", l.name}, {"te_weight", l.te_weight}, {"unet_weight", l.unet_weight}});
   Json j = {{"model", r.model.empty() ? Json() : Json(r.model)},
+            {"loras", loras},
+            {"vae", "auto"},  // the checkpoint's own: the only choice yet
             {"prompt", r.prompt},
             {"negative_prompt", r.negative_prompt},
             {"width", r.width},

@@ -1,5 +1,7 @@
 #include "server/context.h"
 
+#include "pipeline/errors.h"
+#include "pipeline/extra_networks.h"
 #include "server/api_json.h"
 
 namespace sdserve::server {
@@ -28,6 +30,39 @@ std::string Context::resolve_model(const std::string& name, const std::string& f
                    field + ": checkpoint '" + entry->name + "' cannot be used: " + entry->error,
                    field);
   return entry->name == default_model_ ? "" : entry->name;
+}
+
+void Context::resolve_loras(engine::JobRequest* request) const {
+  std::vector<engine::JobRequest::Lora> all;
+  if (request->prompt_syntax == pipeline::PromptSyntax::kA1111) {
+    try {
+      for (const auto& t : pipeline::lora_tags(request->prompt, "prompt"))
+        all.push_back({t.name, "", "", t.te_weight, t.unet_weight});
+    } catch (const pipeline::RequestError& e) {
+      throw ApiError(400, "validation_error", e.what(), e.field());
+    }
+  }
+  const size_t tags = all.size();
+  for (auto& l : request->loras) all.push_back(std::move(l));
+  for (size_t i = 0; i < all.size(); ++i) {
+    auto& l = all[i];
+    const std::string field = i < tags ? "prompt" : "loras";
+    const auto entry = catalog_ ? catalog_->find(engine::ModelKind::kLora, l.name) : std::nullopt;
+    if (!entry)
+      throw ApiError(400, "validation_error",
+                     field + ": no LoRA named '" + l.name + "'" +
+                         (catalog_ ? " (GET /sdapi/v1/loras lists them; POST "
+                                     "/sdapi/v1/refresh-loras finds new files)"
+                                   : " (LoRAs come from --models-dir, which this service lacks)"),
+                     field);
+    if (!entry->error.empty())
+      throw ApiError(400, "validation_error",
+                     field + ": LoRA '" + entry->name + "' cannot be used: " + entry->error, field);
+    l.name = entry->name;
+    l.path = entry->path;
+    l.sha256 = entry->sha256;
+  }
+  request->loras = std::move(all);
 }
 
 std::optional<pipeline::ModelInfo> Context::model_info(const std::string& resolved) const {

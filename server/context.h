@@ -51,6 +51,10 @@ class Context {
   std::string resolve_model(const std::string& name, const std::string& field) const;
   // What a checkpoint is (the default: as loaded); null for an unknown name.
   std::optional<pipeline::ModelInfo> model_info(const std::string& resolved) const;
+  // The request's LoRAs: its prompt's <lora:...> tags (A1111 syntax) first, then its `loras`,
+  // each resolved in the models folder (name, path, hash). Throws ApiError 400 naming "prompt"
+  // (a tag) or "loras" for one that is unknown or cannot be used.
+  void resolve_loras(engine::JobRequest* request) const;
   // Its SHA-256 ("" while unknown).
   std::string model_sha256(const std::string& resolved) const;
   // The checkpoint A1111 callers without override_settings get (POST /sdapi/v1/options): per

@@ -422,17 +422,11 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson&
   // A wrong type or a value out of range throws ApiError 400, which the router counts.
   engine::JobRequest request = job_request(body, bounds);
   request.model = model_name;
-  // A1111's <lora:...> tags leave the text before encoding: until LoRAs apply, a tag is refused
-  // rather than silently dropped.
-  if (request.prompt_syntax == pipeline::PromptSyntax::kA1111) {
-    try {
-      if (!pipeline::lora_tags(request.prompt).empty())
-        throw ApiError(400, "validation_error",
-                       "prompt: <lora:...> tags are not applied by this build yet", "prompt");
-    } catch (const pipeline::RequestError& e) {
-      throw ApiError(400, "validation_error", e.what(), e.field());
-    }
-  }
+  ctx.resolve_loras(&request);
+  // Until LoRAs apply, one is refused rather than silently dropped.
+  if (!request.loras.empty())
+    throw ApiError(400, "validation_error", "loras: LoRAs are not applied by this build yet",
+                   "loras");
   request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
   try {
     return engine->submit(std::move(request));

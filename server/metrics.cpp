@@ -247,8 +247,9 @@ Metrics::Metrics(double gpu_interval_s, int max_queue)
                         .Add({});
   model_loads_ = &BuildCounter()
                       .Name("sdserve_model_loads_total")
-                      .Help("Checkpoints loaded on first use (result: ok | failed), beyond the "
-                            "default loaded at start")
+                      .Help(
+                          "Checkpoints loaded on first use (result: ok | failed), beyond the "
+                          "default loaded at start")
                       .Register(r);
   model_evictions_ = &BuildCounter()
                           .Name("sdserve_model_evictions_total")

@@ -19,7 +19,7 @@
 namespace sdserve::engine {
 class Engine;
 class ModelCatalog;
-}
+}  // namespace sdserve::engine
 namespace sdserve::pipeline {
 class Model;
 }
