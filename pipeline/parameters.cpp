@@ -50,6 +50,14 @@ std::string a1111_parameters(const GenerateRequest& request, uint64_t seed, cons
     if (std::string(label(second.scheduler)) != label(request.image.scheduler))
       out << ", Hires schedule type: " << label(second.scheduler);
   }
+  if (!request.lora_hashes.empty()) {
+    // A1111 quotes a value holding ':' or ','.
+    out << ", Lora hashes: \"";
+    for (size_t i = 0; i < request.lora_hashes.size(); ++i)
+      out << (i ? ", " : "") << request.lora_hashes[i].first << ": "
+          << request.lora_hashes[i].second;
+    out << "\"";
+  }
   // A1111 notes a non-default emphasis when the prompts have brackets it would otherwise weight.
   const auto brackets = [](const std::string& s) {
     return s.find_first_of("([") != std::string::npos;

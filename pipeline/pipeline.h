@@ -195,6 +195,9 @@ struct GenerateRequest {
       1;  // A1111's convention: 1 = last layer, 2 = penultimate (diffusers' clip_skip=1)
   int num_images = 1;
   ImageSpec image;  // image k uses seed image.seed + k
+  // For the PNG parameters only: the LoRAs used, by name, and their short hashes (A1111's
+  // "Lora hashes": the first 12 digits of the addnet SHA-256).
+  std::vector<std::pair<std::string, std::string>> lora_hashes;
 };
 
 class Embedding;  // a prompt's text-encoder output, resident on the model's device
