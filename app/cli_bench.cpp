@@ -30,6 +30,11 @@ fp16 weights to --work-dir first (same compute as the real checkpoint; not count
                         encode is timed, int(steps x X) steps run (default: text to image)
   --mixed               with --strength: every other image of a batch is text to image, in
                         the same UNet calls (rows at their own timesteps)
+  --loras N             N random LoRAs (UNet transformers and text encoders), image k of each
+                        batch with LoRA k mod N: rows with different LoRAs in one batch
+  --lora-rank R         their rank (default 16)
+  --lora-mode M         auto | per-row | merged (default auto: merged when a UNet call's rows
+                        share one set, per-row terms otherwise; merged runs a call per set)
   --repeats N           timed runs per measurement, median reported (default 3)
   --no-cuda-graphs      run the UNet eagerly
   --no-channels-last    keep NCHW convolutions
@@ -117,6 +122,12 @@ int run_bench(const std::vector<std::string>& args) {
       o.height = parse_int_arg(a, v, 64, 2048), size_given = true;
     else if (a == "--repeats")
       o.repeats = parse_int_arg(a, v, 1, 100);
+    else if (a == "--loras")
+      o.loras = parse_int_arg(a, v, 1, 256);
+    else if (a == "--lora-rank")
+      o.lora_rank = parse_int_arg(a, v, 1, 1024);
+    else if (a == "--lora-mode")
+      o.load.lora_mode = v;
     else if (a == "--json")
       json_path = v;
     else if (a == "--profile-batch")

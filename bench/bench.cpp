@@ -80,6 +80,22 @@ BenchReport run_bench(const BenchOptions& o,
   r.sampler = o.sampler;
   r.strength = o.strength;
   r.mixed = o.mixed && o.strength > 0;
+  std::vector<std::shared_ptr<const pipeline::Lora>> loras;
+  if (o.loras > 0) {
+    say("writing " + std::to_string(o.loras) + " random LoRAs of rank " +
+        std::to_string(o.lora_rank));
+    for (const auto& path :
+         bs::write_random_loras(*model, o.work_dir + "/loras", o.loras, o.lora_rank, 0))
+      loras.push_back(pipeline::Lora::load(path));
+    r.loras = o.loras;
+    r.lora_rank = o.lora_rank;
+    r.lora_mode = o.load.lora_mode;
+  }
+  // Image k's LoRAs (none without --loras).
+  const auto loras_of = [&loras](int k) {
+    return loras.empty() ? std::vector<pipeline::LoraUse>()
+                         : std::vector<pipeline::LoraUse>{{loras[k % loras.size()], 1.0, 1.0}};
+  };
 
   GenerateRequest req;
   req.prompt = "a photograph of an astronaut riding a horse, highly detailed";
@@ -106,6 +122,7 @@ BenchReport run_bench(const BenchOptions& o,
     req.image.init_image = std::make_shared<const RgbImage>(std::move(init));
     req.image.strength = o.strength;
   }
+  req.image.loras = loras_of(0);
   const int steps_run = pipeline::steps_that_run(req.image);
 
   // First image: what a user waits for after starting the process (includes cuDNN autotuning
@@ -123,8 +140,10 @@ BenchReport run_bench(const BenchOptions& o,
     tok.push_back(time_ms(*model, [&] { model->tokenize(req.prompt); }));
     EmbeddingPtr cond, uncond;
     enc.push_back(time_ms(*model, [&] {
-      cond = model->encode_text(req.prompt);
-      uncond = model->encode_text(req.negative_prompt);
+      cond = model->encode_text(req.prompt, 1, pipeline::TextRole::kPrompt,
+                                pipeline::PromptSyntax::kA1111, req.image.loras);
+      uncond = model->encode_text(req.negative_prompt, 1, pipeline::TextRole::kNegative,
+                                  pipeline::PromptSyntax::kA1111, req.image.loras);
     }));
     auto t = model->begin(req.image, cond, uncond);
     bs::set_profiling(*model, true);
@@ -154,14 +173,21 @@ BenchReport run_bench(const BenchOptions& o,
     std::vector<double> unet_ms;
     double decode_ms = 0;
     const double total = time_ms(*model, [&] {
-      auto emb = model->encode_texts({req.prompt, req.negative_prompt});
+      // One text-encoder call per LoRA set (the engine groups prompts by set the same way).
+      std::vector<std::vector<EmbeddingPtr>> emb;
+      for (int k = 0; k < std::min<int>(b, std::max<int>(1, static_cast<int>(loras.size()))); ++k)
+        emb.push_back(model->encode_texts({req.prompt, req.negative_prompt}, 1,
+                                          pipeline::TextRole::kPrompt,
+                                          pipeline::PromptSyntax::kA1111, loras_of(k)));
       std::vector<std::unique_ptr<Trajectory>> owned;
       std::vector<Trajectory*> batch;
       for (int k = 0; k < b; ++k) {
         ImageSpec spec = req.image;
         spec.seed = req.image.seed + k;
+        spec.loras = loras_of(k);
+        const auto& e = emb[static_cast<size_t>(k) % emb.size()];
         if (r.mixed && k % 2 == 0) spec.init_image = nullptr;  // text to image
-        owned.push_back(model->begin(spec, emb[0], emb[1]));
+        owned.push_back(model->begin(spec, e[0], e[1]));
         batch.push_back(owned.back().get());
       }
       bs::set_profiling(*model, profile);
@@ -244,6 +270,9 @@ std::string BenchReport::to_json() const {
             {"sampler", sampler},
             {"strength", strength},
             {"mixed", mixed},
+            {"loras", loras},
+            {"lora_rank", lora_rank},
+            {"lora_mode", lora_mode},
             {"write_model_s", write_model_s},
             {"load_s", load_s},
             {"startup_to_first_image_s", startup_to_first_image_s},
@@ -281,6 +310,9 @@ std::string BenchReport::to_table() const {
     << (strength > 0 ? std::string(mixed ? ", half of each batch " : ", ") + "img2img strength " +
                            std::to_string(strength)
                      : std::string())
+    << (loras > 0 ? ", " + std::to_string(loras) + " LoRAs of rank " + std::to_string(lora_rank) +
+                        " over each batch's images (" + lora_mode + ")"
+                  : std::string())
     << "\n"
     << "load " << load_s << " s; process start -> first image " << startup_to_first_image_s
     << " s\n\n"

@@ -27,6 +27,12 @@ struct BenchOptions {
   // With strength: every other image of a batch is text to image (the same batch, each row at
   // its own timestep): what sharing UNet calls between the two kinds costs or saves.
   bool mixed = false;
+  // > 0: this many random LoRAs of rank lora_rank (pipeline::bench_support::write_random_loras,
+  // under work_dir), image k of every batch with LoRA k mod loras (UNet and text encoders, weight
+  // 1): rows with different LoRAs in one UNet call. load.lora_mode says how they run ("merged":
+  // one UNet call per LoRA, as tools without per-row LoRAs do).
+  int loras = 0;
+  int lora_rank = 16;
   std::vector<int> batches = {1, 2, 4, 8, 16, 32};
   int repeats = 3;  // timed runs per batch size (the median is reported)
   // CUDA: when > 0, after the timings, one step at this batch size (and its VAE decode) inside
@@ -50,8 +56,10 @@ struct BenchReport {
   int width = 0, height = 0, steps = 0;
   double guidance_scale = 0;
   std::string sampler;
-  double strength = 0;                  // 0: text to image
-  bool mixed = false;                   // half the batch text to image
+  double strength = 0;           // 0: text to image
+  bool mixed = false;            // half the batch text to image
+  int loras = 0, lora_rank = 0;  // distinct LoRAs over each batch's images, their rank
+  std::string lora_mode;
   double write_model_s = 0;             // random weights generated and written (not start-up)
   double load_s = 0;                    // Model::load
   double startup_to_first_image_s = 0;  // process start -> first image decoded

@@ -70,13 +70,15 @@ class ModelRunner {
     for (const auto& p : prompts) out.push_back(encode_text(p, clip_skip));
     return out;
   }
-  // encode_texts() for a role (SDXL encodes negatives differently: pipeline::TextRole) and a
-  // prompt syntax. The default suits models that care for neither.
-  virtual std::vector<pipeline::EmbeddingPtr> encode_for(const std::vector<std::string>& prompts,
-                                                         int clip_skip, pipeline::TextRole role,
-                                                         pipeline::PromptSyntax syntax) {
+  // encode_texts() for a role (SDXL encodes negatives differently: pipeline::TextRole), a
+  // prompt syntax and the text encoders' LoRAs (each at its te_weight; every prompt of the call
+  // with the same set). The default suits models that care for none of them.
+  virtual std::vector<pipeline::EmbeddingPtr> encode_for(
+      const std::vector<std::string>& prompts, int clip_skip, pipeline::TextRole role,
+      pipeline::PromptSyntax syntax, const std::vector<pipeline::LoraUse>& loras = {}) {
     (void)role;
     (void)syntax;
+    (void)loras;
     return encode_texts(prompts, clip_skip);
   }
   // For the embedding cache and for checking prompts at submission: what the text encoder reads

@@ -87,10 +87,10 @@ class PipelineRunner : public ModelRunner {
                                                    int clip_skip) override {
     return model_->encode_texts(prompts, clip_skip);
   }
-  std::vector<pipeline::EmbeddingPtr> encode_for(const std::vector<std::string>& prompts,
-                                                 int clip_skip, pipeline::TextRole role,
-                                                 pipeline::PromptSyntax syntax) override {
-    return model_->encode_texts(prompts, clip_skip, role, syntax);
+  std::vector<pipeline::EmbeddingPtr> encode_for(
+      const std::vector<std::string>& prompts, int clip_skip, pipeline::TextRole role,
+      pipeline::PromptSyntax syntax, const std::vector<pipeline::LoraUse>& loras = {}) override {
+    return model_->encode_texts(prompts, clip_skip, role, syntax, loras);
   }
   pipeline::TextInput text_input(const std::string& prompt, pipeline::PromptSyntax syntax,
                                  pipeline::TextRole role) const override {

@@ -2,6 +2,8 @@
 
 #include <ATen/detail/CUDAHooksInterface.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -86,7 +88,65 @@ void write_module(const fs::path& file, torch::nn::Module& module) {
   write_safetensors(file.string(), tensors);
 }
 
+void put_f16(std::map<std::string, TensorData>& tensors, const std::string& name,
+             const torch::Tensor& value) {
+  auto t = value.to(torch::kFloat16).contiguous();
+  TensorData d{DType::kF16, t.sizes().vec(), std::vector<std::byte>(t.nbytes())};
+  std::memcpy(d.bytes.data(), t.data_ptr(), t.nbytes());
+  tensors[name] = std::move(d);
+}
+
 }  // namespace
+
+std::vector<std::string> write_random_loras(const Model& model, const std::string& dir, int count,
+                                            int rank, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  auto& impl = model.impl();
+  fs::create_directories(dir);
+  auto generator = at::detail::createCPUGenerator(seed);
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  // (kohya prefix, module): the UNet's transformer modules and the text encoders' projections.
+  std::vector<std::pair<std::string, torch::Tensor>> targets;
+  for (const auto& item : impl.unet->named_modules("", false)) {
+    if (item.key().find(".attentions.") == std::string::npos) continue;
+    torch::Tensor w;
+    if (const auto* l = item.value()->as<torch::nn::LinearImpl>()) w = l->weight;
+    if (const auto* c = item.value()->as<torch::nn::Conv2dImpl>()) w = c->weight;
+    if (w.defined()) targets.emplace_back("lora_unet_" + item.key(), w);
+  }
+  const bool two = static_cast<bool>(impl.text_encoder_2);
+  for (const auto& [prefix, encoder] :
+       {std::pair{two ? "lora_te1_text_model_" : "lora_te_text_model_", impl.text_encoder},
+        std::pair{"lora_te2_text_model_", impl.text_encoder_2}}) {
+    if (!encoder) continue;
+    for (const auto& item : encoder->named_modules("", false))
+      if (const auto* l = item.value()->as<torch::nn::LinearImpl>())
+        if (item.key().find("encoder.layers.") == 0)
+          targets.emplace_back(prefix + item.key(), l->weight);
+  }
+  std::vector<std::string> paths;
+  for (int k = 0; k < count; ++k) {
+    std::map<std::string, TensorData> tensors;
+    for (auto [name, w] : targets) {
+      std::replace(name.begin(), name.end(), '.', '_');
+      const int64_t fan_in = w[0].numel();
+      auto down_shape = w.sizes().vec();
+      down_shape[0] = rank;
+      std::vector<int64_t> up_shape = {w.size(0), rank};
+      if (w.dim() == 4) up_shape.insert(up_shape.end(), {1, 1});
+      put_f16(tensors, name + ".lora_down.weight",
+              torch::randn(down_shape, generator, opts) / std::sqrt(static_cast<double>(fan_in)));
+      put_f16(tensors, name + ".lora_up.weight", torch::randn(up_shape, generator, opts) * 0.01);
+      put_f16(tensors, name + ".alpha", torch::tensor(static_cast<float>(rank)));
+    }
+    const auto path = (fs::path(dir) / ("random-lora-" + std::to_string(k) + "-r" +
+                                        std::to_string(rank) + ".safetensors"))
+                          .string();
+    write_safetensors(path, tensors);
+    paths.push_back(path);
+  }
+  return paths;
+}
 
 void set_profiling(const Model& model, bool on) {
   model.impl().profiling = on;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "pipeline/pipeline.h"
 
@@ -43,5 +44,12 @@ std::string cuda_version();
 void write_random_sd15(const std::string& dir, uint64_t seed);
 // The same with SDXL base 1.0's architecture (two text encoders, 1024x1024 native).
 void write_random_sdxl(const std::string& dir, uint64_t seed);
+
+// Writes `count` LoRAs for `model` into `dir` (kohya's names, fp16, alpha = rank: scale 1) with
+// seeded random factors of `rank` on what a typical LoRA adapts: every projection and
+// feed-forward of the UNet's transformers (proj_in, proj_out included) and every projection of
+// the text encoders. Returns their paths.
+std::vector<std::string> write_random_loras(const Model& model, const std::string& dir, int count,
+                                            int rank, uint64_t seed);
 
 }  // namespace sdserve::pipeline::bench_support

@@ -135,6 +135,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
     throw ModelError("precision fp16 needs a CUDA device, and the model would run on " +
                      impl->device.str() + "; use fp32 (or auto) on the CPU");
   impl->dtype = torch_dtype(precision);
+  impl->lora_mode = parse_lora_mode(options.lora_mode);
   if (impl->device.is_cuda()) configure_cuda_for_inference(precision != Precision::kFloat32);
 #ifdef SDSERVE_WITH_CUDA
   if (impl->device.is_cuda()) {
@@ -229,6 +230,14 @@ std::shared_ptr<Model> Model::load(const std::string& path, const LoadOptions& o
   if (impl->vae_channels_last) to_channels_last(*impl->vae);
   impl->vae_scaling_factor = vae_config.scaling_factor;
   const double vae_s = lap();
+
+  // The modules LoRAs may adapt, as the runner left them (fused, channels-last).
+  impl->lora_targets.add(lora_names::Component::kUnet, *impl->unet);
+  impl->lora_targets.add(lora_names::Component::kTextEncoder, *impl->text_encoder);
+  if (impl->text_encoder_2)
+    impl->lora_targets.add(lora_names::Component::kTextEncoder2, *impl->text_encoder_2);
+  impl->lora_cache = std::make_unique<LoraCache>(
+      static_cast<size_t>(std::max(0, options.lora_cache_mb)) << 20, impl->device, impl->dtype);
 
   impl->scheduler = SchedulerConfig::from_json(files.scheduler_config);
   {

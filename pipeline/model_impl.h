@@ -9,6 +9,7 @@
 #include "pipeline/bench_support.h"
 #include "pipeline/io/tensor_io.h"
 #include "pipeline/io/tokenizer.h"
+#include "pipeline/lora_runtime.h"
 #include "pipeline/nn/clip.h"
 #include "pipeline/nn/unet.h"
 #include "pipeline/nn/vae.h"
@@ -63,6 +64,15 @@ struct Model::Impl {
   // compiled without SDSERVE_WITH_CUDA).
   std::shared_ptr<void> step_done;
 
+  // LoRAs (pipeline/lora_runtime.h): the adaptable modules, the LoRAs converted for this model,
+  // how they run, and each side's merged weights and last per-row packing (the UNet's used by
+  // step()'s thread, the text encoders' by encode_texts()'s).
+  LoraTargets lora_targets;
+  std::unique_ptr<LoraCache> lora_cache;
+  LoraMode lora_mode = LoraMode::kAuto;
+  MergedLoras unet_merged, text_merged;
+  LoraPacking unet_packed, text_packed;
+
   // Decoded images as float (B, 3, H, W) in [0, 1] on the CPU (parity tests compare these).
   torch::Tensor decode_float(const std::vector<Trajectory*>& batch);
   // The VAE's output (B, 3, H, W) in [-1, 1] as float32 on the model's device, for latents
@@ -70,8 +80,10 @@ struct Model::Impl {
   torch::Tensor vae_decode(const torch::Tensor& z);
   torch::Tensor predicted_x0(const Trajectory::State& s) const;
   // The text encoders' output for each prompt: (1, 77 x chunks, D) and, for SDXL, (1, P).
+  // `loras`: the text encoders' set (empty: none).
   std::vector<Embedding> encode_batch(const std::vector<std::string>& prompts, int clip_skip,
-                                      TextRole role, PromptSyntax syntax);
+                                      TextRole role, PromptSyntax syntax,
+                                      const LoraSet& loras = {});
   // What tokenizer `t` (1: the first, 2: SDXL's second) makes of a prompt.
   TextInput text_input(const ClipTokenizer& t, const std::string& prompt, PromptSyntax syntax,
                        TextRole role) const;

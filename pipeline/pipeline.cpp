@@ -187,19 +187,33 @@ TextInput Model::text_input(const std::string& prompt, PromptSyntax syntax, Text
 }
 
 EmbeddingPtr Model::encode_text(const std::string& prompt, int clip_skip, TextRole role,
-                                PromptSyntax syntax) const {
-  return encode_texts({prompt}, clip_skip, role, syntax).front();
+                                PromptSyntax syntax, const std::vector<LoraUse>& loras) const {
+  return encode_texts({prompt}, clip_skip, role, syntax, loras).front();
+}
+
+void Model::check_loras(const std::vector<LoraUse>& loras) const {
+  for (const auto& use : loras) {
+    if (!use.lora) throw RequestError("loras", "a LoRA of the list is missing (null)");
+    if (!std::isfinite(use.unet_weight) || !std::isfinite(use.te_weight))
+      throw RequestError(
+          "loras", "LoRA '" + use.lora->info().name + "': its weights must be finite numbers");
+    resolve_lora(*use.lora, impl_->lora_targets, impl_->info);
+  }
 }
 
 std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& prompts,
-                                              int clip_skip, TextRole role,
-                                              PromptSyntax syntax) const {
+                                              int clip_skip, TextRole role, PromptSyntax syntax,
+                                              const std::vector<LoraUse>& loras) const {
   if (clip_skip < 1 || clip_skip > impl_->info.text_layers)
     throw RequestError("clip_skip", rule("clip_skip", impl_->info.text_layers) +
                                         got(static_cast<long long>(clip_skip)));
   if (prompts.empty()) return {};
   torch::NoGradGuard no_grad;
-  const auto encode = [&] { return impl_->encode_batch(prompts, clip_skip, role, syntax); };
+  const auto lora_set =
+      make_lora_set(loras, LoraSide::kText, *impl_->lora_cache, impl_->lora_targets, impl_->info);
+  const auto encode = [&] {
+    return impl_->encode_batch(prompts, clip_skip, role, syntax, lora_set);
+  };
   std::vector<Embedding> encoded;
 #ifdef SDSERVE_WITH_CUDA
   if (impl_->device.is_cuda()) {
@@ -229,6 +243,7 @@ std::vector<EmbeddingPtr> Model::encode_texts(const std::vector<std::string>& pr
 std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr cond,
                                          EmbeddingPtr uncond) const {
   pipeline::validate(spec);
+  check_loras(spec.loras);  // here, not in a step() that other images share
   if (!cond) throw RequestError("", "a prompt embedding is required");
   const bool cfg = spec.guidance_scale > 1.0;
   if (cfg && !uncond)
@@ -264,6 +279,67 @@ std::unique_ptr<Trajectory> Model::begin(const ImageSpec& spec, EmbeddingPtr con
   return std::make_unique<Trajectory>(std::move(state));
 }
 
+namespace {
+
+// Calls' outputs joined back in row order: out[order[k]] = the joined parts' row k.
+torch::Tensor in_row_order(const std::vector<torch::Tensor>& parts,
+                           const std::vector<int64_t>& order) {
+  const auto joined = torch::cat(parts);
+  auto out = torch::empty_like(joined);
+  out.index_copy_(0, torch::tensor(order, torch::kInt64).to(out.device()), joined);
+  return out;
+}
+
+// The UNet's output for `rows` (indices into the step's rows), each row with its LoRA set
+// (pipeline/lora_runtime.h says how each mode runs them). `forward` runs the UNet on some rows.
+template <typename Forward>
+torch::Tensor unet_with_loras(Model::Impl& impl, const std::vector<int64_t>& rows,
+                              const std::vector<const LoraSet*>& row_loras,
+                              const Forward& forward) {
+  std::vector<const LoraSet*> sets;
+  bool any = false, uniform = true;
+  for (int64_t r : rows) {
+    sets.push_back(row_loras[r]);
+    any = any || !row_loras[r]->empty();
+    uniform = uniform && row_loras[r]->key == sets.front()->key;
+  }
+  if (!any) {
+    impl.unet_merged.restore();
+    return forward(rows);
+  }
+  if (impl.lora_mode == LoraMode::kPerRow || (impl.lora_mode == LoraMode::kAuto && !uniform)) {
+    impl.unet_merged.restore();
+    const auto call = impl.unet_packed.get(sets, LoraSide::kUnet, impl.device);
+    LoraCallScope scope(call.get());
+    return forward(rows);
+  }
+  if (uniform) {
+    impl.unet_merged.apply(*sets.front(), LoraSide::kUnet);
+    return forward(rows);
+  }
+  // Merged with several sets: one call per set, in the order the sets first appear.
+  std::vector<std::string> keys;
+  std::map<std::string, std::vector<int64_t>> positions;
+  for (size_t k = 0; k < rows.size(); ++k) {
+    auto& p = positions[sets[k]->key];
+    if (p.empty()) keys.push_back(sets[k]->key);
+    p.push_back(static_cast<int64_t>(k));
+  }
+  std::vector<torch::Tensor> parts;
+  std::vector<int64_t> order;
+  for (const auto& key : keys) {
+    const auto& p = positions[key];
+    std::vector<int64_t> group;
+    for (int64_t k : p) group.push_back(rows[k]);
+    impl.unet_merged.apply(*sets[p.front()], LoraSide::kUnet);
+    parts.push_back(forward(group));
+    order.insert(order.end(), p.begin(), p.end());
+  }
+  return in_row_order(parts, order);
+}
+
+}  // namespace
+
 #ifdef SDSERVE_WITH_CUDA
 namespace {
 at::cuda::CUDAEvent& step_event(Model::Impl& impl) {
@@ -292,9 +368,14 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   std::vector<float> timesteps, time_ids;
   const bool text_time = impl_->info.size_conditioning;
   std::vector<torch::Tensor> scaled(batch.size());
+  // Each image's LoRA set (bound to this model), and each UNet row's.
+  std::vector<LoraSet> image_loras(batch.size());
+  std::vector<const LoraSet*> row_loras;
   for (size_t i = 0; i < batch.size(); ++i) {
     auto& s = batch[i]->state();
     if (batch[i]->done()) throw RequestError("", "step() on a finished trajectory");
+    image_loras[i] = make_lora_set(s.spec.loras, LoraSide::kUnet, *impl_->lora_cache,
+                                   impl_->lora_targets, impl_->info);
     scaled[i] = s.sampler->scale_model_input(s.latent, s.evals_done);
     const auto t = static_cast<float>(s.sampler->timesteps()[s.evals_done]);
     const auto ids = text_time ? impl_->time_ids(s.spec) : std::vector<float>();
@@ -305,6 +386,7 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
       inputs.push_back(input);
       contexts.push_back(e->hidden());
       timesteps.push_back(t);
+      row_loras.push_back(&image_loras[i]);
       if (text_time) {
         pooled.push_back(e->pooled());
         time_ids.insert(time_ids.end(), ids.begin(), ids.end());
@@ -318,7 +400,8 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
   std::map<int64_t, std::vector<int64_t>> by_length;
   for (size_t r = 0; r < contexts.size(); ++r)
     by_length[contexts[r].size(1)].push_back(static_cast<int64_t>(r));
-  const auto unet = [&](const std::vector<int64_t>& rows) {
+  int64_t padding = 0;  // rows the CUDA graphs added, over the step's UNet calls
+  const auto unet_rows = [&](const std::vector<int64_t>& rows) {
     std::vector<torch::Tensor> x, ctx, pool;
     std::vector<float> ts, ids;
     for (int64_t r : rows) {
@@ -340,28 +423,28 @@ void Model::step(const std::vector<Trajectory*>& batch) const {
                            .view({xs.size(0), -1})
                            .to(impl_->device, impl_->dtype);
     }
-    return impl_->unet_runner->forward(xs, t, torch::cat(ctx), text_embeds, added_time_ids)
-        .to(torch::kFloat32);
+    auto out = impl_->unet_runner->forward(xs, t, torch::cat(ctx), text_embeds, added_time_ids)
+                   .to(torch::kFloat32);
+    padding += impl_->unet_runner->last_padding();
+    return out;
+  };
+  const auto unet = [&](const std::vector<int64_t>& rows) {
+    return unet_with_loras(*impl_, rows, row_loras, unet_rows);
   };
   prof.prepare_ms = lap();
   torch::Tensor out;
-  impl_->last_step_rows = {static_cast<int>(inputs.size()), 0};
   if (by_length.size() == 1) {
     out = unet(by_length.begin()->second);
-    impl_->last_step_rows.padding = static_cast<int>(impl_->unet_runner->last_padding());
   } else {
     std::vector<torch::Tensor> parts;
     std::vector<int64_t> order;
     for (const auto& [length, rows] : by_length) {
       parts.push_back(unet(rows));
-      impl_->last_step_rows.padding += static_cast<int>(impl_->unet_runner->last_padding());
       order.insert(order.end(), rows.begin(), rows.end());
     }
-    // Back to row order: out[order[k]] = joined's row k.
-    const auto joined = torch::cat(parts);
-    out = torch::empty_like(joined);
-    out.index_copy_(0, torch::tensor(order, torch::kInt64).to(out.device()), joined);
+    out = in_row_order(parts, order);
   }
+  impl_->last_step_rows = {static_cast<int>(inputs.size()), static_cast<int>(padding)};
 #ifdef SDSERVE_WITH_CUDA
   // Launches are asynchronous: without a bound the host queues steps far ahead of the device,
   // progress events run ahead of the pixels, and a decode waits for the whole backlog. Wait for
@@ -527,12 +610,12 @@ RgbImage Model::preview_vae(const Trajectory& trajectory, int max_side) const {
 std::vector<RgbImage> Model::generate(const GenerateRequest& request,
                                       const Progress& progress) const {
   pipeline::validate(request, impl_->info.text_layers);
-  auto cond =
-      encode_text(request.prompt, request.clip_skip, TextRole::kPrompt, request.prompt_syntax);
+  auto cond = encode_text(request.prompt, request.clip_skip, TextRole::kPrompt,
+                          request.prompt_syntax, request.image.loras);
   EmbeddingPtr uncond;
   if (request.image.guidance_scale > 1.0)
     uncond = encode_text(request.negative_prompt, request.clip_skip, TextRole::kNegative,
-                         request.prompt_syntax);
+                         request.prompt_syntax, request.image.loras);
   std::vector<std::unique_ptr<Trajectory>> owned;
   std::vector<Trajectory*> batch;
   for (int k = 0; k < request.num_images; ++k) {

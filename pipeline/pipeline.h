@@ -25,6 +25,7 @@
 
 #include "pipeline/image.h"
 #include "pipeline/inpaint.h"
+#include "pipeline/lora.h"
 
 namespace sdserve::pipeline {
 
@@ -52,6 +53,13 @@ struct LoadOptions {
   bool cuda_graphs = true;
   bool channels_last = true;
   std::vector<int> batch_buckets = {1, 2, 4, 8, 16, 32, 64};
+  // How LoRAs run (pipeline/lora_runtime.h): "auto" merges them into the weights for a UNet
+  // call whose rows all use one set and adds each row's low-rank terms otherwise; "per-row" and
+  // "merged" force one way ("merged" runs a call of several sets once per set).
+  std::string lora_mode = "auto";
+  // LoRAs converted to the device and dtype are kept up to this many MB (least recently used
+  // go first).
+  int lora_cache_mb = 1024;
 };
 
 struct ModelInfo {
@@ -138,6 +146,10 @@ struct ImageSpec {
 
   // --- Hires fix (text to image only): width x height is the first pass's size ---
   std::optional<HiresSpec> hires;
+
+  // LoRAs for this image's UNet rows, with their unet_weight (the text encoders' are the
+  // `loras` given to encode_text). Images of one batch may use different sets.
+  std::vector<LoraUse> loras;
 };
 
 // The steps that run for a spec: steps, or int(steps x strength) of them with an init image.
@@ -251,20 +263,28 @@ class Model {
   TextInput text_input(const std::string& prompt, PromptSyntax syntax,
                        TextRole role = TextRole::kPrompt) const;
 
-  // (1, 77 x chunks, D); weights applied as A1111 does (docs/PROMPTS.md).
+  // (1, 77 x chunks, D); weights applied as A1111 does (docs/PROMPTS.md). `loras` adapt the text
+  // encoders, each at its te_weight.
   EmbeddingPtr encode_text(const std::string& prompt, int clip_skip = 1,
                            TextRole role = TextRole::kPrompt,
-                           PromptSyntax syntax = PromptSyntax::kA1111) const;
+                           PromptSyntax syntax = PromptSyntax::kA1111,
+                           const std::vector<LoraUse>& loras = {}) const;
   // Embeddings as bytes (a small versioned header, then the raw tensor) for caches outside the
   // process, and back. embedding_from_bytes() checks everything against this model (format
   // version, dtype, shape, length, finite values) and throws ModelError instead of trusting it.
   std::string embedding_to_bytes(const Embedding& embedding) const;
   EmbeddingPtr embedding_from_bytes(std::string_view bytes) const;
   static size_t embedding_size(const Embedding& embedding);  // bytes it holds on its device
-  // Several prompts in one text-encoder call.
+  // Several prompts in one text-encoder call; all of them with the same `loras`.
   std::vector<EmbeddingPtr> encode_texts(const std::vector<std::string>& prompts, int clip_skip = 1,
                                          TextRole role = TextRole::kPrompt,
-                                         PromptSyntax syntax = PromptSyntax::kA1111) const;
+                                         PromptSyntax syntax = PromptSyntax::kA1111,
+                                         const std::vector<LoraUse>& loras = {}) const;
+  // Throws RequestError (field "loras") naming the first LoRA that does not fit this model and
+  // why: another family, a module the model lacks, a shape that differs; or a missing (null)
+  // LoRA or a weight that is not finite. Cheap (names and shapes; nothing moves to the device).
+  // Thread-safe.
+  void check_loras(const std::vector<LoraUse>& loras) const;
   // `uncond` may be null when spec.guidance_scale <= 1.
   std::unique_ptr<Trajectory> begin(const ImageSpec& spec, EmbeddingPtr cond,
                                     EmbeddingPtr uncond) const;
@@ -290,7 +310,8 @@ class Model {
   // The same through the VAE decoder (slower, exact colours).
   RgbImage preview_vae(const Trajectory& trajectory, int max_side = 256) const;
 
-  // Whole request: its images run together as one batch.
+  // Whole request: its images run together as one batch; request.image.loras adapt the UNet (at
+  // their unet_weight) and the text encoders for its prompts (at their te_weight).
   std::vector<RgbImage> generate(const GenerateRequest& request,
                                  const Progress& progress = {}) const;
 

@@ -114,9 +114,20 @@ std::string family_display_name(const std::string& family) {
 }
 
 std::vector<Embedding> Model::Impl::encode_batch(const std::vector<std::string>& prompts,
-                                                 int clip_skip, TextRole role,
-                                                 PromptSyntax syntax) {
+                                                 int clip_skip, TextRole role, PromptSyntax syntax,
+                                                 const LoraSet& loras) {
   const auto field = field_of(role);
+  // LoRAs: every prompt of the call shares the set, so the per-row form is one group (two thin
+  // GEMMs a module); merged only where asked (lora_mode merged), as merging a whole encoder
+  // costs more than its low-rank terms.
+  std::shared_ptr<const LoraCall> call;
+  if (lora_mode == LoraMode::kMerged) {
+    text_merged.apply(loras, LoraSide::kText);
+  } else {
+    text_merged.restore();
+    if (!loras.empty()) call = text_packed.get({&loras}, LoraSide::kText, device);
+  }
+  LoraCallScope scope(call.get());
   std::vector<Embedding> out;
   const auto b = chunk_batch(*this, *tokenizer, prompts, syntax, role);
   if (!text_encoder_2) {

@@ -493,4 +493,8 @@ ModelFiles open_model_files(const std::string& path, const std::string& default_
   return open_single_file(path, default_tokenizer_dir, single_file_config);
 }
 
+bool is_pickle_file(const std::string& path) {
+  return has_pickle_extension(path) || looks_like_pickle(path);
+}
+
 }  // namespace sdserve::pipeline

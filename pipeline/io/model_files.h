@@ -43,4 +43,8 @@ struct ModelFiles {
 ModelFiles open_model_files(const std::string& path, const std::string& default_tokenizer_dir,
                             const std::string& single_file_config = "");
 
+// Whether a file is one of PyTorch's pickle formats (by extension: .ckpt, .pt, .pth, .bin, .pkl;
+// or by its first bytes: a zip archive or a pickle stream), which sdserve never loads.
+bool is_pickle_file(const std::string& path);
+
 }  // namespace sdserve::pipeline

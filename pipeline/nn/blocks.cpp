@@ -2,6 +2,7 @@
 
 #include "pipeline/nn/attention.h"
 #include "pipeline/nn/fused.h"
+#include "pipeline/nn/lora_hook.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -19,6 +20,18 @@ torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
 torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride, int64_t padding) {
   return torch::nn::Conv2d(
       torch::nn::Conv2dOptions(in, out, kernel).stride(stride).padding(padding));
+}
+
+// A module's output plus its LoRA terms where a call is active (lora_hook.h). The input is taken
+// by value: a temporary argument dies at the end of the caller's expression, as it would without.
+torch::Tensor conv_lora(const torch::nn::Conv2d& conv, torch::Tensor x) {
+  return with_lora(*conv, x, conv2d_fused(conv, x));
+}
+torch::Tensor conv_no_bias_lora(const torch::nn::Conv2d& conv, torch::Tensor x) {
+  return with_lora(*conv, x, conv2d_no_bias(conv, x));
+}
+torch::Tensor conv_forward_lora(torch::nn::Conv2d conv, torch::Tensor x) {
+  return with_lora(*conv, x, conv->forward(x));
 }
 
 // (B, L, heads * d) -> (B, heads, L, d), a view: the attention kernels accept the strides.
@@ -92,30 +105,31 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
   torch::Tensor t;
   if (time_emb_proj_) {
     TORCH_CHECK(temb.defined(), "ResnetBlock2D: a time embedding is required");
-    t = time_emb_proj_(options_.skip_time_act ? temb : torch::silu(temb));  // (B, C or 2C)
+    const auto t_in = options_.skip_time_act ? temb : torch::silu(temb);
+    t = with_lora(*time_emb_proj_, t_in, time_emb_proj_(t_in));  // (B, C or 2C)
   }
   if (fused_epilogues(x) && !options_.scale_shift) {
     // The convolutions' biases ride on passes that happen anyway: conv1's joins the time
     // embedding the norm adds, conv2's and the shortcut's join the residual add (one pass
     // where torch makes four over h; docs/PERFORMANCE.md).
-    auto h = conv2d_no_bias(conv1_, group_norm_fused(norm1_, x, {}, /*silu=*/true));
+    auto h = conv_no_bias_lora(conv1_, group_norm_fused(norm1_, x, {}, /*silu=*/true));
     auto shift = t;
     if (conv1_->bias.defined()) {
       shift = t.defined() ? t + conv1_->bias
                           : conv1_->bias.unsqueeze(0).expand({x.size(0), -1}).contiguous();
     }
-    h = conv2d_no_bias(conv2_, group_norm_fused(norm2_, h, shift, /*silu=*/true));
+    h = conv_no_bias_lora(conv2_, group_norm_fused(norm2_, h, shift, /*silu=*/true));
     auto bias = conv2_->bias;
     torch::Tensor residual = x;
     if (conv_shortcut_) {
-      residual = conv2d_no_bias(conv_shortcut_, x);
+      residual = conv_no_bias_lora(conv_shortcut_, x);
       if (conv_shortcut_->bias.defined()) {
         bias = bias.defined() ? bias + conv_shortcut_->bias : conv_shortcut_->bias;
       }
     }
     return add_bias_residual_(h, bias, residual, 1.0 / options_.output_scale_factor);
   }
-  auto h = conv1_(group_norm_fused(norm1_, x, {}, /*silu=*/true));
+  auto h = conv_forward_lora(conv1_, group_norm_fused(norm1_, x, {}, /*silu=*/true));
   if (t.defined() && options_.scale_shift) {
     auto scale_shift = t.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
     h = silu_inplace(group_norm_forward(norm2_, h).mul_(scale_shift[0] + 1).add_(scale_shift[1]));
@@ -123,8 +137,8 @@ torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Te
     // The time embedding is added before the norm; the fused kernel folds it into the norm.
     h = group_norm_fused(norm2_, h, t, /*silu=*/true);
   }
-  h = conv2_(h);
-  h.add_(conv_shortcut_ ? conv_shortcut_(x) : x);
+  h = conv_forward_lora(conv2_, h);
+  h.add_(conv_shortcut_ ? conv_forward_lora(conv_shortcut_, x) : x);
   if (options_.output_scale_factor != 1.0) h.div_(options_.output_scale_factor);
   return h;
 }
@@ -137,8 +151,8 @@ Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t out_channels, int64
 
 torch::Tensor Downsample2DImpl::forward(const torch::Tensor& x) {
   // diffusers pads right/bottom only when the conv has no padding of its own (the VAE encoder).
-  if (padding_ == 0) return conv2d_fused(conv_, F::pad(x, F::PadFuncOptions({0, 1, 0, 1})));
-  return conv2d_fused(conv_, x);
+  if (padding_ == 0) return conv_lora(conv_, F::pad(x, F::PadFuncOptions({0, 1, 0, 1})));
+  return conv_lora(conv_, x);
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels, int64_t out_channels) {
@@ -155,10 +169,10 @@ torch::Tensor Upsample2DImpl::forward(const torch::Tensor& x, const std::vector<
 #if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 1)
   // Nearest upsampling has no bfloat16 kernel before torch 2.1 (diffusers casts the same way).
   if (x.scalar_type() == torch::kBFloat16) {
-    return conv2d_fused(conv_, F::interpolate(x.to(torch::kFloat32), options).to(torch::kBFloat16));
+    return conv_lora(conv_, F::interpolate(x.to(torch::kFloat32), options).to(torch::kBFloat16));
   }
 #endif
-  return conv2d_fused(conv_, F::interpolate(x, options));
+  return conv_lora(conv_, F::interpolate(x, options));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,20 +205,22 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   }
   const auto& kv_input = context.defined() ? context : tokens;
   torch::Tensor q, k, v;
+  // Each projection's output passes through with_lora (the fused GEMMs' chunks too: adding to a
+  // chunk writes into the fused output, which nothing else reads).
   if (qkv_weight_.defined() && !context.defined()) {
     auto qkv = torch::linear(tokens, qkv_weight_, qkv_bias_).chunk(3, -1);
-    q = split_heads(qkv[0], options_.heads);
-    k = split_heads(qkv[1], options_.heads);
-    v = split_heads(qkv[2], options_.heads);
+    q = split_heads(with_lora(*to_q_, tokens, qkv[0]), options_.heads);
+    k = split_heads(with_lora(*to_k_, tokens, qkv[1]), options_.heads);
+    v = split_heads(with_lora(*to_v_, tokens, qkv[2]), options_.heads);
   } else if (kv_weight_.defined() && context.defined()) {
-    q = split_heads(to_q_(tokens), options_.heads);
+    q = split_heads(with_lora(*to_q_, tokens, to_q_(tokens)), options_.heads);
     auto kv = torch::linear(kv_input, kv_weight_, kv_bias_).chunk(2, -1);
-    k = split_heads(kv[0], options_.heads);
-    v = split_heads(kv[1], options_.heads);
+    k = split_heads(with_lora(*to_k_, kv_input, kv[0]), options_.heads);
+    v = split_heads(with_lora(*to_v_, kv_input, kv[1]), options_.heads);
   } else {
-    q = split_heads(to_q_(tokens), options_.heads);
-    k = split_heads(to_k_(kv_input), options_.heads);
-    v = split_heads(to_v_(kv_input), options_.heads);
+    q = split_heads(with_lora(*to_q_, tokens, to_q_(tokens)), options_.heads);
+    k = split_heads(with_lora(*to_k_, kv_input, to_k_(kv_input)), options_.heads);
+    v = split_heads(with_lora(*to_v_, kv_input, to_v_(kv_input)), options_.heads);
   }
 
   torch::Tensor out;
@@ -217,8 +233,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     out = attention(q, k, v);
   }
   // (B, heads, L, d) -> (B, L, heads * d)
-  out = linear_fused(out.transpose(1, 2).reshape({tokens.size(0), tokens.size(1), -1}),
-                     out_proj_->weight, out_proj_->bias, residual);
+  out = [&](torch::Tensor heads) {  // by value: the joined heads die with this statement
+    return with_lora(*out_proj_, heads,
+                     linear_fused(heads, out_proj_->weight, out_proj_->bias, residual));
+  }(out.transpose(1, 2).reshape({tokens.size(0), tokens.size(1), -1}));
 
   if (spatial) out = out.transpose(1, 2).view(x.sizes());
   if (options_.residual) out = x + out;  // x first: the sum takes x's (contiguous) layout
@@ -265,8 +283,9 @@ GEGLUImpl::GEGLUImpl(int64_t dim_in, int64_t dim_out) {
 
 torch::Tensor GEGLUImpl::forward(const torch::Tensor& x) {
   // The bias joins the GEGLU pass (torch adds it with a strided kernel at large row counts).
-  if (fused_epilogues(x)) return geglu_fused(torch::linear(x, proj_->weight), proj_->bias);
-  return geglu_fused(proj_(x));
+  if (fused_epilogues(x))
+    return geglu_fused(with_lora(*proj_, x, torch::linear(x, proj_->weight)), proj_->bias);
+  return geglu_fused(with_lora(*proj_, x, proj_(x)));
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
@@ -281,7 +300,8 @@ FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t mult) {
 }
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x, const torch::Tensor& residual) {
-  return linear_fused(geglu_(x), out_->weight, out_->bias, residual);
+  const auto h = geglu_(x);
+  return with_lora(*out_, h, linear_fused(h, out_->weight, out_->bias, residual));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,19 +377,24 @@ torch::Tensor Transformer2DImpl::forward(const torch::Tensor& x, const torch::Te
                .permute({0, 2, 3, 1})
                .reshape({b, height * width, c});
   // A 1x1 conv is a matmul over channels; applying it to the tokens avoids a second transpose.
-  h = proj_in_linear_ ? proj_in_linear_(h)
-                      : torch::linear(h, proj_in_conv_->weight.flatten(1), proj_in_conv_->bias);
+  h = proj_in_linear_
+          ? with_lora(*proj_in_linear_, h, proj_in_linear_(h))
+          : with_lora(*proj_in_conv_, h,
+                      torch::linear(h, proj_in_conv_->weight.flatten(1), proj_in_conv_->bias));
   for (auto& block : blocks_) h = block(h, context);
   const auto& w_out = proj_out_linear_ ? proj_out_linear_->weight : proj_out_conv_->weight;
   const auto& b_out = proj_out_linear_ ? proj_out_linear_->bias : proj_out_conv_->bias;
+  const torch::nn::Module& proj_out = proj_out_linear_
+                                          ? static_cast<const torch::nn::Module&>(*proj_out_linear_)
+                                          : static_cast<const torch::nn::Module&>(*proj_out_conv_);
   if (fused_epilogues(x) && !x.is_contiguous() &&
       x.is_contiguous(torch::MemoryFormat::ChannelsLast)) {
     // Channels-last x is (B, H*W, C) in memory: the residual joins proj_out's epilogue.
     auto residual = x.permute({0, 2, 3, 1}).reshape({b, height * width, c});
-    h = linear_fused(h, w_out.flatten(1), b_out, residual);
+    h = with_lora(proj_out, h, linear_fused(h, w_out.flatten(1), b_out, residual));
     return h.view({b, height, width, c}).permute({0, 3, 1, 2});
   }
-  h = torch::linear(h, w_out.flatten(1), b_out);
+  h = with_lora(proj_out, h, torch::linear(h, w_out.flatten(1), b_out));
   // Back to NCHW as a strided view; x first so the sum is written contiguously.
   return x + h.view({b, height, width, c}).permute({0, 3, 1, 2});
 }

@@ -5,6 +5,7 @@
 
 #include "pipeline/errors.h"
 #include "pipeline/nn/attention.h"
+#include "pipeline/nn/lora_hook.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -98,9 +99,11 @@ torch::Tensor ClipAttentionImpl::forward(const torch::Tensor& x) {
   auto split = [&](const torch::Tensor& t) {
     return t.view({b, l, heads_, h / heads_}).transpose(1, 2);
   };
-  auto out = attention(split(q_proj_->forward(x)), split(k_proj_->forward(x)),
-                       split(v_proj_->forward(x)), /*causal=*/true);
-  return out_proj_->forward(out.transpose(1, 2).reshape({b, l, h}));
+  const auto project = [&x](torch::nn::Linear p) { return with_lora(*p, x, p->forward(x)); };
+  auto out = attention(split(project(q_proj_)), split(project(k_proj_)), split(project(v_proj_)),
+                       /*causal=*/true);
+  const auto joined = out.transpose(1, 2).reshape({b, l, h});
+  return with_lora(*out_proj_, joined, out_proj_->forward(joined));
 }
 
 ClipMlpImpl::ClipMlpImpl(const ClipTextConfig& c) : quick_gelu_(c.hidden_act == "quick_gelu") {
@@ -109,10 +112,10 @@ ClipMlpImpl::ClipMlpImpl(const ClipTextConfig& c) : quick_gelu_(c.hidden_act == 
 }
 
 torch::Tensor ClipMlpImpl::forward(const torch::Tensor& x) {
-  auto h = fc1_->forward(x);
+  auto h = with_lora(*fc1_, x, fc1_->forward(x));
   // quick_gelu is the sigmoid approximation OpenAI trained CLIP with; "gelu" is the exact erf form.
   h = quick_gelu_ ? h * torch::sigmoid(1.702 * h) : torch::gelu(h);
-  return fc2_->forward(h);
+  return with_lora(*fc2_, h, fc2_->forward(h));
 }
 
 ClipEncoderLayerImpl::ClipEncoderLayerImpl(const ClipTextConfig& c) {
@@ -184,7 +187,8 @@ ClipTextModelImpl::Output ClipTextModelImpl::encode_unnormed(const torch::Tensor
                        ? ids.argmax(-1)
                        : ids.eq(config_.eos_token_id).to(torch::kInt).argmax(-1);
   const auto rows = torch::arange(ids.size(0), eos.options().dtype(torch::kLong));
-  out.pooled = text_projection_->forward(last.index({rows, eos}));
+  const auto at_eos = last.index({rows, eos});
+  out.pooled = with_lora(*text_projection_, at_eos, text_projection_->forward(at_eos));
   return out;
 }
 

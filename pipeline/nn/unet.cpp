@@ -7,6 +7,7 @@
 #include "pipeline/errors.h"
 #include "pipeline/io/config_json.h"
 #include "pipeline/nn/fused.h"
+#include "pipeline/nn/lora_hook.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -183,7 +184,8 @@ TimestepEmbeddingImpl::TimestepEmbeddingImpl(int64_t in_channels, int64_t time_e
 }
 
 torch::Tensor TimestepEmbeddingImpl::forward(const torch::Tensor& x) {
-  return linear_2_(torch::silu(linear_1_(x)));
+  const auto h = torch::silu(with_lora(*linear_1_, x, linear_1_(x)));
+  return with_lora(*linear_2_, h, linear_2_(h));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,7 +304,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
   }
 
   auto x = config_.center_input_sample ? sample * 2 - 1.0 : sample;
-  x = conv2d_fused(conv_in_, x);
+  x = with_lora(*conv_in_, x, conv2d_fused(conv_in_, x));
   std::vector<torch::Tensor> skips{x};
   for (auto& block : down_blocks_) x = block(x, emb, context, &skips);
   if (mid_block_) x = mid_block_(x, emb, context);
@@ -315,7 +317,8 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& sample, const torch::Tensor
     }
     x = up_blocks_[i](x, emb, context, &skips, size);
   }
-  return conv2d_fused(conv_out_, group_norm_fused(conv_norm_out_, x, {}, /*silu=*/true));
+  const auto h = group_norm_fused(conv_norm_out_, x, {}, /*silu=*/true);
+  return with_lora(*conv_out_, h, conv2d_fused(conv_out_, h));
 }
 
 }  // namespace sdserve::pipeline

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "pipeline/log.h"
+#include "pipeline/nn/lora_hook.h"
 #include "pipeline/runtime/device.h"
 
 #ifdef SDSERVE_WITH_CUDA
@@ -86,7 +87,10 @@ torch::Tensor UNetRunner::forward(const torch::Tensor& x_in, const torch::Tensor
 #ifdef SDSERVE_WITH_CUDA
   const bool graph_context =
       options_.max_graph_context == 0 || ctx_in.size(1) <= options_.max_graph_context;
-  if (cuda && options_.cuda_graphs && graph_context) {
+  // A call whose rows carry per-row LoRA terms (nn/lora_hook.h) runs eagerly: its factors and row
+  // groups change with the batch's sets, which a captured graph would not see. Batches without
+  // LoRAs (and merged LoRAs, which change the weights in place) keep the graphs.
+  if (cuda && options_.cuda_graphs && graph_context && !active_lora_call()) {
     const int64_t rows = x.size(0);
     const int64_t padded = bucket_for(rows);
     const auto key = std::make_tuple(padded, x.size(2), x.size(3), ctx_in.size(1));
