@@ -13,8 +13,9 @@
 namespace sdserve::engine {
 
 // The key of a prompt's embedding in every cache tier: what decides the embedding (the text
-// encoder's weights and config, the dtype, clip_skip, the token ids and their weights), never the
-// raw prompt, so two models never share entries and two spellings that tokenise alike do.
+// encoder's weights and config, the dtype, clip_skip, the token ids and their weights, the
+// textual-inversion embeddings they call), never the raw prompt, so two models never share
+// entries and two spellings that tokenise alike do.
 std::string Worker::embedding_key(const ModelRunner& model, const PromptKey& p) const {
   const auto& info = model.info();
   const int clip_skip = pipeline::effective_clip_skip(info, p.clip_skip, p.role);
@@ -32,6 +33,8 @@ std::string Worker::embedding_key(const ModelRunner& model, const PromptKey& p) 
     std::memcpy(&bits, &w, sizeof bits);
     text += " " + (w == 1.0f ? std::string("1") : std::to_string(bits));
   }
+  // Textual-inversion embeddings: their files decide what the ids past the vocabulary read.
+  for (const auto& e : in.embeddings) text += "\nembedding " + e.sha256;
   return cache::sha256_hex(text);
 }
 
