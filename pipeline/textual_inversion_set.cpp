@@ -3,6 +3,7 @@
 #include "pipeline/textual_inversion_set.h"
 
 #include <algorithm>
+#include <cctype>
 
 #include "pipeline/model_impl.h"
 
@@ -36,15 +37,23 @@ TextualInversionSet::TextualInversionSet(std::vector<TextualInversionPtr> list,
                                          const std::vector<int>& dims)
     : names_(tokenizers.size()), longest_(tokenizers.size(), 1) {
   list.erase(std::remove(list.begin(), list.end(), nullptr), list.end());
-  std::stable_sort(list.begin(), list.end(),
-                   [](const auto& a, const auto& b) { return a->info().name < b->info().name; });
+  // By name as A1111 lists them (ignoring case), then exactly, so the order never depends on
+  // the caller's.
+  const auto lower = [](std::string s) {
+    for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+  };
+  std::stable_sort(list.begin(), list.end(), [&](const auto& a, const auto& b) {
+    const auto la = lower(a->info().name), lb = lower(b->info().name);
+    return la != lb ? la < lb : a->info().name < b->info().name;
+  });
   const size_t room = static_cast<size_t>(TextualInversion::kMaxVectors);
+  std::map<std::string, std::string> seen;  // name -> the path of the first file of that name
   for (const auto& ti : list) {
     const auto& info = ti->info();
     const auto skip = [&](const std::string& reason) { skipped_.push_back({info, reason}); };
-    if (by_name_.count(info.name)) {
-      skip("another embedding has the name '" + info.name + "' (" +
-           usable_[by_name_.at(info.name)]->info().path + ")");
+    if (const auto [first, added] = seen.emplace(info.name, info.path); !added) {
+      skip("another embedding has the name '" + info.name + "' (" + first->second + ")");
       continue;
     }
     if (const auto problem = dims_problem(info, dims); !problem.empty()) {

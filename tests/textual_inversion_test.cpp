@@ -228,12 +228,19 @@ TEST(TextualInversion, EmbeddingsOfAnotherFamilyOrAClashingNameAreSkippedSayingW
                              std::filesystem::copy_options::overwrite_existing);
   const auto upper = TextualInversion::load((dir / "TIEMB.safetensors").string());
   std::filesystem::remove_all(dir);
+  // Names are taken in sorted order ("TIEMB" first); a second file of one name is skipped too.
   sd15().set_textual_inversions({tiemb(), upper, tiemb()});
   ASSERT_EQ(sd15().textual_inversions().size(), 1u);
+  EXPECT_EQ(sd15().textual_inversions()[0].name, "TIEMB");
   const auto skipped = sd15().skipped_textual_inversions();
   ASSERT_EQ(skipped.size(), 2u);
-  EXPECT_NE(skipped[0].reason.find("same tokens"), std::string::npos) << skipped[0].reason;
-  EXPECT_NE(skipped[1].reason.find("another embedding has the name"), std::string::npos);
+  EXPECT_EQ(skipped[0].info.name, "tiemb");
+  EXPECT_NE(skipped[0].reason.find("same tokens as the name of 'TIEMB'"), std::string::npos)
+      << skipped[0].reason;
+  EXPECT_NE(skipped[1].reason.find("another embedding has the name 'tiemb'"), std::string::npos)
+      << skipped[1].reason;
+  // Either spelling in a prompt calls it.
+  EXPECT_EQ(sd15().text_input("Tiemb", PromptSyntax::kA1111).embeddings.at(0).name, "TIEMB");
   sd15().set_textual_inversions({});
   EXPECT_TRUE(sd15().textual_inversions().empty());
   EXPECT_TRUE(sd15().skipped_textual_inversions().empty());
@@ -285,11 +292,11 @@ TEST(TextualInversion, EncodesAsACopyOfTheEncoderWhoseVocabularyGainedTheRows) {
       SCOPED_TRACE(prompt + " clip_skip " + std::to_string(clip_skip));
       const auto in = sd15().text_input(prompt, PromptSyntax::kA1111);
       ASSERT_FALSE(in.embeddings.empty());
-      const auto copy =
+      auto copy =
           with_rows(sd15().impl().text_encoder, rows_of(in, {tiemb(), tistp(), ticoncept()}, 0));
       const auto want = copy->forward(ids_tensor(in.ids), clip_skip - 1);
       const auto got = sd15().encode_text(prompt, clip_skip)->hidden();
-      EXPECT_LE(test::max_abs_diff(got, want), 1e-6);
+      test::expect_close(got, want, 1e-6, "grown vocabulary: " + prompt);
       // And the embedding matters: the prompt read without it is another embedding.
       sd15().set_textual_inversions({});
       EXPECT_GT(test::max_abs_diff(sd15().encode_text(prompt, clip_skip)->hidden(), got), 1e-3);
@@ -300,9 +307,8 @@ TEST(TextualInversion, EncodesAsACopyOfTheEncoderWhoseVocabularyGainedTheRows) {
   const std::vector<std::string> prompts = {"tistp", "a cube", "tiemb, tiemb", "ticoncept tistp"};
   const auto together = sd15().encode_texts(prompts);
   for (size_t i = 0; i < prompts.size(); ++i)
-    EXPECT_LE(test::max_abs_diff(together[i]->hidden(), sd15().encode_text(prompts[i])->hidden()),
-              1e-5)
-        << prompts[i];
+    test::expect_close(together[i]->hidden(), sd15().encode_text(prompts[i])->hidden(), 1e-5,
+                       "batched: " + prompts[i]);
 }
 
 // A1111's "Original" emphasis, written out (as prompt_weighting_test.cpp).
@@ -324,7 +330,7 @@ TEST(TextualInversion, WeightsApplyToAnEmbeddingsVectorsAsToItsWord) {
   EXPECT_EQ(in.weights, weights);
   const auto plain = sd15().encode_text("a tiemb cube")->hidden();
   const auto got = sd15().encode_text("a (tiemb:1.2) [cube]")->hidden();
-  EXPECT_LE(test::max_abs_diff(got, emphasised(plain, weights)), 1e-6);
+  test::expect_close(got, emphasised(plain, weights), 1e-6, "weighted embedding");
   EXPECT_GT(test::max_abs_diff(got, plain), 1e-3);
   // Half the name in brackets is two runs of text: no embedding (A1111 matches within a run).
   EXPECT_TRUE(sd15().text_input("a ti(emb:1.1)", PromptSyntax::kA1111).embeddings.empty());
@@ -368,11 +374,10 @@ TEST(TextualInversion, ChunksCloseBeforeAnEmbeddingThatWouldNotFit) {
                             sd15().tokenize("dog")[0], sd15().tokenize("cow")[0], t.eos_id()}));
   // The encoder reads the second chunk's vectors where they are.
   torch::NoGradGuard no_grad;
-  const auto copy = with_rows(sd15().impl().text_encoder, rows_of(moved, {tiemb()}, 0));
+  auto copy = with_rows(sd15().impl().text_encoder, rows_of(moved, {tiemb()}, 0));
   const auto ids = ids_tensor(moved.ids).view({2, 77});
-  EXPECT_LE(test::max_abs_diff(sd15().encode_text(cats(70) + ", tiemb dog cow")->hidden(),
-                               copy->forward(ids).reshape({1, 154, -1})),
-            1e-5);
+  test::expect_close(sd15().encode_text(cats(70) + ", tiemb dog cow")->hidden(),
+                     copy->forward(ids).reshape({1, 154, -1}), 1e-5, "second chunk");
   // prompt_syntax "none" cuts at 75 tokens, through the embedding.
   const auto cut = sd15().text_input(cats(73) + "tiemb", PromptSyntax::kNone);
   ASSERT_EQ(cut.ids.size(), 77u);
@@ -396,9 +401,9 @@ TEST(TextualInversion, SdxlFeedsClipLToTheFirstEncoderAndClipGToTheSecond) {
     const auto second = with_rows(impl.text_encoder_2, rows_of(in2, {tixl()}, 1))
                             ->encode_unnormed(ids_tensor(in2.ids), 1);
     const auto got = sdxl().encode_text(prompt, 1, role);
-    EXPECT_LE(test::max_abs_diff(got->hidden(), torch::cat({first.hidden, second.hidden}, -1)),
-              1e-6);
-    EXPECT_LE(test::max_abs_diff(got->pooled(), second.pooled), 1e-6);
+    test::expect_close(got->hidden(), torch::cat({first.hidden, second.hidden}, -1), 1e-6,
+                       "sdxl hidden");
+    test::expect_close(got->pooled(), second.pooled, 1e-6, "sdxl pooled");
   }
 }
 
