@@ -66,6 +66,13 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::shared_ptr<Mod
   std::vector<pipeline::EmbeddingPtr> out;
   for (auto& v : engine_.cache->find_many(device_, keys, codec))
     out.push_back(std::static_pointer_cast<const pipeline::Embedding>(v));
+  const auto key_now = [&](size_t i) {
+    try {
+      return embedding_key(*model, prompts[i]);
+    } catch (const std::exception&) {
+      return std::string();
+    }
+  };
   // By (clip_skip, role, syntax); each distinct key once.
   std::map<std::tuple<int, pipeline::TextRole, pipeline::PromptSyntax>, std::vector<size_t>> misses;
   std::map<std::string, size_t> first;
@@ -99,7 +106,9 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::shared_ptr<Mod
     }
     for (size_t j = 0; j < idx.size(); ++j) {
       out[idx[j]] = encoded[j];
-      if (encoded[j] && (*errors)[idx[j]].empty())
+      // Stored only under the key it was made for: textual-inversion embeddings set meanwhile
+      // (pipeline::Model::set_textual_inversions) change what a prompt reads, and its key.
+      if (encoded[j] && (*errors)[idx[j]].empty() && key_now(idx[j]) == keys[idx[j]])
         engine_.cache->store(device_, keys[idx[j]], encoded[j], model->embedding_size(*encoded[j]),
                              codec);
     }

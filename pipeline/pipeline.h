@@ -181,16 +181,17 @@ PromptSyntax parse_prompt_syntax(const std::string& name);  // throws RequestErr
 // Chunks of 75 tokens a prompt may take (BREAK starts one); longer ones are refused.
 constexpr int kMaxPromptChunks = 16;
 
-// What the text encoder reads for a prompt: one or more chunks of its context (start token, up
-// to 75 tokens, end token, padding) and each token's weight (1 without emphasis). Prompts with
-// equal inputs have equal embeddings.
-// A prompt that calls textual-inversion embeddings reads their vectors where their names were:
-// ids from the text encoder's vocabulary size on index the vectors of `embeddings` side by side
-// (vocab_size + row), so equal inputs still mean equal embeddings.
+// A textual-inversion embedding a prompt calls (textual_inversion.h).
 struct UsedEmbedding {
   std::string name;
   std::string sha256;  // of its file
 };
+
+// What the text encoder reads for a prompt: one or more chunks of its context (start token, up
+// to 75 tokens, end token, padding) and each token's weight (1 without emphasis). Prompts with
+// equal inputs have equal embeddings. A prompt that calls textual-inversion embeddings reads
+// their vectors where their names were: ids from the text encoder's vocabulary size on index the
+// vectors of `embeddings` side by side (vocab_size + row).
 struct TextInput {
   std::vector<int32_t> ids;
   std::vector<float> weights;

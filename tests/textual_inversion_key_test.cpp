@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -23,25 +24,43 @@ namespace ti_key_test {
 
 using namespace std::chrono_literals;
 
-// Caches nothing and remembers every key looked up.
+// Caches nothing and remembers every key looked up and stored. `on_find` runs once, at the next
+// lookup: between the keys' making and the encoding.
 class KeyRecorder final : public cache::EmbeddingCache {
  public:
   std::shared_ptr<const void> find(const std::string&, const std::string& key,
                                    const cache::ValueCodec&) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    keys_.push_back(key);
+    std::function<void()> hook;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      keys_.push_back(key);
+      hook = std::exchange(on_find, {});
+    }
+    if (hook) hook();
     return nullptr;
   }
-  void store(const std::string&, const std::string&, std::shared_ptr<const void>, uint64_t,
-             const cache::ValueCodec&) override {}
+  void store(const std::string&, const std::string& key, std::shared_ptr<const void>, uint64_t,
+             const cache::ValueCodec&) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stored_.push_back(key);
+  }
   std::vector<std::string> take() {
     std::lock_guard<std::mutex> lock(mutex_);
     return std::exchange(keys_, {});
   }
+  std::vector<std::string> take_stored() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::exchange(stored_, {});
+  }
+  void arm(std::function<void()> hook) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    on_find = std::move(hook);
+  }
 
  private:
   std::mutex mutex_;
-  std::vector<std::string> keys_;
+  std::vector<std::string> keys_, stored_;
+  std::function<void()> on_find;
 };
 
 // An embedding named `name` with 3 vectors of the tiny SD 1.x size, all `value`.
@@ -114,6 +133,16 @@ TEST(TextualInversionCacheKey, EmbeddingsAreInTheKeyAndEqualRequestsShareIt) {
   const auto plain = key("a red cube");
   model->set_textual_inversions({first});
   EXPECT_EQ(key("a red cube"), plain);
+
+  // Embeddings set while a prompt is being encoded (the server refreshing its folder): what the
+  // encoder made reads the new set, so it is not stored under the key made before.
+  model->set_textual_inversions({});
+  recorder->take_stored();
+  recorder->arm([&] { model->set_textual_inversions({first}); });
+  EXPECT_EQ(key(prompt), without);
+  EXPECT_TRUE(recorder->take_stored().empty());
+  EXPECT_EQ(key(prompt), with_first);  // and the next request makes and stores its own
+  EXPECT_EQ(recorder->take_stored(), std::vector<std::string>{with_first});
 }
 
 }  // namespace ti_key_test
