@@ -13,8 +13,9 @@
 namespace sdserve::engine {
 
 // The key of a prompt's embedding in every cache tier: what decides the embedding (the text
-// encoder's weights and config, the dtype, clip_skip, the token ids and their weights), never the
-// raw prompt, so two models never share entries and two spellings that tokenise alike do.
+// encoder's weights and config, the dtype, clip_skip, the token ids and their weights, the
+// textual-inversion embeddings they call), never the raw prompt, so two models never share
+// entries and two spellings that tokenise alike do.
 std::string Worker::embedding_key(const ModelRunner& model, const PromptKey& p) const {
   const auto& info = model.info();
   const int clip_skip = pipeline::effective_clip_skip(info, p.clip_skip, p.role);
@@ -32,6 +33,8 @@ std::string Worker::embedding_key(const ModelRunner& model, const PromptKey& p) 
     std::memcpy(&bits, &w, sizeof bits);
     text += " " + (w == 1.0f ? std::string("1") : std::to_string(bits));
   }
+  // Textual-inversion embeddings: their files decide what the ids past the vocabulary read.
+  for (const auto& e : in.embeddings) text += "\nembedding " + e.sha256;
   return cache::sha256_hex(text);
 }
 
@@ -63,6 +66,13 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::shared_ptr<Mod
   std::vector<pipeline::EmbeddingPtr> out;
   for (auto& v : engine_.cache->find_many(device_, keys, codec))
     out.push_back(std::static_pointer_cast<const pipeline::Embedding>(v));
+  const auto key_now = [&](size_t i) {
+    try {
+      return embedding_key(*model, prompts[i]);
+    } catch (const std::exception&) {
+      return std::string();
+    }
+  };
   // By (clip_skip, role, syntax); each distinct key once.
   std::map<std::tuple<int, pipeline::TextRole, pipeline::PromptSyntax>, std::vector<size_t>> misses;
   std::map<std::string, size_t> first;
@@ -96,7 +106,9 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::shared_ptr<Mod
     }
     for (size_t j = 0; j < idx.size(); ++j) {
       out[idx[j]] = encoded[j];
-      if (encoded[j] && (*errors)[idx[j]].empty())
+      // Stored only under the key it was made for: textual-inversion embeddings set meanwhile
+      // (pipeline::Model::set_textual_inversions) change what a prompt reads, and its key.
+      if (encoded[j] && (*errors)[idx[j]].empty() && key_now(idx[j]) == keys[idx[j]])
         engine_.cache->store(device_, keys[idx[j]], encoded[j], model->embedding_size(*encoded[j]),
                              codec);
     }

@@ -20,6 +20,8 @@
 
 namespace sdserve::pipeline {
 
+class TextualInversionSet;  // textual_inversion_set.h
+
 // A digest of the text encoder's config and weights (ModelInfo::text_fingerprint).
 std::string text_encoder_fingerprint(const ClipTextModel& encoder, const std::string& config);
 
@@ -87,6 +89,14 @@ struct Model::Impl {
   // What tokenizer `t` (1: the first, 2: SDXL's second) makes of a prompt.
   TextInput text_input(const ClipTokenizer& t, const std::string& prompt, PromptSyntax syntax,
                        TextRole role) const;
+  // The same with the textual-inversion embeddings of `embeddings` (null: none).
+  TextInput text_input(const ClipTokenizer& t, const std::string& prompt, PromptSyntax syntax,
+                       TextRole role, const TextualInversionSet* embeddings) const;
+  // Textual-inversion embeddings prompts may call (Model::set_textual_inversions), swapped whole
+  // so that an encode keeps the set it started with.
+  mutable std::mutex textual_inversions_mutex;
+  std::shared_ptr<const TextualInversionSet> textual_inversions;  // guarded by the mutex
+  std::shared_ptr<const TextualInversionSet> textual_inversion_set() const;
   // SDXL's time ids for one image: original (h, w), crop (top, left), target (h, w).
   std::vector<float> time_ids(const ImageSpec& spec) const;
 };

@@ -10,7 +10,8 @@
 //
 // Thread safety: step(), decode() and encode_text(s)() may each run on their own thread (the
 // engine's worker, decoder and text threads; on CUDA each of the latter two on a stream of its
-// own), each of them from one thread at a time; info() and tokenize() are safe from any thread.
+// own), each of them from one thread at a time; info(), tokenize(), text_input() and the textual
+// inversion members are safe from any thread.
 // Requests are checked by validate() in pipeline/validate.h.
 #pragma once
 
@@ -26,6 +27,7 @@
 #include "pipeline/image.h"
 #include "pipeline/inpaint.h"
 #include "pipeline/lora.h"
+#include "pipeline/textual_inversion.h"
 
 namespace sdserve::pipeline {
 
@@ -191,12 +193,21 @@ PromptSyntax parse_prompt_syntax(const std::string& name);  // throws RequestErr
 // Chunks of 75 tokens a prompt may take (BREAK starts one); longer ones are refused.
 constexpr int kMaxPromptChunks = 16;
 
+// A textual-inversion embedding a prompt calls (textual_inversion.h).
+struct UsedEmbedding {
+  std::string name;
+  std::string sha256;  // of its file
+};
+
 // What the text encoder reads for a prompt: one or more chunks of its context (start token, up
 // to 75 tokens, end token, padding) and each token's weight (1 without emphasis). Prompts with
-// equal inputs have equal embeddings.
+// equal inputs have equal embeddings. A prompt that calls textual-inversion embeddings reads
+// their vectors where their names were: ids from the text encoder's vocabulary size on index the
+// vectors of `embeddings` side by side (vocab_size + row).
 struct TextInput {
   std::vector<int32_t> ids;
   std::vector<float> weights;
+  std::vector<UsedEmbedding> embeddings;  // in the order of their rows
 };
 
 struct GenerateRequest {
@@ -257,6 +268,14 @@ class Model {
 
   // BPE token ids without BOS/EOS/padding (to warn about prompts past 75 tokens).
   std::vector<int32_t> tokenize(const std::string& text) const;
+
+  // Textual-inversion embeddings prompts may call from now on (a prompt word equal to an
+  // embedding's name becomes its vectors, as in A1111; docs/PROMPTS.md), replacing those set
+  // before. Embeddings this model cannot use (another family's, a clashing name) are skipped and
+  // listed with the reason. Safe beside encode_text(s)(), which use the set they started with.
+  void set_textual_inversions(std::vector<TextualInversionPtr> list);
+  std::vector<TextualInversionInfo> textual_inversions() const;  // usable, by name
+  std::vector<SkippedTextualInversion> skipped_textual_inversions() const;
 
   // What the text encoder reads for `prompt`. Throws RequestError (naming "prompt" or
   // "negative_prompt" after `role`) for syntax it cannot take or a prompt past kMaxPromptChunks.

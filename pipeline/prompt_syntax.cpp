@@ -247,37 +247,86 @@ std::vector<TokenChunk> chunk_prompt(const std::vector<PromptPiece>& pieces,
     chunk = TokenChunk();
     last_comma = -1;
   };
+  // With embeddings, a name of up to longest_name tokens may take a single place: a piece needs
+  // that many times the places left to be sure to fill them.
+  const size_t per_place = rules.find_embedding ? std::max<size_t>(rules.longest_name, 1) : 1;
   for (const auto& piece : pieces) {
     if (piece.is_break) {
       next_chunk();
       continue;
     }
-    const auto tokens = tokenize(piece.text, max_tokens - tokens_seen + 1);
-    tokens_seen += tokens.size();
-    if (tokens_seen > max_tokens) throw too_long();
+    const auto tokens = tokenize(piece.text, (max_tokens - tokens_seen + 1) * per_place);
+    if (!rules.find_embedding) {
+      tokens_seen += tokens.size();
+      if (tokens_seen > max_tokens) throw too_long();
+    }
     const auto weight = static_cast<float>(piece.weight);
-    for (const int32_t token : tokens) {
+    for (size_t position = 0; position < tokens.size();) {
+      const int32_t token = tokens[position];
       if (token == rules.comma_token) {
         last_comma = static_cast<long>(chunk.tokens.size());
       } else if (rules.comma_backtrack != 0 && chunk.tokens.size() == rules.length &&
                  last_comma != -1 &&
                  chunk.tokens.size() - static_cast<size_t>(last_comma) <= rules.comma_backtrack) {
-        // The words after the last comma move to the next chunk with their weights.
+        // The words after the last comma move to the next chunk with their weights (and
+        // embeddings: A1111 leaves an embedding's vectors behind, at the padding of the chunk
+        // it closes, and its places in the next chunk read the token "!"; see docs/PROMPTS.md).
         const auto cut = static_cast<std::ptrdiff_t>(last_comma + 1);
         TokenChunk moved{{chunk.tokens.begin() + cut, chunk.tokens.end()},
-                         {chunk.weights.begin() + cut, chunk.weights.end()}};
+                         {chunk.weights.begin() + cut, chunk.weights.end()},
+                         {}};
+        while (!chunk.embeddings.empty() &&
+               chunk.embeddings.back().offset >= static_cast<size_t>(cut)) {
+          auto e = chunk.embeddings.back();
+          e.offset -= static_cast<size_t>(cut);
+          moved.embeddings.insert(moved.embeddings.begin(), e);
+          chunk.embeddings.pop_back();
+        }
         chunk.tokens.resize(static_cast<size_t>(cut));
         chunk.weights.resize(static_cast<size_t>(cut));
         next_chunk();
         chunk = std::move(moved);
       }
       if (chunk.tokens.size() == rules.length) next_chunk();
-      chunk.tokens.push_back(token);
-      chunk.weights.push_back(weight);
+      const auto match =
+          rules.find_embedding ? rules.find_embedding(tokens, position) : EmbeddingMatch{};
+      if (match.name_tokens == 0) {
+        chunk.tokens.push_back(token);
+        chunk.weights.push_back(weight);
+        ++position;
+        if (rules.find_embedding && ++tokens_seen > max_tokens) throw too_long();
+        continue;
+      }
+      // An embedding's vectors stay in one chunk (A1111's tokenize_line).
+      if (chunk.tokens.size() + match.vectors > rules.length) next_chunk();
+      chunk.embeddings.push_back({chunk.tokens.size(), match.index});
+      chunk.tokens.insert(chunk.tokens.end(), match.vectors, kEmbeddingToken);
+      chunk.weights.insert(chunk.weights.end(), match.vectors, weight);
+      position += match.name_tokens;
+      tokens_seen += match.vectors;
+      if (tokens_seen > max_tokens) throw too_long();
     }
   }
   if (!chunk.tokens.empty() || chunks.empty()) next_chunk();
   return chunks;
+}
+
+TokenChunk literal_chunk(const std::vector<int32_t>& tokens, const FindEmbeddingFn& find_embedding,
+                         size_t length) {
+  TokenChunk chunk;
+  for (size_t position = 0; position < tokens.size() && chunk.tokens.size() < length;) {
+    const auto match = find_embedding ? find_embedding(tokens, position) : EmbeddingMatch{};
+    if (match.name_tokens == 0) {
+      chunk.tokens.push_back(tokens[position++]);
+      continue;
+    }
+    chunk.embeddings.push_back({chunk.tokens.size(), match.index});
+    chunk.tokens.insert(chunk.tokens.end(), std::min(match.vectors, length - chunk.tokens.size()),
+                        kEmbeddingToken);
+    position += match.name_tokens;
+  }
+  chunk.weights.assign(chunk.tokens.size(), 1.0f);
+  return chunk;
 }
 
 std::string prompt_syntax_name(PromptSyntax syntax) {

@@ -8,6 +8,7 @@
 #include "pipeline/extra_networks.h"
 #include "pipeline/model_impl.h"
 #include "pipeline/prompt_syntax.h"
+#include "pipeline/textual_inversion_set.h"
 
 namespace sdserve::pipeline {
 namespace {
@@ -22,17 +23,22 @@ struct ChunkBatch {
   torch::Tensor weights;              // (chunks, context) float32
   std::vector<bool> weighted;         // per chunk: a weight other than 1
   std::vector<int64_t> first, count;  // per prompt: its chunks
+  torch::Tensor extra;  // textual-inversion vectors, which ids past the vocabulary index
 };
 
 ChunkBatch chunk_batch(const Model::Impl& impl, const ClipTokenizer& tokenizer,
-                       const std::vector<std::string>& prompts, PromptSyntax syntax,
-                       TextRole role) {
+                       const std::vector<std::string>& prompts, PromptSyntax syntax, TextRole role,
+                       const TextualInversionSet* embeddings) {
   ChunkBatch b;
   std::vector<int64_t> ids;
-  std::vector<float> weights;
+  std::vector<float> weights, extra;
   const auto context = static_cast<size_t>(tokenizer.max_length());
+  const size_t k = &tokenizer == impl.tokenizer_2.get() ? 1 : 0;
+  const auto& encoder = (k == 1 ? impl.text_encoder_2 : impl.text_encoder)->config();
   for (const auto& prompt : prompts) {
-    const auto in = impl.text_input(tokenizer, prompt, syntax, role);
+    auto in = impl.text_input(tokenizer, prompt, syntax, role, embeddings);
+    if (embeddings)
+      embeddings->append_rows(&in, k, static_cast<int32_t>(encoder.vocab_size), &extra);
     b.first.push_back(static_cast<int64_t>(ids.size() / context));
     b.count.push_back(static_cast<int64_t>(in.ids.size() / context));
     ids.insert(ids.end(), in.ids.begin(), in.ids.end());
@@ -46,6 +52,8 @@ ChunkBatch chunk_batch(const Model::Impl& impl, const ClipTokenizer& tokenizer,
   const auto rows = static_cast<int64_t>(ids.size() / context);
   b.ids = torch::tensor(ids, torch::kInt64).view({rows, -1});
   b.weights = torch::tensor(weights, torch::kFloat32).view({rows, -1});
+  if (!extra.empty())
+    b.extra = torch::tensor(extra, torch::kFloat32).view({-1, encoder.hidden_size});
   return b;
 }
 
@@ -80,7 +88,26 @@ torch::Tensor joined(const torch::Tensor& hidden, const ChunkBatch& b, size_t i)
 
 TextInput Model::Impl::text_input(const ClipTokenizer& t, const std::string& prompt,
                                   PromptSyntax syntax, TextRole role) const {
+  return text_input(t, prompt, syntax, role, textual_inversion_set().get());
+}
+
+TextInput Model::Impl::text_input(const ClipTokenizer& t, const std::string& prompt,
+                                  PromptSyntax syntax, TextRole role,
+                                  const TextualInversionSet* embeddings) const {
   TextInput in;
+  if (embeddings && embeddings->empty()) embeddings = nullptr;
+  const size_t k = &t == tokenizer_2.get() ? 1 : 0;
+  const auto vocab =
+      static_cast<int32_t>((k == 1 ? text_encoder_2 : text_encoder)->config().vocab_size);
+  if (syntax == PromptSyntax::kNone && embeddings) {
+    const auto room = static_cast<size_t>(t.max_length() - 2);
+    const auto chunk = literal_chunk(t.tokenize(prompt, room * embeddings->longest_name(k)),
+                                     embeddings->finder(k), room);
+    in.ids = t.frame(chunk.tokens);
+    in.weights.assign(in.ids.size(), 1.0f);
+    embeddings->place(chunk, vocab, 1, &in);
+    return in;
+  }
   if (syntax == PromptSyntax::kNone) {
     in.ids = t.encode(prompt);
     in.weights.assign(in.ids.size(), 1.0f);
@@ -91,6 +118,10 @@ TextInput Model::Impl::text_input(const ClipTokenizer& t, const std::string& pro
   rules.length = static_cast<size_t>(t.max_length() - 2);
   rules.comma_token = t.find_token(",</w>");
   rules.max_chunks = kMaxPromptChunks;
+  if (embeddings) {
+    rules.find_embedding = embeddings->finder(k);
+    rules.longest_name = embeddings->longest_name(k);
+  }
   const auto tokenize = [&t](const std::string& text, size_t max_tokens) {
     return t.tokenize(text, max_tokens);
   };
@@ -98,7 +129,9 @@ TextInput Model::Impl::text_input(const ClipTokenizer& t, const std::string& pro
        chunk_prompt(parse_prompt_attention(strip_extra_networks(prompt, nullptr, field), field),
                     tokenize, rules, field)) {
     const auto ids = t.frame(chunk.tokens);
+    const size_t first = in.ids.size() + 1;  // after the start token
     in.ids.insert(in.ids.end(), ids.begin(), ids.end());
+    if (embeddings) embeddings->place(chunk, vocab, first, &in);
     in.weights.push_back(1.0f);  // start
     in.weights.insert(in.weights.end(), chunk.weights.begin(), chunk.weights.end());
     in.weights.resize(in.ids.size(), 1.0f);  // end and padding
@@ -129,9 +162,10 @@ std::vector<Embedding> Model::Impl::encode_batch(const std::vector<std::string>&
   }
   LoraCallScope scope(call.get());
   std::vector<Embedding> out;
-  const auto b = chunk_batch(*this, *tokenizer, prompts, syntax, role);
+  const auto embeddings = textual_inversion_set();  // one set for the whole call
+  const auto b = chunk_batch(*this, *tokenizer, prompts, syntax, role, embeddings.get());
   if (!text_encoder_2) {
-    auto hidden = text_encoder->forward(b.ids, clip_skip - 1);
+    auto hidden = text_encoder->forward(b.ids, clip_skip - 1, b.extra);
     hidden = apply_weights(hidden, b, field).to(dtype);
     for (size_t i = 0; i < prompts.size(); ++i) out.emplace_back(joined(hidden, b, i));
     return out;
@@ -140,14 +174,14 @@ std::vector<Embedding> Model::Impl::encode_batch(const std::vector<std::string>&
   // last (the penultimate by default), without the final layer norm; negatives ignore clip_skip.
   // With chunks (A1111's way) each encoder's chunks are weighted on their own, and the pooled
   // embedding is the first chunk's.
-  const auto b2 = chunk_batch(*this, *tokenizer_2, prompts, syntax, role);
+  const auto b2 = chunk_batch(*this, *tokenizer_2, prompts, syntax, role, embeddings.get());
   if (b2.first != b.first || b2.count != b.count)
     throw ModelError(
         "SDXL's two tokenizers split a prompt into different chunks; their "
         "vocabularies differ, which sdserve does not support");
   const int skip = role == TextRole::kNegative ? 1 : clip_skip;
-  auto first = text_encoder->encode_unnormed(b.ids, skip);
-  auto second = text_encoder_2->encode_unnormed(b2.ids, skip);
+  auto first = text_encoder->encode_unnormed(b.ids, skip, b.extra);
+  auto second = text_encoder_2->encode_unnormed(b2.ids, skip, b2.extra);
   auto hidden =
       torch::cat({apply_weights(first.hidden, b, field), apply_weights(second.hidden, b2, field)},
                  -1)

@@ -76,12 +76,22 @@ ClipEmbeddingsImpl::ClipEmbeddingsImpl(const ClipTextConfig& c) {
       "position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
 }
 
-torch::Tensor ClipEmbeddingsImpl::forward(const torch::Tensor& input_ids) {
+torch::Tensor ClipEmbeddingsImpl::forward(const torch::Tensor& input_ids,
+                                          const torch::Tensor& extra) {
   // Positions are computed rather than stored: the checkpoint's position_ids buffer is optional.
   auto positions = torch::arange(
       input_ids.size(1), torch::TensorOptions().dtype(torch::kLong).device(input_ids.device()));
-  return token_embedding_->forward(input_ids) +
-         position_embedding_->forward(positions).unsqueeze(0);
+  auto tokens = token_embedding_->forward(
+      extra.defined() ? input_ids.clamp_max(token_embedding_->weight.size(0) - 1) : input_ids);
+  if (extra.defined()) {
+    // Textual inversion: the marked places take the extra rows (A1111's EmbeddingsWithFixes).
+    const auto vocab = token_embedding_->weight.size(0);
+    const auto marked = input_ids >= vocab;
+    const auto rows = torch::embedding(extra.to(tokens.device(), tokens.scalar_type()),
+                                       (input_ids - vocab).clamp_min(0));
+    tokens = torch::where(marked.unsqueeze(-1), rows, tokens);
+  }
+  return tokens + position_embedding_->forward(positions).unsqueeze(0);
 }
 
 ClipAttentionImpl::ClipAttentionImpl(const ClipTextConfig& c) : heads_(c.num_attention_heads) {
@@ -157,17 +167,19 @@ ClipTextModelImpl::ClipTextModelImpl(const ClipTextConfig& c) : config_(c) {
   }
 }
 
-torch::Tensor ClipTextModelImpl::forward(const torch::Tensor& input_ids, int skip_layers) {
-  auto h = embeddings_->forward(checked_ids(input_ids, skip_layers));
+torch::Tensor ClipTextModelImpl::forward(const torch::Tensor& input_ids, int skip_layers,
+                                         const torch::Tensor& extra) {
+  auto h = embeddings_->forward(checked_ids(input_ids, skip_layers, extra), extra);
   h = encoder_->forward(h, config_.num_hidden_layers - skip_layers);
   return final_layer_norm_->forward(h);
 }
 
 ClipTextModelImpl::Output ClipTextModelImpl::encode_unnormed(const torch::Tensor& input_ids,
-                                                             int skip_layers) {
-  const auto ids = checked_ids(input_ids, skip_layers);
+                                                             int skip_layers,
+                                                             const torch::Tensor& extra) {
+  const auto ids = checked_ids(input_ids, skip_layers, extra);
   Output out;
-  auto h = embeddings_->forward(ids);
+  auto h = embeddings_->forward(ids, extra);
   const int64_t keep = config_.num_hidden_layers - skip_layers;
   if (!text_projection_) {
     out.hidden = encoder_->forward(h, keep);
@@ -183,17 +195,19 @@ ClipTextModelImpl::Output ClipTextModelImpl::encode_unnormed(const torch::Tensor
   // transformers reads the first end token. Configs that say eos_token_id 2 (published SDXL
   // and SD 2.x ones) get its legacy rule instead: the position of the highest id, which is the
   // end token in CLIP's vocabulary (argmax picks the first of equal values in both cases).
+  // Textual-inversion places (ids past the vocabulary) read as 0 there, as A1111 has them.
+  const auto vocab_ids = extra.defined() ? ids.masked_fill(ids >= config_.vocab_size, 0) : ids;
   const auto eos = config_.eos_token_id == 2
-                       ? ids.argmax(-1)
-                       : ids.eq(config_.eos_token_id).to(torch::kInt).argmax(-1);
+                       ? vocab_ids.argmax(-1)
+                       : vocab_ids.eq(config_.eos_token_id).to(torch::kInt).argmax(-1);
   const auto rows = torch::arange(ids.size(0), eos.options().dtype(torch::kLong));
   const auto at_eos = last.index({rows, eos});
   out.pooled = with_lora(*text_projection_, at_eos, text_projection_->forward(at_eos));
   return out;
 }
 
-torch::Tensor ClipTextModelImpl::checked_ids(const torch::Tensor& input_ids,
-                                             int skip_layers) const {
+torch::Tensor ClipTextModelImpl::checked_ids(const torch::Tensor& input_ids, int skip_layers,
+                                             const torch::Tensor& extra) const {
   if (skip_layers < 0 || skip_layers > config_.num_hidden_layers) {
     throw RequestError("clip_skip", "clip skip " + std::to_string(skip_layers) +
                                         " is out of range: the text " + "encoder has " +
@@ -209,13 +223,17 @@ torch::Tensor ClipTextModelImpl::checked_ids(const torch::Tensor& input_ids,
                            std::to_string(input_ids.dim()) + "-d input of length " +
                            std::to_string(input_ids.dim() == 2 ? input_ids.size(1) : -1));
   }
+  if (extra.defined() && (extra.dim() != 2 || extra.size(1) != config_.hidden_size))
+    throw RequestError("", "textual-inversion vectors for this text encoder must be (rows, " +
+                               std::to_string(config_.hidden_size) + ")");
+  const int64_t ids_end = config_.vocab_size + (extra.defined() ? extra.size(0) : 0);
   auto ids = input_ids.to(torch::kLong);
   // Checked where it is free: on the CPU before the copy (a check of device ids would cost a
   // synchronization per call). An out-of-range id on the device would be a device-side assert.
   if (!ids.is_cuda() && ids.numel() > 0 &&
-      (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= config_.vocab_size)) {
-    throw RequestError("", "text encoder input has token ids outside [0, " +
-                               std::to_string(config_.vocab_size) + ")");
+      (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= ids_end)) {
+    throw RequestError(
+        "", "text encoder input has token ids outside [0, " + std::to_string(ids_end) + ")");
   }
   return ids.to(final_layer_norm_->weight.device());
 }

@@ -35,7 +35,9 @@ struct ClipTextConfig {
 class ClipEmbeddingsImpl : public torch::nn::Module {
  public:
   explicit ClipEmbeddingsImpl(const ClipTextConfig& config);
-  torch::Tensor forward(const torch::Tensor& input_ids);
+  // Ids from vocab_size on read row (id - vocab_size) of `extra` (textual-inversion vectors,
+  // (rows, hidden_size)) instead of the token embedding; undefined `extra`: none.
+  torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& extra = {});
 
  private:
   torch::nn::Embedding token_embedding_{nullptr};
@@ -101,16 +103,22 @@ class ClipTextModelImpl : public torch::nn::Module {
   // output k layers before it (hidden_states[-(k+1)]; k = num_hidden_layers is the embeddings);
   // the final layer norm is applied in every case. Causal mask only, no padding mask, as SD uses
   // it. Throws RequestError for bad ids or skip_layers outside [0, num_hidden_layers].
-  torch::Tensor forward(const torch::Tensor& input_ids, int skip_layers = 0);
+  // `extra`: textual-inversion vectors, (rows, hidden_size), which ids from vocab_size on read
+  // (ClipEmbeddings); undefined: the ids are the vocabulary's only.
+  torch::Tensor forward(const torch::Tensor& input_ids, int skip_layers = 0,
+                        const torch::Tensor& extra = {});
 
   // SDXL's use: the hidden state `skip_layers` layers before the last, without the final layer
   // norm, and (with a text_projection) the pooled embedding: the final-normed last layer at the
-  // first end token, projected. Same argument checks as forward().
+  // first end token, projected. Same argument checks as forward(). With `extra`, the legacy
+  // pooling rule (highest id) reads its vectors' ids as A1111 does (as 0), so it still finds the
+  // end token.
   struct Output {
     torch::Tensor hidden;  // (B, L, hidden_size)
     torch::Tensor pooled;  // (B, projection_dim), undefined without a projection
   };
-  Output encode_unnormed(const torch::Tensor& input_ids, int skip_layers);
+  Output encode_unnormed(const torch::Tensor& input_ids, int skip_layers,
+                         const torch::Tensor& extra = {});
 
   const ClipTextConfig& config() const { return config_; }
 
@@ -121,7 +129,8 @@ class ClipTextModelImpl : public torch::nn::Module {
   torch::nn::LayerNorm final_layer_norm_{nullptr};
   torch::nn::Linear text_projection_{nullptr};
 
-  torch::Tensor checked_ids(const torch::Tensor& input_ids, int skip_layers) const;
+  torch::Tensor checked_ids(const torch::Tensor& input_ids, int skip_layers,
+                            const torch::Tensor& extra) const;
 };
 TORCH_MODULE(ClipTextModel);
 
