@@ -4,10 +4,14 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "pipeline/bench_support.h"
 #include "pipeline/errors.h"
 #include "pipeline/io/lora_convert.h"
 #include "pipeline/lora.h"
@@ -515,6 +519,32 @@ TEST(LoraRuntime, TheCacheIsBounded) {
   EXPECT_EQ(roomy->impl().lora_cache->entries(), 2u);  // c's entry went, a's came
 }
 
+// generate() takes request.image.loras for both sides: the UNet at unet_weight, the prompts'
+// text encoders at te_weight; the same as the step-level API given them.
+TEST(LoraRuntime, GenerateUsesBothSides) {
+  const auto& m = *model("sd15");
+  const auto lora = Lora::load(lora_fixture("tiny-sd15-kohya"));
+  GenerateRequest req;
+  req.prompt = "a photo of a cat";
+  req.image.width = req.image.height = 64;
+  req.image.steps = 3;
+  req.image.seed = 5;
+  req.image.loras = {{lora, 0.8, 0.5}};
+  const auto image = m.generate(req).front();
+  const auto& uses = req.image.loras;
+  const auto cond = m.encode_text(req.prompt, 1, TextRole::kPrompt, req.prompt_syntax, uses);
+  const auto uncond = m.encode_text("", 1, TextRole::kNegative, req.prompt_syntax, uses);
+  auto t = m.begin(req.image, cond, uncond);
+  while (!t->done()) m.step({t.get()});
+  EXPECT_EQ(m.decode({t.get()}).front().pixels, image.pixels);
+  // Without the text side the image differs: generate() did use it.
+  const auto plain_cond = m.encode_text(req.prompt);
+  const auto plain_uncond = m.encode_text("", 1, TextRole::kNegative);
+  auto u = m.begin(req.image, plain_cond, plain_uncond);
+  while (!u->done()) m.step({u.get()});
+  EXPECT_NE(m.decode({u.get()}).front().pixels, image.pixels);
+}
+
 TEST(LoraRuntime, ModesAreNamed) {
   EXPECT_EQ(parse_lora_mode("per-row"), LoraMode::kPerRow);
   EXPECT_EQ(parse_lora_mode("merged"), LoraMode::kMerged);
@@ -524,6 +554,117 @@ TEST(LoraRuntime, ModesAreNamed) {
   o.device = "cpu";
   o.lora_mode = "sometimes";
   EXPECT_THROW(Model::load(test::model_dir(), o), ModelError);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Not a test (nothing is asserted): one UNet step's time without LoRAs, with LoRAs per row and
+// merged, the configurations interleaved in one process so that a shared machine's drift hits
+// each alike. By hand, e.g. on the bench's random SD 1.5 (sdserve bench writes it):
+//   SDSERVE_LORA_BENCH_MODEL=/tmp/sdserve-bench/sd15-random SDSERVE_LORA_BENCH_SIZE=128
+//     ./build/tests/unit_tests --gtest_also_run_disabled_tests --gtest_filter='*LoraCpuTimings*'
+// Also SDSERVE_LORA_BENCH_BATCH (images, default 4), _RANK (16), _REPEATS (5), _DEVICE (cpu).
+TEST(LoraBench, DISABLED_LoraCpuTimings) {
+  const auto env = [](const char* name, const std::string& fallback) {
+    const char* v = std::getenv(name);
+    return v ? std::string(v) : fallback;
+  };
+  LoadOptions o;
+  o.device = env("SDSERVE_LORA_BENCH_DEVICE", "cpu");
+  const auto m = Model::load(env("SDSERVE_LORA_BENCH_MODEL", test::model_dir()), o);
+  auto& impl = m->impl();
+  const int size = std::stoi(env("SDSERVE_LORA_BENCH_SIZE", "64"));
+  const int images = std::stoi(env("SDSERVE_LORA_BENCH_BATCH", "4"));
+  const int rank = std::stoi(env("SDSERVE_LORA_BENCH_RANK", "16"));
+  const int repeats = std::stoi(env("SDSERVE_LORA_BENCH_REPEATS", "5"));
+  std::vector<std::shared_ptr<const Lora>> loras;
+  for (const auto& path :
+       bench_support::write_random_loras(*m, (scratch() / "bench-loras").string(), images, rank, 0))
+    loras.push_back(Lora::load(path));
+  const auto cond = m->encode_text("a photograph of an astronaut riding a horse");
+  const auto uncond = m->encode_text("", 1, TextRole::kNegative);
+  struct Config {
+    std::string name;
+    LoraMode mode;
+    bool distinct;  // image k with LoRA k; else all with LoRA 0 (none: no LoRA)
+    bool none;
+    std::vector<std::unique_ptr<Trajectory>> owned;
+    std::vector<Trajectory*> batch;
+    std::vector<double> ms, first_ms;  // steady steps; steps right after another configuration
+  };
+  std::vector<Config> configs;
+  configs.push_back({"no LoRA", LoraMode::kAuto, false, true, {}, {}, {}, {}});
+  configs.push_back({"per-row, a LoRA per image", LoraMode::kPerRow, true, false, {}, {}, {}, {}});
+  configs.push_back({"merged, a LoRA per image (a call per LoRA)",
+                     LoraMode::kMerged,
+                     true,
+                     false,
+                     {},
+                     {},
+                     {},
+                     {}});
+  configs.push_back({"per-row, one LoRA for all", LoraMode::kPerRow, false, false, {}, {}, {}, {}});
+  configs.push_back({"merged, one LoRA for all", LoraMode::kMerged, false, false, {}, {}, {}, {}});
+  for (auto& c : configs)
+    for (int k = 0; k < images; ++k) {
+      ImageSpec spec;
+      spec.width = spec.height = size;
+      spec.steps = 2 * repeats + 5;
+      spec.seed = k;
+      if (!c.none) spec.loras = {{loras[c.distinct ? k : 0], 1.0, 1.0}};
+      c.owned.push_back(m->begin(spec, cond, uncond));
+      c.batch.push_back(c.owned.back().get());
+    }
+  // Text encoders: one call of 2 prompts, without and with a LoRA (per row, merged).
+  std::vector<double> text_none, text_per_row, text_merged;
+  for (int rep = 0; rep <= repeats; ++rep) {
+    // Each configuration steps twice: the first step after another configuration (packing the
+    // per-row factors again, merging after a restore) and a steady one.
+    for (auto& c : configs) {
+      impl.lora_mode = c.mode;
+      for (auto* times : {&c.first_ms, &c.ms}) {
+        const auto t0 = std::chrono::steady_clock::now();
+        m->step(c.batch);
+        bench_support::synchronize(*m);
+        const double ms =
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                .count();
+        if (rep > 0) times->push_back(ms);  // the first round warms up (binding the LoRAs)
+      }
+    }
+    const auto time_text = [&](LoraMode mode, const std::vector<LoraUse>& uses) {
+      impl.lora_mode = mode;
+      const auto t0 = std::chrono::steady_clock::now();
+      m->encode_texts({"a photograph of an astronaut riding a horse", "blurry"}, 1,
+                      TextRole::kPrompt, PromptSyntax::kA1111, uses);
+      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+          .count();
+    };
+    const double a = time_text(LoraMode::kAuto, {});
+    const double b = time_text(LoraMode::kPerRow, {{loras[0]}});
+    const double c = time_text(LoraMode::kMerged, {{loras[0]}});
+    if (rep > 0) {
+      text_none.push_back(a);
+      text_per_row.push_back(b);
+      text_merged.push_back(c);
+    }
+  }
+  impl.lora_mode = LoraMode::kAuto;
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::cout << "[ lora timings ] " << m->info().name << " on " << m->info().device << ", " << images
+            << " images of " << size << "x" << size << " (CFG: " << 2 * images
+            << " UNet rows), LoRAs of rank " << rank << " (" << loras.front()->info().adapters
+            << " modules), median of " << repeats << " steps:\n";
+  const double base = median(configs.front().ms);
+  for (const auto& c : configs)
+    std::cout << "  " << c.name << ": " << median(c.ms) << " ms a step (x" << median(c.ms) / base
+              << "); right after another configuration " << median(c.first_ms) << " ms\n";
+  std::cout << "  text encoders, 2 prompts: no LoRA " << median(text_none) << " ms, per-row "
+            << median(text_per_row)
+            << " ms, merged (re-merged each call: the call without LoRA restored) "
+            << median(text_merged) << " ms\n";
 }
 
 }  // namespace lora_format_test
