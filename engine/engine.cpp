@@ -133,6 +133,14 @@ std::string Engine::Impl::hash_of(const std::string& model) const {
   return model == options.default_model && model_hash ? model_hash->autov2() : std::string();
 }
 
+void Engine::set_textual_inversions(std::vector<pipeline::TextualInversionPtr> list) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->textual_inversions = list;
+  }
+  for (const auto& set : impl_->model_sets) set->set_textual_inversions(list);
+}
+
 std::vector<LoadedModel> Engine::loaded_models() const {
   std::vector<LoadedModel> out;
   for (const auto& set : impl_->model_sets)
@@ -158,6 +166,26 @@ JobSnapshot Engine::submit(JobRequest request) {
   }
   validate(request, bounds);
   impl_->check_memory(request);
+  // LoRA files are read now (the application's loader keeps them in a bounded cache), so a
+  // broken one is a 400, and checked against the model when it is loaded (else when the job
+  // starts).
+  for (auto& l : request.loras) {
+    if (l.file) continue;
+    try {
+      if (!impl_->options.load_lora)
+        throw pipeline::RequestError("loras", "this service reads no LoRAs (no models folder)");
+      l.file = impl_->options.load_lora(l.path);
+    } catch (const pipeline::ModelError& e) {
+      throw pipeline::RequestError("loras", "LoRA " + l.name + ": " + e.what());
+    }
+    // Embedding cache keys (shared through Redis) name a LoRA by its hash: where the models
+    // folder has not computed it yet, it is computed here.
+    if (l.sha256.empty()) l.sha256 = safetensors_data_sha256(l.path);
+    if (l.sha256.empty())
+      throw pipeline::RequestError("loras", "LoRA " + l.name + ": its file cannot be read");
+  }
+  if (request.model.empty() && !request.loras.empty())
+    impl_->models.front()->check_loras(lora_uses(request));
   // A prompt the text encoder cannot take (its syntax, its length) is refused now, not when it
   // would run. (Another model's tokenizer is not loaded yet: its prompts are checked when its
   // job runs, and a prompt it cannot take fails the job.)

@@ -74,6 +74,9 @@ struct EngineOptions {
   // default model's file, hashed in the background.
   std::function<std::string(const std::string& name)> model_hash;
   uint64_t model_memory_bytes = 0;
+  // Reads a LoRA file (JobRequest::Lora::path) for a job; throws pipeline::ModelError. Unset:
+  // jobs with LoRAs are refused.
+  std::function<std::shared_ptr<const pipeline::Lora>(const std::string& path)> load_lora;
   double result_ttl_s = 3600;              // finished images are kept this long
   uint64_t result_max_bytes = 1ull << 30;  // ... and within this many PNG bytes (oldest go first)
 };
@@ -223,6 +226,9 @@ class Engine {
   bool ready() const;
   std::vector<WorkerStatus> workers() const;
   std::vector<DeviceMemory> device_memory() const;  // one per worker, any thread
+  // The textual-inversion embeddings prompts may call by name, on every model loaded now and
+  // later (a models folder's embeddings/, after each refresh).
+  void set_textual_inversions(std::vector<pipeline::TextualInversionPtr> list);
   // Every model loaded on a worker now (the default's name is EngineOptions::default_model).
   std::vector<LoadedModel> loaded_models() const;
   // SHA-256 of the single-file checkpoint (A1111's model hash is its first 10 digits), computed

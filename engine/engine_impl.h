@@ -90,6 +90,7 @@ struct Engine::Impl {
   // Counted up when a job is queued and when a model set's load ends: a worker that found
   // nothing it could run sleeps until one changes.
   uint64_t queue_changes = 0, models_changed = 0;
+  std::vector<pipeline::TextualInversionPtr> textual_inversions;  // Engine::set_textual_inversions
   // One per worker: the checkpoints it holds (the default first). Created before the workers;
   // declared after `mutex`, so their loader threads (which lock it) end before it goes.
   std::vector<std::unique_ptr<ModelSet>> model_sets;

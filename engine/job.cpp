@@ -64,8 +64,16 @@ std::string to_string(Priority p) {
   return "normal";
 }
 
+std::vector<pipeline::LoraUse> lora_uses(const JobRequest& request) {
+  std::vector<pipeline::LoraUse> out;
+  for (const auto& l : request.loras)
+    if (l.file) out.push_back({l.file, l.unet_weight, l.te_weight});
+  return out;
+}
+
 pipeline::ImageSpec image_spec(const JobRequest& request, int k) {
   pipeline::ImageSpec spec;
+  spec.loras = lora_uses(request);
   spec.width = request.width;
   spec.height = request.height;
   spec.original_width = request.original_width;

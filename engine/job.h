@@ -47,6 +47,7 @@ struct JobRequest {
   struct Lora {
     std::string name, path, sha256;
     double te_weight = 1.0, unet_weight = 1.0;
+    std::shared_ptr<const pipeline::Lora> file;  // read by Engine::submit()
   };
   std::vector<Lora> loras;
   std::string prompt;
@@ -115,6 +116,9 @@ int steps_done(int evaluations, int evaluations_total, int steps);
 
 // Wall-clock time, for the times users see (queued_at...); durations use steady_clock.
 using WallClock = std::chrono::system_clock;
+
+// The request's LoRAs as the pipeline takes them (those the engine has read).
+std::vector<pipeline::LoraUse> lora_uses(const JobRequest& request);
 
 // The pipeline's settings for image k of a request (seed + k; a request without a seed yet
 // uses 0).

@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/model_hash.h"
 #include "pipeline/pipeline.h"
 
 namespace sdserve::engine {

@@ -13,6 +13,10 @@
 
 namespace sdserve::engine {
 
+// The SHA-256 of a .safetensors file's bytes after its header (A1111's "addnet" hash of a
+// LoRA, which editing the file's metadata does not change); "" when it cannot be read.
+std::string safetensors_data_sha256(const std::string& path);
+
 class ModelHash {
  public:
   // Starts hashing when `path` is a regular file; does nothing otherwise.

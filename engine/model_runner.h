@@ -100,6 +100,10 @@ class ModelRunner {
     throw std::logic_error("this model's embeddings cannot be read from outside the process");
   }
   virtual uint64_t embedding_size(const pipeline::Embedding&) const { return 0; }
+  // Throws pipeline::RequestError (field "loras") when a LoRA does not fit this model.
+  virtual void check_loras(const std::vector<pipeline::LoraUse>&) const {}
+  // The textual-inversion embeddings prompts may call by name (pipeline::Model's).
+  virtual void set_textual_inversions(std::vector<pipeline::TextualInversionPtr>) {}
   // `uncond` may be null when spec.guidance_scale <= 1.
   virtual std::unique_ptr<ImageRun> begin(const pipeline::ImageSpec& spec,
                                           pipeline::EmbeddingPtr cond,

@@ -74,6 +74,16 @@ std::vector<LoadedModel> ModelSet::loaded() const {
   return out;
 }
 
+void ModelSet::set_textual_inversions(std::vector<pipeline::TextualInversionPtr> list) {
+  std::vector<std::shared_ptr<ModelRunner>> runners;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    textual_inversions_ = list;
+    for (const auto& [name, slot] : slots_) runners.push_back(slot.runner);
+  }
+  for (const auto& r : runners) r->set_textual_inversions(list);
+}
+
 ModelSetStats ModelSet::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return stats_;
@@ -143,6 +153,12 @@ void ModelSet::loader_loop() {
     std::string error;
     try {
       runner = loader_(name, device_);
+      std::vector<pipeline::TextualInversionPtr> list;
+      {
+        std::lock_guard<std::mutex> relock(mutex_);
+        list = textual_inversions_;
+      }
+      runner->set_textual_inversions(std::move(list));
     } catch (const std::exception& e) {
       error = e.what();
     }

@@ -69,6 +69,9 @@ class ModelSet {
   // True while a load waits for models in use to become idle (the worker stops admitting).
   bool waiting_for_room() const;
 
+  // Given to every model held now and to each one loaded later.
+  void set_textual_inversions(std::vector<pipeline::TextualInversionPtr> list);
+
   std::vector<LoadedModel> loaded() const;
   ModelSetStats stats() const;
 
@@ -104,6 +107,7 @@ class ModelSet {
   bool waiting_for_room_ = false;                         // guarded by mutex_
   uint64_t clock_ = 0;                                    // guarded by mutex_
   ModelSetStats stats_;                                   // guarded by mutex_
+  std::vector<pipeline::TextualInversionPtr> textual_inversions_;  // guarded by mutex_
   bool stop_ = false;                                     // guarded by mutex_
   std::thread thread_;
 };

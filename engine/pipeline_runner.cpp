@@ -41,6 +41,12 @@ class PipelineRunner : public ModelRunner {
     return pipeline::estimate_memory(shape_, width, height, unet_rows, decode_images);
   }
   uint64_t available_memory() const override { return pipeline::available_memory(*model_); }
+  void check_loras(const std::vector<pipeline::LoraUse>& loras) const override {
+    model_->check_loras(loras);
+  }
+  void set_textual_inversions(std::vector<pipeline::TextualInversionPtr> list) override {
+    model_->set_textual_inversions(std::move(list));
+  }
   int evals_total(const pipeline::ImageSpec& spec) const override {
     return model_->evals_total(spec);
   }

@@ -241,6 +241,7 @@ void Worker::activate() {
         throw std::runtime_error(p.error);
       }
       const auto& model = p.admission.model;
+      if (!job->request.loras.empty()) model->check_loras(lora_uses(job->request));
       Active a{job,  k,      model->begin(image_spec(job->request, k), cond, uncond),
                cond, uncond, model};
       {

@@ -101,6 +101,10 @@ class Worker {
     int clip_skip = 1;
     pipeline::TextRole role = pipeline::TextRole::kPrompt;
     pipeline::PromptSyntax syntax = pipeline::PromptSyntax::kA1111;
+    // The text encoders' LoRAs (at their te_weight) and what identifies them in a cache key:
+    // "NAME SHA256 WEIGHT_BITS" per LoRA; "" without.
+    std::vector<pipeline::LoraUse> loras;
+    std::string lora_key;
   };
   std::string embedding_key(const ModelRunner& model, const PromptKey& prompt) const;
   std::vector<pipeline::EmbeddingPtr> embeddings(const std::shared_ptr<ModelRunner>& model,

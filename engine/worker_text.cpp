@@ -23,6 +23,8 @@ std::string Worker::embedding_key(const ModelRunner& model, const PromptKey& p) 
                      info.precision + "\nclip_skip " + std::to_string(clip_skip);
   // SDXL: a negative's embedding differs from the same text's as a prompt.
   if (info.negatives_differ && p.role == pipeline::TextRole::kNegative) text += "\nnegative";
+  // Text-encoder LoRAs change the embedding, not the tokens.
+  if (!p.lora_key.empty()) text += "\nloras" + p.lora_key;
   const auto in = model.text_input(p.prompt, p.syntax, p.role);
   text += "\nids";
   for (int32_t id : in.ids) text += " " + std::to_string(id);
@@ -73,26 +75,30 @@ std::vector<pipeline::EmbeddingPtr> Worker::embeddings(const std::shared_ptr<Mod
       return std::string();
     }
   };
-  // By (clip_skip, role, syntax); each distinct key once.
-  std::map<std::tuple<int, pipeline::TextRole, pipeline::PromptSyntax>, std::vector<size_t>> misses;
+  // By (clip_skip, role, syntax, text-encoder LoRAs); each distinct key once.
+  std::map<std::tuple<int, pipeline::TextRole, pipeline::PromptSyntax, std::string>,
+           std::vector<size_t>>
+      misses;
   std::map<std::string, size_t> first;
   for (size_t i = 0; i < prompts.size(); ++i)
     if (!out[i] && (*errors)[i].empty() && first.emplace(keys[i], i).second)
-      misses[{prompts[i].clip_skip, prompts[i].role, prompts[i].syntax}].push_back(i);
+      misses[{prompts[i].clip_skip, prompts[i].role, prompts[i].syntax, prompts[i].lora_key}]
+          .push_back(i);
   for (const auto& [group, idx] : misses) {
-    const auto [clip_skip, role, syntax] = group;
+    const auto& [clip_skip, role, syntax, lora_key] = group;
+    const auto& loras = prompts[idx.front()].loras;  // the same set for the whole group
     std::vector<std::string> texts;
     for (size_t i : idx) texts.push_back(prompts[i].prompt);
     const auto start = SteadyClock::now();
     std::vector<pipeline::EmbeddingPtr> encoded;
     try {
-      encoded = model->encode_for(texts, clip_skip, role, syntax);
+      encoded = model->encode_for(texts, clip_skip, role, syntax, loras);
     } catch (const std::exception&) {
       // One bad prompt must not fail the others: encode each alone to find it.
       encoded.clear();
       for (size_t j = 0; j < idx.size(); ++j) {
         try {
-          encoded.push_back(model->encode_for({texts[j]}, clip_skip, role, syntax).at(0));
+          encoded.push_back(model->encode_for({texts[j]}, clip_skip, role, syntax, loras).at(0));
         } catch (const std::exception& e) {
           encoded.push_back(nullptr);
           (*errors)[idx[j]] = e.what();
@@ -142,12 +148,22 @@ std::vector<Worker::Prepared> Worker::prepare(const std::vector<Admission>& admi
     g.model = a.model;
     std::pair<size_t, size_t> slot{g.prompts.size(), kNone};
     const auto& request = a.job->request;
-    g.prompts.push_back(
-        {request.prompt, request.clip_skip, pipeline::TextRole::kPrompt, request.prompt_syntax});
+    // The LoRAs that change the text encoders: those with text-encoder adapters and a weight.
+    std::vector<pipeline::LoraUse> te;
+    std::string lora_key;
+    for (const auto& l : request.loras) {
+      if (!l.file || !l.file->info().text_encoder || l.te_weight == 0) continue;
+      te.push_back({l.file, l.unet_weight, l.te_weight});
+      uint64_t bits = 0;
+      std::memcpy(&bits, &l.te_weight, sizeof bits);
+      lora_key += " " + l.name + " " + l.sha256 + " " + std::to_string(bits);  // submit() hashed
+    }
+    g.prompts.push_back({request.prompt, request.clip_skip, pipeline::TextRole::kPrompt,
+                         request.prompt_syntax, te, lora_key});
     if (request.guidance_scale > 1.0) {
       slot.second = g.prompts.size();
       g.prompts.push_back({request.negative_prompt, request.clip_skip,
-                           pipeline::TextRole::kNegative, request.prompt_syntax});
+                           pipeline::TextRole::kNegative, request.prompt_syntax, te, lora_key});
     }
     slots[a.job.get()] = slot;
   }

@@ -45,6 +45,11 @@ class Context {
     default_model_ = std::move(default_model);
   }
   engine::ModelCatalog* catalog() const { return catalog_.get(); }
+  // Runs after each refresh of the catalog (set before the server starts).
+  void on_refresh(std::function<void()> callback) { on_refresh_ = std::move(callback); }
+  void refreshed() const {
+    if (on_refresh_) on_refresh_();
+  }
   const std::string& default_model() const { return default_model_; }
   // A request's model name (or hash, or A1111 title) as the catalog knows it; "" for the
   // default. Throws ApiError 400 naming `field` for one that is unknown or cannot be used.
@@ -90,6 +95,7 @@ class Context {
   std::shared_ptr<pipeline::Model> model_;
   std::shared_ptr<engine::ModelCatalog> catalog_;
   std::string default_model_;
+  std::function<void()> on_refresh_;
   std::map<std::string, std::string> a1111_models_;  // guarded by mutex_: caller -> model
   std::map<uint64_t, std::string> subscriptions_;    // token -> job id
   std::map<const WsSession*, std::weak_ptr<WsSession>> websockets_;

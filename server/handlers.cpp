@@ -423,10 +423,6 @@ engine::JobSnapshot submit_job(Context& ctx, const Request& req, const BodyJson&
   engine::JobRequest request = job_request(body, bounds);
   request.model = model_name;
   ctx.resolve_loras(&request);
-  // Until LoRAs apply, one is refused rather than silently dropped.
-  if (!request.loras.empty())
-    throw ApiError(400, "validation_error", "loras: LoRAs are not applied by this build yet",
-                   "loras");
   request.request_id = std::string(req["X-Request-Id"]);  // the session set or checked it
   try {
     return engine->submit(std::move(request));

@@ -93,6 +93,7 @@ void refresh_models(Context& ctx, const engine::ModelKind* kind) {
     catalog->refresh(*kind);
   else
     catalog->refresh();
+  ctx.refreshed();
 }
 
 namespace a1111 {
@@ -174,17 +175,24 @@ Json loras(const Context& ctx) {
 }
 
 Json embeddings(const Context& ctx) {
-  // Textual-inversion embeddings are listed but not applied yet: A1111 lists such files under
-  // "skipped".
-  Json skipped = Json::object();
+  // As A1111: the embeddings the (default) model takes, and those it skips (another family's
+  // widths, a broken file); for each, its vector width and count.
+  const auto item = [](const pipeline::TextualInversionInfo& i) {
+    return Json{{"step", nullptr},
+                {"sd_checkpoint", nullptr},
+                {"sd_checkpoint_name", nullptr},
+                {"shape", i.dims.empty() ? 0 : i.dims.front()},
+                {"vectors", i.vectors}};
+  };
+  Json loaded = Json::object(), skipped = Json::object();
+  if (const auto m = ctx.model()) {
+    for (const auto& i : m->textual_inversions()) loaded[i.name] = item(i);
+    for (const auto& s : m->skipped_textual_inversions()) skipped[s.info.name] = item(s.info);
+  }
   if (const auto* catalog = ctx.catalog())
     for (const auto& e : catalog->list(engine::ModelKind::kEmbedding))
-      skipped[e.name] = {{"step", nullptr},
-                         {"sd_checkpoint", nullptr},
-                         {"sd_checkpoint_name", nullptr},
-                         {"shape", nullptr},
-                         {"vectors", 0}};
-  return {{"loaded", Json::object()}, {"skipped", skipped}};
+      if (!e.error.empty()) skipped[e.name] = item({e.name, e.path, "", 0, {}, ""});
+  return {{"loaded", loaded}, {"skipped", skipped}};
 }
 
 }  // namespace a1111

@@ -188,6 +188,10 @@ void Server::set_catalog(std::shared_ptr<engine::ModelCatalog> catalog, std::str
   impl_->ctx->set_catalog(std::move(catalog), std::move(default_model));
 }
 
+void Server::on_refresh(std::function<void()> callback) {
+  impl_->ctx->on_refresh(std::move(callback));
+}
+
 void Server::set_backend(std::shared_ptr<engine::Engine> engine,
                          std::shared_ptr<pipeline::Model> model) {
   impl_->ctx->set_backend(std::move(engine), std::move(model));

@@ -11,6 +11,7 @@
 //   server.shutdown();                // drain, close sockets, stop threads, drop the engine
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -37,6 +38,8 @@ class Server {
   unsigned short port() const;
   // The models folder and the default checkpoint's name in it; before start().
   void set_catalog(std::shared_ptr<engine::ModelCatalog> catalog, std::string default_model);
+  // Called after each refresh of the models folder (embeddings to reload); before start().
+  void on_refresh(std::function<void()> callback);
   void start();
   // The server becomes the engine's owner (it is destroyed in shutdown(), after every
   // subscription has ended).
