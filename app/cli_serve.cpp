@@ -5,9 +5,9 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <iostream>
 #include <list>
 #include <mutex>
-#include <iostream>
 #include <thread>
 
 #include "app/cli.h"
@@ -18,8 +18,8 @@
 #include "engine/model_catalog.h"
 #include "engine/model_runner.h"
 #include "pipeline/errors.h"
-#include "pipeline/textual_inversion.h"
 #include "pipeline/pipeline.h"
+#include "pipeline/textual_inversion.h"
 #include "server/logging.h"
 #include "server/server.h"
 
@@ -141,7 +141,11 @@ void add_models(std::shared_ptr<engine::ModelCatalog> catalog, const pipeline::L
   };
   // 2 GiB of LoRA files in host memory: ~15 SDXL LoRAs of rank 32, ~70 SD 1.5 ones.
   auto files = std::make_shared<LoraFiles>(uint64_t{2} << 30);
-  o->load_lora = [files](const std::string& path) { return files->get(path); };
+  o->load_lora = [files](const std::string& path) {
+    auto file = files->get(path);
+    const bool text_encoder = file->info().text_encoder;
+    return engine::EngineOptions::LoadedLora{std::move(file), text_encoder};
+  };
   o->model_hash = [catalog](const std::string& name) {
     const auto e = catalog->find(engine::ModelKind::kCheckpoint, name);
     return e ? e->autov2() : std::string();

@@ -174,7 +174,9 @@ JobSnapshot Engine::submit(JobRequest request) {
     try {
       if (!impl_->options.load_lora)
         throw pipeline::RequestError("loras", "this service reads no LoRAs (no models folder)");
-      l.file = impl_->options.load_lora(l.path);
+      auto loaded = impl_->options.load_lora(l.path);
+      l.file = std::move(loaded.file);
+      l.text_encoder = loaded.text_encoder;
     } catch (const pipeline::ModelError& e) {
       throw pipeline::RequestError("loras", "LoRA " + l.name + ": " + e.what());
     }

@@ -76,7 +76,12 @@ struct EngineOptions {
   uint64_t model_memory_bytes = 0;
   // Reads a LoRA file (JobRequest::Lora::path) for a job; throws pipeline::ModelError. Unset:
   // jobs with LoRAs are refused.
-  std::function<std::shared_ptr<const pipeline::Lora>(const std::string& path)> load_lora;
+  // (The engine calls no Lora member itself: its torch-free build for the sanitizers links none.)
+  struct LoadedLora {
+    std::shared_ptr<const pipeline::Lora> file;
+    bool text_encoder = false;  // pipeline::LoraInfo::text_encoder
+  };
+  std::function<LoadedLora(const std::string& path)> load_lora;
   double result_ttl_s = 3600;              // finished images are kept this long
   uint64_t result_max_bytes = 1ull << 30;  // ... and within this many PNG bytes (oldest go first)
 };

@@ -48,6 +48,7 @@ struct JobRequest {
     std::string name, path, sha256;
     double te_weight = 1.0, unet_weight = 1.0;
     std::shared_ptr<const pipeline::Lora> file;  // read by Engine::submit()
+    bool text_encoder = false;                   // it adapts the text encoders (ditto)
   };
   std::vector<Lora> loras;
   std::string prompt;

@@ -108,7 +108,7 @@ class ModelSet {
   uint64_t clock_ = 0;                                    // guarded by mutex_
   ModelSetStats stats_;                                   // guarded by mutex_
   std::vector<pipeline::TextualInversionPtr> textual_inversions_;  // guarded by mutex_
-  bool stop_ = false;                                     // guarded by mutex_
+  bool stop_ = false;                                              // guarded by mutex_
   std::thread thread_;
 };
 

@@ -18,7 +18,8 @@ pipeline::GenerateRequest generate_request_of(const JobState& job) {
   r.prompt_syntax = job.request.prompt_syntax;
   r.num_images = job.request.num_images;
   r.image = image_spec(job.request, 0);
-  for (const auto& l : job.request.loras) r.lora_hashes.emplace_back(l.name, l.sha256.substr(0, 12));
+  for (const auto& l : job.request.loras)
+    r.lora_hashes.emplace_back(l.name, l.sha256.substr(0, 12));
   return r;
 }
 

@@ -152,7 +152,7 @@ std::vector<Worker::Prepared> Worker::prepare(const std::vector<Admission>& admi
     std::vector<pipeline::LoraUse> te;
     std::string lora_key;
     for (const auto& l : request.loras) {
-      if (!l.file || !l.file->info().text_encoder || l.te_weight == 0) continue;
+      if (!l.file || !l.text_encoder || l.te_weight == 0) continue;
       te.push_back({l.file, l.unet_weight, l.te_weight});
       uint64_t bits = 0;
       std::memcpy(&bits, &l.te_weight, sizeof bits);

@@ -37,7 +37,7 @@ void Context::resolve_loras(engine::JobRequest* request) const {
   if (request->prompt_syntax == pipeline::PromptSyntax::kA1111) {
     try {
       for (const auto& t : pipeline::lora_tags(request->prompt, "prompt"))
-        all.push_back({t.name, "", "", t.te_weight, t.unet_weight, nullptr});
+        all.push_back({t.name, "", "", t.te_weight, t.unet_weight, nullptr, false});
     } catch (const pipeline::RequestError& e) {
       throw ApiError(400, "validation_error", e.what(), e.field());
     }
