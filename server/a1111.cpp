@@ -596,12 +596,6 @@ Checkpoint checkpoint(const pipeline::ModelInfo& model, const std::string& sha25
   return {model_title(&model, sha256), model.name, model.name, sha256};
 }
 
-Checkpoint checkpoint(const engine::CatalogEntry& entry) {
-  std::string model_name = entry.name;
-  std::replace(model_name.begin(), model_name.end(), '/', '_');
-  return {entry.title(), model_name, entry.file_name, entry.sha256};
-}
-
 Json sd_models(const std::vector<Checkpoint>& checkpoints) {
   Json out = Json::array();
   for (const auto& c : checkpoints)

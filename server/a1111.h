@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "engine/engine.h"
-#include "engine/model_catalog.h"
 #include "server/api_json.h"
 
 namespace sdserve::pipeline {
@@ -68,7 +67,6 @@ struct Checkpoint {
   std::string title, model_name, filename, sha256;
 };
 Checkpoint checkpoint(const pipeline::ModelInfo& model, const std::string& sha256);
-Checkpoint checkpoint(const engine::CatalogEntry& entry);
 Json sd_models(const std::vector<Checkpoint>& checkpoints);
 // GET /sdapi/v1/options, `current` being the caller's checkpoint.
 Json options(const Checkpoint& current);

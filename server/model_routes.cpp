@@ -1,5 +1,6 @@
 #include "server/model_routes.h"
 
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -100,11 +101,17 @@ namespace a1111 {
 
 namespace {
 
+Checkpoint catalog_checkpoint(const engine::CatalogEntry& entry) {
+  std::string model_name = entry.name;
+  std::replace(model_name.begin(), model_name.end(), '/', '_');
+  return {entry.title(), model_name, entry.file_name, entry.sha256};
+}
+
 Checkpoint current_checkpoint(const Context& ctx, const std::string& resolved) {
   if (const auto* catalog = ctx.catalog()) {
     const auto e = catalog->find(engine::ModelKind::kCheckpoint,
                                  resolved.empty() ? ctx.default_model() : resolved);
-    if (e) return checkpoint(*e);
+    if (e) return catalog_checkpoint(*e);
   }
   const auto m = ctx.model();
   const auto e = ctx.engine();
@@ -118,7 +125,7 @@ Json sd_models(const Context& ctx) {
   std::vector<Checkpoint> list;
   if (const auto* catalog = ctx.catalog()) {
     for (const auto& e : catalog->list(engine::ModelKind::kCheckpoint))
-      if (e.error.empty()) list.push_back(checkpoint(e));
+      if (e.error.empty()) list.push_back(catalog_checkpoint(e));
   } else if (ctx.model()) {
     list.push_back(current_checkpoint(ctx, ""));
   }
