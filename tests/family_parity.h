@@ -21,18 +21,8 @@ constexpr double kRunTolerance = 5e-5;
 // Single modules in float32 on the CPU, as the SD 1.x module tests.
 constexpr double kModuleTolerance = 1e-4;
 
-inline std::shared_ptr<pipeline::Model> load_cpu(const std::string& path) {
-  pipeline::LoadOptions o;
-  o.device = "cpu";
-  o.precision = "fp32";
-  return pipeline::Model::load(path, o);
-}
-
 inline const std::shared_ptr<pipeline::Model>& family_model(const std::string& family) {
-  static std::map<std::string, std::shared_ptr<pipeline::Model>> models;
-  auto it = models.find(family);
-  if (it == models.end()) it = models.emplace(family, load_cpu(family_dir(family))).first;
-  return it->second;
+  return cpu_model(family_dir(family));
 }
 
 // Empty when the file is missing: the parameterised suites are instantiated from this before

@@ -31,15 +31,7 @@ constexpr double kTolerance = 5e-5;
 constexpr double kUpscaleTolerance = 1e-6;
 
 const std::shared_ptr<Model>& model(const std::string& family) {
-  static std::map<std::string, std::shared_ptr<Model>> loaded;
-  auto& m = loaded[family];
-  if (!m) {
-    LoadOptions o;
-    o.device = "cpu";
-    o.precision = "fp32";
-    m = Model::load(family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + family), o);
-  }
-  return m;
+  return test::run_model(family);
 }
 
 struct HiresRun {
@@ -73,13 +65,7 @@ bool has_ref(const HiresRun& run, const std::string& what) {
 ImageSpec spec_of(const nlohmann::json& c) {
   const auto first = test::fixture_choice(c["scheduler"]);
   const auto second = test::fixture_choice(c["hr_scheduler"]);
-  ImageSpec spec;
-  spec.width = c["w"];
-  spec.height = c["h"];
-  spec.steps = c["steps"];
-  spec.guidance_scale = c["cfg"];
-  spec.sampler = first.sampler;
-  spec.scheduler = first.scheduler;
+  ImageSpec spec = test::run_spec(c);
   HiresSpec h;
   h.scale = c["scale"];
   h.width = c["resize_x"];
@@ -216,13 +202,7 @@ TEST(HiresCuda, RunsMatchInFloat32) {
   std::map<std::string, std::shared_ptr<Model>> cuda;
   for (const auto& run : runs()) {
     auto& m = cuda[run.family];
-    if (!m) {
-      LoadOptions o;
-      o.device = "cuda";
-      o.precision = "fp32";
-      m = Model::load(
-          run.family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + run.family), o);
-    }
+    if (!m) m = test::load_run_model(run.family, "cuda", "fp32");
     check_run(*m, run, 1e-3, "parity cuda fp32");
   }
 }

@@ -27,15 +27,7 @@ constexpr double kTolerance = 5e-5;
 
 // "sd15" (the bundled model), "sd2", "sdxl" (tests/fixtures/tiny-*), loaded once each.
 const std::shared_ptr<Model>& model(const std::string& family = "sd15") {
-  static std::map<std::string, std::shared_ptr<Model>> loaded;
-  auto& m = loaded[family];
-  if (!m) {
-    LoadOptions o;
-    o.device = "cpu";
-    o.precision = "fp32";
-    m = Model::load(family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + family), o);
-  }
-  return m;
+  return test::run_model(family);
 }
 
 using Img2ImgRun = test::DiffusersRun;
@@ -52,14 +44,7 @@ const torch::Tensor& i2i_ref(const Img2ImgRun& run, const std::string& what) {
 // One run through the step-level API, each step's latents and the image against diffusers'.
 void check_run(const Model& m, const Img2ImgRun& run, double tolerance, const std::string& label) {
   const auto& c = run.info;
-  const auto choice = test::fixture_choice(c["scheduler"]);
-  ImageSpec spec;
-  spec.width = c["w"];
-  spec.height = c["h"];
-  spec.steps = c["steps"];
-  spec.guidance_scale = c["cfg"];
-  spec.sampler = choice.sampler;
-  spec.scheduler = choice.scheduler;
+  ImageSpec spec = test::run_spec(c);
   spec.strength = c["strength"];
   auto init = fixture_png(c["init"]);
   if (init.width != spec.width || init.height != spec.height)
@@ -117,13 +102,7 @@ TEST(Img2ImgCuda, RunsMatchInFloat32) {
   std::map<std::string, std::shared_ptr<Model>> cuda;
   for (const auto& run : runs()) {
     auto& m = cuda[run.family];
-    if (!m) {
-      LoadOptions o;
-      o.device = "cuda";
-      o.precision = "fp32";
-      m = Model::load(
-          run.family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + run.family), o);
-    }
+    if (!m) m = test::load_run_model(run.family, "cuda", "fp32");
     check_run(*m, run, 1e-3, "parity cuda fp32");
   }
 }

@@ -29,21 +29,11 @@ using test::fixture_png;
 
 std::string model_path(const std::string& family, int unet) {
   if (unet == 9) return test::fixture("tiny-" + family + "-inpaint");
-  return family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + family);
-}
-
-std::shared_ptr<Model> load_cpu(const std::string& path) {
-  LoadOptions o;
-  o.device = "cpu";
-  o.precision = "fp32";
-  return Model::load(path, o);
+  return test::run_model_path(family);
 }
 
 const std::shared_ptr<Model>& model(const std::string& family, int unet) {
-  static std::map<std::string, std::shared_ptr<Model>> loaded;
-  auto& m = loaded[family + std::to_string(unet)];
-  if (!m) m = load_cpu(model_path(family, unet));
-  return m;
+  return test::cpu_model(model_path(family, unet));
 }
 
 using InpaintRun = test::DiffusersRun;
@@ -56,14 +46,7 @@ std::vector<InpaintRun> runs() {
 // (Lanczos, as diffusers' processors), the mask as Pillow's "L". A "full" mask is no mask: the
 // inpainting UNet then repaints everything, and without an init image it is text to image.
 ImageSpec spec_of(const nlohmann::json& c) {
-  const auto choice = test::fixture_choice(c["scheduler"]);
-  ImageSpec spec;
-  spec.width = c["w"];
-  spec.height = c["h"];
-  spec.steps = c["steps"];
-  spec.guidance_scale = c["cfg"];
-  spec.sampler = choice.sampler;
-  spec.scheduler = choice.scheduler;
+  ImageSpec spec = test::run_spec(c);
   spec.strength = c["strength"];
   if (!c["init"].is_null()) {
     auto init = fixture_png(c["init"]);
@@ -153,7 +136,7 @@ TEST(InpaintParityRuns, EveryCaseIsInstantiated) {
 // The inpainting model as a single file (its folder converted by the SD 1.x layout) is read as
 // the same model: a 9-channel conv_in marks it.
 TEST(InpaintModel, SingleFileIsTheFolder) {
-  const auto file = load_cpu(test::fixture("tiny-sd15-inpaint.safetensors"));
+  const auto file = test::load_cpu(test::fixture("tiny-sd15-inpaint.safetensors"));
   EXPECT_TRUE(file->info().inpainting);
   EXPECT_EQ(file->info().latent_channels, 4);
   EXPECT_FALSE(model("sd15", 4)->info().inpainting);

@@ -31,15 +31,12 @@ constexpr double kFusedTolerance = 1e-6;
 // Rows of one batch against the same rows alone, in the same form: only batched-GEMM rounding.
 constexpr double kBatchTolerance = 1e-5;
 
+// Models of their own, not test::run_model()'s shared ones: merged LoRA weights stay in a model
+// until its next call without them, and other suites read modules directly.
 const std::shared_ptr<Model>& model(const std::string& family) {
   static std::map<std::string, std::shared_ptr<Model>> loaded;
   auto& m = loaded[family];
-  if (!m) {
-    LoadOptions o;
-    o.device = "cpu";
-    o.precision = "fp32";
-    m = Model::load(family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + family), o);
-  }
+  if (!m) m = test::load_cpu(test::run_model_path(family));
   return m;
 }
 
@@ -75,14 +72,7 @@ std::vector<LoraUse> uses_of(const nlohmann::json& info) {
 }
 
 ImageSpec spec_of(const nlohmann::json& c) {
-  const auto choice = test::fixture_choice(c["scheduler"]);
-  ImageSpec spec;
-  spec.width = c["w"];
-  spec.height = c["h"];
-  spec.steps = c["steps"];
-  spec.guidance_scale = c["cfg"];
-  spec.sampler = choice.sampler;
-  spec.scheduler = choice.scheduler;
+  ImageSpec spec = test::run_spec(c);
   spec.seed = c["seed"];
   return spec;
 }
@@ -305,13 +295,7 @@ TEST(LoraParityCuda, RunsMatchInFloat32AndFloat16) {
     std::map<std::string, std::shared_ptr<Model>> cuda;
     for (const auto& run : runs()) {
       auto& m = cuda[run.family];
-      if (!m) {
-        LoadOptions o;
-        o.device = "cuda";
-        o.precision = precision;
-        m = Model::load(
-            run.family == "sd15" ? test::model_dir() : test::family_dir("tiny-" + run.family), o);
-      }
+      if (!m) m = test::load_run_model(run.family, "cuda", precision);
       check_run(*m, run, LoraMode::kPerRow, tolerance, std::string("per-row cuda ") + precision);
       check_run(*m, run, LoraMode::kMerged, tolerance, std::string("merged cuda ") + precision);
     }

@@ -15,6 +15,7 @@
 #include "pipeline/image.h"
 #include "pipeline/io/model_files.h"
 #include "pipeline/io/tensor_io.h"
+#include "pipeline/pipeline.h"
 #include "pipeline/sampler_names.h"
 
 // GPU tests skip cleanly where there is no CUDA device (CI).
@@ -116,6 +117,51 @@ inline pipeline::SamplerChoice fixture_choice(const std::string& scheduler) {
   if (scheduler == "dpmpp_2m_karras") return {"dpmpp_2m", "karras"};
   if (scheduler == "unipc") return {"uni_pc", "normal"};
   return {scheduler, "normal"};
+}
+
+inline std::shared_ptr<pipeline::Model> load_cpu(const std::string& path) {
+  pipeline::LoadOptions o;
+  o.device = "cpu";
+  o.precision = "fp32";
+  return pipeline::Model::load(path, o);
+}
+// The same, loaded once per test binary and path.
+inline const std::shared_ptr<pipeline::Model>& cpu_model(const std::string& path) {
+  static std::map<std::string, std::shared_ptr<pipeline::Model>> loaded;
+  auto& m = loaded[path];
+  if (!m) m = load_cpu(path);
+  return m;
+}
+
+// The model of a diffusers run's family ("sd15": the bundled one; else tests/fixtures/tiny-FAMILY).
+inline std::string run_model_path(const std::string& family) {
+  return family == "sd15" ? model_dir() : family_dir("tiny-" + family);
+}
+// Loaded on the CPU in float32, once per test binary.
+inline const std::shared_ptr<pipeline::Model>& run_model(const std::string& family) {
+  return cpu_model(run_model_path(family));
+}
+// Loaded on `device` in `precision` (the CUDA variants: freed with the test).
+inline std::shared_ptr<pipeline::Model> load_run_model(const std::string& family,
+                                                       const std::string& device,
+                                                       const std::string& precision) {
+  pipeline::LoadOptions o;
+  o.device = device;
+  o.precision = precision;
+  return pipeline::Model::load(run_model_path(family), o);
+}
+
+// The settings every diffusers run records: size, steps, guidance and scheduler.
+inline pipeline::ImageSpec run_spec(const nlohmann::json& c) {
+  const auto choice = fixture_choice(c["scheduler"]);
+  pipeline::ImageSpec spec;
+  spec.width = c["w"];
+  spec.height = c["h"];
+  spec.steps = c["steps"];
+  spec.guidance_scale = c["cfg"];
+  spec.sampler = choice.sampler;
+  spec.scheduler = choice.scheduler;
+  return spec;
 }
 
 }  // namespace sdserve::test
