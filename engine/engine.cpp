@@ -182,7 +182,7 @@ JobSnapshot Engine::submit(JobRequest request) {
     }
     // Embedding cache keys (shared through Redis) name a LoRA by its hash: where the models
     // folder has not computed it yet, it is computed here.
-    if (l.sha256.empty()) l.sha256 = safetensors_data_sha256(l.path);
+    if (l.sha256.empty()) l.sha256 = sha256_of_file(l.path, true);
     if (l.sha256.empty())
       throw pipeline::RequestError("loras", "LoRA " + l.name + ": its file cannot be read");
   }

@@ -410,29 +410,11 @@ std::string ModelCatalog::file_sha256(const std::string& path, uint64_t bytes, i
     if (it != hash_cache_.end() && it->second.bytes == bytes && it->second.mtime == mtime)
       return it->second.sha256;
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return "";
-  if (after_header) {  // 8 bytes of header length, little-endian, then the header
-    unsigned char size[8] = {};
-    in.read(reinterpret_cast<char*>(size), 8);
-    uint64_t n = 0;
-    for (int i = 7; i >= 0; --i) n = (n << 8) | size[i];
-    if (!in || n > bytes) return "";
-    in.seekg(static_cast<std::streamoff>(8 + n));
-  }
-  cache::Sha256 sha;
-  std::vector<char> buffer(4 << 20);
-  while (in) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (stop_) return "";
-    }
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    if (in.gcount() > 0) sha.update(buffer.data(), static_cast<size_t>(in.gcount()));
-  }
-  if (in.bad()) return "";
-  const auto digest = sha.finish();
-  const std::string hex = cache::to_hex(digest.data(), digest.size());
+  const std::string hex = sha256_of_file(path, after_header, [this] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stop_;
+  });
+  if (hex.empty()) return "";
   std::lock_guard<std::mutex> lock(mutex_);
   hash_cache_[key] = {bytes, mtime, hex};
   return hex;

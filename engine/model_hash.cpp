@@ -21,17 +21,8 @@ ModelHash::~ModelHash() {
 }
 
 void ModelHash::run(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return;
-  cache::Sha256 sha;
-  std::vector<char> buffer(4 << 20);
-  while (!stop_.load() && in) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    if (in.gcount() > 0) sha.update(buffer.data(), static_cast<size_t>(in.gcount()));
-  }
-  if (stop_.load() || in.bad()) return;
-  const auto digest = sha.finish();
-  const std::string hex = cache::to_hex(digest.data(), digest.size());
+  const std::string hex = sha256_of_file(path, false, [this] { return stop_.load(); });
+  if (hex.empty()) return;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     sha256_ = hex;
@@ -39,18 +30,23 @@ void ModelHash::run(const std::string& path) {
   pipeline::log(pipeline::LogLevel::kInfo, "model hash (A1111 AutoV2): " + hex.substr(0, 10));
 }
 
-std::string safetensors_data_sha256(const std::string& path) {
+std::string sha256_of_file(const std::string& path, bool after_header,
+                           const std::function<bool()>& stop) {
   std::ifstream in(path, std::ios::binary);
-  unsigned char size[8] = {};
-  in.read(reinterpret_cast<char*>(size), 8);
-  uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | size[i];
-  std::error_code ec;
-  if (!in || n > std::filesystem::file_size(path, ec) || ec) return "";
-  in.seekg(static_cast<std::streamoff>(8 + n));
+  if (!in) return "";
+  if (after_header) {  // 8 bytes of header length, little-endian, then the header
+    unsigned char size[8] = {};
+    in.read(reinterpret_cast<char*>(size), 8);
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | size[i];
+    std::error_code ec;
+    if (!in || n > std::filesystem::file_size(path, ec) || ec) return "";
+    in.seekg(static_cast<std::streamoff>(8 + n));
+  }
   cache::Sha256 sha;
   std::vector<char> buffer(4 << 20);
   while (in) {
+    if (stop && stop()) return "";
     in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
     if (in.gcount() > 0) sha.update(buffer.data(), static_cast<size_t>(in.gcount()));
   }

@@ -7,15 +7,19 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
 
 namespace sdserve::engine {
 
-// The SHA-256 of a .safetensors file's bytes after its header (A1111's "addnet" hash of a
-// LoRA, which editing the file's metadata does not change); "" when it cannot be read.
-std::string safetensors_data_sha256(const std::string& path);
+// The SHA-256 of a file as 64 hex digits: of all of it, or (after_header) of a .safetensors
+// file's bytes after its header (A1111's "addnet" hash of a LoRA, which editing the file's
+// metadata does not change). "" when it cannot be read, or when `stop` (asked between 4 MiB
+// reads) says so.
+std::string sha256_of_file(const std::string& path, bool after_header = false,
+                           const std::function<bool()>& stop = {});
 
 class ModelHash {
  public:
