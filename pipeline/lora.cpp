@@ -27,19 +27,6 @@ std::atomic<uint64_t> next_lora_id{1};
 
 constexpr int64_t kMaxRank = 8192;  // far past any published LoRA (ranks are 4..256)
 
-torch::Dtype stored_dtype(DType dtype) {
-  switch (dtype) {
-    case DType::kF16:
-      return torch::kFloat16;
-    case DType::kBF16:
-      return torch::kBFloat16;
-    case DType::kF64:
-      return torch::kFloat64;
-    default:
-      return torch::kFloat32;
-  }
-}
-
 bool float_dtype(DType dtype) {
   return dtype == DType::kF32 || dtype == DType::kF16 || dtype == DType::kBF16 ||
          dtype == DType::kF64;
@@ -230,8 +217,8 @@ class Reader {
       a.kohya = is_kohya;
       a.module = module;
       a.key = name;
-      a.down = to_tensor(*parts.down, stored_dtype(parts.down->dtype));
-      a.up = to_tensor(*parts.up, stored_dtype(parts.up->dtype));
+      a.down = to_tensor(*parts.down, torch_dtype(parts.down->dtype));
+      a.up = to_tensor(*parts.up, torch_dtype(parts.up->dtype));
       for (const auto& [t, key] : {std::pair{a.down, parts.down_key}, {a.up, parts.up_key}})
         if (!torch::isfinite(t).all().item<bool>())
           fail("tensor '" + key + "' holds values that are not finite (NaN or infinity)");

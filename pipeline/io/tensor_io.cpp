@@ -5,7 +5,6 @@
 #include "pipeline/errors.h"
 
 namespace sdserve::pipeline {
-namespace {
 
 torch::Dtype torch_dtype(DType dtype) {
   switch (dtype) {
@@ -32,8 +31,6 @@ torch::Dtype torch_dtype(DType dtype) {
   }
   throw ModelError("unknown dtype");
 }
-
-}  // namespace
 
 std::string shape_string(at::IntArrayRef shape) {
   std::string s = "[";

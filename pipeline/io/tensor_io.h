@@ -13,6 +13,9 @@
 
 namespace sdserve::pipeline {
 
+// A stored dtype as torch's (every safetensors dtype has one).
+torch::Dtype torch_dtype(DType dtype);
+
 // Copies a view into a new tensor of `dtype` on `device` (any stored float dtype converts).
 torch::Tensor to_tensor(const TensorView& view, torch::Dtype dtype = torch::kFloat32,
                         torch::Device device = torch::kCPU);
