@@ -1,4 +1,5 @@
 #include "pipeline/lora_runtime.h"
+#include "pipeline/nn/options.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,16 +23,6 @@ size_t index_of(Component c) {
 
 bool on_side(Component c, LoraSide side) {
   return (c == Component::kUnet) == (side == LoraSide::kUnet);
-}
-
-// The options' variants are c10's own before torch 2.1 and std::variant since.
-template <typename T, typename Variant>
-const T* variant_get_if(const Variant& v) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
-  return std::get_if<T>(&v);
-#else
-  return c10::get_if<T>(&v);
-#endif
 }
 
 std::vector<int64_t> two(const torch::ExpandingArray<2>& a) {

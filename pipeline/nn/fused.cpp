@@ -1,4 +1,5 @@
 #include "pipeline/nn/fused.h"
+#include "pipeline/nn/options.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -45,16 +46,6 @@ void* current_stream(const torch::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 #endif
-
-// The options' variants are c10's own before torch 2.1 and std::variant since.
-template <typename T, typename Variant>
-const T* variant_get_if(const Variant& v) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
-  return std::get_if<T>(&v);
-#else
-  return c10::get_if<T>(&v);
-#endif
-}
 
 }  // namespace
 
