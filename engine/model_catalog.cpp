@@ -311,7 +311,10 @@ std::optional<CatalogEntry> ModelCatalog::find(ModelKind kind,
       query.resize(open);
     }
   }
-  const auto entries = list(kind);
+  std::lock_guard<std::mutex> lock(mutex_);  // scanned in place: lookups come with requests
+  static const std::vector<CatalogEntry> kNone;
+  const auto found = entries_.find(kind);
+  const auto& entries = found == entries_.end() ? kNone : found->second;
   for (const auto& e : entries) {
     std::string model_name = e.name;
     std::replace(model_name.begin(), model_name.end(), '/', '_');

@@ -37,7 +37,8 @@ void ModelSet::add_pinned(const std::string& name, std::shared_ptr<ModelRunner> 
   slots_[name] = std::move(slot);
 }
 
-ModelSet::Lookup ModelSet::acquire(const std::string& name, uint64_t expected_bytes) {
+ModelSet::Lookup ModelSet::acquire(const std::string& name,
+                                   const std::function<uint64_t()>& expected_bytes) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (const auto it = slots_.find(name); it != slots_.end()) {
     it->second.last_used = ++clock_;
@@ -53,7 +54,12 @@ ModelSet::Lookup ModelSet::acquire(const std::string& name, uint64_t expected_by
       loading_ == name ||
       std::any_of(pending_.begin(), pending_.end(), [&](const auto& p) { return p.first == name; });
   if (!queued) {
-    pending_.emplace_back(name, expected_bytes);
+    lock.unlock();  // sizing a model may read its files
+    const uint64_t bytes = expected_bytes ? expected_bytes() : 0;
+    lock.lock();
+    if (loading_ != name && std::none_of(pending_.begin(), pending_.end(),
+                                         [&](const auto& p) { return p.first == name; }))
+      pending_.emplace_back(name, bytes);
     lock.unlock();
     cv_.notify_all();
   }

@@ -63,9 +63,10 @@ class ModelSet {
     std::string error;                    // kFailed
   };
   // Ready: the runner, now the most recently used. Otherwise a load is queued (once;
-  // `expected_bytes` says how much room to make) and kLoading returned. A load that failed
-  // stays failed for `retry_after_s` (its jobs fail with its error), then may be tried again.
-  Lookup acquire(const std::string& name, uint64_t expected_bytes);
+  // `expected_bytes`, asked only then, says how much room to make) and kLoading returned. A load
+  // that failed stays failed for `retry_after_s` (its jobs fail with its error), then may be tried
+  // again.
+  Lookup acquire(const std::string& name, const std::function<uint64_t()>& expected_bytes);
   // True while a load waits for models in use to become idle (the worker stops admitting).
   bool waiting_for_room() const;
 

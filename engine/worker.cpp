@@ -111,14 +111,14 @@ std::pair<std::shared_ptr<JobState>, std::shared_ptr<ModelRunner>> Worker::next_
       continue;
     }
     const std::string& name = e.model_name(job->request);
-    uint64_t bytes = 0;
-    if (e.options.describe_model && name != e.options.default_model) {
+    auto found = models_.acquire(name, [&e, &name]() -> uint64_t {
+      if (!e.options.describe_model) return 0;
       try {
-        bytes = e.options.describe_model(name).weight_bytes;
+        return e.options.describe_model(name).weight_bytes;
       } catch (const std::exception&) {  // the load says why
+        return 0;
       }
-    }
-    auto found = models_.acquire(name, bytes);
+    });
     if (found.state == ModelSet::State::kReady) return {std::move(job), std::move(found.runner)};
     if (found.state == ModelSet::State::kFailed && job->images_admitted == 0) {
       e.queue->remove(job->id);
